@@ -1,0 +1,69 @@
+"""Parameter and multiply-add counts, as the paper's Table 1 counts "FLOPs".
+
+Multiply-adds are those of the convolutions and fully connected layers of one forward pass of
+one image; BN, ReLU, pooling and additions are not counted (the paper's and torchvision's
+convention). They are read off the shapes of the traced forward pass, so they hold for every
+option of every network (stride placement, projections, scanned stages) without a formula per
+architecture; nothing is run.
+"""
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters (BN's scale and bias included, its running statistics not)."""
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def count_macs(model: nnx.Module, image_size: int | tuple[int, int] = 224) -> int:
+    """Multiply-adds of one forward pass of one image of `image_size` (an int or (height, width)).
+
+    The model is traced in eval mode on a copy, so `model` is left as it was; an abstract model
+    (`nnx.eval_shape`) works as well as a real one.
+    """
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    graphdef, state = nnx.split(model)
+
+    def forward(state, images):
+        copy = nnx.merge(graphdef, state)
+        copy.eval()
+        return copy(images)
+
+    images = jax.ShapeDtypeStruct((1, height, width, model.in_channels), jnp.float32)
+    return _macs(jax.make_jaxpr(forward)(state, images).jaxpr)
+
+
+def _macs(jaxpr: Any) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        out = math.prod(eqn.outvars[0].aval.shape) if eqn.outvars else 0
+        if eqn.primitive.name == "conv_general_dilated":
+            # Each output element sums (input features per group) x (kernel window) products.
+            kernel = eqn.invars[1].aval.shape
+            out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+            total += out * math.prod(kernel) // kernel[out_feature_dim]
+        elif eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += out * math.prod(lhs[d] for d in contracting)
+        else:
+            total += _nested_macs(eqn)
+    return total
+
+
+def _nested_macs(eqn: Any) -> int:
+    """Multiply-adds inside the sub-programs of jit, scan, remat, cond and custom derivatives."""
+    subs = [p for value in eqn.params.values()
+            for p in (value if isinstance(value, (tuple, list)) else [value])
+            if isinstance(p, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr))]
+    counts = [_macs(getattr(sub, "jaxpr", sub)) for sub in subs]
+    if not counts:
+        return 0
+    if eqn.primitive.name == "cond":  # one branch runs
+        return max(counts)
+    return sum(counts) * eqn.params.get("length", 1)  # scan runs its body `length` times
