@@ -1,0 +1,63 @@
+"""The optimizer and learning-rate schedules.
+
+The paper (Sec. 3.4): SGD, momentum 0.9, weight decay 1e-4, batch 256, learning rate 0.1
+divided by 10 when the error plateaus. CIFAR (Sec. 4.2): batch 128, 0.1 divided by 10 at 32k and
+48k iterations, stopped at 64k; ResNet-110 warms up at 0.01 for about 400 iterations. For large
+batches: the linear scaling rule and a gradual warm-up (Goyal et al. 2017), and cosine decay.
+"""
+
+from typing import Any
+
+import jax
+import optax
+
+SCHEDULES = ("step", "paper_cifar", "cosine", "constant")
+WEIGHT_DECAY_MODES = ("l2", "decoupled")
+
+
+def learning_rate_schedule(config: Any, steps_per_epoch: int, batch_size: int) -> optax.Schedule:
+    """config: the `schedule` section. The rate is base_lr x batch / 256 where `scale_by_batch`.
+
+    step: divided by 10 at each epoch of `boundaries_epochs`. paper_cifar: divided by 10 at each
+    step of `boundaries_steps`, with `warmup_lr` for the first `warmup_steps` (the paper's
+    ResNet-110 warm-up; 0 steps for none). cosine: linear warm-up over `warmup_epochs` from 0,
+    then cosine decay to 0 at `total_steps`. constant: base_lr throughout.
+    """
+    if config.name not in SCHEDULES:
+        raise ValueError(f"schedule.name must be one of {', '.join(map(repr, SCHEDULES))}; got {config.name!r}")
+    peak = config.base_lr * (batch_size / 256 if config.scale_by_batch else 1.0)
+    if config.name == "constant":
+        return optax.constant_schedule(peak)
+    if config.name == "step":
+        return optax.piecewise_constant_schedule(
+            peak, {int(e * steps_per_epoch): 0.1 for e in config.boundaries_epochs})
+    if config.name == "paper_cifar":
+        drops = optax.piecewise_constant_schedule(peak, {int(s): 0.1 for s in config.boundaries_steps})
+        if not config.warmup_steps:
+            return drops
+        return optax.join_schedules(
+            [optax.constant_schedule(config.warmup_lr), drops], [config.warmup_steps])
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(config.total_steps, warmup + 1))
+
+
+def decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
+    """True where weight decay applies: conv and dense kernels, and BN and biases if asked."""
+    return jax.tree.map(lambda p: decay_bn_and_bias or p.ndim > 1, params)
+
+
+def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """config: the `optimizer` section (momentum, nesterov, weight_decay, weight_decay_mode,
+    decay_bn_and_bias).
+
+    "l2" (the paper): weight_decay x w is added to the gradient, so it passes through momentum.
+    "decoupled" (Loshchilov and Hutter 2019): it is added after momentum, scaled by the rate.
+    """
+    if config.weight_decay_mode not in WEIGHT_DECAY_MODES:
+        raise ValueError(f"optimizer.weight_decay_mode must be one of "
+                         f"{', '.join(map(repr, WEIGHT_DECAY_MODES))}; got {config.weight_decay_mode!r}")
+    decay = optax.add_decayed_weights(
+        config.weight_decay, lambda p: decay_mask(p, config.decay_bn_and_bias))
+    momentum = optax.trace(decay=config.momentum, nesterov=config.nesterov)
+    steps = [decay, momentum] if config.weight_decay_mode == "l2" else [momentum, decay]
+    return optax.chain(*steps, optax.scale_by_learning_rate(schedule))
