@@ -15,13 +15,14 @@ SCHEDULES = ("step", "paper_cifar", "cosine", "constant")
 WEIGHT_DECAY_MODES = ("l2", "decoupled")
 
 
-def learning_rate_schedule(config: Any, steps_per_epoch: int, batch_size: int) -> optax.Schedule:
+def learning_rate_schedule(config: Any, steps_per_epoch: int, batch_size: int,
+                           total_steps: int) -> optax.Schedule:
     """config: the `schedule` section. The rate is base_lr x batch / 256 where `scale_by_batch`.
 
     step: divided by 10 at each epoch of `boundaries_epochs`. paper_cifar: divided by 10 at each
     step of `boundaries_steps`, with `warmup_lr` for the first `warmup_steps` (the paper's
     ResNet-110 warm-up; 0 steps for none). cosine: linear warm-up over `warmup_epochs` from 0,
-    then cosine decay to 0 at `total_steps`. constant: base_lr throughout.
+    then cosine decay to 0 at the run's last step. constant: base_lr throughout.
     """
     if config.name not in SCHEDULES:
         raise ValueError(f"schedule.name must be one of {', '.join(map(repr, SCHEDULES))}; got {config.name!r}")
@@ -38,7 +39,7 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int, batch_size: int) -
         return optax.join_schedules(
             [optax.constant_schedule(config.warmup_lr), drops], [config.warmup_steps])
     warmup = int(config.warmup_epochs * steps_per_epoch)
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(config.total_steps, warmup + 1))
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
 
 
 def decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:

@@ -1,0 +1,39 @@
+"""CIFAR-10 networks of Sec. 4.2 (Table 6, Fig. 6), parametrised:
+
+    --config=configs/cifar.py:depth=110,plain=False,shortcut=A,val=False
+
+depth is 6n+2; plain gives the plain twin; val=True trains on 45k images and evaluates on the
+other 5k of the training set, as the paper's validation split, instead of the test set.
+"""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+    args = dict(depth="20", plain="False", shortcut="A", val="False")
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in args:
+            raise ValueError(f"configs/cifar.py takes {', '.join(args)}; got {key!r}")
+        args[key] = value
+    depth, plain, val = int(args["depth"]), args["plain"] == "True", args["val"] == "True"
+
+    config = default.get_config()
+    config.model.name = f"cifar_{'plain' if plain else 'resnet'}{depth}"
+    config.model.shortcut = args["shortcut"]
+    config.model.width = 16
+    config.data.update(dict(
+        name="cifar10", train_split="train[:45000]" if val else "train",
+        eval_split="train[45000:]" if val else "test", image_size=32,
+        train_preprocess="cifar", eval_preprocess="none", pca_lighting=0.0,
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), subtract_pixel_mean=True, num_classes=10))
+    config.train.batch_size = 128
+    config.train.num_steps = 64_000          # "terminate training at 64k iterations"
+    config.schedule.update(dict(
+        name="paper_cifar", base_lr=0.1, scale_by_batch=False, boundaries_steps=(32_000, 48_000),
+        # ResNet-110 (and deeper) start at 0.01 until the training error is below 80%, about 400
+        # iterations, then go back to 0.1.
+        warmup_lr=0.01, warmup_steps=400 if depth >= 110 else 0))
+    config.eval.update(dict(batch_size=500, every_steps=1_000))
+    config.checkpoint.every_steps = 1_000
+    return config

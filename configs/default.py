@@ -1,0 +1,72 @@
+"""The shared defaults: the paper's ImageNet recipe (Sec. 3.4) for ResNet-50. Every config starts here."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict(dict(
+        name="resnet50",
+        shortcut="B",               # Sec. 3.3: projections only where the shape changes
+        stride_on="1x1",            # the paper; "3x3" is v1.5 (torchvision)
+        zero_init_residual=False,
+        bn_momentum=0.9,
+        bn_epsilon=1e-5,
+        bn_group_size=ml_collections.config_dict.placeholder(int),  # e.g. 32: the paper's per-GPU BN
+        dtype="float32",
+        param_dtype="float32",
+        width=64,
+        init_fan="fan_in",
+    ))
+
+    config.data = ml_collections.ConfigDict(dict(
+        name="imagenet2012",
+        data_dir=ml_collections.config_dict.placeholder(str),
+        train_split="train",
+        eval_split="validation",
+        image_size=224,
+        train_preprocess="paper",    # shorter side in [256, 480], 224 crop, flip (Sec. 3.4)
+        eval_preprocess="center",    # "ten_crop" for the paper's 10-crop testing
+        resize_size=256,
+        scale_range=(256, 480),
+        pca_lighting=0.1,            # the standard colour augmentation (Krizhevsky et al. 2012)
+        mean=(123.675, 116.28, 103.53),
+        std=(58.395, 57.12, 57.375),
+        subtract_pixel_mean=False,
+        dtype="float32",
+        num_classes=1000,
+        shuffle_buffer=16_384,
+    ))
+
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=256,              # global: across all devices and processes
+        num_epochs=120.0,            # about 60e4 iterations at batch 256 (Sec. 3.4)
+        num_steps=-1,                # > 0 overrides num_epochs
+        label_smoothing=0.0,
+    ))
+    config.optimizer = ml_collections.ConfigDict(dict(
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=1e-4,
+        weight_decay_mode="l2",      # the paper; "decoupled" adds it after momentum
+        decay_bn_and_bias=False,
+    ))
+    config.schedule = ml_collections.ConfigDict(dict(
+        name="step",
+        base_lr=0.1,
+        scale_by_batch=True,         # base_lr x batch / 256 (Goyal et al. 2017)
+        boundaries_epochs=(30, 60, 90),  # the paper divides by 10 "when the error plateaus"
+        boundaries_steps=(32_000, 48_000),
+        warmup_lr=0.01,
+        warmup_steps=0,
+        warmup_epochs=5.0,
+    ))
+    config.eval = ml_collections.ConfigDict(dict(batch_size=256, every_steps=5_000))
+    config.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, keep_best=True))
+    config.log_every_steps = 100
+    config.profile_steps = 0
+    # JAX's persistent compilation cache: a restart skips most of the compile. "{workdir}" is replaced.
+    config.compilation_cache_dir = "{workdir}/compilation_cache"
+    return config

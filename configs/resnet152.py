@@ -1,0 +1,9 @@
+"""ResNet-152 on ImageNet with the paper's recipe (Table 1, Sec. 3.4)."""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.model.name = "resnet152"
+    return config

@@ -1,0 +1,214 @@
+"""The training loop: TrainState, train_step, eval_step and train_and_evaluate(config, workdir).
+
+The model is split once into a graph definition and its state; the steps are pure functions of
+(state, batch) under `jax.jit`, with the batch sharded over the mesh axis "data", the state
+replicated and donated (DESIGN.md).
+"""
+
+import functools
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+from clu import periodic_actions
+from flax import nnx
+
+from resnet_jax import checkpoint, data, flops, metrics, models, optim, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+
+
+def model_options(config: Any) -> dict[str, Any]:
+    """The `model` section less the name: the overrides `models.create` takes."""
+    return {k: v for k, v in config.model.items() if k != "name"}
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Softmax cross-entropy per example, in float32; label smoothing (Szegedy et al. 2016) an option."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               label_smoothing: float, state: TrainState, batch: dict[str, jax.Array]):
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, state.batch_stats)
+        logits = model(batch["image"])
+        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+        return loss, (logits, nnx.state(model, nnx.BatchStat))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    step_metrics = metrics.TrainMetrics.single_from_model_output(
+        loss=loss, accuracy=jnp.argmax(logits, -1) == batch["label"],
+        learning_rate=schedule(state.step))
+    return new_state, step_metrics
+
+
+def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: dict[str, jax.Array]):
+    """Loss and top-1/top-5 accuracy of the unmasked examples.
+
+    A batch of crops, (batch, crops, H, W, C), is scored by the mean of the crops' softmax: the
+    paper's 10-crop testing (Sec. 3.4).
+    """
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    images = batch["image"]
+    if images.ndim == 5:
+        logits = model(images.reshape((-1,) + images.shape[2:]))
+        probs = jax.nn.softmax(logits).reshape(images.shape[:2] + logits.shape[-1:]).mean(1)
+    else:
+        probs = jax.nn.softmax(model(images))
+    labels = batch["label"]
+    loss = -jnp.log(jnp.take_along_axis(probs, labels[:, None], -1)[:, 0] + 1e-12)
+    top5 = jax.lax.top_k(probs, min(5, probs.shape[-1]))[1]
+    return metrics.EvalMetrics.single_from_model_output(
+        loss=loss, accuracy=jnp.argmax(probs, -1) == labels,
+        top5_accuracy=(top5 == labels[:, None]).any(-1), mask=batch["mask"])
+
+
+def create_model(config: Any, num_classes: int) -> models.ResNet:
+    return models.create(config.model.name, num_classes=num_classes, rngs=nnx.Rngs(config.seed),
+                         **model_options(config))
+
+
+def evaluate(eval_fn, state: TrainState, config: Any, mesh) -> dict[str, float]:
+    batches = data.eval_iterator(
+        config.data, batch_size=sharding.per_process_batch(config.eval.batch_size, "eval.batch_size"),
+        process_index=jax.process_index(), process_count=jax.process_count())
+    total = None
+    for batch in sharding.prefetch(batches, mesh):
+        step_metrics = eval_fn(state, batch)
+        total = step_metrics if total is None else total.merge(step_metrics)
+    return metrics.prefixed("eval", total.compute())
+
+
+def total_steps(config: Any, steps_per_epoch: int) -> int:
+    if config.train.num_steps > 0:
+        return config.train.num_steps
+    return math.ceil(config.train.num_epochs * steps_per_epoch)
+
+
+class _Preemption:
+    """SIGTERM sets a flag that the loop reads between steps; several processes agree through orbax."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def reached(self, manager, step: int) -> bool:
+        if jax.process_count() > 1:
+            return manager.reached_preemption(step)
+        return self.requested
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: Any, workdir: str) -> TrainState:
+    """Trains `config`'s model, evaluates and checkpoints it in `workdir`; resumes what is there."""
+    mesh = sharding.make_mesh()
+    batch_size = sharding.per_process_batch(config.train.batch_size, "train.batch_size")
+    sharding.per_process_batch(config.eval.batch_size, "eval.batch_size")
+    info = data.info(config.data)
+    steps_per_epoch = info.num_train // config.train.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"train.batch_size={config.train.batch_size} exceeds the {info.num_train} "
+                         f"training examples")
+    num_steps = total_steps(config, steps_per_epoch)
+
+    os.makedirs(workdir, exist_ok=True)
+    writer = metrics.create_writer(workdir)
+    schedule = optim.learning_rate_schedule(config.schedule, steps_per_epoch, config.train.batch_size,
+                                            num_steps)
+    tx = optim.create_optimizer(config.optimizer, schedule)
+
+    model = create_model(config, info.num_classes)
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    model.eval()
+    eval_graphdef = nnx.graphdef(model)
+    replicated = sharding.replicated(mesh)
+    state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                      batch_stats=batch_stats, opt_state=tx.init(params)), replicated)
+
+    manager = checkpoint.create_manager(workdir, config.checkpoint)
+    restored = checkpoint.restore_latest(manager, state)
+    start = 0
+    if restored is not None:
+        state, start = restored, int(restored.step)
+        metrics.drop_rows_after(workdir, start)
+        logging.info("Restored the checkpoint of step %d from %s", start, manager.directory)
+
+    logging.info("Devices: %d (%s), processes: %d; model %s: %s parameters, %s multiply-adds per "
+                 "image; global batch %d, %d steps per epoch, %d steps",
+                 jax.device_count(), jax.devices()[0].platform, jax.process_count(),
+                 config.model.name, f"{flops.count_params(model):,}",
+                 f"{flops.count_macs(model, info.image_shape[:2]):,}", config.train.batch_size,
+                 steps_per_epoch, num_steps)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    batch_spec = sharding.batch_sharding(mesh)
+    train_fn = jax.jit(functools.partial(train_step, graphdef, tx, schedule, config.train.label_smoothing),
+                       in_shardings=(replicated, batch_spec), out_shardings=(replicated, replicated),
+                       donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, eval_graphdef),
+                      in_shardings=(replicated, batch_spec), out_shardings=replicated)
+
+    batches = sharding.prefetch(data.train_iterator(
+        config.data, batch_size=batch_size, seed=config.seed, start_step=start,
+        process_index=jax.process_index(), process_count=jax.process_count()), mesh)
+    hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                             every_steps=config.log_every_steps)]
+    if config.profile_steps > 0 and jax.process_index() == 0:
+        hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir))
+    preemption = _Preemption()
+    train_metrics, last_log = None, (time.perf_counter(), start)
+    try:
+        for step in range(start + 1, num_steps + 1):
+            state, step_metrics = train_fn(state, next(batches))
+            train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+            for hook in hooks:
+                hook(step)
+            scalars = {}
+            if step % config.log_every_steps == 0 or step == num_steps:
+                scalars = metrics.prefixed("train", train_metrics.compute())
+                now = time.perf_counter()
+                scalars["images_per_second"] = (step - last_log[1]) * config.train.batch_size / (now - last_log[0])
+                train_metrics, last_log = None, (now, step)
+            if step % config.eval.every_steps == 0 or step == num_steps:
+                scalars.update(evaluate(eval_fn, state, config, mesh))
+            if scalars:
+                writer.write_scalars(step, scalars)
+            preempted = preemption.reached(manager, step)
+            checkpoint.save(manager, step, state,
+                            metrics=scalars if "eval_accuracy" in scalars else None,
+                            force=preempted or step == num_steps)
+            if preempted:
+                manager.wait_until_finished()
+                logging.warning("Preempted: saved the checkpoint of step %d; the same command resumes.", step)
+                break
+    finally:
+        preemption.restore()
+        manager.wait_until_finished()
+        writer.flush()
+    return state
+
