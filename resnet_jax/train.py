@@ -44,13 +44,15 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                label_smoothing: float, state: TrainState, batch: dict[str, jax.Array]):
-    def loss_fn(params):
-        model = nnx.merge(graphdef, params, state.batch_stats)
+    def loss_fn(params, batch_stats):
+        # A fresh copy inside the differentiated function, so that BN may update its statistics.
+        model = nnx.merge(graphdef, params, batch_stats, copy=True)
         logits = model(batch["image"])
         loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
         return loss, (logits, nnx.state(model, nnx.BatchStat))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
@@ -176,7 +178,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
     batches = sharding.prefetch(data.train_iterator(
         config.data, batch_size=batch_size, seed=config.seed, start_step=start,
         process_index=jax.process_index(), process_count=jax.process_count()), mesh)
-    hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+    # Progress with ETA goes to the log only: metrics.jsonl holds the named scalars alone.
+    hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps,
                                              every_steps=config.log_every_steps)]
     if config.profile_steps > 0 and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir))
@@ -195,7 +198,10 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                 scalars["images_per_second"] = (step - last_log[1]) * config.train.batch_size / (now - last_log[0])
                 train_metrics, last_log = None, (now, step)
             if step % config.eval.every_steps == 0 or step == num_steps:
+                began = time.perf_counter()
                 scalars.update(evaluate(eval_fn, state, config, mesh))
+                # images/s counts training time only.
+                last_log = (last_log[0] + time.perf_counter() - began, last_log[1])
             if scalars:
                 writer.write_scalars(step, scalars)
             preempted = preemption.reached(manager, step)
