@@ -1,0 +1,347 @@
+"""Image preprocessing for the tf.data pipelines of `data.py`.
+
+Every function here works on one example inside `tf.data.Dataset.map` and is deterministic given
+its key: random choices use stateless ops keyed by an int64 pair that `data.py` derives from
+(seed, process, position in the stream), so crops and flips do not depend on tf.data's parallelism
+and a restarted run redraws exactly what an uninterrupted run drew.
+
+Records reach this module undecoded where the source allows it: `"bytes"` records are encoded
+images (JPEG, or PNG whatever the file name says), `"pixels"` records are uint8 HxWx3 arrays.
+JPEG crops decode only the crop window (`tf.image.decode_and_crop_jpeg`).
+
+Train: `inception` (random-resized crop), `paper` (He et al. Sec. 3.4: shorter side to a random
+length in `scale_range`, random crop, flip, optional PCA lighting), `cifar` (Sec. 4.2: 4-pixel zero
+padding, random crop, flip), `none`. Eval: `center`, `ten_crop` (Sec. 3.4's 10-crop testing),
+`none`. All end normalised, `(x - mean) / std` in 0-255 units, in the configured dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+TRAIN_PREPROCESS = ("inception", "paper", "cifar", "none")
+EVAL_PREPROCESS = ("center", "ten_crop", "none")
+DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
+RESIZE_METHODS = ("bilinear", "bicubic", "area", "nearest")
+
+# torchvision's ImageNet statistics, in 0-255 units: the default when a config gives none.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+# The "standard colour augmentation" of Krizhevsky et al. (2012) that Sec. 3.4 cites: the
+# principal components of ImageNet's RGB pixels (fb.resnet.torch's values, for pixels in 0-1;
+# scaled to 0-255 where applied).
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+
+# The inception crop's ranges (Szegedy et al. 2015, as torchvision's RandomResizedCrop).
+INCEPTION_AREA = (0.08, 1.0)
+INCEPTION_ASPECT = (3 / 4, 4 / 3)
+INCEPTION_ATTEMPTS = 10
+
+
+def _get(config, name, default):
+    value = config.get(name, None) if hasattr(config, "get") else getattr(config, name, None)
+    return default if value is None else value
+
+
+def _choice(field, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"data.{field}={value!r} is not one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The preprocessing fields of a `data` config, checked, with their defaults filled in."""
+
+    image_size: int
+    train_preprocess: str
+    eval_preprocess: str
+    resize_size: int
+    scale_range: tuple[int, int]
+    pca_lighting: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    subtract_pixel_mean: bool
+    dtype: str
+    cifar_padding: int
+    resize_method: str
+    antialias: bool
+
+    @property
+    def tf_dtype(self):
+        return DTYPES[self.dtype]
+
+
+def settings(config) -> Settings:
+    """Reads and checks the preprocessing fields of `config` (the `data` section of a run config)."""
+    image_size = int(_get(config, "image_size", 224))
+    if image_size < 1:
+        raise ValueError(f"data.image_size={image_size} must be a positive int")
+    train = _choice("train_preprocess", _get(config, "train_preprocess", "inception"),
+                    TRAIN_PREPROCESS)
+    evaluation = _choice("eval_preprocess", _get(config, "eval_preprocess", "center"),
+                         EVAL_PREPROCESS)
+    resize_size = int(_get(config, "resize_size", round(image_size / 0.875)))
+    if resize_size < image_size:
+        raise ValueError(f"data.resize_size={resize_size} must be >= data.image_size={image_size}")
+    scale_range = tuple(int(s) for s in _get(config, "scale_range", (256, 480)))
+    if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
+        raise ValueError(f"data.scale_range={scale_range} must be (low, high) with 0 < low <= high")
+    mean = tuple(float(m) for m in _get(config, "mean", IMAGENET_MEAN))
+    std = tuple(float(s) for s in _get(config, "std", IMAGENET_STD))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"data.mean={mean} and data.std={std} must be 3 values each, std > 0")
+    subtract_pixel_mean = bool(_get(config, "subtract_pixel_mean", False))
+    if subtract_pixel_mean and (train not in ("cifar", "none") or evaluation != "none"):
+        raise ValueError(
+            "data.subtract_pixel_mean=True needs train_preprocess 'cifar' or 'none' and "
+            f"eval_preprocess 'none' (images of one size), not {train!r} and {evaluation!r}")
+    return Settings(
+        image_size=image_size,
+        train_preprocess=train,
+        eval_preprocess=evaluation,
+        resize_size=resize_size,
+        scale_range=scale_range,
+        pca_lighting=float(_get(config, "pca_lighting", 0.0)),
+        mean=mean,
+        std=std,
+        subtract_pixel_mean=subtract_pixel_mean,
+        dtype=_choice("dtype", _get(config, "dtype", "float32"), tuple(DTYPES)),
+        cifar_padding=int(_get(config, "cifar_padding", 4)),
+        resize_method=_choice("resize_method", _get(config, "resize_method", "bilinear"),
+                              RESIZE_METHODS),
+        antialias=bool(_get(config, "antialias", True)),
+    )
+
+
+def output_shape(s: Settings, train: bool) -> tuple[int, ...]:
+    image = (s.image_size, s.image_size, 3)
+    return image if train or s.eval_preprocess != "ten_crop" else (10, *image)
+
+
+# ---- keys and random draws ----------------------------------------------------------------------
+
+
+def fold(key, data) -> tf.Tensor:
+    """A new int64 key from `key` and an integer: independent streams for independent choices."""
+    return tf.cast(tf.random.experimental.stateless_fold_in(
+        tf.cast(key, tf.int64), tf.cast(data, tf.int64)), tf.int64)
+
+
+def _uniform(key, shape=()):
+    return tf.random.stateless_uniform(shape, seed=key, dtype=tf.float32)
+
+
+def _randint(key, low, high):
+    """Uniform int32 in [low, high] (inclusive), low and high int32 scalars with low <= high."""
+    u = _uniform(key)
+    span = tf.cast(high - low + 1, tf.float32)
+    return low + tf.minimum(tf.cast(tf.floor(u * span), tf.int32), high - low)
+
+
+# ---- crop windows: (y, x, height, width) in pixels of the decoded image ------------------------
+
+
+def inception_crop_window(shape, key, area_range=INCEPTION_AREA, aspect_range=INCEPTION_ASPECT,
+                          attempts=INCEPTION_ATTEMPTS) -> tf.Tensor:
+    """Random-resized crop: area a fraction in `area_range` of the image, aspect ratio (w/h)
+  log-uniform in `aspect_range`; the first of `attempts` draws that fits, else the centre crop
+  of the largest window with a clamped aspect ratio (torchvision's fallback). int32 [y, x, h, w].
+  """
+    h = tf.cast(shape[0], tf.float32)
+    w = tf.cast(shape[1], tf.float32)
+    u = _uniform(key, (attempts, 4))
+    target = h * w * (area_range[0] + (area_range[1] - area_range[0]) * u[:, 0])
+    log_lo, log_hi = math.log(aspect_range[0]), math.log(aspect_range[1])
+    ratio = tf.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+    cw = tf.round(tf.sqrt(target * ratio))
+    ch = tf.round(tf.sqrt(target / ratio))
+    fits = (cw <= w) & (ch <= h) & (cw >= 1) & (ch >= 1)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    # Fallback: the whole image with its aspect ratio clamped into range, centred.
+    in_ratio = w / h
+    fw = tf.where(in_ratio > aspect_range[1], tf.round(h * aspect_range[1]), w)
+    fh = tf.where(in_ratio < aspect_range[0], tf.round(w / aspect_range[0]), h)
+    found = tf.reduce_any(fits)
+    ch = tf.where(found, ch[first], tf.maximum(fh, 1.0))
+    cw = tf.where(found, cw[first], tf.maximum(fw, 1.0))
+    y = tf.where(found, tf.floor(u[first, 2] * (h - ch + 1)), tf.floor((h - ch) / 2))
+    x = tf.where(found, tf.floor(u[first, 3] * (w - cw + 1)), tf.floor((w - cw) / 2))
+    y = tf.minimum(y, h - ch)
+    x = tf.minimum(x, w - cw)
+    return tf.cast(tf.stack([y, x, ch, cw]), tf.int32)
+
+
+def paper_crop_window(shape, key, image_size, scale_range) -> tf.Tensor:
+    """Sec. 3.4: shorter side resized to S uniform in `scale_range`, then a random
+  image_size x image_size crop. Resizing commutes with cropping, so this returns the crop's window
+  in the original image, a square of side round(image_size * shorter / S), and only that window is
+  decoded and resized (equal to resize-then-crop up to rounding the window to whole pixels).
+  """
+    h, w = tf.cast(shape[0], tf.int32), tf.cast(shape[1], tf.int32)
+    shorter = tf.minimum(h, w)
+    scale = _randint(fold(key, 0), scale_range[0], scale_range[1])
+    side = tf.cast(tf.round(image_size * tf.cast(shorter, tf.float32) / tf.cast(scale, tf.float32)),
+                   tf.int32)
+    side = tf.clip_by_value(side, 1, shorter)
+    y = _randint(fold(key, 1), 0, h - side)
+    x = _randint(fold(key, 2), 0, w - side)
+    return tf.stack([y, x, side, side])
+
+
+def center_crop_window(shape, image_size, resize_size) -> tf.Tensor:
+    """The centre crop that resizing the shorter side to resize_size and cropping image_size
+  takes, as a window of the original image (so only the window is decoded)."""
+    h, w = tf.cast(shape[0], tf.int32), tf.cast(shape[1], tf.int32)
+    shorter = tf.cast(tf.minimum(h, w), tf.float32)
+    side = tf.cast(tf.round(shorter * image_size / resize_size), tf.int32)
+    side = tf.clip_by_value(side, 1, tf.minimum(h, w))
+    return tf.stack([(h - side + 1) // 2, (w - side + 1) // 2, side, side])
+
+
+# ---- decoding -----------------------------------------------------------------------------------
+
+
+def decode(record, kind: str) -> tf.Tensor:
+    """The whole image as uint8 HxWx3: grey, CMYK and PNG (whatever the file name) included."""
+    if kind == "pixels":
+        return record
+    image = tf.io.decode_image(record, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def decode_window(record, kind: str, window_fn: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
+    """Decodes only the window `window_fn(shape)` chooses: for JPEG bytes without decoding the rest."""
+    if kind == "pixels":
+        return _crop(record, window_fn(tf.shape(record)))
+
+    def jpeg():
+        window = window_fn(tf.image.extract_jpeg_shape(record))
+        return tf.image.decode_and_crop_jpeg(record, window, channels=3)
+
+    def other():
+        image = decode(record, kind)
+        return _crop(image, window_fn(tf.shape(image)))
+
+    image = tf.cond(tf.io.is_jpeg(record), jpeg, other)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _crop(image, window):
+    return image[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+
+
+# ---- the preprocessings -------------------------------------------------------------------------
+
+
+def _resize(image, size, s: Settings):
+    return tf.image.resize(image, size, method=s.resize_method, antialias=s.antialias)
+
+
+def _resize_square(image, s: Settings):
+    """To image_size x image_size (a no-op when it is that size already)."""
+    shape = tf.shape(image)
+    same = (shape[0] == s.image_size) & (shape[1] == s.image_size)
+    return tf.cond(same, lambda: tf.cast(image, tf.float32),
+                   lambda: _resize(image, (s.image_size, s.image_size), s))
+
+
+def _flip(image, key):
+    return tf.cond(_uniform(key) < 0.5, lambda: tf.reverse(image, axis=[-2]), lambda: image)
+
+
+def _pca_lighting(image, key, alphastd):
+    """AlexNet's colour augmentation: add eigvec @ (alpha * eigval), alpha ~ N(0, alphastd)."""
+    alpha = tf.random.stateless_normal((3,), seed=key, stddev=alphastd)
+    rgb = tf.linalg.matvec(tf.constant(PCA_EIGVEC), alpha * tf.constant(PCA_EIGVAL)) * 255.0
+    return image + rgb
+
+
+def _normalise(image, s: Settings, pixel_mean):
+    mean = pixel_mean if pixel_mean is not None else tf.constant(s.mean, tf.float32)
+    return (tf.cast(image, tf.float32) - mean) / tf.constant(s.std, tf.float32)
+
+
+def train_fn(s: Settings, kind: str, pixel_mean=None):
+    """`fn(record, key) -> image` of the configured train preprocessing."""
+    size = s.image_size
+    name = s.train_preprocess
+
+    def fn(record, key):
+        if name == "inception":
+            image = decode_window(record, kind, lambda shape: inception_crop_window(shape, fold(key, 0)))
+            image = _resize(image, (size, size), s)
+        elif name == "paper":
+            image = decode_window(
+                record, kind, lambda shape: paper_crop_window(shape, fold(key, 0), size, s.scale_range))
+            image = _resize(image, (size, size), s)
+        else:  # cifar, none: the whole image at image_size x image_size
+            image = _resize_square(decode(record, kind), s)
+        if name != "none" and s.pca_lighting > 0:
+            image = _pca_lighting(image, fold(key, 1), s.pca_lighting)
+        image = _normalise(image, s, pixel_mean)
+        if name == "cifar":
+            # Zero padding after normalisation: the padded pixels are the mean (Sec. 4.2's "4 pixels
+            # are padded on each side" as fb.resnet.torch does it).
+            p = s.cifar_padding
+            image = tf.pad(image, [[p, p], [p, p], [0, 0]])
+            dy = _randint(fold(key, 3), 0, 2 * p)
+            dx = _randint(fold(key, 4), 0, 2 * p)
+            image = image[dy:dy + size, dx:dx + size]
+        if name != "none":
+            image = _flip(image, fold(key, 2))
+        image = tf.ensure_shape(image, (size, size, 3))
+        return tf.cast(image, s.tf_dtype)
+
+    return fn
+
+
+def ten_crops(image, size):
+    """The four corner crops and the centre crop, then their horizontal flips: (10, size, size, C)."""
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
+               ((h - size) // 2, (w - size) // 2)]
+    crops = tf.stack([image[y:y + size, x:x + size] for y, x in corners])
+    return tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
+
+
+def eval_fn(s: Settings, kind: str, pixel_mean=None):
+    """`fn(record) -> image` of the configured eval preprocessing."""
+    size = s.image_size
+    name = s.eval_preprocess
+
+    def fn(record):
+        if name == "center":
+            image = decode_window(record, kind,
+                                  lambda shape: center_crop_window(shape, size, s.resize_size))
+            image = _resize(image, (size, size), s)
+        elif name == "ten_crop":
+            image = decode(record, kind)
+            shape = tf.cast(tf.shape(image)[:2], tf.float32)
+            new = tf.cast(tf.round(shape * s.resize_size / tf.reduce_min(shape)), tf.int32)
+            image = ten_crops(_resize(image, tf.maximum(new, size), s), size)
+        else:
+            image = _resize_square(decode(record, kind), s)
+        image = tf.ensure_shape(_normalise(image, s, pixel_mean), output_shape(s, train=False))
+        return tf.cast(image, s.tf_dtype)
+
+    return fn
+
+
+def mean_image_fn(s: Settings, kind: str):
+    """`fn(record) -> float32 image` at image_size x image_size, unnormalised: for the pixel mean."""
+    return lambda record: _resize_square(decode(record, kind), s)
+
