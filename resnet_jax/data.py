@@ -1,0 +1,559 @@
+"""tf.data input pipelines, one per process: sources, process slices, batches.
+
+Sources (`data.name`): a TFDS image-classification data set by name (`imagenet2012`, `cifar10`,
+...; `data.data_dir`), `imagefolder:PATH` (a `SPLIT/CLASS/*.jpg|png` tree read with TFDS's
+`ImageFolder`), `digits` (scikit-learn's 1,797 8x8 digits) and `fake` (synthetic, no I/O).
+Preprocessing lives in `preprocess.py`.
+
+    info(config)                    -> DataInfo(num_classes, num_train, num_eval, image_shape)
+    train_iterator(config, batch_size=..., seed=..., start_step=..., process_index=..., process_count=...)
+    eval_iterator(config, batch_size=..., process_index=..., process_count=...)
+
+Train. Each process reads its own contiguous slice of the split (the slices differ in size by at
+most one and cover the split) and repeats it: the example at position p of the process's stream
+is example p % n of epoch p // n, where n is the slice size. The order within an epoch is a
+seeded shuffle drawn afresh each epoch, and the crop and flip of position p are keyed by
+(seed, process, p), so the stream depends only on (seed, process_index, process_count), not on
+tf.data's parallelism. Starting at step k starts at position k * batch_size without decoding
+anything before it: sources held as an index of records (image folders, digits, fake, and TFDS
+splits smaller than `data.in_memory_bytes`) permute indices (`index_shuffle`), so a start at any
+step costs nothing; larger TFDS splits (ImageNet) are streamed with a `shuffle_buffer`-deep shuffle
+seeded per epoch, and a start skips within its epoch over undecoded records only.
+
+Images that do not decode are dropped and counted (`iterator.num_skipped`, and a log line): a
+corrupt file never stops a run. A drop shifts the rest of the stream by one example, so exact
+restarts hold on data sets without undecodable files.
+
+Eval. One pass, in order; the last batch is padded and `mask` is False on padding. Every process
+yields the same number of batches, enough for the largest slice, so multi-host eval steps stay in
+lockstep; over all processes each example is unmasked exactly once.
+
+Digits are scaled from 0-16 to 0-255, resized (bilinear) from 8x8 to image_size x image_size and
+given 3 equal channels, so the CIFAR networks take them unchanged; the split is a fixed seeded,
+class-stratified 1,497 train / 300 test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from resnet_jax import preprocess
+
+try:  # TensorFlow only feeds the host; the accelerators belong to JAX.
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TensorFlow already initialised its devices; nothing to take back.
+    pass
+
+FAKE_NUM_TRAIN = 10_000
+FAKE_NUM_EVAL = 1_000
+FAKE_NUM_CLASSES = 1000
+DIGITS_NUM_TEST = 300
+DIGITS_SPLIT_SEED = 0
+SHUFFLE_BUFFER = 16_384
+IN_MEMORY_BYTES = 2**30
+NAMES = "a TFDS data set name, 'imagefolder:PATH', 'digits' or 'fake'"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    num_classes: int
+    num_train: int  # examples in the train split (all processes together)
+    num_eval: int  # examples in the eval split
+    image_shape: tuple[int, int, int]  # (height, width, channels) of one image (one crop for ten_crop)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A TFDS data set that is not prepared in the data_dir: the message says how to prepare it."""
+
+
+def _get(config, name, default=None):
+    value = config.get(name, None)
+    return default if value is None else value
+
+
+# ---- sources: records in a fixed order, undecoded ----------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Table:
+    """A split held as an index: row i's record and label come from `lookup(i)` in the graph.
+
+    kind: "bytes" (encoded image) or "pixels" (uint8 HxWx3) for what lookup returns.
+    """
+
+    kind: str
+    num_classes: int
+    splits: dict[str, int]  # split name -> rows
+    lookup: dict  # split name -> fn(int64 row) -> (record, int64 label)
+
+
+def _rows(spec: str, splits: dict[str, int]) -> list[tuple[str, int, int]]:
+    """A TFDS split spec ("train", "train[:45000]", "train[10%:]+test") as (name, start, end)."""
+    infos = {name: _SplitSize(n) for name, n in splits.items()}
+    try:
+        instructions = tfds.core.ReadInstruction.from_spec(spec).to_absolute(infos)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ValueError(f"split {spec!r} is not a split of this data set (splits: "
+                         f"{', '.join(sorted(splits))}): {e}") from None
+    return [(i.splitname, i.from_ or 0, splits[i.splitname] if i.to is None else i.to)
+            for i in instructions]
+
+
+@dataclasses.dataclass(frozen=True)
+class _SplitSize:
+    num_examples: int
+
+
+@functools.lru_cache(maxsize=None)
+def _digits_table(image_size: int) -> _Table:
+    from sklearn import datasets, model_selection
+
+    digits = datasets.load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.float32)[..., None]
+    images = tf.image.resize(images, (image_size, image_size), method="bilinear").numpy()
+    images = np.repeat(np.clip(np.round(images), 0, 255).astype(np.uint8), 3, axis=-1)
+    labels = digits.target.astype(np.int64)
+    train, test = model_selection.train_test_split(
+        np.arange(len(labels)), test_size=DIGITS_NUM_TEST, random_state=DIGITS_SPLIT_SEED,
+        stratify=labels)
+    parts = {"train": np.sort(train), "test": np.sort(test)}
+
+    def lookup(rows):
+        images_t, labels_t = tf.constant(images[rows]), tf.constant(labels[rows])
+        return lambda i: (tf.gather(images_t, i), tf.gather(labels_t, i))
+
+    return _Table("pixels", 10, {k: len(v) for k, v in parts.items()},
+                  {k: lookup(v) for k, v in parts.items()})
+
+
+def _fake_table(image_size: int, num_classes: int, num_train: int, num_eval: int) -> _Table:
+    """Random uint8 images made in the graph from the row number; label = row % num_classes."""
+
+    def lookup(split_id):
+        def fn(i):
+            key = tf.stack([tf.constant(split_id, tf.int64), tf.cast(i, tf.int64)])
+            image = tf.random.stateless_uniform((image_size, image_size, 3), seed=key,
+                                                maxval=256, dtype=tf.int32)
+            return tf.cast(image, tf.uint8), tf.cast(i, tf.int64) % num_classes
+        return fn
+
+    splits = {"train": num_train, "validation": num_eval, "test": num_eval}
+    return _Table("pixels", num_classes, splits,
+                  {"train": lookup(0), "validation": lookup(1), "test": lookup(1)})
+
+
+@functools.lru_cache(maxsize=None)
+def _folder_table(root: str) -> _Table:
+    if not tf.io.gfile.isdir(root):
+        raise ValueError(f"data.name='imagefolder:{root}': no such directory")
+    builder = tfds.ImageFolder(root)
+    names = builder.info.features["label"].names
+    # ImageFolder keeps the file list it made (sorted, then shuffled per split with a fixed seed)
+    # but has no public accessor for it; it is read here so that records are paths and nothing
+    # is read before a record is used.
+    examples = builder._split_examples  # pylint: disable=protected-access
+    if not examples:
+        raise ValueError(f"data.name='imagefolder:{root}': no SPLIT/CLASS/*.jpg|jpeg|png files")
+
+    def lookup(split):
+        paths = tf.constant([e.image_path for e in examples[split]])
+        labels = tf.constant([names.index(e.label) for e in examples[split]], tf.int64)
+        return lambda i: (tf.io.read_file(tf.gather(paths, i)), tf.gather(labels, i))
+
+    return _Table("bytes", len(names), {k: len(v) for k, v in examples.items()},
+                  {k: lookup(k) for k in examples})
+
+
+def _prepare_help(name: str, builder) -> str:
+    data_dir = os.path.dirname(os.path.dirname(builder.data_dir))  # <data_dir>/<name>/<version>
+    if name == "imagenet2012":
+        manual = os.path.join(data_dir, "downloads", "manual")
+        return (f"put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in "
+                f"{manual}/ and run: tfds build imagenet2012 --data_dir={data_dir}")
+    return f"run: tfds build {name} --data_dir={data_dir} (downloads and prepares it)"
+
+
+@functools.lru_cache(maxsize=None)
+def _tfds_builder(name: str, data_dir: str | None):
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"data.name={name!r} is not {NAMES}") from None
+    if not builder.is_prepared():
+        raise DatasetNotFoundError(
+            f"data set {name!r} is not prepared in data_dir {data_dir or '(TFDS default)'} "
+            f"(searched {builder.data_dir}); to prepare it, {_prepare_help(name, builder)}")
+    return builder
+
+
+def _tfds_keys(builder) -> tuple[str, str]:
+    keys = builder.info.supervised_keys
+    return tuple(keys) if keys and len(keys) == 2 else ("image", "label")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """What `data.name` names: its class count and split sizes, and one process's slice."""
+
+    config: object
+
+    @functools.cached_property
+    def name(self) -> str:
+        name = _get(self.config, "name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"data.name={name!r} is not {NAMES}")
+        return name
+
+    @functools.cached_property
+    def table(self) -> _Table | None:
+        s = preprocess.settings(self.config)
+        if self.name == "fake":
+            return _fake_table(s.image_size,
+                               int(_get(self.config, "num_classes", FAKE_NUM_CLASSES)),
+                               int(_get(self.config, "fake_num_train", FAKE_NUM_TRAIN)),
+                               int(_get(self.config, "fake_num_eval", FAKE_NUM_EVAL)))
+        if self.name == "digits":
+            return _digits_table(s.image_size)
+        if self.name.startswith("imagefolder:"):
+            return _folder_table(os.path.expanduser(self.name.split(":", 1)[1]))
+        return None
+
+    @functools.cached_property
+    def builder(self):
+        return _tfds_builder(self.name, _get(self.config, "data_dir"))
+
+    @property
+    def num_classes(self) -> int:
+        if self.table is not None:
+            return self.table.num_classes
+        label = self.builder.info.features[_tfds_keys(self.builder)[1]]
+        return label.num_classes
+
+    def split(self, train: bool) -> str:
+        if train:
+            return _get(self.config, "train_split", "train")
+        default = "validation" if self.name == "imagenet2012" else "test"
+        return _get(self.config, "eval_split", default)
+
+    def size(self, split: str) -> int:
+        if self.table is not None:
+            return sum(end - start for _, start, end in _rows(split, self.table.splits))
+        try:
+            return self.builder.info.splits[split].num_examples
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"split {split!r} is not a split of {self.name!r} (splits: "
+                             f"{', '.join(self.builder.info.splits)}): {e}") from None
+
+    def slice_sizes(self, split: str, process_count: int) -> list[int]:
+        if self.table is not None:
+            n = self.size(split)
+            return [b - a for a, b in zip(*_bounds(n, process_count))]
+        return [self.builder.info.splits[s].num_examples
+                for s in tfds.even_splits(split, n=process_count)]
+
+    def records(self, split: str, process_index: int, process_count: int):
+        """One process's slice: (kind, n, lookup or None, streamed dataset or None)."""
+        if self.table is not None:
+            return self._table_records(split, process_index, process_count)
+        builder = self.builder
+        image_key, label_key = _tfds_keys(builder)
+        subsplit = tfds.even_splits(split, n=process_count)[process_index]
+        n = builder.info.splits[subsplit].num_examples
+        encoded = isinstance(builder.info.features[image_key], tfds.features.Image)
+        decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None
+        ds = builder.as_dataset(split=subsplit, shuffle_files=False, decoders=decoders,
+                                read_config=tfds.ReadConfig(add_tfds_id=False))
+        ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64)))
+        kind = "bytes" if encoded else "pixels"
+        num_bytes = builder.info.splits[subsplit].num_bytes
+        if num_bytes and num_bytes <= int(_get(self.config, "in_memory_bytes", IN_MEMORY_BYTES)):
+            # Small enough to hold undecoded: index it, for exact shuffles and free restarts.
+            records, labels = [], []
+            for record, label in ds.batch(4096).as_numpy_iterator():
+                records.extend(record)
+                labels.extend(label)
+            records_t = tf.constant(np.stack(records) if kind == "pixels" else records)
+            labels_t = tf.constant(labels, tf.int64)
+            return kind, n, lambda i: (tf.gather(records_t, i), tf.gather(labels_t, i)), None
+        return kind, n, None, ds
+
+    def _table_records(self, split, process_index, process_count):
+        table = self.table
+        ranges = _rows(split, table.splits)
+        total = sum(end - start for _, start, end in ranges)
+        starts, ends = _bounds(total, process_count)
+        lo, hi = starts[process_index], ends[process_index]
+        # Rows lo..hi of the concatenated ranges, as (split name, row) pieces.
+        pieces, offset = [], 0
+        for name, start, end in ranges:
+            a, b = max(lo - offset, 0), min(hi - offset, end - start)
+            if a < b:
+                pieces.append((name, start + a, start + b))
+            offset += end - start
+        if len(pieces) == 1:
+            name, start, _ = pieces[0]
+            fn = table.lookup[name]
+            return table.kind, hi - lo, lambda i: fn(start + i), None
+        # Several splits: look up in the piece that holds row i.
+        firsts = tf.constant(np.cumsum([0] + [b - a for _, a, b in pieces])[:-1], tf.int64)
+
+        def lookup(i):
+            piece = tf.cast(tf.reduce_sum(tf.cast(firsts <= i, tf.int32)) - 1, tf.int32)
+            branches = [functools.partial(_piece_lookup, table.lookup[name], start, first, i)
+                        for (name, start, _), first in zip(pieces, firsts.numpy())]
+            return tf.switch_case(piece, branches)
+
+        return table.kind, hi - lo, lookup, None
+
+
+def _piece_lookup(fn, start, first, i):
+    return fn(start + i - first)
+
+
+def _bounds(n: int, parts: int) -> tuple[list[int], list[int]]:
+    """Contiguous slices of range(n), sizes differing by at most one, that cover it."""
+    starts = [n * k // parts for k in range(parts)]
+    return starts, starts[1:] + [n]
+
+
+# ---- checks shared by the entry points --------------------------------------------------------
+
+
+def _open(config) -> tuple[_Source, preprocess.Settings]:
+    s = preprocess.settings(config)
+    source = _Source(config)
+    wanted = _get(config, "num_classes")
+    if wanted is not None and source.name != "fake" and int(wanted) != source.num_classes:
+        raise ValueError(f"data.num_classes={wanted} but data set {source.name!r} has "
+                         f"{source.num_classes} classes")
+    return source, s
+
+
+def _check_processes(batch_size, process_index, process_count):
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+
+
+def info(config) -> DataInfo:
+    source, s = _open(config)
+    return DataInfo(
+        num_classes=source.num_classes,
+        num_train=source.size(source.split(train=True)),
+        num_eval=source.size(source.split(train=False)),
+        image_shape=(s.image_size, s.image_size, 3),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_mean_cached(source_key, config_items):
+    config = _FrozenConfig(dict(config_items))
+    source, s = _open(config)
+    kind, n, lookup, stream = source.records(source.split(train=True), 0, 1)
+    ds = tf.data.Dataset.range(n).map(lookup) if lookup is not None else stream
+    fn = preprocess.mean_image_fn(s, kind)
+    ds = ds.map(lambda record, label: fn(record), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.ignore_errors(log_warning=False).batch(256)
+    total, count = np.zeros((s.image_size, s.image_size, 3), np.float64), 0
+    for batch in ds.as_numpy_iterator():
+        total += batch.sum(axis=0, dtype=np.float64)
+        count += len(batch)
+    logging.info("Per-pixel mean image of %s computed from %d training images", source_key, count)
+    return (total / max(count, 1)).astype(np.float32)
+
+
+class _FrozenConfig(dict):
+    def get(self, name, default=None):
+        return super().get(name, default)
+
+
+def pixel_mean(config) -> np.ndarray | None:
+    """The per-pixel mean image of the training split (Sec. 4.2), computed once per process and
+    cached; None unless `data.subtract_pixel_mean`."""
+    if not _get(config, "subtract_pixel_mean", False):
+        return None
+    fields = ("name", "data_dir", "train_split", "image_size", "resize_method", "antialias",
+              "num_classes", "fake_num_train", "fake_num_eval", "in_memory_bytes",
+              "train_preprocess", "eval_preprocess", "subtract_pixel_mean")
+    items = tuple((f, _hashable(_get(config, f))) for f in fields)
+    return _pixel_mean_cached(_get(config, "name"), items)
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+# ---- iterators -----------------------------------------------------------------------------------
+
+
+class Batches(Iterator):
+    """Numpy batches of a tf.data pipeline; counts the images that failed to decode."""
+
+    def __init__(self, ds: tf.data.Dataset, *, start: int, end: int | None = None,
+                 batch_size: int, num_batches: int | None = None, what: str,
+                 image_shape: tuple[int, ...] = (), dtype=np.float32):
+        self._image_shape, self._dtype = image_shape, dtype
+        self._iterator = ds.as_numpy_iterator()
+        self._next = start  # the stream position the next image should have
+        self._end = end  # eval: one past the last position
+        self._batch_size = batch_size
+        self._left = num_batches
+        self._what = what
+        self.num_skipped = 0
+
+    def _count(self, positions):
+        skipped = int(positions[-1]) + 1 - self._next - len(positions) if len(positions) else 0
+        self._note(skipped)
+        if len(positions):
+            self._next = int(positions[-1]) + 1
+
+    def _note(self, skipped):
+        if skipped > 0:
+            self.num_skipped += skipped
+            logging.warning("%s: skipped %d images that did not decode (%d in all so far)",
+                            self._what, skipped, self.num_skipped)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._left is None:  # train: infinite
+            batch = next(self._iterator)
+            self._count(batch.pop("position"))
+            return batch
+        if self._left <= 0:
+            raise StopIteration
+        self._left -= 1
+        batch = next(self._iterator, None)
+        if batch is None:  # eval: padding batches so that every process yields as many
+            if self._end is not None:
+                self._note(self._end - self._next)
+                self._next = self._end
+            batch = {"image": np.zeros((0, *self._image_shape), self._dtype),
+                     "label": np.zeros((0,), np.int32), "position": np.zeros((0,), np.int64)}
+        self._count(batch.pop("position"))
+        real = len(batch["label"])
+        pad = self._batch_size - real
+        batch["mask"] = np.arange(self._batch_size) < real
+        if pad:
+            batch["image"] = np.concatenate(
+                [batch["image"], np.zeros((pad, *batch["image"].shape[1:]), batch["image"].dtype)])
+            batch["label"] = np.concatenate([batch["label"], np.zeros((pad,), np.int32)])
+        if self._left == 0 and self._end is not None:
+            self._note(self._end - self._next)
+            self._next = self._end
+        return batch
+
+
+def _options(deterministic: bool) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    options.autotune.enabled = True
+    options.experimental_optimization.map_parallelization = True
+    return options
+
+
+def _stream_key(seed: int, process_index: int) -> tf.Tensor:
+    return tf.constant([seed, process_index], tf.int64)
+
+
+def train_dataset(config, *, batch_size: int, seed: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    """The tf.data pipeline of `train_iterator`, with a "position" entry in each batch."""
+    _check_processes(batch_size, process_index, process_count)
+    source, s = _open(config)
+    kind, n, lookup, stream = source.records(source.split(train=True), process_index,
+                                             process_count)
+    if n == 0:
+        raise ValueError(f"process {process_index} of {process_count} has no training examples")
+    key = _stream_key(seed, process_index)
+    first = start_step * batch_size
+    if lookup is not None:
+        def fetch(position):
+            epoch, i = position // n, position % n
+            j = tf.random.experimental.index_shuffle(i, preprocess.fold(preprocess.fold(key, 0),
+                                                                        epoch), n - 1)
+            record, label = lookup(j)
+            return position, record, label
+
+        ds = tf.data.Dataset.counter(start=first).map(fetch)
+    else:
+        buffer = int(_get(config, "shuffle_buffer", SHUFFLE_BUFFER))
+
+        def epoch_records(epoch):
+            epoch_seed = tf.random.stateless_uniform(
+                (), seed=preprocess.fold(preprocess.fold(key, 0), epoch), dtype=tf.int64,
+                minval=None, maxval=None)
+            return stream.shuffle(buffer, seed=epoch_seed)
+
+        ds = tf.data.Dataset.range(first // n, 2**62).flat_map(epoch_records).skip(first % n)
+        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start=first), ds).map(
+            lambda position, example: (position, *example))
+    fn = preprocess.train_fn(s, kind, pixel_mean(config))
+
+    def prepare(position, record, label):
+        image = fn(record, preprocess.fold(preprocess.fold(key, 1), position))
+        return {"image": image, "label": tf.cast(label, tf.int32), "position": position}
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.ignore_errors(log_warning=False)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_options(deterministic=True))
+
+
+def train_iterator(config, *, batch_size: int, seed: int, start_step: int = 0,
+                   process_index: int = 0, process_count: int = 1) -> Batches:
+    """Infinite {"image": (batch_size, H, W, C), "label": (batch_size,) int32} batches of this
+    process (batch_size is per process); the same for the same (seed, process_index,
+    process_count), and from `start_step` on the same as an iterator started at 0."""
+    ds = train_dataset(config, batch_size=batch_size, seed=seed, start_step=start_step,
+                       process_index=process_index, process_count=process_count)
+    return Batches(ds, start=start_step * batch_size, batch_size=batch_size,
+                   what=f"train data {_get(config, 'name')}")
+
+
+def eval_dataset(config, *, batch_size: int, process_index: int = 0, process_count: int = 1,
+                 repeat: bool = False) -> tf.data.Dataset:
+    """The unpadded tf.data pipeline of `eval_iterator` (repeat=True for benchmarks)."""
+    _check_processes(batch_size, process_index, process_count)
+    source, s = _open(config)
+    kind, n, lookup, stream = source.records(source.split(train=False), process_index,
+                                             process_count)
+    if lookup is not None:
+        ds = tf.data.Dataset.range(n).map(lambda i: (i, *lookup(i)))
+    else:
+        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), stream).map(
+            lambda position, example: (position, *example))
+    fn = preprocess.eval_fn(s, kind, pixel_mean(config))
+
+    def prepare(position, record, label):
+        return {"image": fn(record), "label": tf.cast(label, tf.int32), "position": position}
+
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.ignore_errors(log_warning=False)
+    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_options(deterministic=True))
+
+
+def eval_iterator(config, *, batch_size: int, process_index: int = 0,
+                  process_count: int = 1) -> Batches:
+    """One pass over this process's slice of the eval split: {"image", "label", "mask"} with the
+    last batch padded (mask False); every process yields the same number of batches."""
+    source, s = _open(config)
+    split = source.split(train=False)
+    sizes = source.slice_sizes(split, process_count)
+    num_batches = -(-max(sizes) // batch_size) if sizes else 0
+    ds = eval_dataset(config, batch_size=batch_size, process_index=process_index,
+                      process_count=process_count)
+    return Batches(ds, start=0, end=sizes[process_index], batch_size=batch_size,
+                   num_batches=num_batches, what=f"eval data {_get(config, 'name')}",
+                   image_shape=preprocess.output_shape(s, train=False),
+                   dtype=s.tf_dtype.as_numpy_dtype)

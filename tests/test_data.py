@@ -1,0 +1,413 @@
+"""Input pipelines: sources, process slices, exact eval, determinism, restarts, errors."""
+
+import io
+import logging
+import os
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from resnet_jax import data
+
+CLASSES = ("ant", "bee", "cat")
+
+
+def _config(**fields):
+    fields.setdefault("mean", (0.0, 0.0, 0.0))
+    fields.setdefault("std", (1.0, 1.0, 1.0))
+    return ml_collections.ConfigDict(fields)
+
+
+def _smooth(h, w, seed):
+    rng = np.random.default_rng(seed)
+    small = rng.uniform(0, 255, (3, 3, 3)).astype(np.float32)
+    return tf.cast(tf.image.resize(small, (h, w)), tf.uint8).numpy()
+
+
+def _save(path, array, fmt="JPEG", mode=None):
+    image = Image.fromarray(array)
+    if mode:
+        image = image.convert(mode)
+    image.save(path, fmt)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """train: 3 classes x 6 JPEGs of assorted sizes, plus a grey JPEG, a CMYK JPEG and a PNG
+    named .JPEG; test: 3 x 3."""
+    root = tmp_path_factory.mktemp("folder")
+    for split, per_class in (("train", 6), ("test", 3)):
+        for c, name in enumerate(CLASSES):
+            os.makedirs(root / split / name)
+            for i in range(per_class):
+                _save(root / split / name / f"{i}.jpg", _smooth(20 + 3 * i, 40 - 2 * i, c * 10 + i))
+    _save(root / "train" / "ant" / "grey.jpg", _smooth(30, 20, 1), mode="L")
+    _save(root / "train" / "bee" / "cmyk.jpg", _smooth(25, 35, 2), mode="CMYK")
+    _save(root / "train" / "cat" / "png.JPEG", _smooth(33, 21, 3), fmt="PNG")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ident(tmp_path_factory):
+    """PNG squares of one colour each, the colour saying which file it is: 40 train, 25 test."""
+    root = tmp_path_factory.mktemp("ident")
+    for split, n in (("train", 40), ("test", 25)):
+        for i in range(n):
+            directory = root / split / CLASSES[i % 3]
+            os.makedirs(directory, exist_ok=True)
+            _save(directory / f"{i}.png", np.full((4, 4, 3), (i, 7, 9), np.uint8), fmt="PNG")
+    return root
+
+
+def _ids(batch, mask=None):
+    ids = batch["image"][:, 0, 0, 0].astype(np.int64)
+    return ids if mask is None else ids[mask]
+
+
+class TinyJpegImages(tfds.core.GeneratorBasedBuilder):
+    """A TFDS data set of 24 train and 10 test JPEGs: the TFDS-by-name path on real records."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=3)}),
+            supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(24, 0), "test": self._generate_examples(10, 1)}
+
+    def _generate_examples(self, n, seed):
+        for i in range(n):
+            # Shade i in the top-left corner names the example.
+            image = _smooth(20 + i % 5, 30, seed * 100 + i)
+            image[:8, :8] = 10 * i
+            yield i, {"image": image, "label": i % 3}
+
+
+@pytest.fixture(scope="module")
+def tiny_tfds(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    TinyJpegImages(data_dir=data_dir).download_and_prepare()
+    return data_dir
+
+
+# ---- sources -----------------------------------------------------------------------------------
+
+
+def test_info_of_each_source(folder, tiny_tfds):
+    assert data.info(_config(name="digits", image_size=16)) == data.DataInfo(10, 1497, 300,
+                                                                              (16, 16, 3))
+    assert data.info(_config(name="fake", image_size=20, num_classes=7, fake_num_train=50,
+                             fake_num_eval=9)) == data.DataInfo(7, 50, 9, (20, 20, 3))
+    assert data.info(_config(name=f"imagefolder:{folder}", image_size=24)) == data.DataInfo(
+        3, 21, 9, (24, 24, 3))
+    assert data.info(_config(name="tiny_jpeg_images", data_dir=tiny_tfds, image_size=12,
+                             train_split="train[:20]")) == data.DataInfo(3, 20, 10, (12, 12, 3))
+    assert data.info(_config(name=f"imagefolder:{folder}", eval_split="train[:5]+test")).num_eval == 14
+
+
+SOURCES = {
+    "folder": lambda folder, tiny: dict(name=f"imagefolder:{folder}", num_classes=3),
+    "digits": lambda folder, tiny: dict(name="digits"),
+    "fake": lambda folder, tiny: dict(name="fake", num_classes=5, fake_num_train=40,
+                                      fake_num_eval=12),
+    "tfds": lambda folder, tiny: dict(name="tiny_jpeg_images", data_dir=tiny),
+    "tfds_streamed": lambda folder, tiny: dict(name="tiny_jpeg_images", data_dir=tiny,
+                                               in_memory_bytes=0, shuffle_buffer=8),
+}
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+@pytest.mark.parametrize("preprocessing", ["inception", "paper", "cifar", "none"])
+def test_train_batches_of_each_source_and_preprocessing(source, preprocessing, folder, tiny_tfds):
+    fields = SOURCES[source](folder, tiny_tfds)
+    config = _config(image_size=16, train_preprocess=preprocessing, scale_range=(18, 30),
+                     dtype="bfloat16" if source == "fake" else "float32", **fields)
+    num_classes = data.info(config).num_classes
+    it = data.train_iterator(config, batch_size=5, seed=0)
+    for _ in range(2):
+        batch = next(it)
+        assert set(batch) == {"image", "label"}
+        assert batch["image"].shape == (5, 16, 16, 3)
+        assert batch["image"].dtype == (tf.bfloat16.as_numpy_dtype if source == "fake"
+                                        else np.float32)
+        assert batch["label"].dtype == np.int32
+        assert np.all((0 <= batch["label"]) & (batch["label"] < num_classes))
+        values = batch["image"].astype(np.float32)
+        assert values.min() >= -0.5 and values.max() <= 255.5 and values.std() > 1
+    assert it.num_skipped == 0
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+@pytest.mark.parametrize("preprocessing", ["center", "ten_crop", "none"])
+def test_eval_batches_of_each_source_and_preprocessing(source, preprocessing, folder, tiny_tfds):
+    config = _config(image_size=12, eval_preprocess=preprocessing, resize_size=14,
+                     **SOURCES[source](folder, tiny_tfds))
+    info = data.info(config)
+    batches = list(data.eval_iterator(config, batch_size=4))
+    assert len(batches) == -(-info.num_eval // 4)
+    shape = (4, 10, 12, 12, 3) if preprocessing == "ten_crop" else (4, 12, 12, 3)
+    for batch in batches:
+        assert set(batch) == {"image", "label", "mask"}
+        assert batch["image"].shape == shape and batch["image"].dtype == np.float32
+        assert batch["mask"].dtype == bool and batch["label"].dtype == np.int32
+        assert np.all((0 <= batch["label"]) & (batch["label"] < info.num_classes))
+        assert batch["image"].min() >= -0.5 and batch["image"].max() <= 255.5
+    assert sum(int(b["mask"].sum()) for b in batches) == info.num_eval
+    assert not batches[-1]["image"][~batches[-1]["mask"]].any()  # padding is zeros
+
+
+def test_digits_are_the_scikit_learn_digits():
+    from sklearn import datasets
+
+    config = _config(name="digits", image_size=8, eval_preprocess="none")
+    images, labels = [], []
+    for batch in data.eval_iterator(config, batch_size=100):
+        images.append(batch["image"][batch["mask"]])
+        labels.append(batch["label"][batch["mask"]])
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    assert images.shape == (300, 8, 8, 3) and np.all(images[..., 0] == images[..., 2])
+    assert images.max() == 255 and images.min() == 0
+    digits = datasets.load_digits()
+    # Every test image is one of the real digits, with its label; all classes are in the test set.
+    reference = {np.round(img * 255 / 16).astype(np.uint8).tobytes(): t
+                 for img, t in zip(digits.images, digits.target)}
+    for image, label in zip(images, labels):
+        assert reference[image[..., 0].astype(np.uint8).tobytes()] == label
+    assert np.bincount(labels, minlength=10).min() >= 25
+
+
+def test_odd_files_decode_and_nothing_is_skipped(folder):
+    config = _config(name=f"imagefolder:{folder}", image_size=8, eval_split="train",
+                     eval_preprocess="none")
+    it = data.eval_iterator(config, batch_size=32)
+    batch = next(it)
+    assert int(batch["mask"].sum()) == 21 and it.num_skipped == 0
+
+
+# ---- determinism, slices, restarts -------------------------------------------------------------
+
+
+def _take(it, k):
+    return [next(it) for _ in range(k)]
+
+
+@pytest.mark.parametrize("source", ["folder", "fake", "tfds_streamed", "tfds"])
+def test_same_seed_same_batches(source, folder, tiny_tfds):
+    config = _config(image_size=12, train_preprocess="inception", **SOURCES[source](folder, tiny_tfds))
+    a = _take(data.train_iterator(config, batch_size=4, seed=3), 8)
+    b = _take(data.train_iterator(config, batch_size=4, seed=3), 8)
+    c = _take(data.train_iterator(config, batch_size=4, seed=4), 8)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
+
+
+def test_each_epoch_is_a_fresh_permutation(ident):
+    config = _config(name=f"imagefolder:{ident}", image_size=4, train_preprocess="none")
+    it = data.train_iterator(config, batch_size=40, seed=0)
+    epochs = [_ids(next(it)) for _ in range(3)]
+    for ids in epochs:
+        assert sorted(ids) == list(range(40))
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_process_slices_are_disjoint_and_cover_the_split(ident, processes):
+    config = _config(name=f"imagefolder:{ident}", image_size=4, train_preprocess="none")
+    sizes = [40 * (k + 1) // processes - 40 * k // processes for k in range(processes)]
+    seen = []
+    for k in range(processes):
+        it = data.train_iterator(config, batch_size=sizes[k], seed=0, process_index=k,
+                                 process_count=processes)
+        first, second = _ids(next(it)), _ids(next(it))
+        assert sorted(first) == sorted(second)  # each process repeats its own slice
+        seen.append(set(first))
+    assert sum(len(s) for s in seen) == 40 and set().union(*seen) == set(range(40))
+
+
+def _shades(batch, mask=None):
+    """The example numbers of tiny_jpeg_images: the shade of the top-left corner over 10."""
+    images = batch["image"] if mask is None else batch["image"][mask]
+    return np.round(images[:, 1, 1].mean(-1) / 10).astype(int).tolist()
+
+
+@pytest.mark.parametrize("in_memory_bytes", [0, 2**30])
+def test_process_slices_of_tfds_are_disjoint_and_cover(tiny_tfds, in_memory_bytes):
+    config = _config(name="tiny_jpeg_images", data_dir=tiny_tfds, image_size=20,
+                     train_preprocess="none", in_memory_bytes=in_memory_bytes)
+    seen = []
+    for k in range(2):
+        it = data.train_iterator(config, batch_size=12, seed=0, process_index=k, process_count=2)
+        first, second = _shades(next(it)), _shades(next(it))
+        assert sorted(first) == sorted(second) and len(set(first)) == 12
+        seen.append(set(first))
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(24))
+
+
+@pytest.mark.parametrize("source", ["folder", "fake", "tfds", "tfds_streamed"])
+@pytest.mark.parametrize("start_step", [1, 5, 13])
+def test_start_at_step_equals_running_from_zero(source, start_step, folder, tiny_tfds):
+    # batch 5 over 21, 40 or 24 examples: the starts fall inside the first, second and third epoch
+    config = _config(image_size=10, train_preprocess="inception",
+                     **SOURCES[source](folder, tiny_tfds))
+    from_zero = _take(data.train_iterator(config, batch_size=5, seed=1), start_step + 3)
+    restarted = _take(data.train_iterator(config, batch_size=5, seed=1, start_step=start_step), 3)
+    for x, y in zip(from_zero[start_step:], restarted):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_start_far_ahead_does_not_read_the_skipped_data():
+    config = _config(name="fake", image_size=8, fake_num_train=1000, num_classes=10)
+    start = time.perf_counter()
+    batch = next(data.train_iterator(config, batch_size=64, seed=0, start_step=10**9))
+    assert batch["image"].shape == (64, 8, 8, 3) and time.perf_counter() - start < 20
+
+
+# ---- exact eval --------------------------------------------------------------------------------
+
+
+def _eval_ids(config, batch_size, processes):
+    per_process = []
+    for k in range(processes):
+        batches = list(data.eval_iterator(config, batch_size=batch_size, process_index=k,
+                                          process_count=processes))
+        ids = [b["label"][b["mask"]] for b in batches]
+        per_process.append((len(batches), np.concatenate(ids) if ids else np.zeros(0, int)))
+    return per_process
+
+
+def test_exact_eval_count_1000_examples_batch_64_eight_devices():
+    # fake labels are the example number (num_classes = 1000): every label names one example.
+    config = _config(name="fake", image_size=4, num_classes=1000, fake_num_eval=1000,
+                     eval_preprocess="none")
+    devices = 8
+    batches = list(data.eval_iterator(config, batch_size=64))
+    assert len(batches) == 16
+    for b in batches:
+        assert b["image"].shape[0] == 64 and b["image"].shape[0] % devices == 0
+    labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+    assert len(labels) == 1000 and sorted(labels) == list(range(1000))
+    # Masked sums, not means of batch means: the padded last batch counts 40 examples.
+    assert [int(b["mask"].sum()) for b in batches] == [64] * 15 + [40]
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_exact_eval_across_processes_in_lockstep(processes):
+    config = _config(name="fake", image_size=4, num_classes=1000, fake_num_eval=1000,
+                     eval_preprocess="none")
+    per_process = _eval_ids(config, 32, processes)
+    counts = {n for n, _ in per_process}
+    assert counts == {-(-(-(-1000 // processes)) // 32)}  # same number of batches everywhere
+    union = np.concatenate([ids for _, ids in per_process])
+    assert len(union) == 1000 and sorted(union) == list(range(1000))
+
+
+def test_exact_eval_of_files_across_processes(ident, tiny_tfds):
+    config = _config(name=f"imagefolder:{ident}", image_size=4, eval_preprocess="none")
+    ids = []
+    for k in range(2):
+        batches = list(data.eval_iterator(config, batch_size=8, process_index=k, process_count=2))
+        assert len(batches) == 2  # slices of 12 and 13, batch 8
+        ids.extend(np.concatenate([_ids(b, b["mask"]) for b in batches]).tolist())
+    assert sorted(ids) == list(range(25))
+    config = _config(name="tiny_jpeg_images", data_dir=tiny_tfds, image_size=20,
+                     eval_preprocess="none", in_memory_bytes=0)
+    shades = []
+    for k in range(3):
+        batches = list(data.eval_iterator(config, batch_size=3, process_index=k, process_count=3))
+        assert len(batches) == 2  # slices of 3, 3 and 4 examples
+        for b in batches:
+            shades.extend(_shades(b, b["mask"]))
+    assert sorted(shades) == list(range(10))
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+
+def test_missing_tfds_data_set_says_how_to_prepare_it(tmp_path):
+    with pytest.raises(data.DatasetNotFoundError) as info:
+        data.info(_config(name="cifar10", data_dir=str(tmp_path)))
+    message = str(info.value)
+    assert "'cifar10'" in message and str(tmp_path) in message and "tfds build cifar10" in message
+    assert "\n" not in message and info.value.__cause__ is None
+    with pytest.raises(data.DatasetNotFoundError) as info:
+        data.train_iterator(_config(name="imagenet2012", data_dir=str(tmp_path)), batch_size=2,
+                            seed=0)
+    message = str(info.value)
+    assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
+    assert os.path.join(str(tmp_path), "downloads", "manual") in message
+    assert "tfds build imagenet2012" in message and info.value.__cause__ is None
+
+
+@pytest.mark.parametrize("fields,words", [
+    (dict(name="no_such_data_set_xyz"), ["data.name", "no_such_data_set_xyz", "imagefolder"]),
+    (dict(name="fake", train_preprocess="alexnet"), ["data.train_preprocess", "alexnet", "paper"]),
+    (dict(name="fake", eval_preprocess="multi_scale"), ["data.eval_preprocess", "ten_crop"]),
+    (dict(name="fake", dtype="float16"), ["data.dtype", "bfloat16"]),
+    (dict(name="digits", num_classes=100), ["data.num_classes=100", "'digits'", "10"]),
+    (dict(name="imagefolder:/no/such/dir"), ["/no/such/dir"]),
+])
+def test_bad_values_raise_one_line_value_errors(fields, words):
+    with pytest.raises(ValueError) as info:
+        data.info(_config(**fields))
+    message = str(info.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def test_missing_split_names_the_splits(folder):
+    with pytest.raises(ValueError, match="'val'.*test, train"):
+        data.info(_config(name=f"imagefolder:{folder}", eval_split="val"))
+
+
+# ---- corrupt files -----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def corrupt(ident, tmp_path):
+    """The ident folder's train split with one file's bytes replaced by garbage."""
+    import shutil
+
+    root = tmp_path / "corrupt"
+    shutil.copytree(ident, root)
+    victim = root / "train" / CLASSES[7 % 3] / "7.png"
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return root
+
+
+def test_corrupt_image_is_skipped_and_counted(corrupt, caplog):
+    config = _config(name=f"imagefolder:{corrupt}", image_size=4, train_preprocess="none",
+                     eval_preprocess="none", eval_split="train")
+    it = data.eval_iterator(config, batch_size=16)
+    with caplog.at_level(logging.WARNING):
+        batches = list(it)
+    ids = np.concatenate([_ids(b, b["mask"]) for b in batches])
+    assert len(batches) == 3 and sorted(ids) == sorted(set(range(40)) - {7})
+    assert it.num_skipped == 1
+    assert any("skipped 1 images" in r.getMessage() for r in caplog.records)
+    train = data.train_iterator(config, batch_size=13, seed=0)
+    ids = np.concatenate([_ids(b) for b in _take(train, 3)])  # 39 of the first epoch
+    assert sorted(ids) == sorted(set(range(40)) - {7}) and train.num_skipped == 1
+
+
+def test_restart_after_a_corrupt_file_does_not_read_it(corrupt):
+    config = _config(name=f"imagefolder:{corrupt}", image_size=4, train_preprocess="none")
+    positions = np.concatenate([b["position"] for b in data.train_dataset(
+        config, batch_size=1, seed=0).take(39).as_numpy_iterator()])
+    bad = int(np.setdiff1d(np.arange(40), positions)[0])  # where file 7 sits in epoch 0
+    if bad >= 39:
+        pytest.skip("the corrupt file is last in epoch 0 for this seed")
+    restarted = data.train_iterator(config, batch_size=1, seed=0, start_step=bad + 1)
+    _take(restarted, 39 - bad)  # to the end of epoch 0, past the skipped start
+    assert restarted.num_skipped == 0
