@@ -8,6 +8,7 @@ arrays are global and orbax writes each shard once.
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -40,3 +41,20 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Any | None:
     if step is None:
         return None
     return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def read_latest(workdir: str) -> tuple[int, Any]:
+    """(step, state as nested dicts) of a run's latest checkpoint, on this process's first device.
+
+    For reading a run from any machine: the topology that saved it does not matter.
+    """
+    manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), DIRECTORY), item_handlers=ocp.StandardCheckpointHandler(),
+        options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                          manager.item_metadata(step))
+    return step, manager.restore(step, args=ocp.args.StandardRestore(target))

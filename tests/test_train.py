@@ -1,0 +1,140 @@
+"""The main job end to end: quickstart accuracy, devices, processes, checkpoints and restarts."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import quickstart
+from resnet_jax import checkpoint, data, metrics, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small quickstart: the smallest CIFAR net on the 8x8 digits, a few steps.
+SMALL = {"model.name": "cifar_resnet8", "data.image_size": 8, "train.batch_size": 32,
+         "train.num_steps": 6, "eval.every_steps": 3, "eval.batch_size": 64,
+         "checkpoint.every_steps": 3, "log_every_steps": 1}
+
+
+def small_config(**changes):
+    config = quickstart.get_config()
+    for key, value in {**SMALL, **changes}.items():
+        section, _, field = key.rpartition(".")
+        setattr(config[section] if section else config, field, value)
+    return config
+
+
+def run_main(workdir, *, env=None, **changes):
+    """The real command in a subprocess, with the SMALL overrides and `changes`."""
+    flags = [f"--config.{k}={v}" for k, v in {**SMALL, **changes}.items()]
+    command = [sys.executable, "-m", "resnet_jax.main", "--config=configs/quickstart.py",
+               f"--workdir={workdir}", *flags]
+    environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(command, cwd=REPO, env={**environment, **(env or {})},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def latest_params(workdir):
+    step, state = checkpoint.read_latest(str(workdir))
+    return step, state["params"]
+
+
+def assert_trees_close(a, b, **tolerance):
+    flat_a, flat_b = (dict(_flatten(t)) for t in (a, b))
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_allclose(flat_a[key], flat_b[key], err_msg=key, **tolerance)
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, f"{prefix}/{k}")
+    else:
+        yield prefix, np.asarray(tree)
+
+
+def rows_without_speed(workdir):
+    return [{k: v for k, v in row.items() if k != "images_per_second"}
+            for row in metrics.read_rows(workdir)]
+
+
+def test_quickstart_short_form_learns_the_digits(tmp_path):
+    config = small_config(**{"model.name": "cifar_resnet14", "train.num_steps": 150,
+                             "eval.every_steps": 150, "checkpoint.every_steps": 150,
+                             "log_every_steps": 50})
+    train.train_and_evaluate(config, str(tmp_path))
+    rows = metrics.read_rows(str(tmp_path))
+    final = rows[-1]
+    assert final["step"] == 150
+    assert final["eval_accuracy"] >= 0.9, final
+    assert {"train_loss", "train_accuracy", "learning_rate", "images_per_second", "eval_loss",
+            "eval_accuracy", "eval_top5_accuracy"} <= set(final)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+    assert (tmp_path / "config.json").exists()
+    assert latest_params(str(tmp_path))[0] == 150
+
+
+def test_preempted_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    train.train_and_evaluate(small_config(), whole)
+
+    # SIGTERM arrives while the batch of step 4 is made (ahead of time, by the prefetch); the run
+    # saves the step it is at and returns.
+    real_iterator = data.train_iterator
+
+    def preempted_iterator(*args, **kwargs):
+        for index, batch in enumerate(real_iterator(*args, **kwargs), kwargs["start_step"] + 1):
+            if index == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(data, "train_iterator", preempted_iterator)
+    train.train_and_evaluate(small_config(), parts)
+    assert 0 < latest_params(parts)[0] < 6
+    monkeypatch.setattr(data, "train_iterator", real_iterator)
+    train.train_and_evaluate(small_config(), parts)
+
+    assert rows_without_speed(parts) == rows_without_speed(whole)
+    assert_trees_close(latest_params(parts)[1], latest_params(whole)[1], rtol=0, atol=0)
+
+
+def test_eight_devices_train_like_one(tmp_path):
+    run_main(tmp_path / "one")
+    run_main(tmp_path / "eight", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert_trees_close(latest_params(tmp_path / "eight")[1], latest_params(tmp_path / "one")[1],
+                       rtol=1e-4, atol=1e-5)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_and_one_process_resumes(tmp_path):
+    workdir = tmp_path / "run"
+    address = f"localhost:{free_port()}"
+    flags = [f"--config.{k}={v}" for k, v in SMALL.items()]
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "resnet_jax.main", "--config=configs/quickstart.py",
+         f"--workdir={workdir}", f"--coordinator_address={address}", "--num_processes=2",
+         f"--process_id={i}", *flags],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    for p, out in zip(processes, outputs):
+        assert p.returncode == 0, out[-3000:]
+    step, params = latest_params(workdir)
+    assert step == 6
+
+    result = run_main(workdir, **{"train.num_steps": 9})
+    assert "Restored the checkpoint of step 6" in result.stderr
+    assert [row["step"] for row in metrics.read_rows(str(workdir)) if "train_loss" in row] == list(range(1, 10))
+    assert latest_params(workdir)[0] == 9
