@@ -222,6 +222,20 @@ def test_each_epoch_is_a_fresh_permutation(ident):
     assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
 
 
+def test_crops_are_drawn_afresh_for_each_example_and_epoch():
+    # fake labels are the example number here: compare each image with itself an epoch later.
+    config = _config(name="fake", image_size=16, num_classes=10, fake_num_train=4,
+                     train_preprocess="inception")
+    it = data.train_iterator(config, batch_size=4, seed=0)
+    epochs = []
+    for _ in range(2):
+        batch = next(it)
+        epochs.append(batch["image"][np.argsort(batch["label"])])
+    assert sorted(batch["label"]) == [0, 1, 2, 3]
+    for a, b in zip(*epochs):
+        assert not np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("processes", [2, 3])
 def test_process_slices_are_disjoint_and_cover_the_split(ident, processes):
     config = _config(name=f"imagefolder:{ident}", image_size=4, train_preprocess="none")
