@@ -9,6 +9,7 @@ batches: the linear scaling rule and a gradual warm-up (Goyal et al. 2017), and 
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("step", "paper_cifar", "cosine", "constant")
@@ -36,8 +37,8 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int, batch_size: int,
         drops = optax.piecewise_constant_schedule(peak, {int(s): 0.1 for s in config.boundaries_steps})
         if not config.warmup_steps:
             return drops
-        return optax.join_schedules(
-            [optax.constant_schedule(config.warmup_lr), drops], [config.warmup_steps])
+        # Not optax.join_schedules: it would shift the drops by the warm-up's length.
+        return lambda step: jnp.where(step < config.warmup_steps, config.warmup_lr, drops(step))
     warmup = int(config.warmup_epochs * steps_per_epoch)
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
 

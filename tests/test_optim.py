@@ -1,0 +1,101 @@
+"""Schedules, weight decay and the eval step's exact, masked, 10-crop scoring."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import cifar, default
+from resnet_jax import optim, train
+
+
+def test_step_schedule_divides_by_ten_at_epochs_and_scales_with_batch():
+    config = default.get_config().schedule
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch=100, batch_size=1024, total_steps=12_000)
+    assert schedule(0) == pytest.approx(0.4)  # 0.1 x 1024 / 256
+    assert schedule(2_999) == pytest.approx(0.4)
+    assert schedule(3_000) == pytest.approx(0.04)
+    assert schedule(6_000) == pytest.approx(0.004)
+    assert schedule(9_000) == pytest.approx(0.0004)
+
+
+@pytest.mark.parametrize("depth, first", [(56, 0.1), (110, 0.01)])
+def test_paper_cifar_schedule(depth, first):
+    config = cifar.get_config(f"depth={depth}")
+    schedule = optim.learning_rate_schedule(config.schedule, 390, config.train.batch_size, 64_000)
+    assert schedule(0) == pytest.approx(first)  # ResNet-110 warms up at 0.01
+    assert schedule(400) == pytest.approx(0.1)
+    assert schedule(31_999) == pytest.approx(0.1)
+    assert schedule(32_000) == pytest.approx(0.01)
+    assert schedule(48_000) == pytest.approx(0.001)
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
+    config = default.get_config().schedule
+    config.name, config.warmup_epochs = "cosine", 2
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, batch_size=256, total_steps=100)
+    assert schedule(0) == 0 and schedule(10) == pytest.approx(0.05) and schedule(20) == pytest.approx(0.1)
+    assert schedule(60) == pytest.approx(0.05, rel=1e-3)
+    assert schedule(100) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_unknown_schedule_is_named():
+    config = default.get_config().schedule
+    config.name = "linear"
+    with pytest.raises(ValueError, match="schedule.name must be one of 'step'.*got 'linear'"):
+        optim.learning_rate_schedule(config, 10, 256, 100)
+
+
+def optimizer_config(**changes):
+    config = ml_collections.ConfigDict(dict(momentum=0.9, nesterov=False, weight_decay=0.1,
+                                            weight_decay_mode="l2", decay_bn_and_bias=False))
+    config.update(changes)
+    return config
+
+
+def two_steps(config, lr=0.5):
+    params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
+    grads = {"kernel": jnp.zeros((2, 2)), "scale": jnp.zeros((2,))}
+    tx = optim.create_optimizer(config, optax.constant_schedule(lr))
+    state = tx.init(params)
+    for _ in range(2):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def test_weight_decay_l2_passes_through_momentum_and_spares_bn():
+    # Zero gradients: w1 = w0 - lr*wd*w0 = 0.95; v = 0.9 * 0.1 + 0.1 * 0.95; w2 = 0.95 - 0.5 * v.
+    params = two_steps(optimizer_config())
+    np.testing.assert_allclose(params["kernel"], 0.95 - 0.5 * (0.09 + 0.095), rtol=1e-6)
+    np.testing.assert_array_equal(params["scale"], 1.0)
+    assert float(two_steps(optimizer_config(decay_bn_and_bias=True))["scale"][0]) < 1.0
+
+
+def test_decoupled_weight_decay_skips_momentum():
+    params = two_steps(optimizer_config(weight_decay_mode="decoupled"))
+    np.testing.assert_allclose(params["kernel"], 0.95 * 0.95, rtol=1e-6)
+    with pytest.raises(ValueError, match="weight_decay_mode must be one of 'l2', 'decoupled'"):
+        optim.create_optimizer(optimizer_config(weight_decay_mode="adamw"), optax.constant_schedule(0.1))
+
+
+def test_eval_step_counts_unmasked_examples_and_averages_crops():
+    model = train.models.create("cifar_resnet8", num_classes=5, rngs=nnx.Rngs(0))
+    model.eval()
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=())
+    crops = jax.random.normal(jax.random.key(0), (4, 10, 8, 8, 3))
+    labels = jnp.array([0, 1, 2, 3])
+    mask = jnp.array([True, True, True, False])
+    result = train.eval_step(graphdef, state, {"image": crops, "label": labels, "mask": mask}).compute()
+
+    probs = np.stack([np.asarray(jax.nn.softmax(model(crops[:, i]))) for i in range(10)]).mean(0)
+    expected_loss = -np.log(probs[np.arange(3), labels[:3]]).mean()
+    expected_accuracy = (probs[:3].argmax(-1) == np.asarray(labels[:3])).mean()
+    top5 = np.argsort(-probs[:3], -1)[:, :5]
+    np.testing.assert_allclose(result["loss"], expected_loss, rtol=1e-5)
+    assert result["accuracy"] == pytest.approx(expected_accuracy)
+    assert result["top5_accuracy"] == pytest.approx((top5 == np.asarray(labels[:3, None])).any(-1).mean())
