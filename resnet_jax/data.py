@@ -86,7 +86,8 @@ def _get(config, name, default=None):
 class _Table:
     """A split held as an index: row i's record and label come from `lookup(i)` in the graph.
 
-    kind: "bytes" (encoded image) or "pixels" (uint8 HxWx3) for what lookup returns.
+    kind: what lookup returns: "bytes" (an encoded image), "path" (an image file's path, read in
+    the parallel map) or "pixels" (uint8 HxWx3).
     """
 
     kind: str
@@ -166,9 +167,9 @@ def _folder_table(root: str) -> _Table:
     def lookup(split):
         paths = tf.constant([e.image_path for e in examples[split]])
         labels = tf.constant([names.index(e.label) for e in examples[split]], tf.int64)
-        return lambda i: (tf.io.read_file(tf.gather(paths, i)), tf.gather(labels, i))
+        return lambda i: (tf.gather(paths, i), tf.gather(labels, i))
 
-    return _Table("bytes", len(names), {k: len(v) for k, v in examples.items()},
+    return _Table("path", len(names), {k: len(v) for k, v in examples.items()},
                   {k: lookup(k) for k in examples})
 
 
@@ -456,6 +457,8 @@ def _options(deterministic: bool) -> tf.data.Options:
     options.deterministic = deterministic
     options.autotune.enabled = True
     options.experimental_optimization.map_parallelization = True
+    # One thread per op: the parallelism is across examples (as the Flax ImageNet example).
+    options.threading.max_intra_op_parallelism = 1
     return options
 
 

@@ -6,7 +6,8 @@ its key: random choices use stateless ops keyed by an int64 pair that `data.py` 
 and a restarted run redraws exactly what an uninterrupted run drew.
 
 Records reach this module undecoded where the source allows it: `"bytes"` records are encoded
-images (JPEG, or PNG whatever the file name says), `"pixels"` records are uint8 HxWx3 arrays.
+images (JPEG, or PNG whatever the file name says), `"path"` records name such a file, `"pixels"`
+records are uint8 HxWx3 arrays.
 JPEG crops decode only the crop window (`tf.image.decode_and_crop_jpeg`).
 
 Train: `inception` (random-resized crop), `paper` (He et al. Sec. 3.4: shorter side to a random
@@ -121,7 +122,7 @@ def settings(config) -> Settings:
         cifar_padding=int(_get(config, "cifar_padding", 4)),
         resize_method=_choice("resize_method", _get(config, "resize_method", "bilinear"),
                               RESIZE_METHODS),
-        antialias=bool(_get(config, "antialias", True)),
+        antialias=bool(_get(config, "antialias", False)),
     )
 
 
@@ -215,6 +216,8 @@ def center_crop_window(shape, image_size, resize_size) -> tf.Tensor:
 
 def decode(record, kind: str) -> tf.Tensor:
     """The whole image as uint8 HxWx3: grey, CMYK and PNG (whatever the file name) included."""
+    if kind == "path":
+        record, kind = tf.io.read_file(record), "bytes"
     if kind == "pixels":
         return record
     image = tf.io.decode_image(record, channels=3, expand_animations=False)
@@ -223,7 +226,9 @@ def decode(record, kind: str) -> tf.Tensor:
 
 
 def decode_window(record, kind: str, window_fn: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
-    """Decodes only the window `window_fn(shape)` chooses: for JPEG bytes without decoding the rest."""
+    """Decodes only the window `window_fn(shape)` chooses: of a JPEG, without decoding the rest."""
+    if kind == "path":
+        record, kind = tf.io.read_file(record), "bytes"
     if kind == "pixels":
         return _crop(record, window_fn(tf.shape(record)))
 
@@ -271,8 +276,12 @@ def _pca_lighting(image, key, alphastd):
 
 
 def _normalise(image, s: Settings, pixel_mean):
-    mean = pixel_mean if pixel_mean is not None else tf.constant(s.mean, tf.float32)
-    return (tf.cast(image, tf.float32) - mean) / tf.constant(s.std, tf.float32)
+    # Constants of the image's full shape: TensorFlow broadcasts a 3-vector over HxWx3 about ten
+    # times slower than it subtracts two arrays of one shape (1.3 ms of 3 per ImageNet image).
+    full = (s.image_size, s.image_size, 3)
+    mean = pixel_mean if pixel_mean is not None else np.broadcast_to(np.float32(s.mean), full)
+    scale = np.broadcast_to(np.float32(1.0) / np.float32(s.std), full)
+    return (tf.cast(image, tf.float32) - tf.constant(mean, tf.float32)) * tf.constant(scale)
 
 
 def train_fn(s: Settings, kind: str, pixel_mean=None):

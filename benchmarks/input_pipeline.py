@@ -1,0 +1,169 @@
+"""Input-pipeline throughput: images per second of one process's tf.data pipeline.
+
+    python -m benchmarks.input_pipeline --data imagefolder:PATH --split train \
+        --preprocess inception --batch-size 64 [--json]
+
+`--preprocess` names a train preprocessing (inception, paper, cifar, none: the seeded, shuffled
+train pipeline) or an eval one (center, ten_crop: the eval pipeline, repeated). The pipeline runs
+`--warmup` batches, then is timed over `--batches` batches (or `--seconds`, whichever ends first);
+numpy batches are fetched as the training loop fetches them. Images per second count source
+images (a ten_crop image is one image).
+
+`--reference flax` times, instead, the preprocessing of the Flax ImageNet example
+(google/flax examples/imagenet/input_pipeline.py: distorted-bounding-box crop, bicubic resize,
+flip, normalise; eval: centre crop with 32 pixels of padding) over the same files, for
+a comparison on the same machine at the same time. It reads image folders only.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import ml_collections
+
+from resnet_jax import data, preprocess
+
+EVAL = ("center", "ten_crop")
+
+
+def _config(args) -> ml_collections.ConfigDict:
+    train = args.preprocess not in EVAL
+    return ml_collections.ConfigDict({
+        "name": args.data,
+        "data_dir": args.data_dir,
+        "train_split": args.split,
+        "eval_split": args.split,
+        "image_size": args.image_size,
+        "train_preprocess": args.preprocess if train else "none",
+        "eval_preprocess": "none" if train else args.preprocess,
+        "pca_lighting": args.pca_lighting,
+        "dtype": args.dtype,
+        "resize_method": args.resize_method,
+        "antialias": args.antialias,
+    })
+
+
+def _flax_reference(args):
+    """The Flax ImageNet example's pipeline (its decode, crop, resize, flip and normalise)."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    if not args.data.startswith("imagefolder:"):
+        raise SystemExit("--reference flax reads image folders only")
+    examples = tfds.ImageFolder(args.data.split(":", 1)[1])._split_examples[args.split]
+    paths = [e.image_path for e in examples]
+    size, train = args.image_size, args.preprocess not in EVAL
+    mean = tf.constant([0.485 * 255, 0.456 * 255, 0.406 * 255], shape=[1, 1, 3])
+    std = tf.constant([0.229 * 255, 0.224 * 255, 0.225 * 255], shape=[1, 1, 3])
+
+    def center(image_bytes):
+        shape = tf.io.extract_jpeg_shape(image_bytes)
+        h, w = shape[0], shape[1]
+        crop = tf.cast(size / (size + 32) * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
+        window = tf.stack([((h - crop) + 1) // 2, ((w - crop) + 1) // 2, crop, crop])
+        image = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
+        return tf.image.resize([image], [size, size], method="bicubic")[0]
+
+    def random_crop(image_bytes):
+        shape = tf.io.extract_jpeg_shape(image_bytes)
+        bbox = tf.constant([0.0, 0.0, 1.0, 1.0], dtype=tf.float32, shape=[1, 1, 4])
+        begin, crop, _ = tf.image.sample_distorted_bounding_box(
+            shape, bounding_boxes=bbox, min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+        y, x, _ = tf.unstack(begin)
+        h, w, _ = tf.unstack(crop)
+        image = tf.io.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, h, w]), channels=3)
+        bad = tf.reduce_sum(tf.cast(tf.equal(shape, tf.shape(image)), tf.int32)) >= 3
+        return tf.cond(bad, lambda: center(image_bytes),
+                       lambda: tf.image.resize([image], [size, size], method="bicubic")[0])
+
+    def prepare(path):
+        image_bytes = tf.io.read_file(path)
+        if train:
+            image = tf.image.random_flip_left_right(random_crop(image_bytes))
+        else:
+            image = center(image_bytes)
+        image = tf.image.convert_image_dtype((image - mean) / std, preprocess.DTYPES[args.dtype])
+        return {"image": image, "label": 0}
+
+    ds = tf.data.Dataset.from_tensor_slices(paths)
+    ds = ds.shuffle(16 * args.batch_size, seed=0).repeat() if train else ds.repeat()
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(args.batch_size, drop_remainder=True).prefetch(10)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 48
+    options.threading.max_intra_op_parallelism = 1
+    return ds.with_options(options)
+
+
+def run(args) -> dict:
+    config = _config(args)
+    if args.reference == "flax":
+        ds = _flax_reference(args)
+    elif args.preprocess in EVAL:
+        ds = data.eval_dataset(config, batch_size=args.batch_size, repeat=True)
+    else:
+        ds = data.train_dataset(config, batch_size=args.batch_size, seed=0)
+    it = ds.as_numpy_iterator()
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        next(it)
+    warmup_s = time.perf_counter() - start
+    images, start, cpu = 0, time.perf_counter(), time.process_time()
+    for _ in range(args.batches):
+        images += len(next(it)["label"])
+        if time.perf_counter() - start > args.seconds:
+            break
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "data": args.data, "split": args.split, "preprocess": args.preprocess,
+        "pipeline": args.reference or "resnet_jax",
+        "batch_size": args.batch_size, "image_size": args.image_size, "dtype": args.dtype,
+        "images": images, "seconds": round(elapsed, 3), "warmup_seconds": round(warmup_s, 3),
+        "images_per_second": round(images / elapsed, 1),
+        "images_per_second_per_core": round(images / elapsed / cores, 1),
+        # CPU seconds of this process (all threads): robust when other work shares the cores.
+        "images_per_cpu_second": round(images / cpu, 1),
+        "cores": cores, "machine": platform.processor() or platform.machine(),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True,
+                        help="data.name: a TFDS name, imagefolder:PATH, digits or fake")
+    parser.add_argument("--data-dir", default=None, help="TFDS data_dir")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--preprocess", default="inception",
+                        choices=preprocess.TRAIN_PREPROCESS + EVAL)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--dtype", default="float32", choices=tuple(preprocess.DTYPES))
+    parser.add_argument("--pca-lighting", type=float, default=0.0)
+    parser.add_argument("--resize-method", default="bilinear", choices=preprocess.RESIZE_METHODS)
+    parser.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--warmup", type=int, default=20, help="batches before timing")
+    parser.add_argument("--batches", type=int, default=100, help="batches timed (at most)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="time limit of the timing")
+    parser.add_argument("--reference", choices=("flax",), default=None,
+                        help="time the Flax ImageNet example's pipeline instead (center or "
+                        "inception only)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    result = run(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['pipeline']} {result['preprocess']} on {result['data']}:{result['split']}, batch "
+              f"{result['batch_size']}: {result['images_per_second']:.1f} images/s "
+              f"({result['images_per_second_per_core']:.1f} per core, {result['cores']} cores; "
+              f"{result['images_per_cpu_second']:.1f} per CPU second; "
+              f"{result['images']} images in {result['seconds']:.1f} s after "
+              f"{args.warmup} warm-up batches)")
+
+
+if __name__ == "__main__":
+    main()
