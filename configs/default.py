@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
         param_dtype="float32",
         width=64,
         init_fan="fan_in",
+        scan_blocks=False,          # one scanned block per stage: faster compiles on accelerators
+        remat=False,                # recompute each block's activations: less memory, more compute
     ))
 
     config.data = ml_collections.ConfigDict(dict(

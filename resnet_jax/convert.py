@@ -4,6 +4,10 @@ torchvision's ResNets put a bottleneck block's stride on the 3x3 convolution and
 option B, so they load into `create(name, stride_on="3x3", shortcut="B")`. timm's `resnet*`
 models use the same names and load the same way. Convolution kernels are OIHW in torch and HWIO
 here; fully connected kernels are (out, in) in torch and (in, out) here.
+
+Scanned models (`scan_blocks=True`) keep the blocks of a stage after the first stacked on a
+leading axis; both directions slice and stack them, so the keys are the same for either layout.
+`transfer(source, target)` copies the weights of one network between the two layouts.
 """
 
 from collections.abc import Iterator, Mapping
@@ -19,30 +23,70 @@ from resnet_jax import models
 _COUNTER = "num_batches_tracked"
 
 
-def _bn(prefix: str, bn: models.BatchNorm) -> Iterator[tuple[str, nnx.Variable, str]]:
-    yield f"{prefix}.weight", bn.scale, "vector"
-    yield f"{prefix}.bias", bn.bias, "vector"
-    yield f"{prefix}.running_mean", bn.mean, "vector"
-    yield f"{prefix}.running_var", bn.var, "vector"
+# (key, variable, index into a stacked variable's leading axis or None, layout).
+Tensor = tuple[str, nnx.Variable, int | None, str]
 
 
-def _tensors(model: models.ResNet) -> Iterator[tuple[str, nnx.Variable, str]]:
-    """(torchvision key, our variable, layout) for every tensor of a torchvision ResNet."""
-    yield "conv1.weight", model.conv1.kernel, "conv"
-    yield from _bn("bn1", model.bn1)
+def _blocks(model: models.ResNet) -> Iterator[tuple[str, models.Block, int | None]]:
+    """(torchvision prefix "layerI.J", block, index) for every block; a block of a scanned
+    stage is the stacked block with its index on the leading axis."""
     for i, stage in enumerate(model.stages, 1):
-        for j, block in enumerate(stage):
-            prefix = f"layer{i}.{j}"
-            k = 1
-            while hasattr(block, f"conv{k}"):
-                yield f"{prefix}.conv{k}.weight", getattr(block, f"conv{k}").kernel, "conv"
-                yield from _bn(f"{prefix}.bn{k}", getattr(block, f"bn{k}"))
-                k += 1
-            if block.projection is not None:
-                yield f"{prefix}.downsample.0.weight", block.projection.conv.kernel, "conv"
-                yield from _bn(f"{prefix}.downsample.1", block.projection.bn)
-    yield "fc.weight", model.fc.kernel, "dense"
-    yield "fc.bias", model.fc.bias, "vector"
+        j = 0
+        for block in stage:
+            if isinstance(block, models.ScannedBlocks):
+                for index in range(block.length):
+                    yield f"layer{i}.{j}", block.block, index
+                    j += 1
+            else:
+                yield f"layer{i}.{j}", block, None
+                j += 1
+
+
+def _bn(prefix: str, bn: models.BatchNorm, index: int | None) -> Iterator[Tensor]:
+    yield f"{prefix}.weight", bn.scale, index, "vector"
+    yield f"{prefix}.bias", bn.bias, index, "vector"
+    yield f"{prefix}.running_mean", bn.mean, index, "vector"
+    yield f"{prefix}.running_var", bn.var, index, "vector"
+
+
+def _tensors(model: models.ResNet) -> Iterator[Tensor]:
+    """(torchvision key, our variable, index, layout) for every tensor of a torchvision ResNet."""
+    yield "conv1.weight", model.conv1.kernel, None, "conv"
+    yield from _bn("bn1", model.bn1, None)
+    for prefix, block, index in _blocks(model):
+        k = 1
+        while hasattr(block, f"conv{k}"):
+            yield f"{prefix}.conv{k}.weight", getattr(block, f"conv{k}").kernel, index, "conv"
+            yield from _bn(f"{prefix}.bn{k}", getattr(block, f"bn{k}"), index)
+            k += 1
+        if block.projection is not None:
+            yield f"{prefix}.downsample.0.weight", block.projection.conv.kernel, index, "conv"
+            yield from _bn(f"{prefix}.downsample.1", block.projection.bn, index)
+    yield "fc.weight", model.fc.kernel, None, "dense"
+    yield "fc.bias", model.fc.bias, None, "vector"
+
+
+def _shape(variable: nnx.Variable, index: int | None) -> tuple[int, ...]:
+    return tuple(variable.shape if index is None else variable.shape[1:])
+
+
+def _read(variable: nnx.Variable, index: int | None) -> np.ndarray:
+    value = np.asarray(variable[...])
+    return value if index is None else value[index]
+
+
+def _write(loaded: list[tuple[nnx.Variable, int | None, np.ndarray]]) -> None:
+    """Assigns every value; the slices of a stacked variable are gathered into one assignment."""
+    stacked: dict[int, tuple[nnx.Variable, np.ndarray]] = {}
+    for variable, index, value in loaded:
+        if index is None:
+            variable[...] = jnp.asarray(value, variable.dtype)
+        else:
+            if id(variable) not in stacked:
+                stacked[id(variable)] = (variable, np.array(variable[...]))
+            stacked[id(variable)][1][index] = value
+    for variable, value in stacked.values():
+        variable[...] = jnp.asarray(value, variable.dtype)
 
 
 def _to_torch_layout(value: np.ndarray, layout: str) -> np.ndarray:
@@ -62,14 +106,13 @@ def _from_torch_layout(value: np.ndarray, layout: str) -> np.ndarray:
 
 
 def _check_torchvision_layout(model: models.ResNet) -> None:
-    blocks = [block for stage in model.stages for block in stage]
+    blocks = [block for _, block, _ in _blocks(model)]
     if not model.max_pool or len(model.stages) != 4:
         raise ValueError("torchvision ResNets are ImageNet networks: create one with create('resnetN', ...)")
     if any(not block.residual for block in blocks):
         raise ValueError("torchvision has no plain networks: create a residual one ('resnetN')")
-    reshaping = [b for b in blocks if b.stride != 1 or b.conv1.in_features != b.out_features]
-    if any(b.projection is None for b in reshaping) or any(
-            b.projection is not None for b in blocks if b not in reshaping):
+    reshaping = [b.stride != 1 or b.conv1.in_features != b.out_features for b in blocks]
+    if any((b.projection is None) == reshapes for b, reshapes in zip(blocks, reshaping)):
         raise ValueError("torchvision ResNets use shortcut='B': create the model with shortcut='B'")
     for block in blocks:
         if isinstance(block, models.BottleneckBlock) and block.conv1.strides != (1, 1):
@@ -86,22 +129,21 @@ def from_torchvision(model: models.ResNet, state_dict: Mapping[str, Any]) -> Non
     """
     _check_torchvision_layout(model)
     expected = list(_tensors(model))
-    known = {key for key, _, _ in expected}
+    known = {key for key, _, _, _ in expected}
     for key in state_dict:
         if key not in known and not key.endswith(_COUNTER):
             raise ValueError(f"unexpected key {key!r} in the state dict: this model has no such tensor")
     loaded = []
-    for key, variable, layout in expected:
+    for key, variable, index, layout in expected:
         if key not in state_dict:
             raise ValueError(f"the state dict lacks {key!r}")
         value = state_dict[key]
         value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-        needed = _to_torch_layout(np.empty(variable.shape, np.bool_), layout).shape
+        needed = _to_torch_layout(np.empty(_shape(variable, index), np.bool_), layout).shape
         if value.shape != needed:
             raise ValueError(f"{key!r} has shape {value.shape} in the state dict; this model needs {needed}")
-        loaded.append((variable, _from_torch_layout(value, layout)))
-    for variable, value in loaded:
-        variable[...] = jnp.asarray(value, variable.dtype)
+        loaded.append((variable, index, _from_torch_layout(value, layout)))
+    _write(loaded)
 
 
 def to_torchvision(model: models.ResNet) -> dict[str, np.ndarray]:
@@ -112,8 +154,28 @@ def to_torchvision(model: models.ResNet) -> dict[str, np.ndarray]:
     """
     _check_torchvision_layout(model)
     state = {}
-    for key, variable, layout in _tensors(model):
-        state[key] = np.array(_to_torch_layout(np.asarray(variable[...]), layout))
+    for key, variable, index, layout in _tensors(model):
+        state[key] = np.array(_to_torch_layout(_read(variable, index), layout))
         if key.endswith(".running_var"):
             state[key.replace("running_var", _COUNTER)] = np.array(0, np.int64)
     return state
+
+
+def transfer(source: models.ResNet, target: models.ResNet) -> None:
+    """Copies every parameter and BN statistic of `source` into `target`: the same network
+    (name and options) in either layout, scanned (`scan_blocks=True`) or unrolled.
+
+    Works for every network, CIFAR and plain ones included. A checkpoint written by one layout
+    is read into a model of that layout and transferred to the other.
+    """
+    sources = {key: (variable, index) for key, variable, index, _ in _tensors(source)}
+    loaded = []
+    for key, variable, index, _ in _tensors(target):
+        if key not in sources or _shape(*sources[key]) != _shape(variable, index):
+            raise ValueError(f"the models differ at {key!r}: transfer copies between the layouts "
+                             f"of one network")
+        loaded.append((variable, index, _read(*sources[key])))
+    if len(loaded) != len(sources):
+        raise ValueError("the models differ in their number of tensors: transfer copies between "
+                         "the layouts of one network")
+    _write(loaded)
