@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_epochs=120.0,            # about 60e4 iterations at batch 256 (Sec. 3.4)
         num_steps=-1,                # > 0 overrides num_epochs
         label_smoothing=0.0,
+        skip_nonfinite=False,        # True: a step with a non-finite loss or gradient changes nothing
     ))
     config.optimizer = ml_collections.ConfigDict(dict(
         momentum=0.9,

@@ -6,10 +6,13 @@ arrays are global and orbax writes each shard once.
 """
 
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental.multihost_utils import sync_global_devices
 from orbax.checkpoint import checkpoint_managers
 
 DIRECTORY = "checkpoints"
@@ -29,18 +32,58 @@ def create_manager(workdir: str, config: Any) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), DIRECTORY), options=options)
 
 
+class CheckpointError(RuntimeError):
+    """A save failed (a full disk, a lost bucket); the latest complete checkpoint is intact."""
+
+
+def _failed(manager: ocp.CheckpointManager, what: str, error: Exception) -> CheckpointError:
+    manager.reload()
+    return CheckpointError(f"{what} failed ({' '.join(str(error).split())}); the latest complete "
+                           f"checkpoint, of step {manager.latest_step()}, is intact in {manager.directory}")
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         metrics: dict[str, float] | None = None, force: bool = False) -> bool:
-    """Starts an asynchronous save of `state` at `step` if the interval (or `force`) says so."""
-    return manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force)
+         metrics: dict[str, float] | None = None, force: bool = False) -> None:
+    """Starts an asynchronous save of `state` at `step` if the interval (or `force`) says so.
+
+    An earlier asynchronous save's failure surfaces here or in `wait`.
+    """
+    try:
+        manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force)
+    except Exception as error:
+        raise _failed(manager, f"saving the checkpoint of step {step}", error) from error
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Any | None:
-    """The latest checkpoint restored onto `target`'s structure and shardings, or None if none."""
-    step = manager.latest_step()
-    if step is None:
-        return None
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Waits for the saves in flight; raises CheckpointError if one failed."""
+    try:
+        manager.wait_until_finished()
+        manager.check_for_errors()
+    except Exception as error:
+        raise _failed(manager, "saving a checkpoint", error) from error
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: Any, workdir: str) -> Any | None:
+    """The latest readable checkpoint restored onto `target`'s structure and shardings, or None.
+
+    A checkpoint that cannot be read (truncated or corrupted files) is named in the log, moved
+    to WORKDIR/corrupt_checkpoints/STEP so that the run may write that step again, and the one
+    before it is tried.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return manager.restore(step, args=ocp.args.StandardRestore(target))
+        except Exception as error:  # orbax and tensorstore raise many kinds
+            aside = os.path.join(os.path.abspath(workdir), "corrupt_checkpoints", str(step))
+            logging.warning("The checkpoint of step %d in %s is unreadable (%s: %s); moving it to %s "
+                            "and trying the one before.", step, manager.directory,
+                            type(error).__name__, " ".join(str(error).split())[:300], aside)
+            if jax.process_index() == 0:
+                os.makedirs(os.path.dirname(aside), exist_ok=True)
+                shutil.move(os.path.join(str(manager.directory), str(step)), aside)
+            sync_global_devices(f"corrupt checkpoint {step} moved")
+            manager.reload()
+    return None
 
 
 def read_latest(workdir: str) -> tuple[int, Any]:

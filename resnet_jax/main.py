@@ -3,9 +3,14 @@
 Fields of the config are overridable on the command line (--config.train.batch_size=4096), and
 parametrised configs take an argument (--config=configs/cifar.py:depth=56,plain=True). Without
 --config the quickstart runs. On a pod every process runs this same command.
+
+A bad flag, config or workdir ends the job before it writes anything, with one line on stderr
+and exit status 2; a run that cannot go on (non-finite loss, failed save) exits with 1.
 """
 
 import os
+import runpy
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -15,31 +20,82 @@ from resnet_jax import sharding
 _QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs", "quickstart.py")
 
-config_flags.DEFINE_config_file("config", _QUICKSTART, "Experiment config file.", lock_config=True)
+
+
+def _fail(message: str, status: int) -> None:
+    print(f"resnet_jax: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _base_config(argv: list[str]):
+    """The --config file's config without the command line's overrides."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), _QUICKSTART)
+    path, _, arg = spec.partition(":")
+    get_config = runpy.run_path(path)["get_config"]
+    return get_config(arg) if arg else get_config()
+
+
+def _describe_bad_override(argv: list[str], error: Exception) -> str:
+    """The first --config.FIELD override that names no field of the config, or the error itself."""
+    try:
+        config = _base_config(argv)
+    except Exception as load_error:
+        return f"--config: {' '.join(str(load_error).split())}"
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0].split(".")
+        node = config
+        for depth, key in enumerate(path):
+            if not hasattr(node, "keys") or key not in node:
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+                return f"config field {'.'.join(path[:depth + 1])!r} does not exist (fields there: {known})"
+            node = node[key]
+    return " ".join(str(error).split())
+
+
+try:  # ml_collections reads the --config overrides of sys.argv already here
+    config_flags.DEFINE_config_file("config", _QUICKSTART, "Experiment config file.", lock_config=True)
+except Exception as error:
+    _fail(_describe_bad_override(sys.argv, error), 2)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and metrics.jsonl.")
+flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose run had another config.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs "
                     "that no cluster environment (TPU pod, SLURM, MPI) describes.")
 flags.DEFINE_integer("num_processes", None, "Processes in all, with --coordinator_address.")
 flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
-flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one-line errors instead of tracebacks."""
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config.to_dict()  # a config file that failed to load raises here
+    except Exception as error:
+        _fail(_describe_bad_override(argv, error), 2)
+    if len(rest) > 1:
+        _fail(f"unexpected arguments: {' '.join(rest[1:])}", 2)
+    if not FLAGS.workdir:
+        _fail("--workdir is required: the directory for checkpoints, metrics and events", 2)
+    return rest
+
+
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from resnet_jax import train  # after distributed start-up: it imports TensorFlow and touches devices
+    # After distributed start-up: these import TensorFlow and touch devices.
+    from resnet_jax import checkpoint, train, validate
 
     config = FLAGS.config
-    if config.compilation_cache_dir:
-        import jax
-        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir.replace(
-            "{workdir}", os.path.abspath(FLAGS.workdir)))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     logging.info("Config:\n%s", config)
-    train.train_and_evaluate(config, FLAGS.workdir)
+    try:
+        train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change)
+    except validate.SetupError as error:
+        _fail(str(error), 2)
+    except (train.TrainingError, checkpoint.CheckpointError) as error:
+        _fail(str(error), 1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -5,6 +5,7 @@ The model is split once into a graph definition and its state; the steps are pur
 replicated and donated (DESIGN.md).
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -15,12 +16,13 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from clu import periodic_actions
 from flax import nnx
 
-from resnet_jax import checkpoint, data, flops, metrics, models, optim, sharding
+from resnet_jax import checkpoint, data, flops, metrics, models, optim, sharding, validate
 
 
 @flax.struct.dataclass
@@ -43,23 +45,35 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               label_smoothing: float, state: TrainState, batch: dict[str, jax.Array]):
+               label_smoothing: float, skip_nonfinite: bool, state: TrainState,
+               batch: dict[str, jax.Array]):
+    """One SGD step. Also returns its health: is the loss finite, is each gradient, are the labels
+    in range. With `skip_nonfinite` a step whose loss or gradients are not finite changes nothing
+    but the step counter."""
     def loss_fn(params, batch_stats):
         # A fresh copy inside the differentiated function, so that BN may update its statistics.
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
         logits = model(batch["image"])
-        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
-        return loss, (logits, nnx.state(model, nnx.BatchStat))
+        losses = cross_entropy(logits, batch["label"], label_smoothing)
+        return losses.mean(), (losses, logits, nnx.state(model, nnx.BatchStat))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (losses, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+    new_state = state.replace(params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
+    health = {"loss": jnp.isfinite(loss),
+              "gradients": jnp.stack([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]),
+              "labels": ((batch["label"] >= 0) & (batch["label"] < logits.shape[-1])).all()}
+    finite = health["loss"] & health["gradients"].all()
+    if skip_nonfinite:
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    # A skipped step counts in no average.
     step_metrics = metrics.TrainMetrics.single_from_model_output(
-        loss=loss, accuracy=jnp.argmax(logits, -1) == batch["label"],
-        learning_rate=schedule(state.step))
-    return new_state, step_metrics
+        loss=losses, accuracy=jnp.argmax(logits, -1) == batch["label"],
+        learning_rate=jnp.full(losses.shape, schedule(state.step)),
+        mask=jnp.broadcast_to(finite, losses.shape))
+    return new_state.replace(step=state.step + 1), step_metrics, health
 
 
 def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: dict[str, jax.Array]):
@@ -124,25 +138,70 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: Any, workdir: str) -> TrainState:
-    """Trains `config`'s model, evaluates and checkpoints it in `workdir`; resumes what is there."""
-    mesh = sharding.make_mesh()
-    batch_size = sharding.per_process_batch(config.train.batch_size, "train.batch_size")
-    sharding.per_process_batch(config.eval.batch_size, "eval.batch_size")
-    info = data.info(config.data)
-    steps_per_epoch = info.num_train // config.train.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"train.batch_size={config.train.batch_size} exceeds the {info.num_train} "
-                         f"training examples")
-    num_steps = total_steps(config, steps_per_epoch)
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite values, bad labels, a failed save); the last good
+    checkpoint is kept."""
 
-    os.makedirs(workdir, exist_ok=True)
+
+def _parameter_names(params: nnx.State) -> list[str]:
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def _check_health(pending: list, names: list[str], skip_nonfinite: bool, last_saved: int | None) -> int:
+    """Reads the health of the steps since the last check; returns how many were skipped.
+
+    Read in batches, not every step, so that the host does not wait on each step.
+    """
+    skipped = 0
+    for step, health in jax.device_get(pending):
+        kept = f"the checkpoint of step {last_saved} is kept" if last_saved else "no checkpoint was made"
+        if not health["labels"]:
+            raise TrainingError(f"step {step}: a label is outside [0, num_classes); stopped, {kept}")
+        if health["loss"] and health["gradients"].all():
+            continue
+        if skip_nonfinite:
+            skipped += 1
+            continue
+        what = "loss" if not health["loss"] else \
+            f"gradient of {names[int(np.argmin(health['gradients']))]}"
+        raise TrainingError(f"step {step}: non-finite {what}; stopped, {kept} "
+                            f"(train.skip_nonfinite=True skips such steps)")
+    pending.clear()
+    return skipped
+
+
+def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = False) -> TrainState:
+    """Trains `config`'s model, evaluates and checkpoints it in `workdir`; resumes what is there.
+
+    Every check of the config and workdir runs first; they raise `validate.SetupError` (one
+    line) before anything is written.
+    """
+    try:
+        validate.check_numbers(config)
+        mesh = sharding.make_mesh()
+        batch_size = sharding.per_process_batch(config.train.batch_size, "train.batch_size")
+        sharding.per_process_batch(config.eval.batch_size, "eval.batch_size")
+        info = data.info(config.data)
+        steps_per_epoch = info.num_train // config.train.batch_size
+        if steps_per_epoch < 1:
+            raise validate.SetupError(f"train.batch_size must be at most the {info.num_train} training "
+                                      f"examples; got {config.train.batch_size}")
+        num_steps = total_steps(config, steps_per_epoch)
+        schedule = optim.learning_rate_schedule(config.schedule, steps_per_epoch,
+                                                config.train.batch_size, num_steps)
+        tx = optim.create_optimizer(config.optimizer, schedule)
+        model = create_model(config, info.num_classes)
+        validate.check_image_size(info.image_shape[0], (4 if model.max_pool else 1) * 2 ** (len(model.stages) - 1),
+                                  config.model.name)
+        validate.check_workdir(workdir, config.to_json_best_effort(), allow_config_change)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise validate.SetupError(validate.one_line(error)) from error
+
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir.replace(
+            "{workdir}", os.path.abspath(workdir)))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     writer = metrics.create_writer(workdir)
-    schedule = optim.learning_rate_schedule(config.schedule, steps_per_epoch, config.train.batch_size,
-                                            num_steps)
-    tx = optim.create_optimizer(config.optimizer, schedule)
-
-    model = create_model(config, info.num_classes)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     model.eval()
     eval_graphdef = nnx.graphdef(model)
@@ -151,7 +210,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                                       batch_stats=batch_stats, opt_state=tx.init(params)), replicated)
 
     manager = checkpoint.create_manager(workdir, config.checkpoint)
-    restored = checkpoint.restore_latest(manager, state)
+    restored = checkpoint.restore_latest(manager, state, workdir)
     start = 0
     if restored is not None:
         state, start = restored, int(restored.step)
@@ -169,9 +228,9 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
             f.write(config.to_json_best_effort(indent=2))
 
     batch_spec = sharding.batch_sharding(mesh)
-    train_fn = jax.jit(functools.partial(train_step, graphdef, tx, schedule, config.train.label_smoothing),
-                       in_shardings=(replicated, batch_spec), out_shardings=(replicated, replicated),
-                       donate_argnums=0)
+    train_fn = jax.jit(functools.partial(train_step, graphdef, tx, schedule, config.train.label_smoothing,
+                                         config.train.skip_nonfinite),
+                       in_shardings=(replicated, batch_spec), out_shardings=replicated, donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, eval_graphdef),
                       in_shardings=(replicated, batch_spec), out_shardings=replicated)
 
@@ -183,19 +242,29 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                                              every_steps=config.log_every_steps)]
     if config.profile_steps > 0 and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir))
+    names = _parameter_names(params)
     preemption = _Preemption()
-    train_metrics, last_log = None, (time.perf_counter(), start)
+    train_metrics, last_log, pending, skipped = None, (time.perf_counter(), start), [], 0
+    last_saved = start or None
     try:
         for step in range(start + 1, num_steps + 1):
-            state, step_metrics = train_fn(state, next(batches))
+            state, step_metrics, health = train_fn(state, next(batches))
+            pending.append((step, health))
             train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
             for hook in hooks:
                 hook(step)
+            preempted = preemption.reached(manager, step)
+            saving = preempted or step == num_steps or manager.should_save(step)
+            logging_now = step % config.log_every_steps == 0 or step == num_steps
             scalars = {}
-            if step % config.log_every_steps == 0 or step == num_steps:
+            if saving or logging_now:
+                skipped += _check_health(pending, names, config.train.skip_nonfinite, last_saved)
+            if logging_now:
                 scalars = metrics.prefixed("train", train_metrics.compute())
                 now = time.perf_counter()
                 scalars["images_per_second"] = (step - last_log[1]) * config.train.batch_size / (now - last_log[0])
+                if skipped:
+                    scalars["skipped_steps"] = skipped
                 train_metrics, last_log = None, (now, step)
             if step % config.eval.every_steps == 0 or step == num_steps:
                 began = time.perf_counter()
@@ -204,17 +273,18 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                 last_log = (last_log[0] + time.perf_counter() - began, last_log[1])
             if scalars:
                 writer.write_scalars(step, scalars)
-            preempted = preemption.reached(manager, step)
-            checkpoint.save(manager, step, state,
-                            metrics=scalars if "eval_accuracy" in scalars else None,
-                            force=preempted or step == num_steps)
+            if saving:
+                checkpoint.save(manager, step, state,
+                                metrics=scalars if "eval_accuracy" in scalars else None, force=True)
+                last_saved = step
             if preempted:
-                manager.wait_until_finished()
+                checkpoint.wait(manager)
                 logging.warning("Preempted: saved the checkpoint of step %d; the same command resumes.", step)
                 break
+        checkpoint.wait(manager)
     finally:
         preemption.restore()
-        manager.wait_until_finished()
         writer.flush()
+        with contextlib.suppress(Exception):  # after an error: let the saves in flight finish
+            manager.wait_until_finished()
     return state
-

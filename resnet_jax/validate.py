@@ -1,0 +1,82 @@
+"""Checks that a run can start, made before anything is written to the workdir.
+
+Each failure is one line that names the field, the value and what is allowed.
+"""
+
+import json
+import os
+from typing import Any
+
+
+class SetupError(ValueError):
+    """A config or workdir that cannot run; nothing has been written."""
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise SetupError(f"{field} must be {allowed}; got {value!r}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_numbers(config: Any) -> None:
+    """The fields that no other part checks: lengths, intervals, rates."""
+    positive_ints = {"log_every_steps": config.log_every_steps, "eval.every_steps": config.eval.every_steps,
+                     "checkpoint.every_steps": config.checkpoint.every_steps,
+                     "checkpoint.keep": config.checkpoint.keep}
+    for field, value in positive_ints.items():
+        _require(isinstance(value, int) and value >= 1, field, value, "a positive integer")
+    _require(config.train.num_steps > 0 or (_number(config.train.num_epochs) and config.train.num_epochs > 0),
+             "train.num_epochs", config.train.num_epochs, "positive (or train.num_steps > 0)")
+    _require(_number(config.schedule.base_lr) and config.schedule.base_lr > 0, "schedule.base_lr",
+             config.schedule.base_lr, "a positive number")
+    if config.schedule.warmup_steps:
+        _require(_number(config.schedule.warmup_lr) and config.schedule.warmup_lr > 0,
+                 "schedule.warmup_lr", config.schedule.warmup_lr, "a positive number")
+    _require(0 <= config.optimizer.momentum < 1, "optimizer.momentum", config.optimizer.momentum, "in [0, 1)")
+    _require(config.optimizer.weight_decay >= 0, "optimizer.weight_decay", config.optimizer.weight_decay,
+             ">= 0")
+    _require(0 <= config.train.label_smoothing < 1, "train.label_smoothing", config.train.label_smoothing,
+             "in [0, 1)")
+
+
+def check_image_size(image_size: int, total_stride: int, model_name: str) -> None:
+    """The image must cover the network's total stride, so that its last maps are not all padding."""
+    _require(image_size >= total_stride, "data.image_size", image_size,
+             f">= {total_stride}, the total stride of {model_name}")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def check_workdir(workdir: str, config_json: str, allow_config_change: bool) -> None:
+    """The workdir is writable and holds no run of another config (unless allowed)."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise SetupError(f"workdir {workdir!r} is not writable: {one_line(error)}") from None
+    saved = os.path.join(workdir, "config.json")
+    if allow_config_change or not os.path.exists(saved):
+        return
+    with open(saved) as f:
+        before = _flatten(json.load(f))
+    now = _flatten(json.loads(config_json))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise SetupError(f"workdir {workdir!r} holds a run with a different config ({shown}"
+                         f"{', ...' if len(changed) > 5 else ''}); use another --workdir, or pass "
+                         f"--allow_config_change to resume it with the new config")
