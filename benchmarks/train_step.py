@@ -1,0 +1,302 @@
+"""Compile time, step time, FLOP rate, memory and collectives of the train and eval steps.
+
+    python -m benchmarks.train_step --model resnet50 --batch-size 16 --image-size 224 \\
+        --dtype float32 [--steps N] [--devices N] [--scan-blocks] [--remat] [--json] \\
+        [--bn-group-size N] [--cache-dir DIR]
+
+The steps are those of `resnet_jax.train` (train_step, eval_step, TrainState, the optimizer of
+configs/default.py, the mesh of `sharding`), jitted the same way, on random images placed on
+the devices once: the input pipeline is not measured here (see benchmarks/train_loop.py).
+
+compile_seconds is trace + lower + compile of the train step; step_seconds the median of the
+timed steps after one warm-up step; tflops_per_second counts `flops.count_macs` x 2 FLOPs x 3
+(forward and backward) per image; peak_memory_bytes is the compiled step's memory analysis
+(arguments + outputs - donated + temporaries); all_reduce_count and all_reduce_bytes are read off
+the compiled HLO. The eval_* keys are the same for the eval step (forward only: x 1).
+`--devices N` simulates N CPU devices (XLA_FLAGS, set before JAX starts); `--cache-dir` turns
+on JAX's persistent compilation cache in DIR, so that a second run of the same shapes reads
+the compiled step from it.
+"""
+
+import os
+import sys
+
+
+def _requested_devices(argv: list[str]) -> int | None:
+    for i, arg in enumerate(argv):
+        if arg == "--devices" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--devices="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        return int(value) if value.isdigit() and int(value) > 0 else None
+    return None
+
+
+# XLA reads its flags once, when JAX starts its CPU backend: set them before jax is imported.
+_DEVICES = _requested_devices(sys.argv[1:]) if __name__ == "__main__" else None
+if _DEVICES and "jax" not in sys.modules:
+    os.environ["XLA_FLAGS"] = " ".join(
+        [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+        + [f"--xla_force_host_platform_device_count={_DEVICES}"])
+
+import argparse  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import default  # noqa: E402
+from resnet_jax import flops, optim, sharding, train  # noqa: E402
+
+# Bytes per element of the HLO element types that collectives carry.
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+              "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_INSTRUCTION = re.compile(r"=\s*(.*?)\s+(" + "|".join(_COLLECTIVES) + r")(-start)?\(")
+_ARRAY = re.compile(r"\b(" + "|".join(_HLO_BYTES) + r")\[([\d,]*)\]")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage text
+        raise SystemExit(f"error: {message}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = _Parser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet50", help="a name of resnet_jax.models.create")
+    parser.add_argument("--batch-size", type=int, default=16, help="global batch")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--dtype", default="float32", help="compute dtype; parameters stay float32")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    parser.add_argument("--devices", type=int, default=None, help="simulate this many CPU devices")
+    parser.add_argument("--scan-blocks", action="store_true")
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--bn-group-size", type=int, default=None)
+    parser.add_argument("--num-classes", type=int, default=None, help="default 10 for CIFAR nets, else 1000")
+    parser.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache directory")
+    parser.add_argument("--no-eval", action="store_true", help="skip the eval step")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    for field in ("batch_size", "image_size", "steps", "devices", "bn_group_size", "num_classes"):
+        value = getattr(args, field)
+        if value is not None and value < 1:
+            parser.error(f"--{field.replace('_', '-')} must be a positive integer; got {value}")
+    return args
+
+
+def collectives(hlo_text: str) -> dict[str, Any]:
+    """Count and bytes (of the results) of each kind of collective in an HLO module's text.
+
+    An asynchronous pair (all-reduce-start / all-reduce-done) counts once, at its start.
+    """
+    found = {kind: [0, 0] for kind in _COLLECTIVES}
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.search(line)
+        if match is None:
+            continue
+        shape, kind = match.group(1), match.group(2)
+        size = sum(_HLO_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+                   for dtype, dims in _ARRAY.findall(shape))
+        found[kind][0] += 1
+        found[kind][1] += size
+    result = {}
+    for kind, (count, size) in found.items():
+        name = kind.replace("-", "_")
+        result[f"{name}_count"], result[f"{name}_bytes"] = count, size
+    return result
+
+
+def memory(compiled) -> dict[str, int]:
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {"peak_memory_bytes": -1}
+    # Arguments and outputs live at once, less the donated buffers reused for outputs, plus the
+    # temporaries (activations kept for the backward pass among them).
+    peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+            + stats.temp_size_in_bytes)
+    return {"peak_memory_bytes": int(peak), "temp_memory_bytes": int(stats.temp_size_in_bytes),
+            "argument_memory_bytes": int(stats.argument_size_in_bytes),
+            "xla_peak_memory_bytes": int(getattr(stats, "peak_memory_in_bytes", 0))}
+
+
+def _bind_train_step(values: dict[str, Any]):
+    """train.train_step with every argument but (state, batch) bound, by name."""
+    names = [n for n in inspect.signature(train.train_step).parameters if n not in ("state", "batch")]
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise SystemExit(f"error: train.train_step takes {missing[0]!r}, which this harness does not know")
+    bound = {n: values[n] for n in names}
+
+    def step(state, batch):
+        return train.train_step(**bound, state=state, batch=batch)
+
+    return step
+
+
+def _compile(fn, *args) -> tuple[Any, dict[str, float]]:
+    began = time.perf_counter()
+    traced = fn.trace(*args)
+    traced_at = time.perf_counter()
+    lowered = traced.lower()
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    return compiled, {"trace_seconds": traced_at - began, "lower_seconds": lowered_at - traced_at,
+                      "backend_compile_seconds": done - lowered_at, "compile_seconds": done - began}
+
+
+def _time_steps(call, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps + 1):  # the first is the warm-up
+        began = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - began)
+    return times[1:]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Builds, compiles and times the steps; returns the results as a flat dict."""
+    if args.devices and jax.device_count() != args.devices:
+        raise SystemExit(f"error: --devices {args.devices} asked, but JAX started with "
+                         f"{jax.device_count()} devices (it was imported before the flag was set)")
+    if args.cache_dir:
+        os.makedirs(args.cache_dir, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cache_files = len(os.listdir(args.cache_dir)) if args.cache_dir else 0
+
+    config = default.get_config()
+    # The network as `models.create` makes it by name (CIFAR nets: width 16, option A), with the
+    # options the flags set; the rest of the config (optimizer, schedule) is the default's.
+    config.model = ml_collections.ConfigDict(dict(
+        name=args.model, dtype=args.dtype, scan_blocks=args.scan_blocks, remat=args.remat,
+        bn_group_size=args.bn_group_size))
+    config.train.batch_size = args.batch_size
+    num_classes = args.num_classes or (10 if args.model.startswith("cifar") else 1000)
+    try:
+        sharding.per_process_batch(args.batch_size, "--batch-size")
+        model = train.create_model(config, num_classes)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    per_device = args.batch_size // jax.device_count()
+    if args.bn_group_size and per_device % args.bn_group_size:
+        raise SystemExit(f"error: --bn-group-size {args.bn_group_size} must divide the per-device "
+                         f"batch {per_device}")
+
+    mesh = sharding.make_mesh()
+    replicated, batch_spec = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    steps_per_epoch = 1000
+    schedule = optim.learning_rate_schedule(config.schedule, steps_per_epoch, args.batch_size,
+                                            steps_per_epoch * 100)
+    tx = optim.create_optimizer(config.optimizer, schedule)
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    macs = flops.count_macs(model, args.image_size)
+    model.eval()
+    eval_graphdef = nnx.graphdef(model)
+    state = jax.device_put(train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                            batch_stats=batch_stats, opt_state=tx.init(params)),
+                           replicated)
+    param_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
+    stat_bytes = sum(s.nbytes for s in jax.tree.leaves(batch_stats))
+
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((args.batch_size, args.image_size, args.image_size, model.in_channels),
+                                 np.float32)
+    labels = rng.integers(0, num_classes, args.batch_size).astype(np.int32)
+    batch = jax.device_put({"image": images, "label": labels}, batch_spec)
+
+    train_fn = jax.jit(_bind_train_step({
+        "graphdef": graphdef, "tx": tx, "schedule": schedule,
+        "label_smoothing": config.train.label_smoothing,
+        "skip_nonfinite": config.train.get("skip_nonfinite", False)}),
+        in_shardings=(replicated, batch_spec), out_shardings=replicated, donate_argnums=0)
+    compiled, compile_times = _compile(train_fn, state, batch)
+    holder = [state]
+
+    def train_call():
+        holder[0], *rest = compiled(holder[0], batch)
+        return holder[0], rest
+
+    step_times = _time_steps(train_call, args.steps)
+    step_seconds = statistics.median(step_times)
+    result = {
+        "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
+        "dtype": args.dtype, "devices": jax.device_count(), "platform": jax.devices()[0].platform,
+        "scan_blocks": args.scan_blocks, "remat": args.remat, "bn_group_size": args.bn_group_size,
+        "steps": args.steps, "cache_dir": args.cache_dir, "cache_files_before": cache_files,
+        "params": flops.count_params(model), "param_bytes": param_bytes,
+        "batch_stat_bytes": stat_bytes, "macs_per_image": macs,
+        **compile_times,
+        "step_seconds": step_seconds, "step_seconds_min": min(step_times),
+        "step_seconds_max": max(step_times),
+        "images_per_second": args.batch_size / step_seconds,
+        "tflops_per_second": macs * 2 * 3 * args.batch_size / step_seconds / 1e12,
+        **memory(compiled), **collectives(compiled.as_text()),
+    }
+    if not args.no_eval:
+        eval_batch = jax.device_put({**{"image": images, "label": labels},
+                                     "mask": np.ones(args.batch_size, bool)}, batch_spec)
+        eval_fn = jax.jit(lambda state, batch: train.eval_step(eval_graphdef, state, batch),
+                          in_shardings=(replicated, batch_spec), out_shardings=replicated)
+        eval_compiled, eval_times = _compile(eval_fn, holder[0], eval_batch)
+        times = _time_steps(lambda: eval_compiled(holder[0], eval_batch), args.steps)
+        eval_seconds = statistics.median(times)
+        result.update({f"eval_{k}": v for k, v in {
+            **eval_times, "step_seconds": eval_seconds, "step_seconds_min": min(times),
+            "step_seconds_max": max(times), "images_per_second": args.batch_size / eval_seconds,
+            "tflops_per_second": macs * 2 * args.batch_size / eval_seconds / 1e12,
+            **memory(eval_compiled), **collectives(eval_compiled.as_text())}.items()})
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    head = (f"{result['model']}, batch {result['batch_size']}, {result['image_size']}px, "
+            f"{result['dtype']}, {result['devices']} {result['platform']} device(s), "
+            f"scan_blocks={result['scan_blocks']}, remat={result['remat']}, "
+            f"bn_group_size={result['bn_group_size']}")
+    rows = [("", "train", "eval")]
+
+    def row(label, key, fmt):
+        rows.append((label, fmt(result[key]), fmt(result[f"eval_{key}"]) if f"eval_{key}" in result else "-"))
+
+    seconds = "{:.3f} s".format
+    row("compile (trace+lower+compile)", "compile_seconds", seconds)
+    phases = ("trace_seconds", "lower_seconds", "backend_compile_seconds")
+    rows.append(("  trace / lower / backend",
+                 " / ".join(f"{result[k]:.2f}" for k in phases) + " s",
+                 " / ".join(f"{result['eval_' + k]:.2f}" for k in phases) + " s"
+                 if "eval_trace_seconds" in result else "-"))
+    row("step (median)", "step_seconds", seconds)
+    row("images/s", "images_per_second", "{:.2f}".format)
+    row("TFLOP/s", "tflops_per_second", "{:.4f}".format)
+    row("peak memory", "peak_memory_bytes", lambda v: f"{v / 2**20:.1f} MiB")
+    row("all-reduces", "all_reduce_count", str)
+    row("all-reduce bytes", "all_reduce_bytes", lambda v: f"{v:,}")
+    width = max(len(r[0]) for r in rows)
+    lines = [head] + [f"{a:<{width}}  {b:>24}  {c:>24}" for a, b, c in rows]
+    lines.append(f"parameters {result['params']:,} ({result['param_bytes']:,} bytes), "
+                 f"{result['macs_per_image']:,} multiply-adds per image")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    result = run(args)
+    print(json.dumps(result) if args.json else table(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
