@@ -6,6 +6,7 @@ replicated and donated (DESIGN.md).
 """
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -144,7 +145,11 @@ class TrainingError(RuntimeError):
 
 
 def _parameter_names(params: nnx.State) -> list[str]:
-    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    """'stages.1.0.conv1.kernel' for each leaf, in the order of jax.tree.leaves."""
+    def name(path):
+        keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        return ".".join(k for k in keys if k != "value")
+    return [name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
 
 
 def _check_health(pending: list, names: list[str], skip_nonfinite: bool, last_saved: int | None) -> int:
@@ -170,12 +175,22 @@ def _check_health(pending: list, names: list[str], skip_nonfinite: bool, last_sa
     return skipped
 
 
-def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = False) -> TrainState:
-    """Trains `config`'s model, evaluates and checkpoints it in `workdir`; resumes what is there.
+@dataclasses.dataclass
+class Setup:
+    """What a run needs before its first step, made from a config that has passed every check."""
+    mesh: Any
+    batch_size: int          # per process
+    info: data.DataInfo
+    steps_per_epoch: int
+    num_steps: int
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    model: models.ResNet
 
-    Every check of the config and workdir runs first; they raise `validate.SetupError` (one
-    line) before anything is written.
-    """
+
+def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup:
+    """Checks the config and workdir and builds the run's parts; writes nothing but the workdir
+    itself. Any problem raises `validate.SetupError`, one line."""
     try:
         validate.check_numbers(config)
         mesh = sharding.make_mesh()
@@ -191,12 +206,19 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
                                                 config.train.batch_size, num_steps)
         tx = optim.create_optimizer(config.optimizer, schedule)
         model = create_model(config, info.num_classes)
-        validate.check_image_size(info.image_shape[0], (4 if model.max_pool else 1) * 2 ** (len(model.stages) - 1),
-                                  config.model.name)
+        total_stride = (4 if model.max_pool else 1) * 2 ** (len(model.stages) - 1)
+        validate.check_image_size(info.image_shape[0], total_stride, config.model.name)
         validate.check_workdir(workdir, config.to_json_best_effort(), allow_config_change)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError) as error:
         raise validate.SetupError(validate.one_line(error)) from error
+    return Setup(mesh, batch_size, info, steps_per_epoch, num_steps, schedule, tx, model)
 
+
+def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = False) -> TrainState:
+    """Trains `config`'s model, evaluates and checkpoints it in `workdir`; resumes what is there."""
+    run = setup(config, workdir, allow_config_change)
+    mesh, info, num_steps, schedule, tx, model = (run.mesh, run.info, run.num_steps, run.schedule,
+                                                   run.tx, run.model)
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir.replace(
             "{workdir}", os.path.abspath(workdir)))
@@ -222,7 +244,7 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
                  jax.device_count(), jax.devices()[0].platform, jax.process_count(),
                  config.model.name, f"{flops.count_params(model):,}",
                  f"{flops.count_macs(model, info.image_shape[:2]):,}", config.train.batch_size,
-                 steps_per_epoch, num_steps)
+                 run.steps_per_epoch, num_steps)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -235,7 +257,7 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
                       in_shardings=(replicated, batch_spec), out_shardings=replicated)
 
     batches = sharding.prefetch(data.train_iterator(
-        config.data, batch_size=batch_size, seed=config.seed, start_step=start,
+        config.data, batch_size=run.batch_size, seed=config.seed, start_step=start,
         process_index=jax.process_index(), process_count=jax.process_count()), mesh)
     # Progress with ETA goes to the log only: metrics.jsonl holds the named scalars alone.
     hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps,

@@ -4,67 +4,10 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
-import numpy as np
-import pytest
-
-from configs import quickstart
-from resnet_jax import checkpoint, data, metrics, train
-
-REPO = Path(__file__).resolve().parents[1]
-
-# A small quickstart: the smallest CIFAR net on the 8x8 digits, a few steps.
-SMALL = {"model.name": "cifar_resnet8", "data.image_size": 8, "train.batch_size": 32,
-         "train.num_steps": 6, "eval.every_steps": 3, "eval.batch_size": 64,
-         "checkpoint.every_steps": 3, "log_every_steps": 1}
-
-
-def small_config(**changes):
-    config = quickstart.get_config()
-    for key, value in {**SMALL, **changes}.items():
-        section, _, field = key.rpartition(".")
-        setattr(config[section] if section else config, field, value)
-    return config
-
-
-def run_main(workdir, *, env=None, **changes):
-    """The real command in a subprocess, with the SMALL overrides and `changes`."""
-    flags = [f"--config.{k}={v}" for k, v in {**SMALL, **changes}.items()]
-    command = [sys.executable, "-m", "resnet_jax.main", "--config=configs/quickstart.py",
-               f"--workdir={workdir}", *flags]
-    environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run(command, cwd=REPO, env={**environment, **(env or {})},
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def latest_params(workdir):
-    step, state = checkpoint.read_latest(str(workdir))
-    return step, state["params"]
-
-
-def assert_trees_close(a, b, **tolerance):
-    flat_a, flat_b = (dict(_flatten(t)) for t in (a, b))
-    assert flat_a.keys() == flat_b.keys()
-    for key in flat_a:
-        np.testing.assert_allclose(flat_a[key], flat_b[key], err_msg=key, **tolerance)
-
-
-def _flatten(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flatten(v, f"{prefix}/{k}")
-    else:
-        yield prefix, np.asarray(tree)
-
-
-def rows_without_speed(workdir):
-    return [{k: v for k, v in row.items() if k != "images_per_second"}
-            for row in metrics.read_rows(workdir)]
-
+from resnet_jax import data, metrics, train
+from runs import (REPO, assert_trees_close, latest_params, main_command, rows_without_speed, run_main,
+                  small_config)
 
 def test_quickstart_short_form_learns_the_digits(tmp_path):
     config = small_config(**{"model.name": "cifar_resnet14", "train.num_steps": 150,
@@ -122,11 +65,9 @@ def free_port():
 def test_two_processes_train_and_one_process_resumes(tmp_path):
     workdir = tmp_path / "run"
     address = f"localhost:{free_port()}"
-    flags = [f"--config.{k}={v}" for k, v in SMALL.items()]
     processes = [subprocess.Popen(
-        [sys.executable, "-m", "resnet_jax.main", "--config=configs/quickstart.py",
-         f"--workdir={workdir}", f"--coordinator_address={address}", "--num_processes=2",
-         f"--process_id={i}", *flags],
+        main_command(workdir, f"--coordinator_address={address}", "--num_processes=2",
+                     f"--process_id={i}"),
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     for p, out in zip(processes, outputs):
@@ -134,7 +75,7 @@ def test_two_processes_train_and_one_process_resumes(tmp_path):
     step, params = latest_params(workdir)
     assert step == 6
 
-    result = run_main(workdir, **{"train.num_steps": 9})
+    result = run_main(workdir, "--allow_config_change", **{"train.num_steps": 9})
     assert "Restored the checkpoint of step 6" in result.stderr
     assert [row["step"] for row in metrics.read_rows(str(workdir)) if "train_loss" in row] == list(range(1, 10))
     assert latest_params(workdir)[0] == 9

@@ -1,0 +1,70 @@
+"""Helpers for tests that run the main job: a small quickstart, the real command, checkpoints."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from configs import quickstart
+from resnet_jax import checkpoint, metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small quickstart: the smallest CIFAR net on the 8x8 digits, a few steps.
+SMALL = {"model.name": "cifar_resnet8", "data.image_size": 8, "train.batch_size": 32,
+         "train.num_steps": 6, "eval.every_steps": 3, "eval.batch_size": 64,
+         "checkpoint.every_steps": 3, "log_every_steps": 1}
+
+
+def small_config(**changes):
+    config = quickstart.get_config()
+    for key, value in {**SMALL, **changes}.items():
+        section, _, field = key.rpartition(".")
+        setattr(config[section] if section else config, field, value)
+    return config
+
+
+def main_command(workdir, *flags, **changes):
+    """The real command, with the SMALL overrides and `changes`."""
+    overrides = [f"--config.{k}={v}" for k, v in {**SMALL, **changes}.items()]
+    return [sys.executable, "-m", "resnet_jax.main", "--config=configs/quickstart.py",
+            f"--workdir={workdir}", *overrides, *flags]
+
+
+def run_main(workdir, *flags, env=None, **changes):
+    """The real command in a subprocess; it must succeed."""
+    command = main_command(workdir, *flags, **changes)
+    environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(command, cwd=REPO, env={**environment, **(env or {})},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def latest_params(workdir):
+    step, state = checkpoint.read_latest(str(workdir))
+    return step, state["params"]
+
+
+def assert_trees_close(a, b, **tolerance):
+    flat_a, flat_b = (dict(_flatten(t)) for t in (a, b))
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_allclose(flat_a[key], flat_b[key], err_msg=key, **tolerance)
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, f"{prefix}/{k}")
+    else:
+        yield prefix, np.asarray(tree)
+
+
+def rows_without_speed(workdir):
+    return [{k: v for k, v in row.items() if k != "images_per_second"}
+            for row in metrics.read_rows(workdir)]
+
+

@@ -1,0 +1,219 @@
+"""Runs that survive: kills, preemption, corrupt checkpoints, bad configs, NaNs, failed saves."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from resnet_jax import checkpoint, data, main, train, validate
+from runs import REPO, assert_trees_close, latest_params, main_command, run_main, small_config
+
+LONG = {"train.num_steps": 40, "checkpoint.every_steps": 5, "eval.every_steps": 20}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("whole")
+    run_main(workdir, **LONG)
+    return workdir
+
+
+def start_and_signal(workdir, sig):
+    """Starts the real command and sends `sig` once its first checkpoint (after step 1) is on disk."""
+    process = subprocess.Popen(main_command(workdir, **LONG), cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    checkpoints = workdir / "checkpoints"
+    deadline = time.time() + 300
+    while not (checkpoints.exists() and any(p.name.isdigit() and int(p.name) >= 5 for p in checkpoints.iterdir())):
+        assert process.poll() is None and time.time() < deadline, process.stderr.read()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, stderr
+
+
+def train_steps(workdir):
+    return [row["step"] for row in map(json.loads, open(workdir / "metrics.jsonl")) if "train_loss" in row]
+
+
+def test_sigkill_then_restart_equals_an_uninterrupted_run(tmp_path, uninterrupted):
+    code, _ = start_and_signal(tmp_path, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert latest_params(tmp_path)[0] < 40  # killed before the end
+    run_main(tmp_path, **LONG)
+    assert train_steps(tmp_path) == list(range(1, 41))  # no duplicate or missing step
+    assert_trees_close(latest_params(tmp_path)[1], latest_params(uninterrupted)[1], rtol=0, atol=0)
+
+
+def test_sigterm_saves_says_so_and_exits_zero(tmp_path, uninterrupted):
+    code, stderr = start_and_signal(tmp_path, signal.SIGTERM)
+    assert code == 0, stderr[-3000:]
+    [line] = [line for line in stderr.splitlines() if "Preempted" in line]
+    stopped = latest_params(tmp_path)[0]
+    assert f"saved the checkpoint of step {stopped}" in line and stopped < 40
+    run_main(tmp_path, **LONG)
+    assert_trees_close(latest_params(tmp_path)[1], latest_params(uninterrupted)[1], rtol=0, atol=0)
+
+
+def test_corrupt_latest_checkpoint_is_named_and_the_one_before_restored(tmp_path, uninterrupted, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    latest = workdir / "checkpoints" / "40"
+    for root, _, files in os.walk(latest):
+        for name in files:
+            if name != "_CHECKPOINT_METADATA":
+                open(os.path.join(root, name), "wb").close()  # truncated to nothing
+    # A save cut short leaves only a temporary directory, which is never taken for a checkpoint.
+    (workdir / "checkpoints" / "45.orbax-checkpoint-tmp").mkdir()
+    config = small_config(**{**LONG, "train.num_steps": 45})
+    state = train.train_and_evaluate(config, str(workdir), allow_config_change=True)
+    assert "checkpoint of step 40" in caplog.text and "unreadable" in caplog.text
+    assert (workdir / "corrupt_checkpoints" / "40").exists()
+    assert int(state.step) == 45
+    assert train_steps(workdir) == list(range(1, 46))
+
+
+BAD_CONFIGS = [
+    (["--config.model.name=resnet42"], "ImageNet depth must be one of"),
+    (["--config.model.name=cifar_resnet21"], "6n\\+2"),
+    (["--config.model.shortcut=D"], "shortcut must be one of 'A', 'B', 'C'; got 'D'"),
+    (["--config.train.batch_size=60"], "train.batch_size must be a positive multiple of the device count 8"),
+    (["--config.schedule.base_lr=0"], "schedule.base_lr must be a positive number; got 0"),
+    (["--config.schedule.name=linear"], "schedule.name must be one of"),
+    (["--config.data.train_preprocess=random"], "data.train_preprocess='random' is not one of"),
+    (["--config.model.name=resnet18", "--config.data.image_size=16"], "data.image_size must be >= 32"),
+    (["--config.data.num_classes=100"], "data.num_classes=100 but data set 'digits' has 10"),
+    (["--config.train.batchsize=64"], "config field 'train.batchsize' does not exist"),
+    (["--config.train.batch_size=many"], "--config.train.batch_size=many"),
+    (["--config=configs/cifar.py:depth=20,widht=2"], "takes depth, plain, shortcut, val"),
+]
+
+
+def test_bad_configs_fail_in_one_line_before_writing(tmp_path):
+    eight = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    runs = []
+    for i, (flags, _) in enumerate(BAD_CONFIGS):
+        workdir = tmp_path / str(i)
+        command = [c for c in main_command(workdir) if not c.startswith("--config=")] + flags
+        if not any(f.startswith("--config=") for f in flags):
+            command.insert(3, "--config=configs/quickstart.py")
+        runs.append((workdir, subprocess.Popen(command, cwd=REPO, env=eight, stderr=subprocess.PIPE,
+                                               stdout=subprocess.DEVNULL, text=True)))
+    for (flags, message), (workdir, process) in zip(BAD_CONFIGS, runs):
+        _, stderr = process.communicate(timeout=300)
+        errors = [line for line in stderr.splitlines() if line.startswith("resnet_jax: error:")]
+        assert process.returncode == 2 and len(errors) == 1, (flags, stderr[-2000:])
+        assert re.search(message, errors[0]), (flags, errors)
+        assert "Traceback" not in stderr
+        assert not workdir.exists() or not any(workdir.iterdir()), flags
+
+
+def test_unwritable_workdir_is_reported(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = subprocess.run(main_command(blocker / "run"), cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert "resnet_jax: error: workdir" in result.stderr and "is not writable" in result.stderr
+
+
+def test_workdir_of_another_config_is_refused_unless_allowed(tmp_path):
+    train.train_and_evaluate(small_config(), str(tmp_path))
+    with pytest.raises(validate.SetupError, match=r"different config \(seed: 0 -> 3\).*--allow_config_change"):
+        train.setup(small_config(seed=3), str(tmp_path))
+    train.setup(small_config(seed=3), str(tmp_path), allow_config_change=True)
+
+
+def poisoned(monkeypatch, at_step, field, value):
+    real = data.train_iterator
+
+    def iterator(*args, **kwargs):
+        for step, batch in enumerate(real(*args, **kwargs), kwargs["start_step"] + 1):
+            if step == at_step:
+                batch = {**batch, field: np.full_like(batch[field], value)}
+            yield batch
+
+    monkeypatch.setattr(data, "train_iterator", iterator)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    poisoned(monkeypatch, 5, "image", np.nan)
+    config = small_config(**{"train.num_steps": 8, "checkpoint.every_steps": 2})
+    # ReLU turns NaN into 0 on this backend, so the loss may stay finite while a gradient does not.
+    with pytest.raises(train.TrainingError, match=r"^step 5: non-finite (loss|gradient of [\w.]+); "
+                                                  r"stopped, the checkpoint of step 4 is kept"):
+        train.train_and_evaluate(config, str(tmp_path))
+    step, params = latest_params(tmp_path)
+    assert step == 4
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_non_finite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
+    poisoned(monkeypatch, 3, "image", np.inf)
+    config = small_config(**{"train.skip_nonfinite": True})
+    state = train.train_and_evaluate(config, str(tmp_path))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert int(state.step) == 6
+    assert rows[-1]["skipped_steps"] == 1 and "skipped_steps" not in rows[1]
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(latest_params(tmp_path)[1]))
+
+
+def test_labels_out_of_range_stop_the_run(tmp_path, monkeypatch):
+    poisoned(monkeypatch, 2, "label", 10)
+    with pytest.raises(train.TrainingError, match=r"^step 2: a label is outside \[0, num_classes\)"):
+        train.train_and_evaluate(small_config(), str(tmp_path))
+
+
+def test_a_failed_save_names_the_intact_checkpoint(tmp_path, monkeypatch):
+    real_save = checkpoint.ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 3:
+            raise OSError(28, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", save)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"^saving the checkpoint of step 3 failed \(.*No space left on device\); the latest complete checkpoint, of step 1, is intact"):
+        train.train_and_evaluate(small_config(), str(tmp_path))
+    assert latest_params(tmp_path)[0] == 1
+
+
+FIELDS = ["seed", "model.name", "model.shortcut", "model.width", "model.bn_group_size", "model.dtype",
+          "data.image_size", "data.train_preprocess", "data.eval_preprocess", "data.name",
+          "train.batch_size", "train.num_steps", "schedule.name", "schedule.base_lr",
+          "optimizer.momentum", "optimizer.weight_decay_mode", "eval.batch_size", "checkpoint.keep",
+          "log_every_steps", "model.nonexistent", "trian.batch_size", "data"]
+VALUES = st.one_of(st.integers(-3, 300), st.floats(allow_nan=True, allow_infinity=True),
+                   st.text(max_size=12), st.sampled_from(["resnet18", "cifar_plain8", "bfloat16", "B", "True"]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.one_of(st.sampled_from(FIELDS), st.text("abcdefgh_.", min_size=1, max_size=12)), value=VALUES)
+def test_random_overrides_give_a_clear_error_or_a_valid_setup(tmp_path, field, value):
+    """The command line's parse and every setup check: never a traceback, one line or a run."""
+    argv = ["main", "--config=configs/quickstart.py", f"--config.{field}={value}"]
+    flag_values = main.flags.FlagValues()
+    try:
+        main.config_flags.DEFINE_config_file("config", main._QUICKSTART, flag_values=flag_values)
+        flag_values(argv)
+        config = flag_values.config
+        config.to_dict()
+    except Exception as error:
+        message = main._describe_bad_override(argv, error)
+        assert message and "\n" not in message
+        return
+    os.chdir(REPO)
+    try:
+        train.setup(config, str(tmp_path / "run"), allow_config_change=True)
+    except validate.SetupError as error:
+        assert str(error) and "\n" not in str(error)
