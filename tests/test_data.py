@@ -1,6 +1,5 @@
 """Input pipelines: sources, process slices, exact eval, determinism, restarts, errors."""
 
-import io
 import logging
 import os
 import time
