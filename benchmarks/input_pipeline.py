@@ -157,7 +157,8 @@ def main(argv=None):
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['pipeline']} {result['preprocess']} on {result['data']}:{result['split']}, batch "
+        print(f"{result['pipeline']} {result['preprocess']} on {result['data']}:"
+              f"{result['split']}, batch "
               f"{result['batch_size']}: {result['images_per_second']:.1f} images/s "
               f"({result['images_per_second_per_core']:.1f} per core, {result['cores']} cores; "
               f"{result['images_per_cpu_second']:.1f} per CPU second; "

@@ -6,7 +6,7 @@ Sources (`data.name`): a TFDS image-classification data set by name (`imagenet20
 Preprocessing lives in `preprocess.py`.
 
     info(config)                    -> DataInfo(num_classes, num_train, num_eval, image_shape)
-    train_iterator(config, batch_size=..., seed=..., start_step=..., process_index=..., process_count=...)
+    train_iterator(config, batch_size=..., seed=..., start_step=0, process_index=0, process_count=1)
     eval_iterator(config, batch_size=..., process_index=..., process_count=...)
 
 Train. Each process reads its own contiguous slice of the split (the slices differ in size by at
@@ -67,7 +67,7 @@ class DataInfo:
     num_classes: int
     num_train: int  # examples in the train split (all processes together)
     num_eval: int  # examples in the eval split
-    image_shape: tuple[int, int, int]  # (height, width, channels) of one image (one crop for ten_crop)
+    image_shape: tuple[int, int, int]  # (height, width, channels); for ten_crop of one crop
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -260,8 +260,9 @@ class _Source:
         return [self.builder.info.splits[s].num_examples
                 for s in tfds.even_splits(split, n=process_count)]
 
-    def records(self, split: str, process_index: int, process_count: int):
-        """One process's slice: (kind, n, lookup or None, streamed dataset or None)."""
+    def records(self, split: str, process_index: int, process_count: int, index: bool = True):
+        """One process's slice: (kind, n, lookup or None, streamed dataset or None); index=False
+        streams a TFDS split however small (eval reads in order, once)."""
         if self.table is not None:
             return self._table_records(split, process_index, process_count)
         builder = self.builder
@@ -275,7 +276,8 @@ class _Source:
         ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64)))
         kind = "bytes" if encoded else "pixels"
         num_bytes = builder.info.splits[subsplit].num_bytes
-        if num_bytes and num_bytes <= int(_get(self.config, "in_memory_bytes", IN_MEMORY_BYTES)):
+        limit = int(_get(self.config, "in_memory_bytes", IN_MEMORY_BYTES))
+        if index and num_bytes and num_bytes <= limit:
             # Small enough to hold undecoded: index it, for exact shuffles and free restarts.
             records, labels = [], []
             for record, label in ds.batch(4096).as_numpy_iterator():
@@ -527,7 +529,7 @@ def eval_dataset(config, *, batch_size: int, process_index: int = 0, process_cou
     _check_processes(batch_size, process_index, process_count)
     source, s = _open(config)
     kind, n, lookup, stream = source.records(source.split(train=False), process_index,
-                                             process_count)
+                                             process_count, index=False)
     if lookup is not None:
         ds = tf.data.Dataset.range(n).map(lambda i: (i, *lookup(i)))
     else:

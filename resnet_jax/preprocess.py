@@ -85,7 +85,7 @@ class Settings:
 
 
 def settings(config) -> Settings:
-    """Reads and checks the preprocessing fields of `config` (the `data` section of a run config)."""
+    """Reads and checks the preprocessing fields of `config` (a run config's `data` section)."""
     image_size = int(_get(config, "image_size", 224))
     if image_size < 1:
         raise ValueError(f"data.image_size={image_size} must be a positive int")
@@ -291,11 +291,13 @@ def train_fn(s: Settings, kind: str, pixel_mean=None):
 
     def fn(record, key):
         if name == "inception":
-            image = decode_window(record, kind, lambda shape: inception_crop_window(shape, fold(key, 0)))
+            image = decode_window(record, kind,
+                                  lambda shape: inception_crop_window(shape, fold(key, 0)))
             image = _resize(image, (size, size), s)
         elif name == "paper":
             image = decode_window(
-                record, kind, lambda shape: paper_crop_window(shape, fold(key, 0), size, s.scale_range))
+                record, kind,
+                lambda shape: paper_crop_window(shape, fold(key, 0), size, s.scale_range))
             image = _resize(image, (size, size), s)
         else:  # cifar, none: the whole image at image_size x image_size
             image = _resize_square(decode(record, kind), s)
@@ -319,7 +321,7 @@ def train_fn(s: Settings, kind: str, pixel_mean=None):
 
 
 def ten_crops(image, size):
-    """The four corner crops and the centre crop, then their horizontal flips: (10, size, size, C)."""
+    """The four corner crops and the centre crop, then their flips: (10, size, size, C)."""
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
                ((h - size) // 2, (w - size) // 2)]
@@ -351,6 +353,6 @@ def eval_fn(s: Settings, kind: str, pixel_mean=None):
 
 
 def mean_image_fn(s: Settings, kind: str):
-    """`fn(record) -> float32 image` at image_size x image_size, unnormalised: for the pixel mean."""
+    """`fn(record) -> float32 image`, image_size square, unnormalised: for the pixel mean."""
     return lambda record: _resize_square(decode(record, kind), s)
 

@@ -111,7 +111,8 @@ def test_info_of_each_source(folder, tiny_tfds):
         3, 21, 9, (24, 24, 3))
     assert data.info(_config(name="tiny_jpeg_images", data_dir=tiny_tfds, image_size=12,
                              train_split="train[:20]")) == data.DataInfo(3, 20, 10, (12, 12, 3))
-    assert data.info(_config(name=f"imagefolder:{folder}", eval_split="train[:5]+test")).num_eval == 14
+    config = _config(name=f"imagefolder:{folder}", eval_split="train[:5]+test")
+    assert data.info(config).num_eval == 14
 
 
 SOURCES = {
@@ -202,7 +203,8 @@ def _take(it, k):
 
 @pytest.mark.parametrize("source", ["folder", "fake", "tfds_streamed", "tfds"])
 def test_same_seed_same_batches(source, folder, tiny_tfds):
-    config = _config(image_size=12, train_preprocess="inception", **SOURCES[source](folder, tiny_tfds))
+    config = _config(image_size=12, train_preprocess="inception",
+                     **SOURCES[source](folder, tiny_tfds))
     a = _take(data.train_iterator(config, batch_size=4, seed=3), 8)
     b = _take(data.train_iterator(config, batch_size=4, seed=3), 8)
     c = _take(data.train_iterator(config, batch_size=4, seed=4), 8)

@@ -1,4 +1,4 @@
-"""Preprocessing of one example: crop windows, decoding of odd files, shapes, ranges, determinism."""
+"""Preprocessing of one example: crop windows, odd files, shapes, ranges, determinism."""
 
 import io
 
@@ -86,7 +86,8 @@ def test_paper_windows_are_the_scale_augmentation(shape):
         y, x, h, w = window
         assert h == w
         # side = 224 * shorter / S for S in [256, 480]
-        assert max(1, round(224 * shorter / 480)) <= h <= max(1, min(shorter, round(224 * shorter / 256)))
+        low, high = round(224 * shorter / 480), min(shorter, round(224 * shorter / 256))
+        assert max(1, low) <= h <= max(1, high)
         sides.add(h)
     if shorter >= 224:
         assert len(sides) > 10
