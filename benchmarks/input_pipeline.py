@@ -8,11 +8,6 @@ train pipeline) or an eval one (center, ten_crop: the eval pipeline, repeated). 
 `--warmup` batches, then is timed over `--batches` batches (or `--seconds`, whichever ends first);
 numpy batches are fetched as the training loop fetches them. Images per second count source
 images (a ten_crop image is one image).
-
-`--reference flax` times, instead, the preprocessing of the Flax ImageNet example
-(google/flax examples/imagenet/input_pipeline.py: distorted-bounding-box crop, bicubic resize,
-flip, normalise; eval: centre crop with 32 pixels of padding) over the same files, for
-a comparison on the same machine at the same time. It reads image folders only.
 """
 
 import argparse
@@ -45,64 +40,9 @@ def _config(args) -> ml_collections.ConfigDict:
     })
 
 
-def _flax_reference(args):
-    """The Flax ImageNet example's pipeline (its decode, crop, resize, flip and normalise)."""
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    if not args.data.startswith("imagefolder:"):
-        raise SystemExit("--reference flax reads image folders only")
-    examples = tfds.ImageFolder(args.data.split(":", 1)[1])._split_examples[args.split]
-    paths = [e.image_path for e in examples]
-    size, train = args.image_size, args.preprocess not in EVAL
-    mean = tf.constant([0.485 * 255, 0.456 * 255, 0.406 * 255], shape=[1, 1, 3])
-    std = tf.constant([0.229 * 255, 0.224 * 255, 0.225 * 255], shape=[1, 1, 3])
-
-    def center(image_bytes):
-        shape = tf.io.extract_jpeg_shape(image_bytes)
-        h, w = shape[0], shape[1]
-        crop = tf.cast(size / (size + 32) * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
-        window = tf.stack([((h - crop) + 1) // 2, ((w - crop) + 1) // 2, crop, crop])
-        image = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
-        return tf.image.resize([image], [size, size], method="bicubic")[0]
-
-    def random_crop(image_bytes):
-        shape = tf.io.extract_jpeg_shape(image_bytes)
-        bbox = tf.constant([0.0, 0.0, 1.0, 1.0], dtype=tf.float32, shape=[1, 1, 4])
-        begin, crop, _ = tf.image.sample_distorted_bounding_box(
-            shape, bounding_boxes=bbox, min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
-            area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
-        y, x, _ = tf.unstack(begin)
-        h, w, _ = tf.unstack(crop)
-        image = tf.io.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, h, w]), channels=3)
-        bad = tf.reduce_sum(tf.cast(tf.equal(shape, tf.shape(image)), tf.int32)) >= 3
-        return tf.cond(bad, lambda: center(image_bytes),
-                       lambda: tf.image.resize([image], [size, size], method="bicubic")[0])
-
-    def prepare(path):
-        image_bytes = tf.io.read_file(path)
-        if train:
-            image = tf.image.random_flip_left_right(random_crop(image_bytes))
-        else:
-            image = center(image_bytes)
-        image = tf.image.convert_image_dtype((image - mean) / std, preprocess.DTYPES[args.dtype])
-        return {"image": image, "label": 0}
-
-    ds = tf.data.Dataset.from_tensor_slices(paths)
-    ds = ds.shuffle(16 * args.batch_size, seed=0).repeat() if train else ds.repeat()
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(args.batch_size, drop_remainder=True).prefetch(10)
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = 48
-    options.threading.max_intra_op_parallelism = 1
-    return ds.with_options(options)
-
-
 def run(args) -> dict:
     config = _config(args)
-    if args.reference == "flax":
-        ds = _flax_reference(args)
-    elif args.preprocess in EVAL:
+    if args.preprocess in EVAL:
         ds = data.eval_dataset(config, batch_size=args.batch_size, repeat=True)
     else:
         ds = data.train_dataset(config, batch_size=args.batch_size, seed=0)
@@ -120,7 +60,7 @@ def run(args) -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "data": args.data, "split": args.split, "preprocess": args.preprocess,
-        "pipeline": args.reference or "resnet_jax",
+        "pipeline": "resnet_jax",
         "batch_size": args.batch_size, "image_size": args.image_size, "dtype": args.dtype,
         "images": images, "seconds": round(elapsed, 3), "warmup_seconds": round(warmup_s, 3),
         "images_per_second": round(images / elapsed, 1),
@@ -148,9 +88,6 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=20, help="batches before timing")
     parser.add_argument("--batches", type=int, default=100, help="batches timed (at most)")
     parser.add_argument("--seconds", type=float, default=60.0, help="time limit of the timing")
-    parser.add_argument("--reference", choices=("flax",), default=None,
-                        help="time the Flax ImageNet example's pipeline instead (center or "
-                        "inception only)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     result = run(args)
