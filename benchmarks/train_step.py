@@ -42,6 +42,7 @@ if _DEVICES and "jax" not in sys.modules:
         + [f"--xla_force_host_platform_device_count={_DEVICES}"])
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
@@ -57,7 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import default  # noqa: E402
-from resnet_jax import flops, optim, sharding, train  # noqa: E402
+from resnet_jax import flops, metrics, optim, sharding, train  # noqa: E402
 
 # Bytes per element of the HLO element types that collectives carry.
 _HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
@@ -78,7 +79,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="global batch")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", default="float32", help="compute dtype; parameters stay float32")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps after one warm-up step; 0 compiles only")
     parser.add_argument("--devices", type=int, default=None, help="simulate this many CPU devices")
     parser.add_argument("--scan-blocks", action="store_true")
     parser.add_argument("--remat", action="store_true")
@@ -90,7 +92,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for field in ("batch_size", "image_size", "steps", "devices", "bn_group_size", "num_classes"):
         value = getattr(args, field)
-        if value is not None and value < 1:
+        if value is not None and value < (0 if field == "steps" else 1):
             parser.error(f"--{field.replace('_', '-')} must be a positive integer; got {value}")
     return args
 
@@ -144,7 +146,25 @@ def _bind_train_step(values: dict[str, Any]):
     return step
 
 
+def _initial_state(params, batch_stats, tx) -> train.TrainState:
+    """A TrainState at step 0, as train.train_and_evaluate makes it; each field by name."""
+    known = {
+        "step": lambda: jnp.zeros((), jnp.int32), "params": lambda: params,
+        "batch_stats": lambda: batch_stats, "opt_state": lambda: tx.init(params),
+        "train_metrics": lambda: metrics.TrainMetrics.empty(),
+        "skipped": lambda: jnp.zeros((), jnp.int32)}
+    fields = [f.name for f in dataclasses.fields(train.TrainState)]
+    unknown = [name for name in fields if name not in known]
+    if unknown:
+        raise SystemExit(f"error: train.TrainState has a field {unknown[0]!r} this harness does not know")
+    return train.TrainState(**{name: known[name]() for name in fields})
+
+
 def _compile(fn, *args) -> tuple[Any, dict[str, float]]:
+    """Compiles, timed by phase; compile_cpu_seconds is the process's CPU time over all phases,
+    which other work on a shared machine disturbs less than the wall clock (XLA compiles one
+    module on one thread, so on an idle machine the two agree)."""
+    cpu_began = time.process_time()
     began = time.perf_counter()
     traced = fn.trace(*args)
     traced_at = time.perf_counter()
@@ -153,10 +173,14 @@ def _compile(fn, *args) -> tuple[Any, dict[str, float]]:
     compiled = lowered.compile()
     done = time.perf_counter()
     return compiled, {"trace_seconds": traced_at - began, "lower_seconds": lowered_at - traced_at,
-                      "backend_compile_seconds": done - lowered_at, "compile_seconds": done - began}
+                      "backend_compile_seconds": done - lowered_at, "compile_seconds": done - began,
+                      "compile_cpu_seconds": time.process_time() - cpu_began}
 
 
 def _time_steps(call, steps: int) -> list[float]:
+    """Seconds of each of `steps` steps after a warm-up step; none at all for 0 (compile only)."""
+    if steps == 0:
+        return [float("nan")]
     times = []
     for _ in range(steps + 1):  # the first is the warm-up
         began = time.perf_counter()
@@ -205,9 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     macs = flops.count_macs(model, args.image_size)
     model.eval()
     eval_graphdef = nnx.graphdef(model)
-    state = jax.device_put(train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                            batch_stats=batch_stats, opt_state=tx.init(params)),
-                           replicated)
+    state = jax.device_put(_initial_state(params, batch_stats, tx), replicated)
     param_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
     stat_bytes = sum(s.nbytes for s in jax.tree.leaves(batch_stats))
 
@@ -271,7 +293,9 @@ def table(result: dict[str, Any]) -> str:
     def row(label, key, fmt):
         rows.append((label, fmt(result[key]), fmt(result[f"eval_{key}"]) if f"eval_{key}" in result else "-"))
 
-    seconds = "{:.3f} s".format
+    def seconds(value):
+        return "-" if value is None else f"{value:.3f} s"
+
     row("compile (trace+lower+compile)", "compile_seconds", seconds)
     phases = ("trace_seconds", "lower_seconds", "backend_compile_seconds")
     rows.append(("  trace / lower / backend",
@@ -279,8 +303,8 @@ def table(result: dict[str, Any]) -> str:
                  " / ".join(f"{result['eval_' + k]:.2f}" for k in phases) + " s"
                  if "eval_trace_seconds" in result else "-"))
     row("step (median)", "step_seconds", seconds)
-    row("images/s", "images_per_second", "{:.2f}".format)
-    row("TFLOP/s", "tflops_per_second", "{:.4f}".format)
+    row("images/s", "images_per_second", lambda v: "-" if v is None else f"{v:.2f}")
+    row("TFLOP/s", "tflops_per_second", lambda v: "-" if v is None else f"{v:.4f}")
     row("peak memory", "peak_memory_bytes", lambda v: f"{v / 2**20:.1f} MiB")
     row("all-reduces", "all_reduce_count", str)
     row("all-reduce bytes", "all_reduce_bytes", lambda v: f"{v:,}")
@@ -294,6 +318,8 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     result = run(args)
+    # With --steps 0 the step keys are NaN: null in the JSON.
+    result = {k: None if isinstance(v, float) and v != v else v for k, v in result.items()}
     print(json.dumps(result) if args.json else table(result), flush=True)
     return result
 
