@@ -29,7 +29,8 @@ def create_manager(workdir: str, config: Any) -> ocp.CheckpointManager:
         save_interval_steps=config.every_steps,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), DIRECTORY), options=options)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), DIRECTORY), options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
 
 
 class CheckpointError(RuntimeError):
@@ -63,27 +64,45 @@ def wait(manager: ocp.CheckpointManager) -> None:
         raise _failed(manager, "saving a checkpoint", error) from error
 
 
+def _shapes(tree: Any) -> list[tuple[int, ...]]:
+    return sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
 def restore_latest(manager: ocp.CheckpointManager, target: Any, workdir: str) -> Any | None:
     """The latest readable checkpoint restored onto `target`'s structure and shardings, or None.
 
     A checkpoint that cannot be read (truncated or corrupted files) is named in the log, moved
     to WORKDIR/corrupt_checkpoints/STEP so that the run may write that step again, and the one
-    before it is tried.
+    before it is tried. A readable checkpoint of another model (a changed config) is an error,
+    not corruption: it stays where it is.
     """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            return manager.restore(step, args=ocp.args.StandardRestore(target))
+            saved = _shapes(manager.item_metadata(step))
         except Exception as error:  # orbax and tensorstore raise many kinds
-            aside = os.path.join(os.path.abspath(workdir), "corrupt_checkpoints", str(step))
-            logging.warning("The checkpoint of step %d in %s is unreadable (%s: %s); moving it to %s "
-                            "and trying the one before.", step, manager.directory,
-                            type(error).__name__, " ".join(str(error).split())[:300], aside)
-            if jax.process_index() == 0:
-                os.makedirs(os.path.dirname(aside), exist_ok=True)
-                shutil.move(os.path.join(str(manager.directory), str(step)), aside)
-            sync_global_devices(f"corrupt checkpoint {step} moved")
-            manager.reload()
+            _set_aside(manager, step, workdir, error)
+            continue
+        if saved != _shapes(target):
+            raise CheckpointError(f"the checkpoint of step {step} in {manager.directory} holds arrays of "
+                                  f"other shapes than this config's model and optimizer; use another "
+                                  f"--workdir for another model")
+        try:
+            return manager.restore(step, args=ocp.args.StandardRestore(target))
+        except Exception as error:
+            _set_aside(manager, step, workdir, error)
     return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int, workdir: str, error: Exception) -> None:
+    aside = os.path.join(os.path.abspath(workdir), "corrupt_checkpoints", str(step))
+    logging.warning("The checkpoint of step %d in %s is unreadable (%s: %s); moving it to %s and "
+                    "trying the one before.", step, manager.directory, type(error).__name__,
+                    " ".join(str(error).split())[:300], aside)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        shutil.move(os.path.join(str(manager.directory), str(step)), aside)
+    sync_global_devices(f"corrupt checkpoint {step} set aside")
+    manager.reload()
 
 
 def read_latest(workdir: str) -> tuple[int, Any]:

@@ -5,6 +5,7 @@ count (clu's Average with a mask), so padding never counts and no mean of batch 
 """
 
 import json
+import math
 import os
 from typing import Any
 
@@ -37,7 +38,8 @@ class JsonlWriter(metric_writers.MetricWriter):
         self.path = os.path.join(workdir, JSONL)
 
     def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
-        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        # JSON has no NaN: a mean over no example (all steps of a window skipped) is left out.
+        row = {"step": int(step), **{k: float(v) for k, v in scalars.items() if math.isfinite(float(v))}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 

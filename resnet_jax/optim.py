@@ -44,8 +44,14 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int, batch_size: int,
 
 
 def decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
-    """True where weight decay applies: conv and dense kernels, and BN and biases if asked."""
-    return jax.tree.map(lambda p: decay_bn_and_bias or p.ndim > 1, params)
+    """True where weight decay applies: conv and dense kernels, and BN and biases if asked.
+
+    Told by name, not by rank: stacked (scanned) BN parameters have two axes.
+    """
+    def is_kernel(path, _):
+        return decay_bn_and_bias or any(getattr(k, "key", getattr(k, "name", None)) == "kernel"
+                                        for k in path)
+    return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
 def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:

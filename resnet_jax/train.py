@@ -32,6 +32,10 @@ class TrainState:
     params: nnx.State
     batch_stats: nnx.State
     opt_state: optax.OptState
+    # The train metrics since the last log line and the steps skipped so far: in the state, so
+    # that a resumed run writes the rows an uninterrupted one would.
+    train_metrics: metrics.TrainMetrics
+    skipped: jax.Array
 
 
 def model_options(config: Any) -> dict[str, Any]:
@@ -68,13 +72,15 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
               "labels": ((batch["label"] >= 0) & (batch["label"] < logits.shape[-1])).all()}
     finite = health["loss"] & health["gradients"].all()
     if skip_nonfinite:
+        # (optax's schedule count goes back too: a skipped step holds the schedule back by one.)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     # A skipped step counts in no average.
     step_metrics = metrics.TrainMetrics.single_from_model_output(
         loss=losses, accuracy=jnp.argmax(logits, -1) == batch["label"],
         learning_rate=jnp.full(losses.shape, schedule(state.step)),
         mask=jnp.broadcast_to(finite, losses.shape))
-    return new_state.replace(step=state.step + 1), step_metrics, health
+    return new_state.replace(step=state.step + 1, train_metrics=state.train_metrics.merge(step_metrics),
+                             skipped=state.skipped + (~finite).astype(jnp.int32)), health
 
 
 def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: dict[str, jax.Array]):
@@ -121,11 +127,15 @@ def total_steps(config: Any, steps_per_epoch: int) -> int:
 
 
 class _Preemption:
-    """SIGTERM sets a flag that the loop reads between steps; several processes agree through orbax."""
+    """One process: SIGTERM sets a flag that the loop reads between steps. Several processes:
+    JAX's preemption notifier (installed by jax.distributed) catches the signal and orbax makes
+    every process stop at the same step, so no handler of ours may replace it."""
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -136,7 +146,8 @@ class _Preemption:
         return self.requested
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class TrainingError(RuntimeError):
@@ -152,27 +163,22 @@ def _parameter_names(params: nnx.State) -> list[str]:
     return [name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
 
 
-def _check_health(pending: list, names: list[str], skip_nonfinite: bool, last_saved: int | None) -> int:
-    """Reads the health of the steps since the last check; returns how many were skipped.
+def _check_health(pending: list, names: list[str], skip_nonfinite: bool, last_saved: int | None) -> None:
+    """Reads the health of the steps since the last check; raises TrainingError on a bad one.
 
     Read in batches, not every step, so that the host does not wait on each step.
     """
-    skipped = 0
     for step, health in jax.device_get(pending):
         kept = f"the checkpoint of step {last_saved} is kept" if last_saved else "no checkpoint was made"
         if not health["labels"]:
             raise TrainingError(f"step {step}: a label is outside [0, num_classes); stopped, {kept}")
-        if health["loss"] and health["gradients"].all():
-            continue
-        if skip_nonfinite:
-            skipped += 1
+        if skip_nonfinite or (health["loss"] and health["gradients"].all()):
             continue
         what = "loss" if not health["loss"] else \
             f"gradient of {names[int(np.argmin(health['gradients']))]}"
         raise TrainingError(f"step {step}: non-finite {what}; stopped, {kept} "
                             f"(train.skip_nonfinite=True skips such steps)")
     pending.clear()
-    return skipped
 
 
 @dataclasses.dataclass
@@ -201,6 +207,13 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
         if steps_per_epoch < 1:
             raise validate.SetupError(f"train.batch_size must be at most the {info.num_train} training "
                                       f"examples; got {config.train.batch_size}")
+        if info.num_eval < 1:
+            raise validate.SetupError(f"data.eval_split={config.data.eval_split!r} has no examples")
+        group = config.model.bn_group_size
+        per_device = config.train.batch_size // jax.device_count()
+        if group is not None and per_device % group:
+            raise validate.SetupError(f"model.bn_group_size must divide the per-device batch "
+                                      f"{per_device} (so that no group spans two devices); got {group}")
         num_steps = total_steps(config, steps_per_epoch)
         schedule = optim.learning_rate_schedule(config.schedule, steps_per_epoch,
                                                 config.train.batch_size, num_steps)
@@ -229,7 +242,9 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
     eval_graphdef = nnx.graphdef(model)
     replicated = sharding.replicated(mesh)
     state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                      batch_stats=batch_stats, opt_state=tx.init(params)), replicated)
+                                      batch_stats=batch_stats, opt_state=tx.init(params),
+                                      train_metrics=metrics.TrainMetrics.empty(),
+                                      skipped=jnp.zeros((), jnp.int32)), replicated)
 
     manager = checkpoint.create_manager(workdir, config.checkpoint)
     restored = checkpoint.restore_latest(manager, state, workdir)
@@ -246,8 +261,10 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
                  f"{flops.count_macs(model, info.image_shape[:2]):,}", config.train.batch_size,
                  run.steps_per_epoch, num_steps)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
 
     batch_spec = sharding.batch_sharding(mesh)
     train_fn = jax.jit(functools.partial(train_step, graphdef, tx, schedule, config.train.label_smoothing,
@@ -266,13 +283,12 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
         hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir))
     names = _parameter_names(params)
     preemption = _Preemption()
-    train_metrics, last_log, pending, skipped = None, (time.perf_counter(), start), [], 0
+    last_log, pending = (time.perf_counter(), start), []
     last_saved = start or None
     try:
         for step in range(start + 1, num_steps + 1):
-            state, step_metrics, health = train_fn(state, next(batches))
+            state, health = train_fn(state, next(batches))
             pending.append((step, health))
-            train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
             for hook in hooks:
                 hook(step)
             preempted = preemption.reached(manager, step)
@@ -280,14 +296,15 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
             logging_now = step % config.log_every_steps == 0 or step == num_steps
             scalars = {}
             if saving or logging_now:
-                skipped += _check_health(pending, names, config.train.skip_nonfinite, last_saved)
+                _check_health(pending, names, config.train.skip_nonfinite, last_saved)
             if logging_now:
-                scalars = metrics.prefixed("train", train_metrics.compute())
+                scalars = metrics.prefixed("train", state.train_metrics.compute())
                 now = time.perf_counter()
                 scalars["images_per_second"] = (step - last_log[1]) * config.train.batch_size / (now - last_log[0])
-                if skipped:
-                    scalars["skipped_steps"] = skipped
-                train_metrics, last_log = None, (now, step)
+                if int(state.skipped):
+                    scalars["skipped_steps"] = int(state.skipped)
+                state = state.replace(train_metrics=jax.device_put(metrics.TrainMetrics.empty(), replicated))
+                last_log = (now, step)
             if step % config.eval.every_steps == 0 or step == num_steps:
                 began = time.perf_counter()
                 scalars.update(evaluate(eval_fn, state, config, mesh))

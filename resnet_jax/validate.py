@@ -62,7 +62,7 @@ def check_workdir(workdir: str, config_json: str, allow_config_change: bool) -> 
     """The workdir is writable and holds no run of another config (unless allowed)."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_probe")
+        probe = os.path.join(workdir, f".write_probe.{os.getpid()}.{os.uname().nodename}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

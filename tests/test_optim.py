@@ -86,7 +86,8 @@ def test_eval_step_counts_unmasked_examples_and_averages_crops():
     model = train.models.create("cifar_resnet8", num_classes=5, rngs=nnx.Rngs(0))
     model.eval()
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=())
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=(),
+                             train_metrics=None, skipped=None)
     crops = jax.random.normal(jax.random.key(0), (4, 10, 8, 8, 3))
     labels = jnp.array([0, 1, 2, 3])
     mask = jnp.array([True, True, True, False])

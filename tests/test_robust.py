@@ -217,3 +217,10 @@ def test_random_overrides_give_a_clear_error_or_a_valid_setup(tmp_path, field, v
         train.setup(config, str(tmp_path / "run"), allow_config_change=True)
     except validate.SetupError as error:
         assert str(error) and "\n" not in str(error)
+
+
+def test_a_checkpoint_of_another_model_is_refused_not_set_aside(tmp_path):
+    train.train_and_evaluate(small_config(), str(tmp_path))
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint of step 6 .* other shapes"):
+        train.train_and_evaluate(small_config(**{"model.width": 8}), str(tmp_path), allow_config_change=True)
+    assert latest_params(tmp_path)[0] == 6 and not (tmp_path / "corrupt_checkpoints").exists()

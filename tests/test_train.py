@@ -26,8 +26,9 @@ def test_quickstart_short_form_learns_the_digits(tmp_path):
 
 
 def test_preempted_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
+    # Log lines every 4 steps: the window open at the preemption must be carried over.
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-    train.train_and_evaluate(small_config(), whole)
+    train.train_and_evaluate(small_config(log_every_steps=4), whole)
 
     # SIGTERM arrives while the batch of step 4 is made (ahead of time, by the prefetch); the run
     # saves the step it is at and returns.
@@ -40,10 +41,10 @@ def test_preempted_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
             yield batch
 
     monkeypatch.setattr(data, "train_iterator", preempted_iterator)
-    train.train_and_evaluate(small_config(), parts)
-    assert 0 < latest_params(parts)[0] < 6
+    train.train_and_evaluate(small_config(log_every_steps=4), parts)
+    assert 0 < latest_params(parts)[0] < 4
     monkeypatch.setattr(data, "train_iterator", real_iterator)
-    train.train_and_evaluate(small_config(), parts)
+    train.train_and_evaluate(small_config(log_every_steps=4), parts)
 
     assert rows_without_speed(parts) == rows_without_speed(whole)
     assert_trees_close(latest_params(parts)[1], latest_params(whole)[1], rtol=0, atol=0)
