@@ -1,0 +1,54 @@
+"""The train-step harness runs, at a tiny size; its numbers are not asserted, only their shape."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ("compile_seconds", "step_seconds", "images_per_second", "tflops_per_second",
+        "peak_memory_bytes")
+
+
+def test_harness_on_two_simulated_devices_reports_every_number():
+    # A fresh process: --devices must reach XLA before JAX starts.
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_step", "--model", "cifar_resnet8", "--batch-size", "4",
+         "--image-size", "8", "--steps", "1", "--devices", "2", "--scan-blocks", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 2
+    for key in KEYS:
+        assert result[key] > 0 and result[f"eval_{key}"] > 0, key
+    assert result["all_reduce_count"] >= 1 and result["all_reduce_bytes"] >= result["param_bytes"]
+    assert result["macs_per_image"] > 0 and result["params"] > 0
+
+
+def test_collectives_are_read_off_the_hlo():
+    hlo = "\n".join([
+        "  %all-reduce.1 = f32[64,3]{1,0} all-reduce(f32[64,3]{1,0} %p), replica_groups={}",
+        "  %ars = (f32[10]{0}, bf16[4]{0}) all-reduce-start(%a, %b), to_apply=%add",
+        "  %ard = (f32[10]{0}, bf16[4]{0}) all-reduce-done(%ars)",
+        "  %ag = f32[8]{0} all-gather(f32[4]{0} %x), dimensions={0}",
+    ])
+    found = train_step.collectives(hlo)
+    assert found["all_reduce_count"] == 2 and found["all_reduce_bytes"] == 64 * 3 * 4 + 40 + 8
+    assert found["all_gather_count"] == 1 and found["all_gather_bytes"] == 32
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "resnet7"], "ImageNet depth"),
+    (["--model", "nonsense"], "unknown model name"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--steps", "x"], "invalid int value"),
+])
+def test_bad_input_is_one_line(argv, message):
+    with pytest.raises(SystemExit) as error:
+        train_step.main(argv + ["--image-size", "8"])
+    text = str(error.value)
+    assert message in text and "\n" not in text
