@@ -218,7 +218,10 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
         schedule = optim.learning_rate_schedule(config.schedule, steps_per_epoch,
                                                 config.train.batch_size, num_steps)
         tx = optim.create_optimizer(config.optimizer, schedule)
-        model = create_model(config, info.num_classes)
+        try:
+            model = create_model(config, info.num_classes)
+        except (ValueError, TypeError) as error:  # its messages name the field inside `model`
+            raise validate.SetupError(f"model: {validate.one_line(error)}") from error
         total_stride = (4 if model.max_pool else 1) * 2 ** (len(model.stages) - 1)
         validate.check_image_size(info.image_shape[0], total_stride, config.model.name)
         validate.check_workdir(workdir, config.to_json_best_effort(), allow_config_change)
