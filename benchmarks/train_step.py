@@ -161,9 +161,9 @@ def _initial_state(params, batch_stats, tx) -> train.TrainState:
 
 
 def _compile(fn, *args) -> tuple[Any, dict[str, float]]:
-    """Compiles, timed by phase; compile_cpu_seconds is the process's CPU time over all phases,
-    which other work on a shared machine disturbs less than the wall clock (XLA compiles one
-    module on one thread, so on an idle machine the two agree)."""
+    """Compiles, timed by phase; compile_cpu_seconds is the process's CPU time (all threads) over
+    all phases, which other work on a shared machine disturbs less than the wall clock. XLA's
+    CPU backend compiles on more than one thread at times, so it can exceed the wall clock."""
     cpu_began = time.process_time()
     began = time.perf_counter()
     traced = fn.trace(*args)
