@@ -29,6 +29,7 @@ def create_manager(workdir: str, config: Any) -> ocp.CheckpointManager:
         save_interval_steps=config.every_steps,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=True)
+    # The handler named, so that item_metadata can read a checkpoint's shapes before restoring it.
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), DIRECTORY), options=options,
                                  item_handlers=ocp.StandardCheckpointHandler())
 

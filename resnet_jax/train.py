@@ -244,10 +244,14 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
     model.eval()
     eval_graphdef = nnx.graphdef(model)
     replicated = sharding.replicated(mesh)
-    state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                      batch_stats=batch_stats, opt_state=tx.init(params),
-                                      train_metrics=metrics.TrainMetrics.empty(),
-                                      skipped=jnp.zeros((), jnp.int32)), replicated)
+    # The metrics window starts (and restarts after each log line) inside jit, so that its
+    # arrays are global ones on every process, as orbax needs them.
+    fresh_window = jax.jit(lambda state: state.replace(train_metrics=metrics.TrainMetrics.empty()),
+                           out_shardings=replicated, donate_argnums=0)
+    state = fresh_window(jax.device_put(TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+        opt_state=tx.init(params), train_metrics=metrics.TrainMetrics.empty(),
+        skipped=jnp.zeros((), jnp.int32)), replicated))
 
     manager = checkpoint.create_manager(workdir, config.checkpoint)
     restored = checkpoint.restore_latest(manager, state, workdir)
@@ -306,7 +310,7 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
                 scalars["images_per_second"] = (step - last_log[1]) * config.train.batch_size / (now - last_log[0])
                 if int(state.skipped):
                     scalars["skipped_steps"] = int(state.skipped)
-                state = state.replace(train_metrics=jax.device_put(metrics.TrainMetrics.empty(), replicated))
+                state = fresh_window(state)
                 last_log = (now, step)
             if step % config.eval.every_steps == 0 or step == num_steps:
                 began = time.perf_counter()
