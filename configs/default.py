@@ -9,8 +9,14 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict(dict(
         name="resnet50",
+        block=ml_collections.config_dict.placeholder(str),  # None: the name's; CIFAR: "bottleneck"
+                                    # gives the 9n+2 networks of He et al. 2016
         shortcut="B",               # Sec. 3.3: projections only where the shape changes
         stride_on="1x1",            # the paper; "3x3" is v1.5 (torchvision)
+        block_order="post",         # the paper; "pre" (He et al. 2016), "no_final_relu",
+                                    # "bn_after_add" (Gross and Wilber 2016)
+        gate="none",                # "highway": T F(x) + (1 - T) shortcut(x) (Srivastava et al. 2015)
+        gate_bias=-2.0,             # the gates' initial bias: a new block mostly carries
         zero_init_residual=False,
         bn_momentum=0.9,
         bn_epsilon=1e-5,

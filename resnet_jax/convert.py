@@ -1,9 +1,12 @@
-"""torchvision (and timm) ResNet state dicts to our models, and back.
+"""torchvision (and timm) ResNet and VGG state dicts to our models, and back.
 
 torchvision's ResNets put a bottleneck block's stride on the 3x3 convolution and project with
 option B, so they load into `create(name, stride_on="3x3", shortcut="B")`. timm's `resnet*`
-models use the same names and load the same way. Convolution kernels are OIHW in torch and HWIO
-here; fully connected kernels are (out, in) in torch and (in, out) here.
+models use the same names and load the same way. torchvision's vgg16, vgg19, vgg16_bn and
+vgg19_bn load into `create` of the same name. Convolution kernels are OIHW in torch and HWIO
+here; fully connected kernels are (out, in) in torch and (in, out) here. VGG's first fully
+connected layer reads the pooled maps flattened (channel, height, width) in torch and (height,
+width, channel) here, so its kernel's input axis is reordered too.
 
 Scanned models (`scan_blocks=True`) keep the blocks of a stage after the first stacked on a
 leading axis; both directions slice and stack them, so the keys are the same for either layout.
@@ -17,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from resnet_jax import models
+from resnet_jax import models, vgg
 
 # torch keeps a counter per BN for momentum=None; it carries no weight and is read as nothing.
 _COUNTER = "num_batches_tracked"
@@ -49,21 +52,57 @@ def _bn(prefix: str, bn: models.BatchNorm, index: int | None) -> Iterator[Tensor
     yield f"{prefix}.running_var", bn.var, index, "vector"
 
 
-def _tensors(model: models.ResNet) -> Iterator[Tensor]:
-    """(torchvision key, our variable, index, layout) for every tensor of a torchvision ResNet."""
+def _tensors(model: models.ResNet | vgg.VGG) -> Iterator[Tensor]:
+    """(torchvision key, our variable, index, layout) for every tensor of the model.
+
+    A ResNet's keys are torchvision's; those of variants torchvision lacks (pre-activation's
+    final BN "bn_final", the gates "layerI.J.gate") follow the same pattern, for `transfer`.
+    """
+    if isinstance(model, vgg.VGG):
+        yield from _vgg_tensors(model)
+        return
     yield "conv1.weight", model.conv1.kernel, None, "conv"
-    yield from _bn("bn1", model.bn1, None)
+    if model.bn1 is not None:
+        yield from _bn("bn1", model.bn1, None)
     for prefix, block, index in _blocks(model):
-        k = 1
-        while hasattr(block, f"conv{k}"):
+        for k in range(1, block.depth + 1):
             yield f"{prefix}.conv{k}.weight", getattr(block, f"conv{k}").kernel, index, "conv"
-            yield from _bn(f"{prefix}.bn{k}", getattr(block, f"bn{k}"), index)
-            k += 1
+            if getattr(block, f"bn{k}") is not None:
+                yield from _bn(f"{prefix}.bn{k}", getattr(block, f"bn{k}"), index)
         if block.projection is not None:
             yield f"{prefix}.downsample.0.weight", block.projection.conv.kernel, index, "conv"
-            yield from _bn(f"{prefix}.downsample.1", block.projection.bn, index)
+            if block.projection.bn is not None:
+                yield from _bn(f"{prefix}.downsample.1", block.projection.bn, index)
+        if block.gate is not None:
+            yield f"{prefix}.gate.weight", block.gate.conv.kernel, index, "conv"
+            yield f"{prefix}.gate.bias", block.gate.conv.bias, index, "vector"
+    if model.bn_final is not None:
+        yield from _bn("bn_final", model.bn_final, None)
     yield "fc.weight", model.fc.kernel, None, "dense"
     yield "fc.bias", model.fc.bias, None, "vector"
+
+
+def _vgg_tensors(model: vgg.VGG) -> Iterator[Tensor]:
+    """torchvision's VGG keys: `features.I` numbers every layer of the convolutional part (each
+    convolution, BN, ReLU and max-pool), `classifier.I` those of the classifier (Linear, ReLU,
+    Dropout, Linear, ReLU, Dropout, Linear)."""
+    position = 0
+    layer = 0
+    for size in model.stack_sizes:
+        for _ in range(size):
+            yield f"features.{position}.weight", model.convs[layer].kernel, None, "conv"
+            yield f"features.{position}.bias", model.convs[layer].bias, None, "vector"
+            position += 1
+            if model.bns is not None:
+                yield from _bn(f"features.{position}", model.bns[layer], None)
+                position += 1
+            position += 1  # ReLU
+            layer += 1
+        position += 1  # max-pool
+    for key, fc, layout in [("classifier.0", model.fc1, "dense_pooled"),
+                            ("classifier.3", model.fc2, "dense"), ("classifier.6", model.fc3, "dense")]:
+        yield f"{key}.weight", fc.kernel, None, layout
+        yield f"{key}.bias", fc.bias, None, "vector"
 
 
 def _shape(variable: nnx.Variable, index: int | None) -> tuple[int, ...]:
@@ -94,6 +133,10 @@ def _to_torch_layout(value: np.ndarray, layout: str) -> np.ndarray:
         return value.transpose(3, 2, 0, 1)
     if layout == "dense":
         return value.T
+    if layout == "dense_pooled":  # rows (h, w, c) here, columns (c, h, w) in torch
+        side = vgg.POOLED_SIZE
+        channels = value.shape[0] // side**2
+        return value.reshape(side, side, channels, -1).transpose(3, 2, 0, 1).reshape(value.shape[1], -1)
     return value
 
 
@@ -102,15 +145,24 @@ def _from_torch_layout(value: np.ndarray, layout: str) -> np.ndarray:
         return value.transpose(2, 3, 1, 0)
     if layout == "dense":
         return value.T
+    if layout == "dense_pooled":
+        side = vgg.POOLED_SIZE
+        channels = value.shape[1] // side**2
+        return value.reshape(-1, channels, side, side).transpose(2, 3, 1, 0).reshape(-1, value.shape[0])
     return value
 
 
-def _check_torchvision_layout(model: models.ResNet) -> None:
+def _check_torchvision_layout(model: models.ResNet | vgg.VGG) -> None:
+    if isinstance(model, vgg.VGG):
+        return  # every VGG here has torchvision's layout; a different width fails on shapes
     blocks = [block for _, block, _ in _blocks(model)]
     if not model.max_pool or len(model.stages) != 4:
         raise ValueError("torchvision ResNets are ImageNet networks: create one with create('resnetN', ...)")
     if any(not block.residual for block in blocks):
         raise ValueError("torchvision has no plain networks: create a residual one ('resnetN')")
+    if model.block_order != "post" or any(block.gate is not None for block in blocks):
+        raise ValueError("torchvision ResNets have the paper's blocks: create the model with "
+                         "block_order='post' and gate='none'")
     reshaping = [b.stride != 1 or b.conv1.in_features != b.out_features for b in blocks]
     if any((b.projection is None) == reshapes for b, reshapes in zip(blocks, reshaping)):
         raise ValueError("torchvision ResNets use shortcut='B': create the model with shortcut='B'")
@@ -120,12 +172,13 @@ def _check_torchvision_layout(model: models.ResNet) -> None:
                              "model with stride_on='3x3'")
 
 
-def from_torchvision(model: models.ResNet, state_dict: Mapping[str, Any]) -> None:
-    """Loads a torchvision ResNet's state dict (torch tensors or numpy arrays) into `model`.
+def from_torchvision(model: models.ResNet | vgg.VGG, state_dict: Mapping[str, Any]) -> None:
+    """Loads a torchvision ResNet's or VGG's state dict (torch tensors or numpy arrays) into `model`.
 
     `model` must be `create("resnetN", stride_on="3x3", shortcut="B")` of the same depth and
-    class count. Every parameter and BN running statistic is loaded; a missing, unexpected or
-    misshapen key raises a ValueError that names it. Nothing is changed unless all keys fit.
+    class count, or `create("vgg16")` (and so on) of the same name and class count. Every
+    parameter and BN running statistic is loaded; a missing, unexpected or misshapen key raises
+    a ValueError that names it. Nothing is changed unless all keys fit.
     """
     _check_torchvision_layout(model)
     expected = list(_tensors(model))
@@ -146,8 +199,8 @@ def from_torchvision(model: models.ResNet, state_dict: Mapping[str, Any]) -> Non
     _write(loaded)
 
 
-def to_torchvision(model: models.ResNet) -> dict[str, np.ndarray]:
-    """The model's weights as a torchvision ResNet state dict of numpy arrays.
+def to_torchvision(model: models.ResNet | vgg.VGG) -> dict[str, np.ndarray]:
+    """The model's weights as a torchvision ResNet or VGG state dict of numpy arrays.
 
     The BN counters `num_batches_tracked` are included as 0 so that torch's strict
     `load_state_dict` accepts the dict (`{k: torch.from_numpy(v) for k, v in d.items()}`).
@@ -165,8 +218,8 @@ def transfer(source: models.ResNet, target: models.ResNet) -> None:
     """Copies every parameter and BN statistic of `source` into `target`: the same network
     (name and options) in either layout, scanned (`scan_blocks=True`) or unrolled.
 
-    Works for every network, CIFAR and plain ones included. A checkpoint written by one layout
-    is read into a model of that layout and transferred to the other.
+    Works for every network: CIFAR, plain and VGG ones, every block order and gate. A checkpoint
+    written by one layout is read into a model of that layout and transferred to the other.
     """
     sources = {key: (variable, index) for key, variable, index, _ in _tensors(source)}
     loaded = []

@@ -7,6 +7,7 @@ option of every network (stride placement, projections, scanned stages) without 
 architecture; nothing is run.
 """
 
+import collections
 import math
 from typing import Any
 
@@ -26,6 +27,12 @@ def count_macs(model: nnx.Module, image_size: int | tuple[int, int] = 224) -> in
     The model is traced in eval mode on a copy, so `model` is left as it was; an abstract model
     (`nnx.eval_shape`) works as well as a real one.
     """
+    return sum(macs_by_kind(model, image_size).values())
+
+
+def macs_by_kind(model: nnx.Module, image_size: int | tuple[int, int] = 224) -> dict[str, int]:
+    """`count_macs` split into {"conv": convolutions, "dense": fully connected layers}: VGG's
+    convolutions alone are the count usually quoted for it (15.3e9 for VGG-16)."""
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     graphdef, state = nnx.split(model)
 
@@ -35,35 +42,37 @@ def count_macs(model: nnx.Module, image_size: int | tuple[int, int] = 224) -> in
         return copy(images)
 
     images = jax.ShapeDtypeStruct((1, height, width, model.in_channels), jnp.float32)
-    return _macs(jax.make_jaxpr(forward)(state, images).jaxpr)
+    counts = _macs(jax.make_jaxpr(forward)(state, images).jaxpr)
+    return {"conv": counts["conv"], "dense": counts["dense"]}
 
 
-def _macs(jaxpr: Any) -> int:
-    total = 0
+def _macs(jaxpr: Any) -> collections.Counter:
+    total = collections.Counter()
     for eqn in jaxpr.eqns:
         out = math.prod(eqn.outvars[0].aval.shape) if eqn.outvars else 0
         if eqn.primitive.name == "conv_general_dilated":
             # Each output element sums (input features per group) x (kernel window) products.
             kernel = eqn.invars[1].aval.shape
             out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
-            total += out * math.prod(kernel) // kernel[out_feature_dim]
+            total["conv"] += out * math.prod(kernel) // kernel[out_feature_dim]
         elif eqn.primitive.name == "dot_general":
             (contracting, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
-            total += out * math.prod(lhs[d] for d in contracting)
+            total["dense"] += out * math.prod(lhs[d] for d in contracting)
         else:
             total += _nested_macs(eqn)
     return total
 
 
-def _nested_macs(eqn: Any) -> int:
+def _nested_macs(eqn: Any) -> collections.Counter:
     """Multiply-adds inside the sub-programs of jit, scan, remat, cond and custom derivatives."""
     subs = [p for value in eqn.params.values()
             for p in (value if isinstance(value, (tuple, list)) else [value])
             if isinstance(p, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr))]
     counts = [_macs(getattr(sub, "jaxpr", sub)) for sub in subs]
     if not counts:
-        return 0
+        return collections.Counter()
     if eqn.primitive.name == "cond":  # one branch runs
-        return max(counts)
-    return sum(counts) * eqn.params.get("length", 1)  # scan runs its body `length` times
+        return max(counts, key=lambda count: sum(count.values()))
+    repeat = eqn.params.get("length", 1)  # scan runs its body `length` times
+    return collections.Counter({kind: n * repeat for kind, n in sum(counts, collections.Counter()).items()})

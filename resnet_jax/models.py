@@ -2,7 +2,11 @@
 
 He, Zhang, Ren and Sun, "Deep Residual Learning for Image Recognition" (arXiv:1512.03385):
 the ImageNet networks of Table 1, the CIFAR-10 networks of Sec. 4.2, the shortcut options A, B
-and C of Sec. 3.3, and the plain networks of Table 2 and Fig. 6.
+and C of Sec. 3.3, and the plain networks of Table 2 and Fig. 6. The variants that later papers
+test: pre-activation blocks and bottleneck CIFAR networks (He et al. 2016, "Identity Mappings
+in Deep Residual Networks"), the block orders of Gross and Wilber 2016, highway gates
+(Srivastava et al. 2015), and lesioned blocks (Veit et al. 2016); `create` also makes the VGG
+baselines of Sec. 3.3 and Table 3 (`resnet_jax.vgg`).
 
     model = create("resnet50", num_classes=1000, rngs=nnx.Rngs(0), stride_on="3x3")
     logits = model(images)              # NHWC; model.train() / model.eval() switch BN
@@ -10,23 +14,26 @@ and C of Sec. 3.3, and the plain networks of Table 2 and Fig. 6.
 
 `scan_blocks=True` runs the identical blocks of each stage as one scanned block and
 `remat=True` recomputes each block's activations in the backward pass (see `ResNet`).
+`blocks(model)` lists the blocks in depth order; `block.lesioned = True` deletes a residual
+branch (see `Block`).
 """
 
-import dataclasses
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnet_jax import conv
+from resnet_jax import vgg
+from resnet_jax.layers import (BatchNorm, Layers, check_choice, check_images,  # noqa: F401
+                               check_positive_int, make_layers)
 
 SHORTCUTS = ("A", "B", "C")
 STRIDE_ON = ("1x1", "3x3")
-INIT_FANS = ("fan_in", "fan_out")
 STEMS = ("imagenet", "cifar")
-CONV_WEIGHT_GRADS = ("auto", "xla", "matmul")
+BLOCK_ORDERS = ("post", "pre", "no_final_relu", "bn_after_add")
+GATES = ("none", "highway")
 
 # Table 1: blocks per stage and block kind. 200 is He et al. 2016 ("Identity Mappings"), Sec. 4.
 IMAGENET_DEPTHS = {
@@ -40,123 +47,18 @@ IMAGENET_DEPTHS = {
 
 NAMES = (
     "resnet{18,34,50,101,152,200}, plain{18,34,50,101,152,200}, "
-    "cifar_resnet{6n+2}, cifar_plain{6n+2} (e.g. cifar_resnet20, cifar_plain56)"
+    "cifar_resnet{6n+2}, cifar_plain{6n+2} (e.g. cifar_resnet20, cifar_plain56; 9n+2 with "
+    "block='bottleneck'), vgg16, vgg19, vgg16_bn, vgg19_bn"
 )
 _NAME = re.compile(r"(resnet|plain|cifar_resnet|cifar_plain)(\d+)")
+_VGG_NAME = re.compile(r"vgg(16|19)(_bn)?")
 
 # What `create` lets a caller change; the name fixes the rest (depth, block kind, stem).
 OPTIONS = (
-    "shortcut", "stride_on", "zero_init_residual", "bn_momentum", "bn_epsilon", "bn_group_size",
-    "dtype", "param_dtype", "width", "init_fan", "in_channels", "scan_blocks", "remat",
-    "conv_weight_grad",
+    "block", "shortcut", "stride_on", "block_order", "gate", "gate_bias", "zero_init_residual",
+    "bn_momentum", "bn_epsilon", "bn_group_size", "dtype", "param_dtype", "width", "init_fan",
+    "in_channels", "scan_blocks", "remat", "conv_weight_grad",
 )
-
-
-def _check_choice(field: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-
-
-def _check_positive_int(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{field} must be a positive integer; got {value!r}")
-
-
-def _dtype(field: str, value: Any) -> jnp.dtype:
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError:
-        dtype = None
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{field} must be a floating dtype (float32, bfloat16, float16); got {value!r}")
-    return dtype
-
-
-class BatchNorm(nnx.Module):
-    """Batch normalisation (Ioffe and Szegedy 2015), after every convolution (Sec. 3.4).
-
-    In training the statistics are those of the whole batch, or, with `group_size`, of each
-    group of that many consecutive examples ("ghost" batch norm). The paper trained on 8 GPUs
-    with 32 images each and normalised per GPU (Sec. 3.4); `group_size=32` reproduces that,
-    and because each group lies on one device no cross-device reduction is needed. The running
-    statistics move towards the mean over groups: running = momentum * running +
-    (1 - momentum) * batch (Flax's convention; torch's momentum 0.1 is 0.9 here), the variance
-    unbiased. Statistics are computed in float32 whatever the compute dtype.
-    """
-
-    def __init__(self, features: int, *, momentum: float, epsilon: float,
-                 group_size: int | None, zero_init: bool, dtype: Any, param_dtype: Any):
-        self.scale = nnx.Param(jnp.full((features,), 0.0 if zero_init else 1.0, param_dtype))
-        self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
-        self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.group_size = group_size
-        self.dtype = dtype
-        self.use_running_average = False
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        if self.use_running_average:
-            mean, var = self.mean[...], self.var[...]
-        else:
-            batch, channels = x.shape[0], x.shape[-1]
-            group = self.group_size or batch
-            if batch % group:
-                raise ValueError(f"bn_group_size={group} must divide the batch size {batch}")
-            x32 = x32.reshape((batch // group, group) + x.shape[1:])
-            axes = tuple(range(1, x32.ndim - 1))
-            mean = x32.mean(axes, keepdims=True)
-            var = jnp.square(x32 - mean).mean(axes, keepdims=True)
-            # The running variance is the unbiased estimate, as Caffe's and torch's BN keep it.
-            count = x32.size // x32.shape[0] // channels
-            unbiased = var * (count / max(count - 1, 1))
-            keep = self.momentum
-            self.mean[...] = keep * self.mean[...] + (1 - keep) * mean.reshape(-1, channels).mean(0)
-            self.var[...] = keep * self.var[...] + (1 - keep) * unbiased.reshape(-1, channels).mean(0)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        y = y.reshape(x.shape) * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class Layers:
-    """Makes every convolution and BN of a network, with the options they all share.
-
-    Convolutions have no bias (BN follows each) and symmetric padding of (k - 1) // 2, as the
-    paper's Caffe models and torchvision: "SAME" padding would pad asymmetrically at stride 2
-    and shift every feature map by one pixel against converted weights. Their kernels are
-    initialised as the paper's reference [13] (He et al. 2015, "Delving Deep into Rectifiers",
-    Eq. 10): a zero-mean Gaussian of standard deviation sqrt(2 / n), with n = k * k * (input
-    channels) ("fan_in", [13]'s forward case and Caffe's MSRA filler) or k * k * (output
-    channels) ("fan_out", [13]'s backward case, torchvision's choice).
-    """
-
-    bn_momentum: float
-    bn_epsilon: float
-    bn_group_size: int | None
-    dtype: Any
-    param_dtype: Any
-    init_fan: str
-    conv_weight_grad: str = "xla"
-
-    def conv(self, in_features: int, out_features: int, size: int, stride: int,
-             rngs: nnx.Rngs) -> nnx.Conv:
-        pad = (size - 1) // 2
-        return nnx.Conv(
-            in_features, out_features, (size, size), (stride, stride),
-            padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=jax.nn.initializers.variance_scaling(2.0, self.init_fan, "normal"),
-            conv_general_dilated=(conv.conv_general_dilated if self.conv_weight_grad == "matmul"
-                                  else jax.lax.conv_general_dilated),
-            rngs=rngs)
-
-    def bn(self, features: int, zero_init: bool = False) -> BatchNorm:
-        return BatchNorm(features, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                         group_size=self.bn_group_size, zero_init=zero_init, dtype=self.dtype,
-                         param_dtype=self.param_dtype)
 
 
 def zero_padding_shortcut(x: jax.Array, out_features: int, stride: int) -> jax.Array:
@@ -169,15 +71,38 @@ def zero_padding_shortcut(x: jax.Array, out_features: int, stride: int) -> jax.A
 
 
 class Projection(nnx.Module):
-    """Options B and C (Sec. 3.3, Eq. 2): W_s x, a 1x1 convolution with the block's stride, then BN."""
+    """Options B and C (Sec. 3.3, Eq. 2): W_s x, a 1x1 convolution with the block's stride, then BN.
+
+    Pre-activation blocks project without a BN (`normalise=False`), as He et al. 2016's code:
+    the sum it joins is normalised by the next block's pre-activation.
+    """
 
     def __init__(self, in_features: int, out_features: int, stride: int, layers: Layers,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, normalise: bool = True):
         self.conv = layers.conv(in_features, out_features, 1, stride, rngs)
-        self.bn = layers.bn(out_features)
+        self.bn = layers.bn(out_features) if normalise else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.bn(self.conv(x))
+        x = self.conv(x)
+        return x if self.bn is None else self.bn(x)
+
+
+class HighwayGate(nnx.Module):
+    """The transform gate of highway networks (Srivastava, Greff and Schmidhuber 2015, Sec. 2),
+    T(x) = sigmoid(W_T x + b_T), here a 1x1 convolution of the block's input with the block's
+    stride and output channels, so that it matches F(x) and the shortcut at every position and
+    channel (He et al. 2016, "Identity Mappings", Sec. 3.1, "exclusive gating", Fig. 2c).
+
+    b_T starts at `bias`; a negative one makes a new block mostly carry its shortcut
+    (Srivastava et al., Sec. 2.2).
+    """
+
+    def __init__(self, in_features: int, out_features: int, stride: int, bias: float,
+                 layers: Layers, rngs: nnx.Rngs):
+        self.conv = layers.conv(in_features, out_features, 1, stride, rngs, bias=bias)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.sigmoid(self.conv(x))
 
 
 class Block(nnx.Module):
@@ -186,31 +111,127 @@ class Block(nnx.Module):
     The shortcut: option A pads with zeros where the shape changes; option B projects only there
     and is the identity elsewhere; option C projects in every block. A plain block
     (`residual=False`, Sec. 4.1 "Plain Networks") is relu(F(x)): no shortcut, no addition.
-    Subclasses make the layers of F and define `branch`.
+    Subclasses give the convolutions of F (`convolutions`); this class orders them with BN and
+    ReLU as `order` says (see `block_order` in `ResNet`):
+
+      post            conv-BN-ReLU ... conv-BN, add, ReLU                 (the paper, Fig. 2)
+      pre             BN-ReLU-conv ... BN-ReLU-conv, add                  (He et al. 2016)
+      no_final_relu   conv-BN-ReLU ... conv-BN, add                       (Gross and Wilber 2016)
+      bn_after_add    conv-BN-ReLU ... conv, add, BN, ReLU                (Gross and Wilber 2016)
+
+    In "pre", the first BN-ReLU of a block whose shortcut projects is shared by the branch and
+    the projection (He et al. 2016's code: the projection reads the pre-activated input); an
+    identity or option-A shortcut carries the raw input, so that the path of identities from
+    block to block holds nothing else. `preactivated=True` (the first block after the ImageNet
+    stem, which ends in BN-ReLU) leaves out the block's first BN-ReLU, as that code does. A
+    plain "pre" block is F(x) alone: stacked, BN-ReLU-conv layers.
+
+    With `gate` (a `HighwayGate`), the addition is T(x) F(x) + (1 - T(x)) shortcut(x), T read
+    off the block's input x as it arrives (in "pre", before its BN-ReLU).
+
+    `lesioned` (a plain attribute, not a parameter; Veit, Wilber and Belongie 2016) deletes the
+    residual branch: the block computes only what its order applies to the shortcut after the
+    addition, e.g. relu(shortcut(x)) in "post"; the gate goes with the branch. A lesioned plain
+    block is the identity, which only a block that keeps the shape of its input can be.
     """
 
-    def _init_shortcut(self, in_features: int, out_features: int, stride: int, shortcut: str,
-                       residual: bool, layers: Layers, rngs: nnx.Rngs) -> None:
-        self.residual = residual
-        self.stride = stride
-        self.out_features = out_features
-        reshapes = stride != 1 or in_features != out_features
-        projects = residual and (shortcut == "C" or (shortcut == "B" and reshapes))
-        self.projection = Projection(in_features, out_features, stride, layers, rngs) if projects else None
+    expansion = 1
 
-    def branch(self, x: jax.Array) -> jax.Array:
+    def __init__(self, in_features: int, filters: int, stride: int, *, shortcut: str,
+                 residual: bool, zero_init_residual: bool, stride_on: str, layers: Layers,
+                 rngs: nnx.Rngs, order: str = "post", gate: str = "none",
+                 gate_bias: float = -2.0, preactivated: bool = False):
+        shapes = self.convolutions(in_features, filters, stride, stride_on)
+        self.depth = len(shapes)
+        for k, (cin, cout, size, conv_stride) in enumerate(shapes, 1):
+            setattr(self, f"conv{k}", layers.conv(cin, cout, size, conv_stride, rngs))
+            if order == "pre":  # each BN normalises its convolution's input
+                bn = None if k == 1 and preactivated else layers.bn(cin)
+            else:
+                bn = layers.bn(cout, zero_init=k == self.depth and zero_init_residual)
+            setattr(self, f"bn{k}", bn)
+        out_features = shapes[-1][1]
+        self.residual = residual
+        self.order = order
+        self.stride = stride
+        self.in_features = in_features
+        self.out_features = out_features
+        self.lesioned = False
+        projects = residual and (shortcut == "C" or (shortcut == "B" and self.reshapes))
+        self.projection = (Projection(in_features, out_features, stride, layers, rngs,
+                                      normalise=order != "pre") if projects else None)
+        self.gate = (HighwayGate(in_features, out_features, stride, gate_bias, layers, rngs)
+                     if gate == "highway" else None)
+
+    def convolutions(self, in_features: int, filters: int, stride: int,
+                     stride_on: str) -> list[tuple[int, int, int, int]]:
+        """(input channels, output channels, kernel size, stride) of each convolution of F."""
         raise NotImplementedError
 
-    def shortcut(self, x: jax.Array) -> jax.Array:
+    @property
+    def reshapes(self) -> bool:
+        """Whether the output's shape differs from the input's (down-sampling or widening)."""
+        return self.stride != 1 or self.in_features != self.out_features
+
+    def _preactivate(self, x: jax.Array) -> jax.Array:
+        return x if self.bn1 is None else nnx.relu(self.bn1(x))
+
+    def branch(self, x: jax.Array) -> jax.Array:
+        """F(x). In "pre", x is the pre-activated input (after the first BN-ReLU); in
+        "bn_after_add", F ends at its last convolution (its BN follows the addition)."""
+        for k in range(1, self.depth + 1):
+            conv, bn = getattr(self, f"conv{k}"), getattr(self, f"bn{k}")
+            if self.order == "pre":
+                x = conv(x if k == 1 else nnx.relu(bn(x)))
+            else:
+                x = conv(x)
+                if k < self.depth:
+                    x = nnx.relu(bn(x))
+                elif self.order != "bn_after_add":
+                    x = bn(x)
+        return x
+
+    def shortcut(self, x: jax.Array, preactivated: jax.Array | None = None) -> jax.Array:
+        """The projection of `preactivated` (in "pre") or of x, else option A's padded identity."""
         if self.projection is not None:
-            return self.projection(x)
+            return self.projection(x if preactivated is None else preactivated)
         return zero_padding_shortcut(x, self.out_features, self.stride)
 
+    def after_addition(self, y: jax.Array) -> jax.Array:
+        """What the order applies to the sum (or the gated mix) of branch and shortcut."""
+        if self.order == "post":
+            return nnx.relu(y)
+        if self.order == "bn_after_add":
+            return nnx.relu(getattr(self, f"bn{self.depth}")(y))
+        return y  # "pre" and "no_final_relu": nothing on the identity path
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.branch(x)
-        if self.residual:
-            y = y + self.shortcut(x)
-        return nnx.relu(y)
+        if self.lesioned:
+            return self._lesioned(x)
+        pre = self.order == "pre"
+        inner = self._preactivate(x) if pre else x
+        y = self.branch(inner)
+        if not self.residual:
+            return y if pre else nnx.relu(y)
+        carried = self.shortcut(x, inner if pre else None)
+        if self.gate is not None:
+            transform = self.gate(x)
+            y = transform * y + (1 - transform) * carried
+        else:
+            y = y + carried
+        return self.after_addition(y)
+
+    def _lesioned(self, x: jax.Array) -> jax.Array:
+        if not self.residual:
+            if self.reshapes:
+                raise ValueError(
+                    f"a lesioned plain block is the identity, and this one changes the shape "
+                    f"({self.in_features} -> {self.out_features} channels, stride {self.stride}): "
+                    f"a plain network has no shortcut to keep")
+            return x
+        # In "pre" a projection reads the pre-activated input, so that BN-ReLU stays with it.
+        preactivated = self._preactivate(x) if self.order == "pre" and self.projection else None
+        return self.after_addition(self.shortcut(x, preactivated))
 
 
 class BasicBlock(Block):
@@ -221,19 +242,9 @@ class BasicBlock(Block):
 
     expansion = 1
 
-    def __init__(self, in_features: int, filters: int, stride: int, *, shortcut: str,
-                 residual: bool, zero_init_residual: bool, stride_on: str, layers: Layers,
-                 rngs: nnx.Rngs):
+    def convolutions(self, in_features, filters, stride, stride_on):
         del stride_on  # one place for the stride only
-        self.conv1 = layers.conv(in_features, filters, 3, stride, rngs)
-        self.bn1 = layers.bn(filters)
-        self.conv2 = layers.conv(filters, filters, 3, 1, rngs)
-        self.bn2 = layers.bn(filters, zero_init=zero_init_residual)
-        self._init_shortcut(in_features, filters, stride, shortcut, residual, layers, rngs)
-
-    def branch(self, x: jax.Array) -> jax.Array:
-        x = nnx.relu(self.bn1(self.conv1(x)))
-        return self.bn2(self.conv2(x))
+        return [(in_features, filters, 3, stride), (filters, filters, 3, 1)]
 
 
 class BottleneckBlock(Block):
@@ -247,23 +258,10 @@ class BottleneckBlock(Block):
 
     expansion = 4
 
-    def __init__(self, in_features: int, filters: int, stride: int, *, shortcut: str,
-                 residual: bool, zero_init_residual: bool, stride_on: str, layers: Layers,
-                 rngs: nnx.Rngs):
+    def convolutions(self, in_features, filters, stride, stride_on):
         stride_1x1, stride_3x3 = (stride, 1) if stride_on == "1x1" else (1, stride)
-        out_features = filters * self.expansion
-        self.conv1 = layers.conv(in_features, filters, 1, stride_1x1, rngs)
-        self.bn1 = layers.bn(filters)
-        self.conv2 = layers.conv(filters, filters, 3, stride_3x3, rngs)
-        self.bn2 = layers.bn(filters)
-        self.conv3 = layers.conv(filters, out_features, 1, 1, rngs)
-        self.bn3 = layers.bn(out_features, zero_init=zero_init_residual)
-        self._init_shortcut(in_features, out_features, stride, shortcut, residual, layers, rngs)
-
-    def branch(self, x: jax.Array) -> jax.Array:
-        x = nnx.relu(self.bn1(self.conv1(x)))
-        x = nnx.relu(self.bn2(self.conv2(x)))
-        return self.bn3(self.conv3(x))
+        return [(in_features, filters, 1, stride_1x1), (filters, filters, 3, stride_3x3),
+                (filters, filters * self.expansion, 1, 1)]
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
@@ -336,8 +334,25 @@ class ResNet(nnx.Module):
     Options:
       shortcut: "A", "B" or "C" (Sec. 3.3). residual: False gives the plain network.
       stride_on: "1x1" (the paper) or "3x3" (v1.5, torchvision), bottleneck blocks only.
+      block_order: where BN and ReLU sit around the convolutions and the addition (`Block`):
+        "post" (the paper, Fig. 2); "pre", full pre-activation (He, Zhang, Ren and Sun 2016,
+        "Identity Mappings in Deep Residual Networks", Fig. 1b and 4e); "no_final_relu" and
+        "bn_after_add", the variants of Gross and Wilber 2016 ("Training and investigating
+        Residual Nets"), the latter of which they found to hurt. In "pre" a BN-ReLU follows the
+        last stage (before pooling); the CIFAR stem is its convolution alone, since the first
+        block pre-activates, and the ImageNet stem keeps BN-ReLU and the max-pool while the
+        first block leaves out its own first BN-ReLU (the Torch code of He et al. 2016,
+        fb.resnet.torch's preresnet). Plain networks take "post" (conv-BN-ReLU layers) or
+        "pre" (BN-ReLU-conv layers, with the final BN-ReLU); the other two change only what
+        follows an addition, which plain networks lack.
+      gate: "none", or "highway": each residual block computes T(x) F(x) + (1 - T(x)) s(x),
+        T a `HighwayGate` (Srivastava et al. 2015; He et al. 2016's "exclusive gating"), then
+        what its order applies after the addition. Residual networks only.
+      gate_bias: the initial bias of every gate; -2.0 (T about 0.12: a new block mostly carries
+        its shortcut, as Srivastava et al., Sec. 2.2, advise with "-1, -3 etc.").
       zero_init_residual: start each block's last BN scale at 0, so that every residual block
-        starts as the identity (Goyal et al. 2017; a later practice, not the paper's).
+        starts as the identity (Goyal et al. 2017; a later practice, not the paper's). Not with
+        "pre" (the branch ends in a convolution) or "bn_after_add" (the BN follows the sum).
       bn_momentum, bn_epsilon, bn_group_size: see `BatchNorm`.
       dtype: compute dtype; param_dtype: parameter dtype. Logits are float32.
       init_fan: "fan_in" or "fan_out", see `Layers`. The classifier keeps Flax's default init
@@ -359,42 +374,52 @@ class ResNet(nnx.Module):
 
     def __init__(self, stage_sizes: tuple[int, ...], *, block: str, stem: str, num_classes: int,
                  rngs: nnx.Rngs, width: int = 64, shortcut: str = "B", residual: bool = True,
-                 stride_on: str = "1x1", zero_init_residual: bool = False,
+                 stride_on: str = "1x1", block_order: str = "post", gate: str = "none",
+                 gate_bias: float = -2.0, zero_init_residual: bool = False,
                  bn_momentum: float = 0.9, bn_epsilon: float = 1e-5,
                  bn_group_size: int | None = None, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, init_fan: str = "fan_in", in_channels: int = 3,
                  scan_blocks: bool = False, remat: bool = False, conv_weight_grad: str = "auto"):
-        _check_choice("block", block, tuple(BLOCKS))
-        _check_choice("stem", stem, STEMS)
-        _check_choice("shortcut", shortcut, SHORTCUTS)
-        _check_choice("stride_on", stride_on, STRIDE_ON)
-        _check_choice("init_fan", init_fan, INIT_FANS)
-        _check_choice("conv_weight_grad", conv_weight_grad, CONV_WEIGHT_GRADS)
-        if conv_weight_grad == "auto":
-            conv_weight_grad = "matmul" if jax.default_backend() == "cpu" else "xla"
+        check_choice("block", block, tuple(BLOCKS))
+        check_choice("stem", stem, STEMS)
+        check_choice("shortcut", shortcut, SHORTCUTS)
+        check_choice("stride_on", stride_on, STRIDE_ON)
+        check_choice("block_order", block_order, BLOCK_ORDERS)
+        check_choice("gate", gate, GATES)
+        if not residual and block_order not in ("post", "pre"):
+            raise ValueError(f"block_order={block_order!r} changes what follows the addition, and "
+                             f"plain networks have none: use 'post' or 'pre'")
+        if not residual and gate != "none":
+            raise ValueError(f"gate={gate!r} needs a residual network: a plain network has no "
+                             f"shortcut to carry")
+        if isinstance(gate_bias, bool) or not isinstance(gate_bias, (int, float)):
+            raise ValueError(f"gate_bias must be a number; got {gate_bias!r}")
+        if zero_init_residual and block_order in ("pre", "bn_after_add"):
+            raise ValueError(f"zero_init_residual zeroes the BN that ends each branch, and "
+                             f"block_order={block_order!r} has none there: use 'post' or "
+                             f"'no_final_relu'")
         for field, value in [("num_classes", num_classes), ("width", width),
                              ("in_channels", in_channels), *(("stage_sizes", n) for n in stage_sizes)]:
-            _check_positive_int(field, value)
-        if bn_group_size is not None:
-            _check_positive_int("bn_group_size", bn_group_size)
-        if not 0.0 <= bn_momentum < 1.0:
-            raise ValueError(f"bn_momentum must be in [0, 1); got {bn_momentum!r}")
-        if not bn_epsilon > 0.0:
-            raise ValueError(f"bn_epsilon must be positive; got {bn_epsilon!r}")
+            check_positive_int(field, value)
         for field, value in [("scan_blocks", scan_blocks), ("remat", remat)]:
             if not isinstance(value, bool):
                 raise ValueError(f"{field} must be True or False; got {value!r}")
-        layers = Layers(bn_momentum, bn_epsilon, bn_group_size, _dtype("dtype", dtype),
-                        _dtype("param_dtype", param_dtype), init_fan, conv_weight_grad)
+        layers = make_layers(bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
+                             bn_group_size=bn_group_size, dtype=dtype, param_dtype=param_dtype,
+                             init_fan=init_fan, conv_weight_grad=conv_weight_grad)
 
+        pre = block_order == "pre"
         self.in_channels = in_channels
         self.dtype = layers.dtype
         self.scan_blocks = scan_blocks
         self.remat = remat
+        self.block_order = block_order
         self.max_pool = stem == "imagenet"
+        # Image size / size of the last maps: what an input must at least measure.
+        self.total_stride = (4 if self.max_pool else 1) * 2 ** (len(stage_sizes) - 1)
         self.conv1 = layers.conv(in_channels, width, 7 if self.max_pool else 3,
                                  2 if self.max_pool else 1, rngs)
-        self.bn1 = layers.bn(width)
+        self.bn1 = None if pre and not self.max_pool else layers.bn(width)
         block_class = BLOCKS[block]
         features = width
         self.stages = nnx.List()
@@ -405,30 +430,30 @@ class ResNet(nnx.Module):
                 stage.append(block_class(
                     features, filters, 2 if i > 0 and j == 0 else 1, shortcut=shortcut,
                     residual=residual, zero_init_residual=zero_init_residual,
-                    stride_on=stride_on, layers=layers, rngs=rngs))
+                    stride_on=stride_on, layers=layers, rngs=rngs, order=block_order, gate=gate,
+                    gate_bias=float(gate_bias), preactivated=pre and self.bn1 is not None and i + j == 0))
                 features = filters * block_class.expansion
             if scan_blocks and len(stage) > 2:  # a scan of one block would gain nothing
                 stage = nnx.List([stage[0], ScannedBlocks.stack(list(stage[1:]), remat)])
             self.stages.append(stage)
+        # Pre-activation: the sum that leaves the last block has not been normalised yet.
+        self.bn_final = layers.bn(features) if pre else None
         self.fc = nnx.Linear(features, num_classes, dtype=layers.dtype,
                              param_dtype=layers.param_dtype, rngs=rngs)
-
-    def _check_input(self, x: jax.Array) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"input must be a batch of images, NHWC (rank 4); got shape {tuple(x.shape)}")
-        if x.shape[-1] != self.in_channels:
-            raise ValueError(f"input must have in_channels={self.in_channels} channels (NHWC, last "
-                             f"axis); got shape {tuple(x.shape)}")
 
     def features(self, x: jax.Array) -> dict[str, jax.Array]:
         """Feature maps for users who build on the backbone (detection, segmentation).
 
-        "stem": conv1 after BN and ReLU (stride 2 for ImageNet, before the max-pool);
-        "stage1".."stageN": each stage's output (for ImageNet, Table 1's conv2_x..conv5_x at
-        strides 4, 8, 16, 32); "pooled": the globally average-pooled vector before the classifier.
+        "stem": conv1 after BN and ReLU (stride 2 for ImageNet, before the max-pool; for the
+        pre-activation CIFAR stem, conv1 alone); "stage1".."stageN": each stage's output (for
+        ImageNet, Table 1's conv2_x..conv5_x at strides 4, 8, 16, 32); "pooled": the globally
+        average-pooled vector before the classifier (in "pre", of the last stage after the final
+        BN-ReLU).
         """
-        self._check_input(x)
-        x = nnx.relu(self.bn1(self.conv1(x.astype(self.dtype))))
+        check_images(x, self.in_channels)
+        x = self.conv1(x.astype(self.dtype))
+        if self.bn1 is not None:
+            x = nnx.relu(self.bn1(x))
         maps = {"stem": x}
         if self.max_pool:
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -436,6 +461,8 @@ class ResNet(nnx.Module):
             for block in stage:
                 x = block(x) if isinstance(block, ScannedBlocks) else _run_block(block, x, self.remat)
             maps[f"stage{i}"] = x
+        if self.bn_final is not None:
+            x = nnx.relu(self.bn_final(x))
         maps["pooled"] = x.mean(axis=(1, 2))
         return maps
 
@@ -443,14 +470,40 @@ class ResNet(nnx.Module):
         return self.fc(self.features(x)["pooled"]).astype(jnp.float32)
 
 
-def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> ResNet:
+class BlockInfo(NamedTuple):
+    name: str           # "stage2.0": stage (from 1, as `features`) and block (from 0)
+    block: Block
+    downsamples: bool   # halves the map (the first block of every stage but the first)
+    reshapes: bool      # its output's shape differs from its input's (down-samples or widens)
+
+
+def blocks(model: ResNet) -> list[BlockInfo]:
+    """The blocks of an unscanned network in depth order, for tools that look at or change them
+    one at a time (lesion studies: `info.block.lesioned = True`, Veit et al. 2016)."""
+    if model.scan_blocks:
+        raise ValueError("models.blocks needs an unscanned model (scan_blocks=False): a scanned "
+                         "stage runs its blocks as one; create the model with scan_blocks=False "
+                         "and copy the weights in with convert.transfer(scanned, unscanned)")
+    return [BlockInfo(f"stage{i}.{j}", block, block.stride != 1, block.reshapes)
+            for i, stage in enumerate(model.stages, 1) for j, block in enumerate(stage)]
+
+
+def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> nnx.Module:
     """The network called `name` (see NAMES), with the paper's choices unless overridden.
 
     ImageNet networks (Table 1) default to option B shortcuts (the paper's choice for the deeper
     nets, Sec. 3.3 and Table 3) and the stride on the 1x1 convolution; CIFAR networks (Sec. 4.2)
     have 6n + 2 weighted layers, 16/32/64 filters and option A shortcuts. Plain networks are the
     same stacks with no shortcut. `overrides` are any of OPTIONS (see `ResNet`).
+
+    `block="bottleneck"` gives the CIFAR networks of He et al. 2016 ("Identity Mappings",
+    Sec. 4.1): three stages of n bottleneck blocks, 16/32/64 filters (x4 out), 9n + 2 weighted
+    layers (ResNet-164: n = 18; ResNet-1001: n = 111). ImageNet networks take their block kind
+    from Table 1. VGG networks (vgg16, vgg19, and with BN vgg16_bn, vgg19_bn) are
+    `resnet_jax.vgg.VGG` and take VGG_OPTIONS.
     """
+    if isinstance(name, str) and _VGG_NAME.fullmatch(name):
+        return vgg.create(name, num_classes=num_classes, rngs=rngs, **overrides)
     match = _NAME.fullmatch(name) if isinstance(name, str) else None
     if match is None:
         raise ValueError(f"unknown model name {name!r}; known: {NAMES}")
@@ -458,17 +511,25 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> 
     unknown = sorted(set(overrides) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown model option {unknown[0]!r}; known: {', '.join(OPTIONS)}")
+    block = overrides.pop("block", None)
     if family.startswith("cifar"):
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"CIFAR depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, "
-                             f"1202, ...); got {depth} in {name!r}")
-        n = (depth - 2) // 6
-        defaults = dict(stage_sizes=(n, n, n), block="basic", stem="cifar", width=16, shortcut="A")
+        block = "basic" if block is None else block
+        check_choice("block", block, tuple(BLOCKS))
+        layers_per_block = 2 if block == "basic" else 3
+        n, rest = divmod(depth - 2, 3 * layers_per_block)
+        if n < 1 or rest:
+            examples = "8, 14, 20, 32, 44, 56, 110, 1202" if block == "basic" else "11, 20, 29, 164, 1001"
+            raise ValueError(f"CIFAR depth with {block} blocks must be {3 * layers_per_block}n+2 "
+                             f"with n >= 1 ({examples}, ...); got {depth} in {name!r}")
+        defaults = dict(stage_sizes=(n, n, n), block=block, stem="cifar", width=16, shortcut="A")
     else:
         if depth not in IMAGENET_DEPTHS:
             raise ValueError(f"ImageNet depth must be one of {', '.join(map(str, IMAGENET_DEPTHS))}; "
                              f"got {depth} in {name!r}")
-        stage_sizes, block = IMAGENET_DEPTHS[depth]
-        defaults = dict(stage_sizes=stage_sizes, block=block, stem="imagenet", width=64, shortcut="B")
+        stage_sizes, kind = IMAGENET_DEPTHS[depth]
+        if block not in (None, kind):
+            raise ValueError(f"block of {name} is {kind!r} (Table 1); only CIFAR networks choose "
+                             f"their block; got {block!r}")
+        defaults = dict(stage_sizes=stage_sizes, block=kind, stem="imagenet", width=64, shortcut="B")
     return ResNet(**{**defaults, **overrides}, residual=not family.endswith("plain"),
                   num_classes=num_classes, rngs=rngs)

@@ -60,7 +60,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
         logits = model(batch["image"])
         losses = cross_entropy(logits, batch["label"], label_smoothing)
-        return losses.mean(), (losses, logits, nnx.state(model, nnx.BatchStat))
+        return losses.mean(), (losses, logits, nnx.state(model, nnx.Not(nnx.Param)))
 
     (loss, (losses, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats)
@@ -104,7 +104,7 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: dict[str, jax.Ar
         top5_accuracy=(top5 == labels[:, None]).any(-1), mask=batch["mask"])
 
 
-def create_model(config: Any, num_classes: int) -> models.ResNet:
+def create_model(config: Any, num_classes: int) -> nnx.Module:
     return models.create(config.model.name, num_classes=num_classes, rngs=nnx.Rngs(config.seed),
                          **model_options(config))
 
@@ -191,7 +191,7 @@ class Setup:
     num_steps: int
     schedule: optax.Schedule
     tx: optax.GradientTransformation
-    model: models.ResNet
+    model: nnx.Module  # models.ResNet or vgg.VGG
 
 
 def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup:
@@ -222,8 +222,7 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
             model = create_model(config, info.num_classes)
         except (ValueError, TypeError) as error:  # its messages name the field inside `model`
             raise validate.SetupError(f"model: {validate.one_line(error)}") from error
-        total_stride = (4 if model.max_pool else 1) * 2 ** (len(model.stages) - 1)
-        validate.check_image_size(info.image_shape[0], total_stride, config.model.name)
+        validate.check_image_size(info.image_shape[0], model.total_stride, config.model.name)
         validate.check_workdir(workdir, config.to_json_best_effort(), allow_config_change)
     except (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError) as error:
         raise validate.SetupError(validate.one_line(error)) from error
@@ -240,7 +239,9 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
             "{workdir}", os.path.abspath(workdir)))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     writer = metrics.create_writer(workdir)
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    # batch_stats: every variable that is not a parameter. BN's statistics, and in networks with
+    # dropout (VGG) its random stream, whose counter each step moves on and checkpoints.
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
     model.eval()
     eval_graphdef = nnx.graphdef(model)
     replicated = sharding.replicated(mesh)

@@ -1,0 +1,156 @@
+"""The layers every network here is made of: batch normalisation and convolutions with the
+options they share (`Layers`), and the checks of option values, each a one-line ValueError that
+names the option. `models` (ResNets) and `vgg` build on this module.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from resnet_jax import conv
+
+INIT_FANS = ("fan_in", "fan_out")
+CONV_WEIGHT_GRADS = ("auto", "xla", "matmul")
+
+
+def check_choice(field: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def check_positive_int(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field} must be a positive integer; got {value!r}")
+
+
+def floating_dtype(field: str, value: Any) -> jnp.dtype:
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{field} must be a floating dtype (float32, bfloat16, float16); got {value!r}")
+    return dtype
+
+
+class BatchNorm(nnx.Module):
+    """Batch normalisation (Ioffe and Szegedy 2015), after every convolution (Sec. 3.4).
+
+    In training the statistics are those of the whole batch, or, with `group_size`, of each
+    group of that many consecutive examples ("ghost" batch norm). The paper trained on 8 GPUs
+    with 32 images each and normalised per GPU (Sec. 3.4); `group_size=32` reproduces that,
+    and because each group lies on one device no cross-device reduction is needed. The running
+    statistics move towards the mean over groups: running = momentum * running +
+    (1 - momentum) * batch (Flax's convention; torch's momentum 0.1 is 0.9 here), the variance
+    unbiased. Statistics are computed in float32 whatever the compute dtype.
+    """
+
+    def __init__(self, features: int, *, momentum: float, epsilon: float,
+                 group_size: int | None, zero_init: bool, dtype: Any, param_dtype: Any):
+        self.scale = nnx.Param(jnp.full((features,), 0.0 if zero_init else 1.0, param_dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.group_size = group_size
+        self.dtype = dtype
+        self.use_running_average = False
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            batch, channels = x.shape[0], x.shape[-1]
+            group = self.group_size or batch
+            if batch % group:
+                raise ValueError(f"bn_group_size={group} must divide the batch size {batch}")
+            x32 = x32.reshape((batch // group, group) + x.shape[1:])
+            axes = tuple(range(1, x32.ndim - 1))
+            mean = x32.mean(axes, keepdims=True)
+            var = jnp.square(x32 - mean).mean(axes, keepdims=True)
+            # The running variance is the unbiased estimate, as Caffe's and torch's BN keep it.
+            count = x32.size // x32.shape[0] // channels
+            unbiased = var * (count / max(count - 1, 1))
+            keep = self.momentum
+            self.mean[...] = keep * self.mean[...] + (1 - keep) * mean.reshape(-1, channels).mean(0)
+            self.var[...] = keep * self.var[...] + (1 - keep) * unbiased.reshape(-1, channels).mean(0)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y.reshape(x.shape) * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """Makes every convolution and BN of a network, with the options they all share.
+
+    Convolutions have no bias (BN follows each) and symmetric padding of (k - 1) // 2, as the
+    paper's Caffe models and torchvision: "SAME" padding would pad asymmetrically at stride 2
+    and shift every feature map by one pixel against converted weights. Their kernels are
+    initialised as the paper's reference [13] (He et al. 2015, "Delving Deep into Rectifiers",
+    Eq. 10): a zero-mean Gaussian of standard deviation sqrt(2 / n), with n = k * k * (input
+    channels) ("fan_in", [13]'s forward case and Caffe's MSRA filler) or k * k * (output
+    channels) ("fan_out", [13]'s backward case, torchvision's choice).
+    """
+
+    bn_momentum: float
+    bn_epsilon: float
+    bn_group_size: int | None
+    dtype: Any
+    param_dtype: Any
+    init_fan: str
+    conv_weight_grad: str = "xla"
+
+    def conv(self, in_features: int, out_features: int, size: int, stride: int,
+             rngs: nnx.Rngs, bias: float | None = None) -> nnx.Conv:
+        """A size x size convolution; with `bias`, it has a bias initialised to that value (the
+        highway gate's and VGG's convolutions, which no BN follows or which keep torchvision's)."""
+        pad = (size - 1) // 2
+        return nnx.Conv(
+            in_features, out_features, (size, size), (stride, stride),
+            padding=((pad, pad), (pad, pad)), use_bias=bias is not None, dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=jax.nn.initializers.variance_scaling(2.0, self.init_fan, "normal"),
+            bias_init=jax.nn.initializers.constant(0.0 if bias is None else bias),
+            conv_general_dilated=(conv.conv_general_dilated if self.conv_weight_grad == "matmul"
+                                  else jax.lax.conv_general_dilated),
+            rngs=rngs)
+
+    def bn(self, features: int, zero_init: bool = False) -> BatchNorm:
+        return BatchNorm(features, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                         group_size=self.bn_group_size, zero_init=zero_init, dtype=self.dtype,
+                         param_dtype=self.param_dtype)
+
+
+def make_layers(*, bn_momentum: float, bn_epsilon: float, bn_group_size: int | None, dtype: Any,
+                param_dtype: Any, init_fan: str, conv_weight_grad: str) -> Layers:
+    """`Layers` from the options a network's constructor takes, each checked.
+
+    conv_weight_grad "auto" is "matmul" when the default backend is the CPU and "xla" elsewhere
+    (see `resnet_jax.conv`).
+    """
+    check_choice("init_fan", init_fan, INIT_FANS)
+    check_choice("conv_weight_grad", conv_weight_grad, CONV_WEIGHT_GRADS)
+    if conv_weight_grad == "auto":
+        conv_weight_grad = "matmul" if jax.default_backend() == "cpu" else "xla"
+    if bn_group_size is not None:
+        check_positive_int("bn_group_size", bn_group_size)
+    if not 0.0 <= bn_momentum < 1.0:
+        raise ValueError(f"bn_momentum must be in [0, 1); got {bn_momentum!r}")
+    if not bn_epsilon > 0.0:
+        raise ValueError(f"bn_epsilon must be positive; got {bn_epsilon!r}")
+    return Layers(bn_momentum, bn_epsilon, bn_group_size, floating_dtype("dtype", dtype),
+                  floating_dtype("param_dtype", param_dtype), init_fan, conv_weight_grad)
+
+
+def check_images(x: jax.Array, in_channels: int) -> None:
+    """A batch of NHWC images with `in_channels` channels, or a one-line ValueError."""
+    if x.ndim != 4:
+        raise ValueError(f"input must be a batch of images, NHWC (rank 4); got shape {tuple(x.shape)}")
+    if x.shape[-1] != in_channels:
+        raise ValueError(f"input must have in_channels={in_channels} channels (NHWC, last "
+                         f"axis); got shape {tuple(x.shape)}")
