@@ -1,5 +1,5 @@
 """Pre-activation ResNets on CIFAR-10 (He, Zhang, Ren and Sun 2016, "Identity Mappings in Deep
-Residual Networks", Sec. 4 and 5, Tables 2 and 3):
+Residual Networks", Sec. 4 and 5):
 
     --config=configs/preact_cifar.py:depth=164,val=False
 

@@ -497,10 +497,10 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> 
     same stacks with no shortcut. `overrides` are any of OPTIONS (see `ResNet`).
 
     `block="bottleneck"` gives the CIFAR networks of He et al. 2016 ("Identity Mappings",
-    Sec. 4.1): three stages of n bottleneck blocks, 16/32/64 filters (x4 out), 9n + 2 weighted
+    Sec. 4): three stages of n bottleneck blocks, 16/32/64 filters (x4 out), 9n + 2 weighted
     layers (ResNet-164: n = 18; ResNet-1001: n = 111). ImageNet networks take their block kind
     from Table 1. VGG networks (vgg16, vgg19, and with BN vgg16_bn, vgg19_bn) are
-    `resnet_jax.vgg.VGG` and take VGG_OPTIONS.
+    `resnet_jax.vgg.VGG` and take `vgg.OPTIONS`.
     """
     if isinstance(name, str) and _VGG_NAME.fullmatch(name):
         return vgg.create(name, num_classes=num_classes, rngs=rngs, **overrides)

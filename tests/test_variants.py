@@ -88,7 +88,7 @@ def test_hand_count_agrees_with_the_papers_cifar_numbers():
 
 
 def test_preact_164_and_1001_parameters_as_he_et_al_2016():
-    """"1.7M" and "10.2M" (He et al. 2016, Tables 2-4), options from configs/preact_cifar.py."""
+    """"1.7M" and "10.2M" (He et al. 2016), the options from configs/preact_cifar.py."""
     bn_params = lambda model: sum(
         np.prod(v.shape) for path, v in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
         if any("bn" in str(getattr(k, "key", "")) for k in path))
