@@ -52,3 +52,9 @@ def test_bad_input_is_one_line(argv, message):
         train_step.main(argv + ["--image-size", "8"])
     text = str(error.value)
     assert message in text and "\n" not in text
+
+
+def test_conv_grad_benchmark_times_both_gradients():
+    from benchmarks import conv_grad
+    xla, ours = conv_grad.measure(2, 6, 3, 4, 3, 2, repeats=1)
+    assert xla > 0 and ours > 0
