@@ -84,6 +84,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--devices", type=int, default=None, help="simulate this many CPU devices")
     parser.add_argument("--scan-blocks", action="store_true")
     parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--conv-weight-grad", default="auto", choices=("auto", "xla", "matmul"),
+                        help="how convolution kernel gradients are computed (models.ResNet)")
     parser.add_argument("--bn-group-size", type=int, default=None)
     parser.add_argument("--num-classes", type=int, default=None, help="default 10 for CIFAR nets, else 1000")
     parser.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache directory")
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # options the flags set; the rest of the config (optimizer, schedule) is the default's.
     config.model = ml_collections.ConfigDict(dict(
         name=args.model, dtype=args.dtype, scan_blocks=args.scan_blocks, remat=args.remat,
-        bn_group_size=args.bn_group_size))
+        bn_group_size=args.bn_group_size, conv_weight_grad=args.conv_weight_grad))
     config.train.batch_size = args.batch_size
     num_classes = args.num_classes or (10 if args.model.startswith("cifar") else 1000)
     try:
@@ -257,6 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
         "dtype": args.dtype, "devices": jax.device_count(), "platform": jax.devices()[0].platform,
         "scan_blocks": args.scan_blocks, "remat": args.remat, "bn_group_size": args.bn_group_size,
+        "conv_weight_grad": args.conv_weight_grad,
         "steps": args.steps, "cache_dir": args.cache_dir, "cache_files_before": cache_files,
         "params": flops.count_params(model), "param_bytes": param_bytes,
         "batch_stat_bytes": stat_bytes, "macs_per_image": macs,
@@ -287,7 +290,7 @@ def table(result: dict[str, Any]) -> str:
     head = (f"{result['model']}, batch {result['batch_size']}, {result['image_size']}px, "
             f"{result['dtype']}, {result['devices']} {result['platform']} device(s), "
             f"scan_blocks={result['scan_blocks']}, remat={result['remat']}, "
-            f"bn_group_size={result['bn_group_size']}")
+            f"bn_group_size={result['bn_group_size']}, conv_weight_grad={result['conv_weight_grad']}")
     rows = [("", "train", "eval")]
 
     def row(label, key, fmt):

@@ -145,13 +145,20 @@ def plot_curves(workdirs: list[str], out: str) -> None:
     plt.close(fig)
 
 
-def responses(workdirs: list[str], images: int) -> dict[str, list[float]]:
-    """Fig. 7's numbers: each run's 3x3-layer response stds, on the first `images` eval images."""
+def _eval_images(config, images: int, split: str | None):
+    if split:
+        config.data.eval_split = split
+    return analysis.eval_images(config, images)
+
+
+def responses(workdirs: list[str], images: int, split: str | None = None) -> dict[str, list[float]]:
+    """Fig. 7's numbers: each run's 3x3-layer response stds, on the first `images` images of
+    `split` (default: the run's eval split)."""
     result = {}
     names = [display_name(analysis.load_config(w).model.name) for w in workdirs]
     for workdir, label in zip(workdirs, _labels(workdirs, names)):
         config, model, _ = analysis.load_model(workdir)
-        batch, _ = analysis.eval_images(config, images)
+        batch, _ = _eval_images(config, images, split)
         result[label] = analysis.layer_responses(model, batch).tolist()
     return result
 
@@ -174,14 +181,15 @@ def plot_responses(stds: dict[str, list[float]], out: str) -> None:
     plt.close(fig)
 
 
-def lesion(workdirs: list[str], images: int, max_deleted: int, draws: int,
-           seed: int) -> dict[str, analysis.LesionStudy]:
-    """The lesion study of each run's latest checkpoint on the first `images` eval images."""
+def lesion(workdirs: list[str], images: int, max_deleted: int, draws: int, seed: int,
+           split: str | None = None) -> dict[str, analysis.LesionStudy]:
+    """The lesion study of each run's latest checkpoint on the first `images` images of `split`
+    (default: the run's eval split)."""
     studies = {}
     names = [display_name(analysis.load_config(w).model.name) for w in workdirs]
     for workdir, label in zip(workdirs, _labels(workdirs, names)):
         config, model, _ = analysis.load_model(workdir)
-        batch, labels = analysis.eval_images(config, images)
+        batch, labels = _eval_images(config, images, split)
         studies[label] = analysis.lesion_study(model, batch, labels, max_deleted=max_deleted,
                                                draws=draws, seed=seed)
     return studies
@@ -253,6 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     resp.add_argument("--out", required=True)
     resp.add_argument("--images", type=int, default=500, help="eval images to measure on")
     resp.add_argument("--json", help="also write the numbers here")
+    resp.add_argument("--split", help="the data split to measure on (default: the run's eval split)")
     les = commands.add_parser("lesion", help="lesion study (Veit et al. 2016) of checkpoints")
     les.add_argument("--checkpoint", dest="workdirs", action="append", required=True,
                      help="a run's workdir (its latest checkpoint); repeat for several runs")
@@ -261,6 +270,7 @@ def _parser() -> argparse.ArgumentParser:
     les.add_argument("--max-deleted", type=int, default=10)
     les.add_argument("--draws", type=int, default=5, help="random draws for each count")
     les.add_argument("--seed", type=int, default=0)
+    les.add_argument("--split", help="the data split to measure on (default: the run's eval split)")
     return parser
 
 
@@ -284,13 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "curves":
         plot_curves(args.workdirs, args.out)
     elif args.command == "responses":
-        stds = responses(args.workdirs, args.images)
+        stds = responses(args.workdirs, args.images, args.split)
         plot_responses(stds, args.out)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(stds, f, indent=1)
     elif args.command == "lesion":
-        studies = lesion(args.workdirs, args.images, args.max_deleted, args.draws, args.seed)
+        studies = lesion(args.workdirs, args.images, args.max_deleted, args.draws, args.seed,
+                         args.split)
         os.makedirs(args.out_dir, exist_ok=True)
         with open(os.path.join(args.out_dir, "lesion.json"), "w") as f:
             json.dump({k: dataclasses.asdict(v) for k, v in studies.items()}, f, indent=1)
