@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
         init_fan="fan_in",
         scan_blocks=False,          # one scanned block per stage: faster compiles on accelerators
         remat=False,                # recompute each block's activations: less memory, more compute
+        conv_weight_grad="auto",    # kernel gradients as matrix products on CPU, where XLA's are slow
     ))
 
     config.data = ml_collections.ConfigDict(dict(

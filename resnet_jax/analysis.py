@@ -53,21 +53,22 @@ def build_model(config: Any, num_classes: int, **changes: Any) -> models.ResNet:
 def load_model(workdir: str) -> tuple[ml_collections.ConfigDict, models.ResNet, int]:
     """(config, model in eval mode with the latest checkpoint's weights, its step).
 
-    The model is built unrolled (`scan_blocks=False`) whatever the run used, so that each block
-    can be looked at and changed on its own.
+    A ResNet is built unrolled and without remat whatever the run used, so that each block can
+    be looked at and changed on its own.
     """
     config = load_config(workdir)
     step, state = checkpoint.read_latest(workdir)
     state = _pure(state)
-    num_classes = state["params"]["fc"]["kernel"].shape[-1]
-    model = build_model(config, num_classes)
+    classifier = state["params"]["fc" if "fc" in state["params"] else "fc3"]  # ResNet or VGG
+    model = build_model(config, classifier["kernel"].shape[-1])
     # The checkpoint's "batch_stats" holds all state that is not a parameter (train.py).
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     nnx.replace_by_pure_dict(params, state["params"])
     nnx.replace_by_pure_dict(rest, state["batch_stats"])
     model = nnx.merge(graphdef, params, rest)
-    if model.scan_blocks:
-        unrolled = build_model(config, num_classes, scan_blocks=False)
+    if isinstance(model, models.ResNet) and (model.scan_blocks or model.remat):
+        # Each block on its own, computed eagerly: what the analyses here look at and change.
+        unrolled = build_model(config, classifier["kernel"].shape[-1], scan_blocks=False, remat=False)
         convert.transfer(model, unrolled)
         model = unrolled
     model.eval()
@@ -118,14 +119,22 @@ def _responses_of_3x3_layers(responses: list[jax.Array]):
         nnx.Conv.__call__, models.BatchNorm.__call__ = conv_call, bn_call
 
 
+def _check_unrolled_resnet(model: nnx.Module) -> None:
+    if not isinstance(model, models.ResNet) or model.scan_blocks or model.remat:
+        raise ValueError("layer responses and lesions need a ResNet built with scan_blocks=False "
+                         "and remat=False (load_model builds one)")
+
+
 def layer_responses(model: models.ResNet, images: np.ndarray) -> np.ndarray:
     """Fig. 7: for each 3x3 layer in depth order, the standard deviation of its response (after
     BN, before ReLU and addition) over the images and positions, per channel, averaged over the
     layer's channels. Per channel, so that BN's learned shift (a mean) does not count as spread.
     """
-    if model.scan_blocks:
-        raise ValueError("layer_responses needs an unrolled model (scan_blocks=False); "
-                         "convert.transfer copies a scanned model into one")
+    _check_unrolled_resnet(model)
+    if model.block_order != "post":
+        # In the other orders a block's last 3x3 layer is not followed by a BN of its own.
+        raise ValueError(f"layer responses are defined for block_order='post' (Fig. 7); got "
+                         f"{model.block_order!r}")
     responses: list[jax.Array] = []
     with _responses_of_3x3_layers(responses):
         model(jnp.asarray(images))
@@ -171,6 +180,7 @@ def lesion_study(model: models.ResNet, images: np.ndarray, labels: np.ndarray, *
                  max_deleted: int, draws: int, seed: int = 0) -> LesionStudy:
     """Veit et al. 2016, Fig. 3 and 5: each block deleted alone (its residual branch removed, the
     shortcut kept), then k random blocks at once for k = 1..max_deleted, `draws` times each."""
+    _check_unrolled_resnet(model)
     infos = models.blocks(model)
     deletable = [i for i, info in enumerate(infos) if info.block.residual or not info.reshapes]
     single = []

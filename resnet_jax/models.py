@@ -119,12 +119,15 @@ class Block(nnx.Module):
       no_final_relu   conv-BN-ReLU ... conv-BN, add                       (Gross and Wilber 2016)
       bn_after_add    conv-BN-ReLU ... conv, add, BN, ReLU                (Gross and Wilber 2016)
 
-    In "pre", the first BN-ReLU of a block whose shortcut projects is shared by the branch and
-    the projection (He et al. 2016's code: the projection reads the pre-activated input); an
-    identity or option-A shortcut carries the raw input, so that the path of identities from
-    block to block holds nothing else. `preactivated=True` (the first block after the ImageNet
-    stem, which ends in BN-ReLU) leaves out the block's first BN-ReLU, as that code does. A
-    plain "pre" block is F(x) alone: stacked, BN-ReLU-conv layers.
+    In "pre", the first block of each stage (`opens_stage`) and every block whose shortcut
+    projects share their first BN-ReLU between the branch and the shortcut: "for the first
+    Residual Unit ... we adopt the first activation right after conv1 and before splitting into
+    two paths" (He et al. 2016, Sec. 4.1; their code does so at the first block of every stage,
+    whatever the shortcut). The other blocks' identity shortcuts carry the raw input, so that the
+    path of identities from block to block within a stage holds nothing else.
+    `preactivated=True` (the first block after the stem, which ends in BN-ReLU) leaves out the
+    block's first BN-ReLU, as that code does. A plain "pre" block is F(x) alone: stacked,
+    BN-ReLU-conv layers.
 
     With `gate` (a `HighwayGate`), the addition is T(x) F(x) + (1 - T(x)) shortcut(x), T read
     off the block's input x as it arrives (in "pre", before its BN-ReLU).
@@ -140,7 +143,7 @@ class Block(nnx.Module):
     def __init__(self, in_features: int, filters: int, stride: int, *, shortcut: str,
                  residual: bool, zero_init_residual: bool, stride_on: str, layers: Layers,
                  rngs: nnx.Rngs, order: str = "post", gate: str = "none",
-                 gate_bias: float = -2.0, preactivated: bool = False):
+                 gate_bias: float = -2.0, preactivated: bool = False, opens_stage: bool = False):
         shapes = self.convolutions(in_features, filters, stride, stride_on)
         self.depth = len(shapes)
         for k, (cin, cout, size, conv_stride) in enumerate(shapes, 1):
@@ -157,6 +160,7 @@ class Block(nnx.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.lesioned = False
+        self.opens_stage = opens_stage
         projects = residual and (shortcut == "C" or (shortcut == "B" and self.reshapes))
         self.projection = (Projection(in_features, out_features, stride, layers, rngs,
                                       normalise=order != "pre") if projects else None)
@@ -191,11 +195,16 @@ class Block(nnx.Module):
                     x = bn(x)
         return x
 
-    def shortcut(self, x: jax.Array, preactivated: jax.Array | None = None) -> jax.Array:
-        """The projection of `preactivated` (in "pre") or of x, else option A's padded identity."""
+    def shortcut(self, x: jax.Array) -> jax.Array:
+        """The projection of x, else option A's padded identity of x."""
         if self.projection is not None:
-            return self.projection(x if preactivated is None else preactivated)
+            return self.projection(x)
         return zero_padding_shortcut(x, self.out_features, self.stride)
+
+    def _shortcut_input(self, x: jax.Array, inner: jax.Array) -> jax.Array:
+        """What the shortcut reads: in "pre", the shared pre-activation where there is one."""
+        shared = self.order == "pre" and (self.opens_stage or self.projection is not None)
+        return inner if shared else x
 
     def after_addition(self, y: jax.Array) -> jax.Array:
         """What the order applies to the sum (or the gated mix) of branch and shortcut."""
@@ -213,7 +222,7 @@ class Block(nnx.Module):
         y = self.branch(inner)
         if not self.residual:
             return y if pre else nnx.relu(y)
-        carried = self.shortcut(x, inner if pre else None)
+        carried = self.shortcut(self._shortcut_input(x, inner))
         if self.gate is not None:
             transform = self.gate(x)
             y = transform * y + (1 - transform) * carried
@@ -229,9 +238,9 @@ class Block(nnx.Module):
                     f"({self.in_features} -> {self.out_features} channels, stride {self.stride}): "
                     f"a plain network has no shortcut to keep")
             return x
-        # In "pre" a projection reads the pre-activated input, so that BN-ReLU stays with it.
-        preactivated = self._preactivate(x) if self.order == "pre" and self.projection else None
-        return self.after_addition(self.shortcut(x, preactivated))
+        # A shared pre-activation stays with the shortcut.
+        inner = self._preactivate(x) if self.order == "pre" else x
+        return self.after_addition(self.shortcut(self._shortcut_input(x, inner)))
 
 
 class BasicBlock(Block):
@@ -419,7 +428,7 @@ class ResNet(nnx.Module):
         self.total_stride = (4 if self.max_pool else 1) * 2 ** (len(stage_sizes) - 1)
         self.conv1 = layers.conv(in_channels, width, 7 if self.max_pool else 3,
                                  2 if self.max_pool else 1, rngs)
-        self.bn1 = None if pre and not self.max_pool else layers.bn(width)
+        self.bn1 = layers.bn(width)
         block_class = BLOCKS[block]
         features = width
         self.stages = nnx.List()
@@ -431,7 +440,7 @@ class ResNet(nnx.Module):
                     features, filters, 2 if i > 0 and j == 0 else 1, shortcut=shortcut,
                     residual=residual, zero_init_residual=zero_init_residual,
                     stride_on=stride_on, layers=layers, rngs=rngs, order=block_order, gate=gate,
-                    gate_bias=float(gate_bias), preactivated=pre and self.bn1 is not None and i + j == 0))
+                    gate_bias=float(gate_bias), preactivated=pre and i + j == 0, opens_stage=j == 0))
                 features = filters * block_class.expansion
             if scan_blocks and len(stage) > 2:  # a scan of one block would gain nothing
                 stage = nnx.List([stage[0], ScannedBlocks.stack(list(stage[1:]), remat)])
@@ -444,16 +453,13 @@ class ResNet(nnx.Module):
     def features(self, x: jax.Array) -> dict[str, jax.Array]:
         """Feature maps for users who build on the backbone (detection, segmentation).
 
-        "stem": conv1 after BN and ReLU (stride 2 for ImageNet, before the max-pool; for the
-        pre-activation CIFAR stem, conv1 alone); "stage1".."stageN": each stage's output (for
+        "stem": conv1 after BN and ReLU (stride 2 for ImageNet, before the max-pool); "stage1".."stageN": each stage's output (for
         ImageNet, Table 1's conv2_x..conv5_x at strides 4, 8, 16, 32); "pooled": the globally
         average-pooled vector before the classifier (in "pre", of the last stage after the final
         BN-ReLU).
         """
         check_images(x, self.in_channels)
-        x = self.conv1(x.astype(self.dtype))
-        if self.bn1 is not None:
-            x = nnx.relu(self.bn1(x))
+        x = nnx.relu(self.bn1(self.conv1(x.astype(self.dtype))))
         maps = {"stem": x}
         if self.max_pool:
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

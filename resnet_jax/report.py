@@ -46,7 +46,11 @@ COLUMNS = ("run", "model", "shortcut", "steps", "final_error", "best_error", "pa
            "parameters", "multiply_adds", "images_per_second")
 
 
-def paper_error(model_name: str, shortcut: str) -> float | None:
+def paper_error(model_name: str, shortcut: str | None, block_order: str = "post",
+                gate: str = "none") -> float | None:
+    """The paper's error for the network it trained: post-activation blocks, no gates."""
+    if block_order != "post" or gate != "none":
+        return None
     plain = "plain" in model_name
     return PAPER_ERRORS.get((model_name, None if plain else shortcut))
 
@@ -70,14 +74,18 @@ def table_row(workdir: str) -> dict[str, Any]:
     rows = metrics.read_rows(workdir)
     evals = [row for row in rows if "eval_accuracy" in row]
     speeds = [row["images_per_second"] for row in rows if "images_per_second" in row]
-    name, shortcut = config.model.name, config.model.shortcut
+    name, shortcut = config.model.name, config.model.get("shortcut")
+    # The paper's errors are on the test set (CIFAR) and the validation set (ImageNet), not on a
+    # split held out of the training set.
+    held_out = config.data.eval_split.startswith("train")
     return {
         "run": os.path.basename(os.path.normpath(workdir)), "model": display_name(name),
-        "shortcut": "-" if "plain" in name else shortcut,
+        "shortcut": "-" if "plain" in name or shortcut is None else shortcut,
         "steps": max((row["step"] for row in rows), default=0),
         "final_error": _error(evals[-1]["eval_accuracy"]) if evals else None,
         "best_error": min(_error(row["eval_accuracy"]) for row in evals) if evals else None,
-        "paper_error": paper_error(name, shortcut),
+        "paper_error": None if held_out else paper_error(
+            name, shortcut, config.model.get("block_order", "post"), config.model.get("gate", "none")),
         "parameters": flops.count_params(model),
         "multiply_adds": flops.count_macs(model, config.data.image_size),
         "images_per_second": statistics.median(speeds) if speeds else None,
@@ -121,11 +129,13 @@ def plot_curves(workdirs: list[str], out: str) -> None:
     plain networks on the left, residual ones on the right, when both are present."""
     names = [display_name(analysis.load_config(w).model.name) for w in workdirs]
     labels = _labels(workdirs, names)
-    panels = [p for p in ("plain", "ResNet") if any(n.startswith(p) for n in names)] or ["runs"]
+    # Networks without shortcuts (plain, VGG) on the left, as in Fig. 4 and 6.
+    sides = ["plain" if n.startswith(("plain", "vgg")) else "ResNet" for n in names]
+    panels = [p for p in ("plain", "ResNet") if p in sides]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), sharey=True,
                              squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        runs = [i for i, n in enumerate(names) if n.startswith(panel) or panel == "runs"]
+        runs = [i for i, side in enumerate(sides) if side == panel]
         for colour, i in enumerate(runs):
             rows = metrics.read_rows(workdirs[i])
             train = [(r["step"], _error(r["train_accuracy"])) for r in rows if "train_accuracy" in r]
@@ -136,7 +146,7 @@ def plot_curves(workdirs: list[str], out: str) -> None:
             if evals:
                 ax.plot(*zip(*evals), linewidth=2.5, label=labels[i], **style)
         ax.set_xlabel("iteration")
-        ax.set_title(panel if panel != "runs" else "")
+        ax.set_title(panel)
         ax.legend()
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("error (%)   (dashed: training, bold: eval)")
@@ -278,9 +288,22 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     for workdir in args.workdirs:
         if not os.path.exists(os.path.join(workdir, "config.json")):
-            print(f"resnet_jax.report: error: {workdir} is not a run's workdir (no config.json)",
-                  file=sys.stderr)
-            return 2
+            return _fail(f"{workdir} is not a run's workdir (no config.json)")
+    if getattr(args, "images", 1) < 1:
+        return _fail(f"--images must be a positive number of images; got {args.images}")
+    try:
+        _run(args)
+    except (ValueError, FileNotFoundError) as error:
+        return _fail(str(error).splitlines()[0])
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"resnet_jax.report: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "table":
         rows = [table_row(w) for w in args.workdirs]
         if args.csv:
@@ -308,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(args.out_dir, "lesion.md"), "w") as f:
             f.write(lesion_markdown(studies))
         plot_lesion(studies, args.out_dir)
-    return 0
 
 
 if __name__ == "__main__":

@@ -156,21 +156,34 @@ def first_channels_subsampled(maps, factor, channels):
 
 @pytest.mark.parametrize("name, block", [("cifar_resnet14", "basic"), ("cifar_resnet11", "bottleneck")])
 def test_pre_activation_blocks_with_zero_branches_are_identities(name, block):
-    # Nothing on the identity path: with each branch's last convolution zeroed, every stage
-    # passes the stem's output on unchanged (option A: subsampled, zero channels appended),
-    # negative values included, which a ReLU after the addition would have removed.
+    # Nothing on the identity path: with each branch's last convolution zeroed, a block that does
+    # not open a stage passes its input on unchanged, negative values included, which a ReLU
+    # after the addition would have removed. A block that opens a stage shares its first BN-ReLU
+    # with the shortcut (He et al. 2016, Sec. 4.1), here option A: subsampled, zeros appended.
     model = create(name, block=block, block_order="pre")
     for info in models.blocks(model):
         kernel = getattr(info.block, f"conv{info.block.depth}").kernel
         kernel[...] = jnp.zeros_like(kernel[...])
+    opening = 0
+    for info in models.blocks(model):
+        b = info.block
+        x = images((2, 8, 8, b.in_features))
+        assert np.any(np.asarray(x) < 0)
+        if not b.opens_stage:
+            np.testing.assert_array_equal(b(x), x)
+            continue
+        opening += 1
+        shared = x if b.bn1 is None else nnx.relu(b.bn1(x))
+        expected = shared[:, ::b.stride, ::b.stride, :]
+        out = b(x)
+        np.testing.assert_allclose(out[..., :b.in_features], expected, rtol=1e-6, atol=1e-6)
+        assert not np.any(np.asarray(out[..., b.in_features:]))
+    assert opening == 3
+    # The stem is conv-BN-ReLU and the first block does not pre-activate again.
+    first = models.blocks(model)[0].block
+    assert first.bn1 is None and model.bn1 is not None
     maps = model.features(images((2, 16, 16, 3)))
-    assert model.bn1 is None  # the CIFAR stem is its convolution alone
-    stem = maps["stem"]
-    assert np.any(np.asarray(stem) < 0)
-    for stage, factor in [(1, 1), (2, 2), (3, 4)]:
-        out = maps[f"stage{stage}"]
-        np.testing.assert_array_equal(out[..., :16], stem[:, ::factor, ::factor, :])
-        assert not np.any(np.asarray(out[..., 16:]))
+    np.testing.assert_array_equal(maps["stage1"][..., :16], maps["stem"])
     # The final BN-ReLU follows the last stage.
     expected = nnx.relu(model.bn_final(maps["stage3"])).mean((1, 2))
     np.testing.assert_allclose(maps["pooled"], expected, rtol=1e-6, atol=1e-6)
@@ -236,11 +249,16 @@ def test_highway_gate_shape_and_bias():
 @pytest.mark.parametrize("order", ["post", "pre"])
 def test_closed_highway_gates_pass_the_shortcut_unchanged(order):
     model = create("cifar_resnet14", gate="highway", gate_bias=-100.0, block_order=order)
-    maps = model.features(images((2, 16, 16, 3)))
-    for stage, factor in [(1, 1), (2, 2), (3, 4)]:
-        np.testing.assert_allclose(maps[f"stage{stage}"][..., :16],
-                                   maps["stem"][:, ::factor, ::factor, :], rtol=0, atol=1e-6)
-        assert not np.any(np.asarray(maps[f"stage{stage}"][..., 16:]))
+    for info in models.blocks(model):
+        b = info.block
+        x = images((2, 8, 8, b.in_features))
+        carried = x
+        if order == "pre" and b.opens_stage and b.bn1 is not None:
+            carried = nnx.relu(b.bn1(x))  # the pre-activation the stage's first block shares
+        expected = models.zero_padding_shortcut(carried, b.out_features, b.stride)
+        if order == "post":
+            expected = nnx.relu(expected)
+        np.testing.assert_allclose(b(x), expected, rtol=0, atol=1e-6)
 
 
 def test_highway_block_mixes_branch_and_shortcut():
@@ -340,7 +358,10 @@ def test_transfer_of_variants_between_layouts():
                            for key, variable, index, _ in convert._tensors(model)}
     source, copied = keyed(scanned), keyed(unrolled)
     assert {"layer3.2.gate.weight", "layer3.2.gate.bias", "bn_final.weight"} <= set(copied)
-    assert "bn1.weight" not in copied and "layer2.0.downsample.1.weight" not in copied
+    # The pre-activation stem is conv-BN-ReLU, its first block has no BN of its own, and the
+    # projections have no BN (their input is pre-activated).
+    assert "bn1.weight" in copied and "layer1.0.bn1.weight" not in copied
+    assert "layer2.0.downsample.1.weight" not in copied
     assert len(copied) == len(jax.tree.leaves(nnx.state(unrolled)))  # every variable has a key
     for key, value in source.items():
         np.testing.assert_array_equal(copied[key], value, err_msg=key)
