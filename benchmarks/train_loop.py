@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config.data.name = args.data
     config.data.data_dir = args.data_dir
     config.data.image_size = args.image_size
+    config.data.num_classes = None  # the data set's own count (fake data: 1,000)
+    config.data.eval_split = config.data.train_split  # nothing is evaluated; any folder will do
     if args.preprocess:
         config.data.train_preprocess = args.preprocess
     try:
