@@ -6,17 +6,15 @@ depth is 6n+2; plain gives the plain twin; val=True trains on 45k images and eva
 other 5k of the training set, as the paper's validation split, instead of the test set.
 """
 
-from configs import default
+from configs import arguments, default
+
+FILE = "configs/cifar.py"
 
 
 def get_config(arg: str | None = None):
-    args = dict(depth="20", plain="False", shortcut="A", val="False")
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in args:
-            raise ValueError(f"configs/cifar.py takes {', '.join(args)}; got {key!r}")
-        args[key] = value
-    depth, plain, val = int(args["depth"]), args["plain"] == "True", args["val"] == "True"
+    args = arguments.parse(arg, dict(depth="20", plain="False", shortcut="A", val="False"), FILE)
+    depth = arguments.integer(args, "depth", FILE)
+    plain, val = arguments.boolean(args, "plain", FILE), arguments.boolean(args, "val", FILE)
 
     config = default.get_config()
     config.model.name = f"cifar_{'plain' if plain else 'resnet'}{depth}"

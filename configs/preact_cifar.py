@@ -23,20 +23,18 @@ ResNet-164 and -1001 does. The parameter counts above are the paper's rounding; 
 and bias, ResNet-1001 has 10.33M (10.18M without them), checked in tests/test_variants.py.
 """
 
-from configs import cifar
+from configs import arguments, cifar
+
+FILE = "configs/preact_cifar.py"
 
 # depth: (block kind, shortcut option)
 NETWORKS = {110: ("basic", "A"), 164: ("bottleneck", "B"), 1001: ("bottleneck", "B")}
 
 
 def get_config(arg: str | None = None):
-    args = dict(depth="164", val="False")
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in args:
-            raise ValueError(f"configs/preact_cifar.py takes {', '.join(args)}; got {key!r}")
-        args[key] = value
-    depth = int(args["depth"])
+    args = arguments.parse(arg, dict(depth="164", val="False"), FILE)
+    depth = arguments.integer(args, "depth", FILE)
+    arguments.boolean(args, "val", FILE)  # checked here, so that an error names this file
     if depth not in NETWORKS:
         raise ValueError(f"configs/preact_cifar.py: depth must be one of "
                          f"{', '.join(map(str, NETWORKS))}; got {depth}")

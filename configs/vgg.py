@@ -14,24 +14,22 @@ The model section holds only what a VGG takes: the ResNet fields of configs/defa
 block_order, ...) are removed, so that setting one is an error rather than silently ignored.
 """
 
-from configs import default
+from configs import arguments, default
+
+FILE = "configs/vgg.py"
 
 RESNET_ONLY = ("block", "shortcut", "stride_on", "block_order", "gate", "gate_bias",
                "zero_init_residual", "scan_blocks", "remat")
 
 
 def get_config(arg: str | None = None):
-    args = dict(depth="16", bn="False")
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in args:
-            raise ValueError(f"configs/vgg.py takes {', '.join(args)}; got {key!r}")
-        args[key] = value
+    args = arguments.parse(arg, dict(depth="16", bn="False"), FILE)
 
     config = default.get_config()
     for field in RESNET_ONLY:
         del config.model[field]
-    config.model.name = f"vgg{args['depth']}{'_bn' if args['bn'] == 'True' else ''}"
+    depth, bn = arguments.integer(args, "depth", FILE), arguments.boolean(args, "bn", FILE)
+    config.model.name = f"vgg{depth}{'_bn' if bn else ''}"
     config.data.scale_range = (256, 512)     # scale jittering, S in [256, 512] (Sec. 3.1)
     config.train.num_epochs = 74.0
     config.optimizer.weight_decay = 5e-4

@@ -83,7 +83,9 @@ def install_commands(args: argparse.Namespace) -> list[list[str]]:
     if args.repo:
         ref = shlex.quote(args.ref or _local_commit())
         fetch = (f"(test -d {REMOTE_DIR}/.git || git clone {shlex.quote(args.repo)} {REMOTE_DIR}) && {cd} "
-                 f"&& git fetch --quiet origin && git checkout --quiet --force {ref}")
+                 # FETCH_HEAD, not the ref by name: a branch already checked out on a worker
+                 # from an earlier launch would otherwise stay at its old commit.
+                 f"&& git fetch --quiet origin {ref} && git checkout --quiet --force --detach FETCH_HEAD")
         return [on_all_workers(args, f"{fetch} && {pip}")]
     # Only committed files travel: the pod runs a known commit, not half-edited local files.
     archive = str(Path(tempfile.gettempdir()) / "resnet_jax_launch.tar.gz")

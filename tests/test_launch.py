@@ -146,7 +146,7 @@ def test_tpu_mode_launches_each_run_on_all_workers(tmp_path):
     cloned = command("launch.tpu_pod", "--tpu=p", "--zone=z", "--workdir=gs://b/r", "--config=configs/resnet50.py",
                      "--repo=https://example.org/resnet_jax.git", "--ref=v1", "--dry-run").stdout.splitlines()
     assert len(cloned) == 2 and "git clone https://example.org/resnet_jax.git resnet_jax" in cloned[0]
-    assert "git checkout --quiet --force v1" in cloned[0]
+    assert "git fetch --quiet origin v1 && git checkout --quiet --force --detach FETCH_HEAD" in cloned[0]
 
 
 def test_tpu_launcher_refuses_a_local_workdir():

@@ -1,0 +1,26 @@
+"""The arguments of the parametrised configs: `--config=configs/FILE.py:key=value,...`."""
+
+
+def parse(arg: str | None, defaults: dict[str, str], config_file: str) -> dict[str, str]:
+    """`defaults` updated from "key=value,..."; an unknown key is an error naming the known ones."""
+    args = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in args:
+            raise ValueError(f"{config_file} takes {', '.join(args)}; got {key!r}")
+        args[key] = value
+    return args
+
+
+def boolean(args: dict[str, str], key: str, config_file: str) -> bool:
+    # Strict: "true" or "yes" silently read as False would train the wrong network.
+    if args[key] not in ("True", "False"):
+        raise ValueError(f"{config_file}: {key} must be True or False; got {args[key]!r}")
+    return args[key] == "True"
+
+
+def integer(args: dict[str, str], key: str, config_file: str) -> int:
+    try:
+        return int(args[key])
+    except ValueError:
+        raise ValueError(f"{config_file}: {key} must be an integer; got {args[key]!r}") from None
