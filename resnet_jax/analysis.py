@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from resnet_jax import checkpoint, convert, data, models
+from resnet_jax import checkpoint, convert, data, models, train
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -45,9 +45,8 @@ def _pure(tree: Any) -> Any:
 
 def build_model(config: Any, num_classes: int, **changes: Any) -> models.ResNet:
     """The model a run's config names, freshly initialised, with `changes` to its options."""
-    options = {k: v for k, v in config.model.items() if k != "name"}
     return models.create(config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0),
-                         **{**options, **changes})
+                         **{**train.model_options(config), **changes})
 
 
 def load_model(workdir: str) -> tuple[ml_collections.ConfigDict, models.ResNet, int]:

@@ -1,9 +1,9 @@
 """A 2-D convolution whose kernel gradient is computed as matrix products, for XLA's CPU backend.
 
 XLA's CPU backend computes the kernel (weight) gradient of a convolution far slower than the
-same sums written as matrix products: for ResNet-50's 1x1 convolutions on 56x56 maps it is about
-30x slower, for 3x3 convolutions 2-4x (benchmarks/README.md, "Convolution weight gradients"), and
-the weight gradients dominated the training step on CPU. The kernel gradient of a k x k
+same sums written as matrix products: for ResNet-50's 1x1 convolutions on 56x56 maps 24-27x
+slower, for 3x3 convolutions 1.5-3.8x (`python -m benchmarks.conv_grad`; benchmarks/README.md,
+"Convolution kernel gradients"), and the kernel gradients dominated the training step on CPU. The kernel gradient of a k x k
 convolution is, for each tap (i, j), the product of the input window that tap sees with the
 output gradient, summed over batch and positions:
 

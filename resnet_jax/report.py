@@ -118,19 +118,29 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def _labels(workdirs: list[str], names: list[str]) -> list[str]:
-    """The paper's name of each network; the workdir's name where two runs share one."""
+def _labels(workdirs: list[str]) -> list[str]:
+    """The paper's name of each run's network; with the workdir's name where two runs share one."""
+    names = [display_name(analysis.load_config(w).model.name) for w in workdirs]
     return [name if names.count(name) == 1 else f"{name} ({os.path.basename(os.path.normpath(w))})"
             for w, name in zip(workdirs, names)]
+
+
+def _save(fig: Any, axes: list[Any], path: str) -> None:
+    """Legend and grid on each of `axes`, then the figure to `path` (PNG)."""
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_curves(workdirs: list[str], out: str) -> None:
     """Fig. 4 and 6: training error (thin, dashed) and eval error (bold) against iterations;
     plain networks on the left, residual ones on the right, when both are present."""
-    names = [display_name(analysis.load_config(w).model.name) for w in workdirs]
-    labels = _labels(workdirs, names)
+    labels = _labels(workdirs)
     # Networks without shortcuts (plain, VGG) on the left, as in Fig. 4 and 6.
-    sides = ["plain" if n.startswith(("plain", "vgg")) else "ResNet" for n in names]
+    sides = ["plain" if label.startswith(("plain", "vgg")) else "ResNet" for label in labels]
     panels = [p for p in ("plain", "ResNet") if p in sides]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), sharey=True,
                              squeeze=False)
@@ -147,12 +157,8 @@ def plot_curves(workdirs: list[str], out: str) -> None:
                 ax.plot(*zip(*evals), linewidth=2.5, label=labels[i], **style)
         ax.set_xlabel("iteration")
         ax.set_title(panel)
-        ax.legend()
-        ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("error (%)   (dashed: training, bold: eval)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, axes[0], out)
 
 
 def _eval_images(config, images: int, split: str | None):
@@ -165,8 +171,7 @@ def responses(workdirs: list[str], images: int, split: str | None = None) -> dic
     """Fig. 7's numbers: each run's 3x3-layer response stds, on the first `images` images of
     `split` (default: the run's eval split)."""
     result = {}
-    names = [display_name(analysis.load_config(w).model.name) for w in workdirs]
-    for workdir, label in zip(workdirs, _labels(workdirs, names)):
+    for workdir, label in zip(workdirs, _labels(workdirs)):
         config, model, _ = analysis.load_model(workdir)
         batch, _ = _eval_images(config, images, split)
         result[label] = analysis.layer_responses(model, batch).tolist()
@@ -184,11 +189,7 @@ def plot_responses(stds: dict[str, list[float]], out: str) -> None:
     bottom.set_xlabel("layer index (sorted by magnitude)")
     for ax in (top, bottom):
         ax.set_ylabel("std")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, [top, bottom], out)
 
 
 def lesion(workdirs: list[str], images: int, max_deleted: int, draws: int, seed: int,
@@ -196,8 +197,7 @@ def lesion(workdirs: list[str], images: int, max_deleted: int, draws: int, seed:
     """The lesion study of each run's latest checkpoint on the first `images` images of `split`
     (default: the run's eval split)."""
     studies = {}
-    names = [display_name(analysis.load_config(w).model.name) for w in workdirs]
-    for workdir, label in zip(workdirs, _labels(workdirs, names)):
+    for workdir, label in zip(workdirs, _labels(workdirs)):
         config, model, _ = analysis.load_model(workdir)
         batch, labels = _eval_images(config, images, split)
         studies[label] = analysis.lesion_study(model, batch, labels, max_deleted=max_deleted,
@@ -234,11 +234,7 @@ def plot_lesion(studies: dict[str, analysis.LesionStudy], out_dir: str) -> None:
         ax.axhline(study.baseline, linestyle=":", linewidth=1, **style)
     ax.set_xlabel("deleted block (squares: down-sampling)")
     ax.set_ylabel("eval error (%)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "lesion_blocks.png"), dpi=120)
-    plt.close(fig)
+    _save(fig, [ax], os.path.join(out_dir, "lesion_blocks.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for colour, (label, study) in enumerate(studies.items()):
@@ -249,11 +245,7 @@ def plot_lesion(studies: dict[str, analysis.LesionStudy], out_dir: str) -> None:
                     capsize=3, color=f"C{colour}", label=label)
     ax.set_xlabel("blocks deleted at random")
     ax.set_ylabel("eval error (%)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "lesion_count.png"), dpi=120)
-    plt.close(fig)
+    _save(fig, [ax], os.path.join(out_dir, "lesion_count.png"))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,10 +10,11 @@ from flax import nnx
 from resnet_jax import convert, models
 
 
-def torchvision_resnet(depth: int, seed: int = 0) -> torch.nn.Module:
-    """A torchvision ResNet with random weights and non-trivial BN parameters and statistics."""
+def torchvision_net(name: str, seed: int = 0) -> torch.nn.Module:
+    """A torchvision network (e.g. "resnet18", "vgg16_bn") with random weights and non-trivial
+    BN parameters and statistics."""
     torch.manual_seed(seed)
-    net = getattr(torchvision.models, f"resnet{depth}")()
+    net = getattr(torchvision.models, name)()
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -26,7 +27,7 @@ def torchvision_resnet(depth: int, seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture(scope="module", params=[18, 50])
 def networks(request):
-    net = torchvision_resnet(request.param)
+    net = torchvision_net(f"resnet{request.param}")
     model = models.create(f"resnet{request.param}", num_classes=1000, rngs=nnx.Rngs(1),
                           stride_on="3x3", shortcut="B")
     return net, model, {k: v.clone() for k, v in net.state_dict().items()}
@@ -61,7 +62,7 @@ def test_logits_equal_torchvision(pair, mode, size):
 
 
 def test_round_trip_is_exact():
-    state = torchvision_resnet(18, seed=3).state_dict()
+    state = torchvision_net("resnet18", seed=3).state_dict()
     model = models.create("resnet18", num_classes=1000, rngs=nnx.Rngs(0), stride_on="3x3")
     convert.from_torchvision(model, {k: v.numpy() for k, v in state.items()})  # numpy works too
     back = convert.to_torchvision(model)
@@ -74,7 +75,7 @@ def test_round_trip_is_exact():
 
 
 def test_bad_state_dicts_are_named():
-    state = dict(torchvision_resnet(18).state_dict())
+    state = dict(torchvision_net("resnet18").state_dict())
     model = models.create("resnet18", num_classes=1000, rngs=nnx.Rngs(0), stride_on="3x3")
     before = np.asarray(model.conv1.kernel[...]).copy()
     missing = {k: v for k, v in state.items() if k != "layer2.0.downsample.0.weight"}

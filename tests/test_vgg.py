@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torchvision
 from flax import nnx
 
 from configs import quickstart, vgg as vgg_config
 from resnet_jax import convert, flops, metrics, models, train, validate, vgg
+from test_convert import torchvision_net
 
 
 def abstract(name, **options):
@@ -60,16 +60,7 @@ def test_adaptive_average_pool_equals_torch(size):
 
 def torchvision_vgg(name, seed=0):
     """A torchvision VGG in eval mode, with random weights and non-trivial BN statistics."""
-    torch.manual_seed(seed)
-    net = getattr(torchvision.models, name)()
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.0)
-                module.bias.normal_(0.0, 0.1)
-                module.running_mean.normal_(0.0, 0.2)
-                module.running_var.uniform_(1.0, 2.0)
-    return net.eval()
+    return torchvision_net(name, seed).eval()
 
 
 @pytest.mark.parametrize("name", ["vgg16", "vgg16_bn"])
