@@ -71,7 +71,7 @@ def run(args) -> dict:
     }
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True,
                         help="data.name: a TFDS name, imagefolder:PATH, digits or fake")
@@ -81,7 +81,8 @@ def main(argv=None):
                         choices=preprocess.TRAIN_PREPROCESS + EVAL)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--dtype", default="float32", choices=tuple(preprocess.DTYPES))
+    parser.add_argument("--dtype", default="uint8", choices=tuple(preprocess.DTYPES),
+                        help="uint8 (the default config's): pixels, normalised on the devices")
     parser.add_argument("--pca-lighting", type=float, default=0.0)
     parser.add_argument("--resize-method", default="bilinear", choices=preprocess.RESIZE_METHODS)
     parser.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=False)
@@ -89,7 +90,11 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=100, help="batches timed (at most)")
     parser.add_argument("--seconds", type=float, default=60.0, help="time limit of the timing")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     result = run(args)
     if args.json:
         print(json.dumps(result))

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     batches = sharding.prefetch(data.train_iterator(
         config.data, batch_size=batch_size, seed=0, process_index=jax.process_index(),
-        process_count=jax.process_count()), mesh)
+        process_count=jax.process_count()), mesh, finish=sharding.normaliser(config.data))
     began = time.perf_counter()
     state, *_ = step_fn(state, next(batches))
     jax.block_until_ready(state)

@@ -24,7 +24,8 @@ def get_config(arg: str | None = None):
         name="cifar10", train_split="train[:45000]" if val else "train",
         eval_split="train[45000:]" if val else "test", image_size=32,
         train_preprocess="cifar", eval_preprocess="none", pca_lighting=0.0,
-        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), subtract_pixel_mean=True, num_classes=10))
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), subtract_pixel_mean=True, num_classes=10,
+        dtype="float32"))  # padding and the pixel mean are applied to normalised images
     config.train.batch_size = 128
     config.train.num_steps = 64_000          # "terminate training at 64k iterations"
     config.schedule.update(dict(

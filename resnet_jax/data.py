@@ -502,9 +502,15 @@ def train_dataset(config, *, batch_size: int, seed: int, start_step: int = 0,
             lambda position, example: (position, *example))
     fn = preprocess.train_fn(s, kind, pixel_mean(config))
 
+    ship_lighting = s.on_device and s.pca_lighting > 0 and s.train_preprocess != "none"
+
     def prepare(position, record, label):
-        image = fn(record, preprocess.fold(preprocess.fold(key, 1), position))
-        return {"image": image, "label": tf.cast(label, tf.int32), "position": position}
+        example_key = preprocess.fold(preprocess.fold(key, 1), position)
+        out = {"image": fn(record, example_key), "label": tf.cast(label, tf.int32),
+               "position": position}
+        if ship_lighting:  # added on the devices, before normalising
+            out["lighting"] = preprocess.lighting_offset(s, example_key)
+        return out
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors(log_warning=False)

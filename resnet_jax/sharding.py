@@ -8,15 +8,17 @@ global batch; `jax.make_array_from_process_local_data` stitches the slices toget
 import collections
 import concurrent.futures
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DATA_AXIS = "data"
+from resnet_jax import preprocess
 
+DATA_AXIS = "data"
 
 
 def _several_processes_launched() -> bool:
@@ -68,8 +70,32 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def prefetch(batches: Iterable[dict[str, np.ndarray]], mesh: Mesh, size: int = 2) -> Iterator[dict[str, Any]]:
-    """Global batches, `size` of them made ahead on a thread so that the devices never wait.
+def normaliser(data_config) -> Callable[[dict], dict] | None:
+    """For `data.dtype="uint8"`: batch -> batch, on the devices, that turns the pixels into float32
+    images normalised as the host pipeline would have (the PCA lighting offset added first);
+    None for the other dtypes, whose images arrive normalised."""
+    s = preprocess.settings(data_config)
+    if not s.on_device:
+        return None
+    mean, scale = np.float32(s.mean), np.float32(1.0) / np.float32(s.std)
+
+    @jax.jit
+    def normalise(batch):
+        batch = dict(batch)
+        image = batch["image"].astype(jnp.float32)
+        lighting = batch.pop("lighting", None)
+        if lighting is not None:
+            image = image + lighting[:, None, None, :]
+        batch["image"] = (image - mean) * scale
+        return batch
+
+    return normalise
+
+
+def prefetch(batches: Iterable[dict[str, np.ndarray]], mesh: Mesh, size: int = 2,
+             finish: Callable[[dict], dict] | None = None) -> Iterator[dict[str, Any]]:
+    """Global batches, `size` of them made ahead on a thread so that the devices never wait;
+    `finish` (e.g. `normaliser`) runs on each global batch.
 
     The host-to-device copies run while the current step computes.
     """
@@ -78,7 +104,10 @@ def prefetch(batches: Iterable[dict[str, np.ndarray]], mesh: Mesh, size: int = 2
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         def fetch():
             batch = next(iterator, None)
-            return None if batch is None else to_global(batch, mesh)
+            if batch is None:
+                return None
+            batch = to_global(batch, mesh)
+            return batch if finish is None else finish(batch)
 
         for _ in range(size):
             queue.append(pool.submit(fetch))

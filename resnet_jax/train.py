@@ -114,7 +114,7 @@ def evaluate(eval_fn, state: TrainState, config: Any, mesh) -> dict[str, float]:
         config.data, batch_size=sharding.per_process_batch(config.eval.batch_size, "eval.batch_size"),
         process_index=jax.process_index(), process_count=jax.process_count())
     total = None
-    for batch in sharding.prefetch(batches, mesh):
+    for batch in sharding.prefetch(batches, mesh, finish=sharding.normaliser(config.data)):
         step_metrics = eval_fn(state, batch)
         total = step_metrics if total is None else total.merge(step_metrics)
     return metrics.prefixed("eval", total.compute())
@@ -283,7 +283,8 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
 
     batches = sharding.prefetch(data.train_iterator(
         config.data, batch_size=run.batch_size, seed=config.seed, start_step=start,
-        process_index=jax.process_index(), process_count=jax.process_count()), mesh)
+        process_index=jax.process_index(), process_count=jax.process_count()), mesh,
+        finish=sharding.normaliser(config.data))
     # Progress with ETA goes to the log only: metrics.jsonl holds the named scalars alone.
     hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps,
                                              every_steps=config.log_every_steps)]

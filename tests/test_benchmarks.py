@@ -1,4 +1,4 @@
-"""The train-step harness runs, at a tiny size; its numbers are not asserted, only their shape."""
+"""The benchmarks run, at a tiny size; their numbers are not asserted, only their shape."""
 
 import json
 import os
@@ -58,3 +58,16 @@ def test_conv_grad_benchmark_times_both_gradients():
     from benchmarks import conv_grad
     xla, ours = conv_grad.measure(2, 6, 3, 4, 3, 2, repeats=1)
     assert xla > 0 and ours > 0
+
+
+@pytest.mark.parametrize("preprocess, dtype", [("inception", "uint8"), ("center", "float32")])
+def test_input_pipeline_benchmark_on_generated_photos(tmp_path, preprocess, dtype):
+    from benchmarks import input_pipeline, make_images
+    make_images.main([str(tmp_path), "--count", "6", "--classes", "2"])
+    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert len(sizes) == 6 and min(sizes) > 20_000  # photo-sized files, not flat colour
+    result = input_pipeline.run(input_pipeline.parse_args([
+        "--data", f"imagefolder:{tmp_path}", "--preprocess", preprocess, "--batch-size", "4",
+        "--image-size", "32", "--dtype", dtype, "--warmup", "1", "--batches", "3"]))
+    assert result["images"] == 12 and result["dtype"] == dtype
+    assert result["images_per_second"] > 0 and result["images_per_cpu_second"] > 0

@@ -147,7 +147,9 @@ def poisoned(monkeypatch, at_step, field, value):
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     poisoned(monkeypatch, 5, "image", np.nan)
-    config = small_config(**{"train.num_steps": 8, "checkpoint.every_steps": 2})
+    # Float images on the host: uint8 pixels cannot be poisoned with NaN.
+    config = small_config(**{"train.num_steps": 8, "checkpoint.every_steps": 2,
+                             "data.dtype": "float32"})
     # ReLU turns NaN into 0 on this backend, so the loss may stay finite while a gradient does not.
     with pytest.raises(train.TrainingError, match=r"^step 5: non-finite (loss|gradient of [\w.]+); "
                                                   r"stopped, the checkpoint of step 4 is kept"):
@@ -159,7 +161,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
 def test_non_finite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
     poisoned(monkeypatch, 3, "image", np.inf)
-    config = small_config(**{"train.skip_nonfinite": True})
+    config = small_config(**{"train.skip_nonfinite": True, "data.dtype": "float32"})
     state = train.train_and_evaluate(config, str(tmp_path))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert int(state.step) == 6
