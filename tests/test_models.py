@@ -137,6 +137,41 @@ def test_ghost_batch_norm_normalises_each_group_alone():
         ghost(x[:3])
 
 
+@pytest.mark.parametrize("group_size, dtype", [(None, "float32"), (2, "float32"),
+                                               (None, "bfloat16")])
+def test_batch_norm_gradient_equals_differentiating_the_formula(group_size, dtype):
+    # BN's backward pass is written by hand (layers.py); here JAX differentiates the textbook
+    # forward pass, per group, and the two must agree for input, scale and bias.
+    bn = models.BatchNorm(6, momentum=0.9, epsilon=1e-5, group_size=group_size,
+                                 zero_init=False, dtype=dtype, param_dtype="float32")
+    bn.scale[...] = images((6,), seed=1) + 1
+    bn.bias[...] = images((6,), seed=2)
+    x = (images((4, 5, 3, 6)) * 3 + 2).astype(dtype)
+    weights = images((4, 5, 3, 6), seed=3)
+    graphdef, state = nnx.split(bn)
+
+    def ours(x, scale, bias):
+        model = nnx.merge(graphdef, state, copy=True)
+        model.scale[...], model.bias[...] = scale, bias
+        return (model(x).astype(jnp.float32) * weights).sum()
+
+    def formula(x, scale, bias):
+        group = group_size or x.shape[0]
+        g = x.astype(jnp.float32).reshape((-1, group) + x.shape[1:])
+        mean = g.mean((1, 2, 3), keepdims=True)
+        var = jnp.square(g - mean).mean((1, 2, 3), keepdims=True)
+        y = ((g - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape) * scale + bias
+        return (y.astype(dtype).astype(jnp.float32) * weights).sum()
+
+    args = (x, bn.scale[...], bn.bias[...])
+    got, want = jax.grad(ours, (0, 1, 2))(*args), jax.grad(formula, (0, 1, 2))(*args)
+    tolerance = 1e-5 if dtype == "float32" else 1e-2
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   rtol=tolerance, atol=tolerance * float(jnp.abs(w).max()))
+
+
 def test_zero_init_residual_zeroes_only_the_last_bn_of_each_block():
     basic = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0), zero_init_residual=True,
                           shortcut="C")
