@@ -10,9 +10,9 @@ output gradient, summed over batch and positions:
     dW[i, j] = X_ij^T G,   X_ij: (batch * positions, in),  G: (batch * positions, out)
 
 `conv_general_dilated` computes the convolution itself and its input gradient (`input_gradient`)
-with XLA's own convolutions; only the kernel gradient is replaced. It takes the arguments that `nnx.Conv` passes
-to `jax.lax.conv_general_dilated`, and supports what the networks here use: NHWC inputs, HWIO
-kernels, no dilation, no feature groups.
+with XLA's own convolutions; only the kernel gradient is replaced. It takes the arguments that
+`nnx.Conv` passes to `jax.lax.conv_general_dilated`, and supports what the networks here use:
+NHWC inputs, HWIO kernels, no dilation, no feature groups.
 """
 
 import functools
