@@ -9,11 +9,15 @@ import subprocess
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks import train_step as train_step_harness
 from resnet_jax import checkpoint, data, main, train, validate
 from runs import REPO, assert_trees_close, latest_params, main_command, run_main, small_config
 
@@ -226,3 +230,39 @@ def test_a_checkpoint_of_another_model_is_refused_not_set_aside(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="checkpoint of step 6 .* other shapes"):
         train.train_and_evaluate(small_config(**{"model.width": 8}), str(tmp_path), allow_config_change=True)
     assert latest_params(tmp_path)[0] == 6 and not (tmp_path / "corrupt_checkpoints").exists()
+
+
+@pytest.mark.parametrize("index, name", [(0, "a"), (2, "a"), (3, "b.c"), (6, "b.c"), (7, "d")])
+def test_the_first_non_finite_gradient_element_names_its_parameter(index, name):
+    params = {"a": np.zeros(3), "b": {"c": np.zeros((2, 2))}, "d": np.zeros(1)}
+    names = train._parameter_names(params)
+    assert names == [("a", 3), ("b.c", 7), ("d", 8)]
+    health = {"labels": True, "loss": True, "gradients": index}
+    with pytest.raises(train.TrainingError, match=rf"^step 9: non-finite gradient of {name};"):
+        train._check_health([(9, health)], names, skip_nonfinite=False, last_saved=8)
+    train._check_health([(9, {**health, "gradients": -1})], names, False, 8)  # all finite
+
+
+class _SqrtAtZero(nnx.Module):
+    """Two logits; the gradient of `b` is infinite at its zero element, the loss finite."""
+
+    def __init__(self):
+        self.a = nnx.Param(jnp.ones((3,)))
+        self.b = nnx.Param(jnp.asarray([1.0, 0.0]))
+
+    def __call__(self, x):
+        return (x[:, :3] * self.a[...]).sum(-1, keepdims=True) + jnp.sqrt(self.b[...])
+
+
+def test_the_train_step_reports_the_first_non_finite_gradient_element():
+    model = _SqrtAtZero()
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    schedule = optax.constant_schedule(0.1)
+    tx = optax.sgd(schedule)
+    state = train_step_harness._initial_state(params, batch_stats, tx)
+    batch = {"image": jnp.ones((2, 3)), "label": jnp.asarray([0, 1])}
+    _, health = train.train_step(graphdef, tx, schedule, 0.0, False, state, batch)
+    assert bool(health["loss"]) and int(health["gradients"]) == 3 + 1  # b's second element
+    names = train._parameter_names(params)
+    with pytest.raises(train.TrainingError, match=r"non-finite gradient of b;"):
+        train._check_health([(1, jax.device_get(health))], names, False, None)
