@@ -7,6 +7,7 @@ global batch; `jax.make_array_from_process_local_data` stitches the slices toget
 
 import collections
 import concurrent.futures
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -75,9 +76,13 @@ def normaliser(data_config) -> Callable[[dict], dict] | None:
     images normalised as the host pipeline would have (the PCA lighting offset added first);
     None for the other dtypes, whose images arrive normalised."""
     s = preprocess.settings(data_config)
-    if not s.on_device:
-        return None
-    mean, scale = np.float32(s.mean), np.float32(1.0) / np.float32(s.std)
+    return _normalise_pixels(s.mean, s.std) if s.on_device else None
+
+
+@functools.lru_cache(maxsize=None)
+def _normalise_pixels(mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[dict], dict]:
+    # One jitted function per (mean, std), so that every evaluation reuses its compilation.
+    mean, scale = np.float32(mean), np.float32(1.0) / np.float32(std)
 
     @jax.jit
     def normalise(batch):

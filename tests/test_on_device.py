@@ -83,6 +83,12 @@ def test_eval_pixels_normalised_on_device_equal_the_host_pipeline(photos, prepro
                                    rtol=0)
 
 
+def test_one_normaliser_per_statistics_so_each_evaluation_reuses_its_compilation(photos):
+    first = sharding.normaliser(_config(photos, "uint8"))
+    assert sharding.normaliser(_config(photos, "uint8", eval_preprocess="ten_crop")) is first
+    assert sharding.normaliser(_config(photos, "uint8", std=(1.0, 2.0, 3.0))) is not first
+
+
 def test_no_normaliser_for_host_dtypes(photos):
     assert sharding.normaliser(_config(photos, "float32")) is None
     assert sharding.normaliser(_config(photos, "bfloat16")) is None
