@@ -59,7 +59,8 @@ def load_model(workdir: str) -> tuple[ml_collections.ConfigDict, models.ResNet, 
     step, state = checkpoint.read_latest(workdir)
     state = _pure(state)
     classifier = state["params"]["fc" if "fc" in state["params"] else "fc3"]  # ResNet or VGG
-    model = build_model(config, classifier["kernel"].shape[-1])
+    num_classes = classifier["kernel"].shape[-1]
+    model = build_model(config, num_classes)
     # The checkpoint's "batch_stats" holds all state that is not a parameter (train.py).
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     nnx.replace_by_pure_dict(params, state["params"])
@@ -67,7 +68,7 @@ def load_model(workdir: str) -> tuple[ml_collections.ConfigDict, models.ResNet, 
     model = nnx.merge(graphdef, params, rest)
     if isinstance(model, models.ResNet) and (model.scan_blocks or model.remat):
         # Each block on its own, computed eagerly: what the analyses here look at and change.
-        unrolled = build_model(config, classifier["kernel"].shape[-1], scan_blocks=False, remat=False)
+        unrolled = build_model(config, num_classes, scan_blocks=False, remat=False)
         convert.transfer(model, unrolled)
         model = unrolled
     model.eval()

@@ -58,8 +58,8 @@ def kernel_gradient(x, grad, kernel_shape, strides, padding, precision=None):
 def input_gradient(grad, kernel, input_shape, strides, padding, precision=None):
     """The gradient of the convolution's input: the output gradient, dilated by the stride,
     convolved with the kernel turned by 180 degrees and its in/out channels swapped. Written out
-    rather than asked of `jax.vjp`, whose tracing, once per convolution, took a fifth of the
-    unrolled ResNet-152 train step's trace."""
+    rather than asked of `jax.vjp`, whose tracing, once per convolution, took about 30% of the
+    unrolled ResNet-152 train step's trace (under cProfile, 7.5-8.0 s against 5.5 s without)."""
     kh, kw = kernel.shape[:2]
     pads = []
     for size, k, s, (lo, hi), out in zip(input_shape[1:3], (kh, kw), strides, padding,

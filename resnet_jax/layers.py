@@ -105,8 +105,9 @@ def _normalise_forward(x, scale, bias, epsilon):
 
 
 def _normalise_backward(epsilon, residuals, cotangents):
-    # The textbook gradient, two reductions per group (Ioffe and Szegedy 2015, Sec. 3), where
-    # differentiating the forward pass gives XLA's CPU backend five passes over the activations:
+    # The textbook gradient, two reductions per group (Ioffe and Szegedy 2015, Sec. 3); JAX
+    # differentiating the forward pass gave five reductions more per BN (the scanned ResNet-152
+    # train step, lowered: 483 reduce ops against 338 with this):
     # dx = scale * rstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
     x, mean, rstd, scale = residuals
     dy = cotangents[0]

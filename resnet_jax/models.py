@@ -453,10 +453,10 @@ class ResNet(nnx.Module):
     def features(self, x: jax.Array) -> dict[str, jax.Array]:
         """Feature maps for users who build on the backbone (detection, segmentation).
 
-        "stem": conv1 after BN and ReLU (stride 2 for ImageNet, before the max-pool); "stage1".."stageN": each stage's output (for
-        ImageNet, Table 1's conv2_x..conv5_x at strides 4, 8, 16, 32); "pooled": the globally
-        average-pooled vector before the classifier (in "pre", of the last stage after the final
-        BN-ReLU).
+        "stem": conv1 after BN and ReLU (stride 2 for ImageNet, before the max-pool);
+        "stage1".."stageN": each stage's output (for ImageNet, Table 1's conv2_x..conv5_x at
+        strides 4, 8, 16, 32); "pooled": the globally average-pooled vector before the
+        classifier (in "pre", of the last stage after the final BN-ReLU).
         """
         check_images(x, self.in_channels)
         x = nnx.relu(self.bn1(self.conv1(x.astype(self.dtype))))

@@ -68,8 +68,9 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
-    # The first non-finite gradient element over all leaves, in one reduction (-1 if none): one
-    # check per leaf cost 9 s of the unrolled ResNet-152 compile; the host names the leaf.
+    # The first non-finite gradient element over all leaves, in one reduction (-1 if none); the
+    # host names the leaf. One check per leaf made the unrolled ResNet-152 step compile in 38.5 s,
+    # this one in 35.5 s (29.7 s with no check at all).
     bad = jnp.concatenate([~jnp.isfinite(g).ravel() for g in jax.tree.leaves(grads)])
     first_bad = jnp.argmax(bad)
     health = {"loss": jnp.isfinite(loss),
