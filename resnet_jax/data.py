@@ -502,13 +502,11 @@ def train_dataset(config, *, batch_size: int, seed: int, start_step: int = 0,
             lambda position, example: (position, *example))
     fn = preprocess.train_fn(s, kind, pixel_mean(config))
 
-    ship_lighting = s.on_device and s.pca_lighting > 0 and s.train_preprocess != "none"
-
     def prepare(position, record, label):
         example_key = preprocess.fold(preprocess.fold(key, 1), position)
         out = {"image": fn(record, example_key), "label": tf.cast(label, tf.int32),
                "position": position}
-        if ship_lighting:  # added on the devices, before normalising
+        if s.lighting and s.on_device:  # added on the devices, before normalising
             out["lighting"] = preprocess.lighting_offset(s, example_key)
         return out
 

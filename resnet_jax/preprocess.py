@@ -90,6 +90,11 @@ class Settings:
         return DTYPES[self.dtype]
 
     @property
+    def lighting(self) -> bool:
+        """The train images get PCA lighting: pca_lighting > 0, any train preprocessing but `none`."""
+        return self.pca_lighting > 0 and self.train_preprocess != "none"
+
+    @property
     def on_device(self) -> bool:
         """Normalised on the devices: the pipeline ends in rounded uint8 pixels."""
         return self.dtype == "uint8"
@@ -328,7 +333,7 @@ def train_fn(s: Settings, kind: str, pixel_mean=None):
             image = _resize(image, (size, size), s)
         else:  # cifar, none: the whole image at image_size x image_size
             image = _resize_square(decode(record, kind), s)
-        if name != "none" and s.pca_lighting > 0 and not s.on_device:
+        if s.lighting and not s.on_device:
             image = image + lighting_offset(s, key)
         image = _finish(image, s, pixel_mean)
         if name == "cifar":
