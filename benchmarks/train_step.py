@@ -231,7 +231,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     macs = flops.count_macs(model, args.image_size)
     model.eval()
     eval_graphdef = nnx.graphdef(model)
-    state = jax.device_put(_initial_state(params, batch_stats, tx), replicated)
+    state = train.for_training(jax.device_put(_initial_state(params, batch_stats, tx), replicated),
+                               mesh, args.bn_group_size)
+    state_shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
     param_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
     stat_bytes = sum(s.nbytes for s in jax.tree.leaves(batch_stats))
 
@@ -245,7 +247,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "graphdef": graphdef, "tx": tx, "schedule": schedule,
         "label_smoothing": config.train.label_smoothing,
         "skip_nonfinite": config.train.get("skip_nonfinite", False)}),
-        in_shardings=(replicated, batch_spec), out_shardings=replicated, donate_argnums=0)
+        in_shardings=(state_shardings, batch_spec), out_shardings=(state_shardings, replicated),
+        donate_argnums=0)
     compiled, compile_times = _compile(train_fn, state, batch)
     holder = [state]
 
@@ -275,8 +278,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      "mask": np.ones(args.batch_size, bool)}, batch_spec)
         eval_fn = jax.jit(lambda state, batch: train.eval_step(eval_graphdef, state, batch),
                           in_shardings=(replicated, batch_spec), out_shardings=replicated)
-        eval_compiled, eval_times = _compile(eval_fn, holder[0], eval_batch)
-        times = _time_steps(lambda: eval_compiled(holder[0], eval_batch), args.steps)
+        eval_state = train.for_evaluation(holder[0], mesh, args.bn_group_size)
+        eval_compiled, eval_times = _compile(eval_fn, eval_state, eval_batch)
+        times = _time_steps(lambda: eval_compiled(eval_state, eval_batch), args.steps)
         eval_seconds = statistics.median(times)
         result.update({f"eval_{k}": v for k, v in {
             **eval_times, "step_seconds": eval_seconds, "step_seconds_min": min(times),

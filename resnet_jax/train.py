@@ -24,7 +24,7 @@ from absl import logging
 from clu import periodic_actions
 from flax import nnx
 
-from resnet_jax import checkpoint, data, flops, metrics, models, optim, sharding, validate
+from resnet_jax import checkpoint, data, flops, metrics, models, optim, running_stats, sharding, validate
 
 
 @flax.struct.dataclass
@@ -113,6 +113,22 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: dict[str, jax.Ar
 def create_model(config: Any, num_classes: int) -> nnx.Module:
     return models.create(config.model.name, num_classes=num_classes, rngs=nnx.Rngs(config.seed),
                          **model_options(config))
+
+
+def for_training(state: TrainState, mesh, bn_group_size: int | None) -> TrainState:
+    """The state as the train step takes it: with ghost BN (`bn_group_size`), the running
+    statistics kept per device, so that the step needs no collective for them (`running_stats`)."""
+    if bn_group_size is None:
+        return state
+    return state.replace(batch_stats=running_stats.spread(state.batch_stats, mesh))
+
+
+def for_evaluation(state: TrainState, mesh, bn_group_size: int | None) -> TrainState:
+    """The state as evaluation and checkpoints take it: `for_training` undone, the per-device
+    running statistics averaged."""
+    if bn_group_size is None:
+        return state
+    return state.replace(batch_stats=running_stats.gather(state.batch_stats, mesh))
 
 
 def evaluate(eval_fn, state: TrainState, config: Any, mesh) -> dict[str, float]:
@@ -257,12 +273,11 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
     replicated = sharding.replicated(mesh)
     # The metrics window starts (and restarts after each log line) inside jit, so that its
     # arrays are global ones on every process, as orbax needs them.
-    fresh_window = jax.jit(lambda state: state.replace(train_metrics=metrics.TrainMetrics.empty()),
-                           out_shardings=replicated, donate_argnums=0)
-    state = fresh_window(jax.device_put(TrainState(
+    empty_window = jax.jit(metrics.TrainMetrics.empty, out_shardings=replicated)
+    state = jax.device_put(TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-        opt_state=tx.init(params), train_metrics=metrics.TrainMetrics.empty(),
-        skipped=jnp.zeros((), jnp.int32)), replicated))
+        opt_state=tx.init(params), train_metrics=empty_window(),
+        skipped=jnp.zeros((), jnp.int32)), replicated)
 
     manager = checkpoint.create_manager(workdir, config.checkpoint)
     restored = checkpoint.restore_latest(manager, state, workdir)
@@ -271,6 +286,9 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
         state, start = restored, int(restored.step)
         metrics.drop_rows_after(workdir, start)
         logging.info("Restored the checkpoint of step %d from %s", start, manager.directory)
+    group = config.model.bn_group_size
+    state = for_training(state, mesh, group)
+    state_shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
 
     logging.info("Devices: %d (%s), processes: %d; model %s: %s parameters, %s multiply-adds per "
                  "image; global batch %d, %d steps per epoch, %d steps",
@@ -287,7 +305,8 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
     batch_spec = sharding.batch_sharding(mesh)
     train_fn = jax.jit(functools.partial(train_step, graphdef, tx, schedule, config.train.label_smoothing,
                                          config.train.skip_nonfinite),
-                       in_shardings=(replicated, batch_spec), out_shardings=replicated, donate_argnums=0)
+                       in_shardings=(state_shardings, batch_spec),
+                       out_shardings=(state_shardings, replicated), donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, eval_graphdef),
                       in_shardings=(replicated, batch_spec), out_shardings=replicated)
 
@@ -322,17 +341,17 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
                 scalars["images_per_second"] = (step - last_log[1]) * config.train.batch_size / (now - last_log[0])
                 if int(state.skipped):
                     scalars["skipped_steps"] = int(state.skipped)
-                state = fresh_window(state)
+                state = state.replace(train_metrics=empty_window())
                 last_log = (now, step)
             if step % config.eval.every_steps == 0 or step == num_steps:
                 began = time.perf_counter()
-                scalars.update(evaluate(eval_fn, state, config, mesh))
+                scalars.update(evaluate(eval_fn, for_evaluation(state, mesh, group), config, mesh))
                 # images/s counts training time only.
                 last_log = (last_log[0] + time.perf_counter() - began, last_log[1])
             if scalars:
                 writer.write_scalars(step, scalars)
             if saving:
-                checkpoint.save(manager, step, state,
+                checkpoint.save(manager, step, for_evaluation(state, mesh, group),
                                 metrics=scalars if "eval_accuracy" in scalars else None, force=True)
                 last_saved = step
             if preempted:
@@ -345,4 +364,4 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
         writer.flush()
         with contextlib.suppress(Exception):  # after an error: let the saves in flight finish
             manager.wait_until_finished()
-    return state
+    return for_evaluation(state, mesh, group)

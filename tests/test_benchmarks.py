@@ -29,6 +29,21 @@ def test_harness_on_two_simulated_devices_reports_every_number():
     assert result["macs_per_image"] > 0 and result["params"] > 0
 
 
+def test_ghost_bn_adds_no_collective_to_the_gradients_all_reduce():
+    # Groups of 2 of the 2 examples per device: each device normalises and keeps its running
+    # statistics alone, so the train step all-reduces the gradients (the parameters' bytes) and
+    # the loss and metric scalars, nothing of BN's.
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_step", "--model", "cifar_resnet8", "--batch-size", "16",
+         "--image-size", "8", "--steps", "1", "--devices", "8", "--bn-group-size", "2", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    scalars = result["all_reduce_bytes"] - result["param_bytes"]
+    assert 0 <= scalars < 64 < result["batch_stat_bytes"], result
+    assert result["step_seconds"] > 0 and result["eval_step_seconds"] > 0
+
+
 def test_collectives_are_read_off_the_hlo():
     hlo = "\n".join([
         "  %all-reduce.1 = f32[64,3]{1,0} all-reduce(f32[64,3]{1,0} %p), replica_groups={}",

@@ -5,7 +5,9 @@ import signal
 import socket
 import subprocess
 
-from resnet_jax import data, metrics, train
+import pytest
+
+from resnet_jax import checkpoint, data, metrics, train
 from runs import (REPO, assert_trees_close, latest_params, main_command, rows_without_speed, run_main,
                   small_config)
 
@@ -50,11 +52,16 @@ def test_preempted_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
     assert_trees_close(latest_params(parts)[1], latest_params(whole)[1], rtol=0, atol=0)
 
 
-def test_eight_devices_train_like_one(tmp_path):
-    run_main(tmp_path / "one")
-    run_main(tmp_path / "eight", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-    assert_trees_close(latest_params(tmp_path / "eight")[1], latest_params(tmp_path / "one")[1],
-                       rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("group", [None, 4])
+def test_eight_devices_train_like_one(tmp_path, group):
+    # With ghost BN (groups of the 4 examples per device) the running statistics are kept
+    # per device on eight and averaged for the checkpoint: they must equal one device's.
+    options = {} if group is None else {"model.bn_group_size": group}
+    run_main(tmp_path / "one", **options)
+    run_main(tmp_path / "eight", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, **options)
+    eight, one = checkpoint.read_latest(str(tmp_path / "eight"))[1], checkpoint.read_latest(str(tmp_path / "one"))[1]
+    for part in ("params", "batch_stats"):
+        assert_trees_close(eight[part], one[part], rtol=1e-4, atol=1e-5)
 
 
 def free_port():

@@ -1,0 +1,59 @@
+"""Ghost BN's running statistics kept per device while training, so that the train step needs no
+cross-device reduction for them.
+
+With `bn_group_size`, every group lies on one device and normalising needs nothing from the
+others (Sec. 3.4: the paper normalised per GPU). Only the running averages would still average
+the groups of all devices each step. They need not: the running average is linear in the batch
+statistics, so the mean over devices of per-device running averages, all started from the same
+value, is exactly the running average of the mean over devices. `spread` gives each BN mean and
+variance an axis of the device count before the channels, sharded over "data", which `BatchNorm`
+updates from its device's groups alone; `gather` averages that axis away, once, for evaluation
+and for checkpoints, whose layout stays the same.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from resnet_jax import sharding
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _map_stats(fn, batch_stats: nnx.State) -> nnx.State:
+    """fn applied to the value of each BN statistic (nnx.BatchStat); the other state as it is."""
+    return jax.tree.map(lambda v: v.replace(fn(v[...])) if isinstance(v, nnx.BatchStat) else v,
+                        batch_stats, is_leaf=_is_variable)
+
+
+def _per_device_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    # (..., devices, channels): the device axis on "data".
+    return NamedSharding(mesh, PartitionSpec(*([None] * (ndim - 2)), sharding.DATA_AXIS, None))
+
+
+def spread(batch_stats: nnx.State, mesh: Mesh) -> nnx.State:
+    """Each BN statistic, (..., channels), as one copy per device, (..., devices, channels)."""
+    devices = mesh.shape[sharding.DATA_AXIS]
+    placement = jax.tree.map(
+        lambda v: _per_device_sharding(mesh, v.ndim + 1) if isinstance(v, nnx.BatchStat)
+        else sharding.replicated(mesh), batch_stats, is_leaf=_is_variable)
+    copies = functools.partial(_map_stats, lambda s: jnp.broadcast_to(
+        s[..., None, :], s.shape[:-1] + (devices, s.shape[-1])))
+    return jax.jit(copies, out_shardings=placement)(batch_stats)
+
+
+def gather(batch_stats: nnx.State, mesh: Mesh) -> nnx.State:
+    """The per-device statistics averaged over the devices: (..., channels), replicated."""
+    return _averager(mesh)(batch_stats)
+
+
+@functools.lru_cache(maxsize=None)
+def _averager(mesh: Mesh):
+    # One jitted function per mesh, so that each evaluation and save reuses its compilation.
+    return jax.jit(functools.partial(_map_stats, lambda s: s.mean(-2)),
+                   out_shardings=sharding.replicated(mesh))
