@@ -79,6 +79,8 @@ def _backward(strides, padding, precision, residuals, grad):
 
 
 _conv_matmul_grad.defvjp(_forward, _backward)
+# Jitted so that JAX traces, differentiates and lowers each shape once, however many layers share it.
+_conv_matmul_grad_jit = jax.jit(_conv_matmul_grad, static_argnums=(2, 3, 4))
 
 
 def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -93,4 +95,4 @@ def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, 
         raise ValueError("conv_weight_grad='matmul' supports 2-D NHWC/HWIO convolutions with "
                          "explicit padding, no dilation and no feature groups")
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
-    return _conv_matmul_grad(x, kernel, tuple(window_strides), padding, precision)
+    return _conv_matmul_grad_jit(x, kernel, tuple(window_strides), padding, precision)
