@@ -59,7 +59,7 @@ def test_eight_devices_train_like_one(tmp_path, group):
     options = {} if group is None else {"model.bn_group_size": group}
     run_main(tmp_path / "one", **options)
     run_main(tmp_path / "eight", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, **options)
-    eight, one = checkpoint.read_latest(str(tmp_path / "eight"))[1], checkpoint.read_latest(str(tmp_path / "one"))[1]
+    eight, one = (checkpoint.read_latest(str(tmp_path / name))[1] for name in ("eight", "one"))
     for part in ("params", "batch_stats"):
         assert_trees_close(eight[part], one[part], rtol=1e-4, atol=1e-5)
 
