@@ -43,6 +43,7 @@ if _DEVICES and "jax" not in sys.modules:
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
@@ -66,6 +67,12 @@ _HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16":
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _INSTRUCTION = re.compile(r"=\s*(.*?)\s+(" + "|".join(_COLLECTIVES) + r")(-start)?\(")
 _ARRAY = re.compile(r"\b(" + "|".join(_HLO_BYTES) + r")\[([\d,]*)\]")
+# A computation's first line, "ENTRY %name (" or "%name (", and what an instruction calls.
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([^\s(]+)\s*\(")
+_WHILE_BODY = re.compile(r"\swhile\(.*?\bbody=%?([\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CALLED = re.compile(r"\bcalls=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,24 +107,51 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def collectives(hlo_text: str) -> dict[str, Any]:
-    """Count and bytes (of the results) of each kind of collective in an HLO module's text.
+    """Count and bytes (of the results) of each kind of collective that one run of an HLO module
+    executes, from its text.
 
-    An asynchronous pair (all-reduce-start / all-reduce-done) counts once, at its start.
+    A collective inside a while loop with a known trip count counts that many times: a scanned
+    stage's gradients are all-reduced inside the backward loop, once per block. An asynchronous
+    pair (all-reduce-start / all-reduce-done) counts once, at its start.
     """
-    found = {kind: [0, 0] for kind in _COLLECTIVES}
+    own: dict[str, dict[str, list[int]]] = {}
+    calls: dict[str, list[tuple[str, int]]] = {}
+    entry = name = None
     for line in hlo_text.splitlines():
-        match = _INSTRUCTION.search(line)
-        if match is None:
+        header = _COMPUTATION.match(line)
+        if header:
+            name = header.group(2)
+            own[name], calls[name] = {kind: [0, 0] for kind in _COLLECTIVES}, []
+            entry = name if header.group(1) else entry
             continue
-        shape, kind = match.group(1), match.group(2)
-        size = sum(_HLO_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
-                   for dtype, dims in _ARRAY.findall(shape))
-        found[kind][0] += 1
-        found[kind][1] += size
+        if name is None:
+            continue
+        match = _INSTRUCTION.search(line)
+        if match is not None:
+            shape, kind = match.group(1), match.group(2)
+            own[name][kind][0] += 1
+            own[name][kind][1] += sum(_HLO_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+                                      for dtype, dims in _ARRAY.findall(shape))
+        body, trips = _WHILE_BODY.search(line), _TRIP_COUNT.search(line)
+        if body is not None:
+            calls[name].append((body.group(1), int(trips.group(1)) if trips else 1))
+        calls[name] += [(callee, 1) for callee in _CALLED.findall(line)]
+        for branches in _BRANCHES.findall(line):  # both branches of a conditional: at most
+            calls[name] += [(callee.strip().lstrip("%"), 1) for callee in branches.split(",")]
+
+    @functools.cache
+    def executed(computation: str) -> dict[str, tuple[int, int]]:
+        total = {kind: tuple(counts) for kind, counts in own.get(computation, {}).items()}
+        for callee, times in calls.get(computation, []):
+            for kind, (count, size) in executed(callee).items():
+                total[kind] = (total[kind][0] + times * count, total[kind][1] + times * size)
+        return total
+
+    found = executed(entry) if entry else {}
     result = {}
-    for kind, (count, size) in found.items():
+    for kind in _COLLECTIVES:
         name = kind.replace("-", "_")
-        result[f"{name}_count"], result[f"{name}_bytes"] = count, size
+        result[f"{name}_count"], result[f"{name}_bytes"] = found.get(kind, (0, 0))
     return result
 
 

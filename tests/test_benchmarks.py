@@ -29,13 +29,15 @@ def test_harness_on_two_simulated_devices_reports_every_number():
     assert result["macs_per_image"] > 0 and result["params"] > 0
 
 
-def test_ghost_bn_adds_no_collective_to_the_gradients_all_reduce():
+@pytest.mark.parametrize("scan", [[], ["--scan-blocks"]])
+def test_ghost_bn_adds_no_collective_to_the_gradients_all_reduce(scan):
     # Groups of 2 of the 2 examples per device: each device normalises and keeps its running
     # statistics alone, so the train step all-reduces the gradients (the parameters' bytes) and
-    # the loss and metric scalars, nothing of BN's.
+    # the loss and metric scalars, nothing of BN's. Scanned, the gradients of each stage's
+    # scanned blocks are all-reduced inside the backward loop, once per block.
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.train_step", "--model", "cifar_resnet8", "--batch-size", "16",
-         "--image-size", "8", "--steps", "1", "--devices", "8", "--bn-group-size", "2", "--json"],
+        [sys.executable, "-m", "benchmarks.train_step", "--model", "cifar_resnet20", "--batch-size", "16",
+         "--image-size", "8", "--steps", "1", "--devices", "8", "--bn-group-size", "2", "--json", *scan],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -44,15 +46,28 @@ def test_ghost_bn_adds_no_collective_to_the_gradients_all_reduce():
     assert result["step_seconds"] > 0 and result["eval_step_seconds"] > 0
 
 
-def test_collectives_are_read_off_the_hlo():
+def test_collectives_are_read_off_the_hlo_once_per_execution():
     hlo = "\n".join([
+        "HloModule jit_step, is_scheduled=true",
+        "%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {",
+        "  %ar.body = f32[8]{0} all-reduce(f32[8]{0} %g), replica_groups={}, to_apply=%add",
+        "}",
+        "%other (q: f32[2]) -> f32[2] {",
+        "  %ar.never = f32[1000]{0} all-reduce(f32[1000]{0} %q), to_apply=%add",
+        "}",
+        "ENTRY %main (a: f32[64,3]) -> f32[64,3] {",
         "  %all-reduce.1 = f32[64,3]{1,0} all-reduce(f32[64,3]{1,0} %p), replica_groups={}",
         "  %ars = (f32[10]{0}, bf16[4]{0}) all-reduce-start(%a, %b), to_apply=%add",
         "  %ard = (f32[10]{0}, bf16[4]{0}) all-reduce-done(%ars)",
         "  %ag = f32[8]{0} all-gather(f32[4]{0} %x), dimensions={0}",
+        '  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, '
+        'backend_config={"known_trip_count":{"n":"5"}}',
+        "}",
     ])
     found = train_step.collectives(hlo)
-    assert found["all_reduce_count"] == 2 and found["all_reduce_bytes"] == 64 * 3 * 4 + 40 + 8
+    # The loop body's all-reduce five times; %other is never called.
+    assert found["all_reduce_count"] == 2 + 5
+    assert found["all_reduce_bytes"] == 64 * 3 * 4 + 40 + 8 + 5 * 32
     assert found["all_gather_count"] == 1 and found["all_gather_bytes"] == 32
 
 
