@@ -12,7 +12,8 @@ compile_seconds is trace + lower + compile of the train step; step_seconds the m
 timed steps after one warm-up step; tflops_per_second counts `flops.count_macs` x 2 FLOPs x 3
 (forward and backward) per image; peak_memory_bytes is the compiled step's memory analysis
 (arguments + outputs - donated + temporaries); all_reduce_count and all_reduce_bytes are read off
-the compiled HLO, as one step executes them (a loop's once per iteration). The eval_* keys are the same for the eval step (forward only: x 1).
+the compiled HLO, as one step executes them (a loop's once per iteration). The eval_* keys are
+the same for the eval step (forward only: x 1).
 `--devices N` simulates N CPU devices (XLA_FLAGS, set before JAX starts); `--cache-dir` turns
 on JAX's persistent compilation cache in DIR, so that a second run of the same shapes reads
 the compiled step from it.

@@ -62,6 +62,12 @@ def test_eight_devices_train_like_one(tmp_path, group):
     eight, one = (checkpoint.read_latest(str(tmp_path / name))[1] for name in ("eight", "one"))
     for part in ("params", "batch_stats"):
         assert_trees_close(eight[part], one[part], rtol=1e-4, atol=1e-5)
+    if group is not None:  # the averaged statistics restore into per-device ones and train on
+        result = run_main(tmp_path / "eight", "--allow_config_change",
+                          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+                          **options, **{"train.num_steps": 9})
+        assert "Restored the checkpoint of step 6" in result.stderr
+        assert latest_params(tmp_path / "eight")[0] == 9
 
 
 def free_port():
