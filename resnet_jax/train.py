@@ -343,15 +343,18 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
                     scalars["skipped_steps"] = int(state.skipped)
                 state = state.replace(train_metrics=empty_window())
                 last_log = (now, step)
-            if step % config.eval.every_steps == 0 or step == num_steps:
+            evaluating = step % config.eval.every_steps == 0 or step == num_steps
+            # The per-device BN statistics averaged once for the evaluation and the save alike.
+            settled = for_evaluation(state, mesh, group) if evaluating or saving else None
+            if evaluating:
                 began = time.perf_counter()
-                scalars.update(evaluate(eval_fn, for_evaluation(state, mesh, group), config, mesh))
+                scalars.update(evaluate(eval_fn, settled, config, mesh))
                 # images/s counts training time only.
                 last_log = (last_log[0] + time.perf_counter() - began, last_log[1])
             if scalars:
                 writer.write_scalars(step, scalars)
             if saving:
-                checkpoint.save(manager, step, for_evaluation(state, mesh, group),
+                checkpoint.save(manager, step, settled,
                                 metrics=scalars if "eval_accuracy" in scalars else None, force=True)
                 last_saved = step
             if preempted:
