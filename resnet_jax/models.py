@@ -28,6 +28,7 @@ from flax import nnx
 from resnet_jax import vgg
 from resnet_jax.layers import (BatchNorm, Layers, check_choice, check_images,  # noqa: F401
                                check_positive_int, make_layers)
+from resnet_jax.remat import rematerialised
 
 SHORTCUTS = ("A", "B", "C")
 STRIDE_ON = ("1x1", "3x3")
@@ -277,8 +278,8 @@ BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
 
 
 def _run_block(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
-    """block(x), under `jax.checkpoint` where `remat`: its activations are recomputed in the
-    backward pass instead of kept. BN's running statistics are updated as without it."""
+    """block(x); where `remat`, its activations are recomputed in the backward pass instead of
+    kept (`resnet_jax.remat`). BN's running statistics are updated as without it."""
     if not remat:
         return block(x)
     graphdef, state = nnx.split(block)
@@ -287,7 +288,7 @@ def _run_block(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
         copy = nnx.merge(graphdef, state)
         return copy(x), nnx.state(copy, nnx.BatchStat)
 
-    y, stats = jax.checkpoint(forward)(state, x)
+    y, stats = rematerialised(forward)(state, x)
     nnx.update(block, stats)
     return y
 
@@ -372,9 +373,10 @@ class ResNet(nnx.Module):
         XLA's CPU backend runs the weight gradients of convolutions inside a scan far slower
         than unrolled. The same seed gives the same weights either way; `convert.transfer`
         moves weights between the layouts.
-      remat: rematerialise each block (`jax.checkpoint`): its activations are recomputed in the
-        backward pass instead of kept, which cuts peak training memory for about one more
-        forward pass of compute. Outputs and gradients are unchanged.
+      remat: rematerialise each block (`resnet_jax.remat`): its activations are recomputed in
+        the backward pass instead of kept, which cuts peak training memory for about one more
+        forward pass of compute. Outputs and gradients are unchanged; `jax.jvp` of the model is
+        not defined with it.
       conv_weight_grad: how the kernel gradients of the convolutions are computed: "xla" (XLA's
         own), "matmul" (one matrix product per kernel tap, `resnet_jax.conv`: several times
         faster on XLA's CPU backend), or "auto", "matmul" when the default backend is the CPU
