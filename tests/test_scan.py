@@ -94,21 +94,29 @@ def loss_and_grads(model, x, labels):
     def loss_fn(params):
         copy = nnx.merge(graphdef, params, stats, copy=True)
         logits = copy(x)
-        return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1).mean()
+        loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1).mean()
+        return loss, nnx.state(copy, nnx.BatchStat)
 
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
-    return loss, torch_keyed(nnx.merge(graphdef, grads, stats))  # keyed alike in every layout
+    (loss, new_stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    # Keyed alike in every layout: the gradients, and the BN statistics the step moved.
+    return loss, torch_keyed(nnx.merge(graphdef, grads, stats)), torch_keyed(
+        nnx.merge(graphdef, params, new_stats))
 
 
 def test_scan_and_remat_change_no_gradient():
     x, labels = images((4, 8, 8, 3)), jnp.arange(4) % 10
-    loss, grads = loss_and_grads(create("cifar_resnet20"), x, labels)
+    loss, grads, moved = loss_and_grads(create("cifar_resnet20"), x, labels)
     for options in [{"remat": True}, {"scan_blocks": True, "remat": True}]:
-        other_loss, other_grads = loss_and_grads(create("cifar_resnet20", **options), x, labels)
+        other_loss, other_grads, other_moved = loss_and_grads(create("cifar_resnet20", **options),
+                                                              x, labels)
         np.testing.assert_allclose(other_loss, loss, rtol=1e-5)
         for key, value in grads.items():
             np.testing.assert_allclose(other_grads[key], value, rtol=1e-4, atol=1e-6,
                                        err_msg=f"{options} {key}")
+        for key in moved:
+            if "running" in key:
+                np.testing.assert_allclose(other_moved[key], moved[key], rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{options} {key}")
 
 
 def test_remat_recomputes_in_the_backward_pass():
