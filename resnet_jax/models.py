@@ -369,10 +369,12 @@ class ResNet(nnx.Module):
         (LeCun normal), as the paper says nothing of it.
       scan_blocks: run the blocks of each stage after the first (all alike: same shapes, no
         stride) as one `ScannedBlocks`, parameters stacked. The compiler then sees one block per
-        stage instead of up to 35, which cuts compile time on accelerators. Off by default:
-        XLA's CPU backend runs the weight gradients of convolutions inside a scan far slower
-        than unrolled. The same seed gives the same weights either way; `convert.transfer`
-        moves weights between the layouts.
+        stage instead of up to 35, which cuts compile time. Off by default, so that default
+        checkpoints keep one variable per layer: XLA's CPU backend runs its own kernel
+        gradients (`conv_weight_grad="xla"`) far slower inside a scan; with the matmul ones
+        (the CPU default) the scanned step is faster on CPU too (benchmarks/README.md). The
+        same seed gives the same weights either way; `convert.transfer` moves weights between
+        the layouts.
       remat: rematerialise each block (`resnet_jax.remat`): its activations are recomputed in
         the backward pass instead of kept, which cuts peak training memory for about one more
         forward pass of compute. Outputs and gradients are unchanged; `jax.jvp` of the model is
