@@ -36,6 +36,9 @@ def _requested_devices(argv: list[str]) -> int | None:
 
 
 # XLA reads its flags once, when JAX starts its CPU backend: set them before jax is imported.
+from resnet_jax import xla_flags  # noqa: E402
+
+xla_flags.set_cpu_fusion()  # as the main job runs
 _DEVICES = _requested_devices(sys.argv[1:]) if __name__ == "__main__" else None
 if _DEVICES and "jax" not in sys.modules:
     os.environ["XLA_FLAGS"] = " ".join(

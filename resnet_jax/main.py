@@ -12,10 +12,14 @@ import os
 import runpy
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from resnet_jax import xla_flags
 
-from resnet_jax import sharding
+xla_flags.set_cpu_fusion()  # before JAX starts its backends
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from resnet_jax import sharding  # noqa: E402
 
 _QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs", "quickstart.py")
