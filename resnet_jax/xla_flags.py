@@ -7,7 +7,8 @@ the forward pass and in each ReLU's backward pass (the unrolled ResNet-152 train
 instructions inside its fusions, fusions of up to 746). With multi-output fusion on, XLA fuses
 without duplicating. Measured on the 2-core CPU (benchmarks/README.md): ResNet-50 b16 at 224,
 step 8.06 -> 5.93 s and compile 15.7 -> 9.8 s; unrolled ResNet-152 b8, step 12.7 -> 8.9 s and
-compile 38.6 -> 22.7 s. The option is read only by the CPU backend.
+compile 38.6 -> 22.7 s. The option's key names the CPU backend; no GPU or TPU run was made
+with it.
 """
 
 import os
