@@ -119,6 +119,27 @@ def test_train_and_eval_switch_batch_norm():
     assert not np.allclose(np.asarray(model(x)), before)  # the moved statistics are used
 
 
+def test_identical_blocks_share_one_trace_and_match_calling_each_block():
+    model = models.create("cifar_resnet20", num_classes=10, rngs=nnx.Rngs(0))
+    reference = nnx.clone(model)
+    x = images((2, 8, 8, 3))
+    models._block_forward_jit.clear_cache()
+    logits = model(x)
+    # Per stage: the opening block and the two identical ones after it.
+    assert models._block_forward_jit._cache_size() == 6
+    h = nnx.relu(reference.bn1(reference.conv1(x)))
+    for stage in reference.stages:
+        for block in stage:
+            h = block(h)  # the module itself, not the jitted function
+    np.testing.assert_allclose(logits, reference.fc(h.mean((1, 2))), rtol=1e-5, atol=1e-6)
+    stats = jax.tree.leaves(nnx.state(model, nnx.BatchStat))
+    expected = jax.tree.leaves(nnx.state(reference, nnx.BatchStat))
+    assert len(stats) == len(expected) == 2 * 19
+    for got, want in zip(stats, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(stats[-1], 0) and not np.allclose(stats[-2], 1)  # they moved
+
+
 def test_ghost_batch_norm_normalises_each_group_alone():
     ghost = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0), bn_group_size=2)
     whole = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
