@@ -282,11 +282,14 @@ def _run_block(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
     """block(x); where `remat`, its activations are recomputed in the backward pass instead of
     kept (`resnet_jax.remat`). BN's running statistics are updated as without it.
 
-    Without remat the block runs as one jitted function of its variables: blocks that differ in
-    nothing but their values (all but the first of a stage) share it, so JAX traces,
-    differentiates and lowers it once per stage, not once per block. XLA inlines the calls: the
-    compiled step is unchanged.
+    Traced without remat, the block runs as one jitted function of its variables: blocks that
+    differ in nothing but their values (all but the first of a stage) share it, so JAX traces,
+    differentiates and lowers it once per stage, not once per block; XLA inlines the calls.
+    Called eagerly it runs as itself, so that tools that watch its calls see arrays
+    (`resnet_jax.analysis`).
     """
+    if not remat and not isinstance(x, jax.core.Tracer):
+        return block(x)
     graphdef, state = nnx.split(block)
     run = rematerialised(functools.partial(_block_forward, graphdef)) if remat else \
         functools.partial(_block_forward_jit, graphdef)
