@@ -232,11 +232,13 @@ def test_a_checkpoint_of_another_model_is_refused_not_set_aside(tmp_path):
     assert latest_params(tmp_path)[0] == 6 and not (tmp_path / "corrupt_checkpoints").exists()
 
 
-@pytest.mark.parametrize("index, name", [(0, "a"), (2, "a"), (3, "b.c"), (6, "b.c"), (7, "d")])
-def test_the_first_non_finite_gradient_element_names_its_parameter(index, name):
-    params = {"a": np.zeros(3), "b": {"c": np.zeros((2, 2))}, "d": np.zeros(1)}
+@pytest.mark.parametrize("index, name", [(0, "a"), (2, "a"), (3, "b.c"), (6, "b.c"), (7, "d"),
+                                         (8, "k"), (13, "k")])
+def test_the_first_non_finite_gradient_value_names_its_parameter(index, name):
+    # A kernel's probe is its sums over the input channels: 3 x 2 values for this one.
+    params = {"a": np.zeros(3), "b": {"c": np.zeros((2, 2))}, "d": np.zeros(1), "k": np.zeros((1, 3, 4, 2))}
     names = train._parameter_names(params)
-    assert names == [("a", 3), ("b.c", 7), ("d", 8)]
+    assert names == [("a", 3), ("b.c", 7), ("d", 8), ("k", 14)]
     health = {"labels": True, "loss": True, "gradients": index}
     with pytest.raises(train.TrainingError, match=rf"^step 9: non-finite gradient of {name};"):
         train._check_health([(9, health)], names, skip_nonfinite=False, last_saved=8)
@@ -244,25 +246,31 @@ def test_the_first_non_finite_gradient_element_names_its_parameter(index, name):
 
 
 class _SqrtAtZero(nnx.Module):
-    """Two logits; the gradient of `b` is infinite at its zero element, the loss finite."""
+    """Two logits; the gradient of `b` or of the kernel `k` is infinite at their zero element,
+    the loss finite."""
 
-    def __init__(self):
+    def __init__(self, zero_in: str):
         self.a = nnx.Param(jnp.ones((3,)))
-        self.b = nnx.Param(jnp.asarray([1.0, 0.0]))
+        self.b = nnx.Param(jnp.asarray([1.0, 0.0 if zero_in == "b" else 1.0]))
+        self.k = nnx.Param(jnp.ones((1, 1, 3, 2)).at[0, 0, 2, 1].set(0.0 if zero_in == "k" else 1.0))
 
     def __call__(self, x):
-        return (x[:, :3] * self.a[...]).sum(-1, keepdims=True) + jnp.sqrt(self.b[...])
+        return ((x[:, :3] * self.a[...]).sum(-1, keepdims=True) + jnp.sqrt(self.b[...])
+                + jnp.sqrt(self.k[...]).sum((0, 1, 2)))
 
 
-def test_the_train_step_reports_the_first_non_finite_gradient_element():
-    model = _SqrtAtZero()
+# The kernel's probe holds its sums over the 3 input channels, one per output channel: the
+# element [0, 0, 2, 1] makes the second sum infinite.
+@pytest.mark.parametrize("zero_in, index", [("b", 3 + 1), ("k", 3 + 2 + 1)])
+def test_the_train_step_reports_the_first_non_finite_gradient_value(zero_in, index):
+    model = _SqrtAtZero(zero_in)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     schedule = optax.constant_schedule(0.1)
     tx = optax.sgd(schedule)
     state = train_step_harness._initial_state(params, batch_stats, tx)
     batch = {"image": jnp.ones((2, 3)), "label": jnp.asarray([0, 1])}
     _, health = train.train_step(graphdef, tx, schedule, 0.0, False, state, batch)
-    assert bool(health["loss"]) and int(health["gradients"]) == 3 + 1  # b's second element
+    assert bool(health["loss"]) and int(health["gradients"]) == index
     names = train._parameter_names(params)
-    with pytest.raises(train.TrainingError, match=r"non-finite gradient of b;"):
+    with pytest.raises(train.TrainingError, match=rf"non-finite gradient of {zero_in};"):
         train._check_health([(1, jax.device_get(health))], names, False, None)
