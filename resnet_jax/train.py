@@ -71,8 +71,9 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
                               batch_stats=batch_stats, opt_state=opt_state)
     # The first non-finite value of all the gradients' probes, in one reduction (-1 if none); the
     # host names the leaf.
-    bad = jnp.concatenate([lax.bitwise_not(lax.is_finite(_finiteness_probe(g)))
-                           for g in jax.tree.leaves(grads)])
+    # Joined before the check: a check per leaf would be a compiled kernel per leaf.
+    bad = lax.bitwise_not(lax.is_finite(jnp.concatenate(
+        [_finiteness_probe(g) for g in jax.tree.leaves(grads)])))
     first_bad = jnp.argmax(bad)
     health = {"loss": jnp.isfinite(loss),
               "gradients": jnp.where(bad[first_bad], first_bad, -1),
