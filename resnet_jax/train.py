@@ -69,11 +69,13 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
-    # The first non-finite value of all the gradients' probes, in one reduction (-1 if none); the
-    # host names the leaf.
-    # Joined before the check: a check per leaf would be a compiled kernel per leaf.
+    # The first non-finite gradient element over all leaves, in one reduction (-1 if none); the
+    # host names the leaf. The leaves are joined first and checked once: checked one by one, each
+    # leaf's check was a kernel of its own for XLA's CPU backend to compile (462 more in the
+    # unrolled ResNet-152 step). lax, not jnp: each jnp function is itself a jitted function,
+    # which JAX would trace again for every leaf.
     bad = lax.bitwise_not(lax.is_finite(jnp.concatenate(
-        [_finiteness_probe(g) for g in jax.tree.leaves(grads)])))
+        [g.reshape(g.size) for g in jax.tree.leaves(grads)])))
     first_bad = jnp.argmax(bad)
     health = {"loss": jnp.isfinite(loss),
               "gradients": jnp.where(bad[first_bad], first_bad, -1),
@@ -179,31 +181,14 @@ class TrainingError(RuntimeError):
     checkpoint is kept."""
 
 
-def _finiteness_probe(gradient: jax.Array) -> jax.Array:
-    """What the finiteness check reads of one gradient leaf, raveled: a kernel's sums over its
-    input channels, other leaves as they are. A sum is non-finite where any of its terms is (or
-    where finite terms overflow float32, a step worth skipping as well). Summed because XLA's CPU
-    backend reduces a kernel in a library call, where an element-wise check of every leaf compiled
-    a kernel of its own per leaf: 462 more in the unrolled ResNet-152 train step (benchmarks/README.md).
-    """
-    if gradient.ndim > 2:  # lax, not jnp: jnp.sum is a jitted function, traced again per leaf
-        gradient = lax.reduce(gradient, np.zeros((), gradient.dtype), lax.add, (gradient.ndim - 2,))
-    return gradient.reshape(-1)
-
-
-def _probe_size(shape: tuple[int, ...]) -> int:
-    """The length of `_finiteness_probe` of a leaf of this shape."""
-    return math.prod(shape) // (shape[-2] if len(shape) > 2 else 1)
-
-
 def _parameter_names(params: nnx.State) -> list[tuple[str, int]]:
-    """('stages.1.0.conv1.kernel', index one past its last value in all the leaves' finiteness
-    probes joined) for each leaf, in the order of jax.tree.leaves."""
+    """('stages.1.0.conv1.kernel', index one past its last element in all the leaves raveled and
+    joined) for each leaf, in the order of jax.tree.leaves."""
     def name(path):
         keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
         return ".".join(k for k in keys if k != "value")
     paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(params))
-    return list(zip(map(name, paths), np.cumsum([_probe_size(leaf.shape) for leaf in leaves]).tolist()))
+    return list(zip(map(name, paths), np.cumsum([leaf.size for leaf in leaves]).tolist()))
 
 
 def _check_health(pending: list, names: list[tuple[str, int]], skip_nonfinite: bool,

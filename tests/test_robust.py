@@ -234,12 +234,11 @@ def test_a_checkpoint_of_another_model_is_refused_not_set_aside(tmp_path):
 
 
 @pytest.mark.parametrize("index, name", [(0, "a"), (2, "a"), (3, "b.c"), (6, "b.c"), (7, "d"),
-                                         (8, "k"), (13, "k")])
-def test_the_first_non_finite_gradient_value_names_its_parameter(index, name):
-    # A kernel's probe is its sums over the input channels: 3 x 2 values for this one.
+                                         (8, "k"), (31, "k")])
+def test_the_first_non_finite_gradient_element_names_its_parameter(index, name):
     params = {"a": np.zeros(3), "b": {"c": np.zeros((2, 2))}, "d": np.zeros(1), "k": np.zeros((1, 3, 4, 2))}
     names = train._parameter_names(params)
-    assert names == [("a", 3), ("b.c", 7), ("d", 8), ("k", 14)]
+    assert names == [("a", 3), ("b.c", 7), ("d", 8), ("k", 32)]
     health = {"labels": True, "loss": True, "gradients": index}
     with pytest.raises(train.TrainingError, match=rf"^step 9: non-finite gradient of {name};"):
         train._check_health([(9, health)], names, skip_nonfinite=False, last_saved=8)
@@ -260,10 +259,9 @@ class _SqrtAtZero(nnx.Module):
                 + jnp.sqrt(self.k[...]).sum((0, 1, 2)))
 
 
-# The kernel's probe holds its sums over the 3 input channels, one per output channel: the
-# element [0, 0, 2, 1] makes the second sum infinite.
-@pytest.mark.parametrize("zero_in, index", [("b", 3 + 1), ("k", 3 + 2 + 1)])
-def test_the_train_step_reports_the_first_non_finite_gradient_value(zero_in, index):
+# b's second element; k's element [0, 0, 2, 1], the sixth of six.
+@pytest.mark.parametrize("zero_in, index", [("b", 3 + 1), ("k", 3 + 2 + 5)])
+def test_the_train_step_reports_the_first_non_finite_gradient_element(zero_in, index):
     model = _SqrtAtZero(zero_in)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     schedule = optax.constant_schedule(0.1)
@@ -278,8 +276,8 @@ def test_the_train_step_reports_the_first_non_finite_gradient_value(zero_in, ind
 
 
 def test_the_gradients_are_checked_in_one_operation_whatever_their_number():
-    # One check of all the joined probes: XLA's CPU backend compiles a kernel for each check, and a
-    # check per leaf made 462 more in the unrolled ResNet-152 step. The other check is the loss's.
+    # One check of all the leaves joined: XLA's CPU backend compiles a kernel for each check, and
+    # a check per leaf made 462 more in the unrolled ResNet-152 step. The other check is the loss's.
     graphdef, params, batch_stats = nnx.split(_SqrtAtZero("b"), nnx.Param, nnx.BatchStat)
     assert len(jax.tree.leaves(params)) == 3
     schedule = optax.constant_schedule(0.1)
