@@ -284,7 +284,8 @@ def _run_block(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
 
     Traced without remat, the block runs as one jitted function of its variables: blocks that
     differ in nothing but their values (all but the first of a stage) share it, so JAX traces,
-    differentiates and lowers it once per stage, not once per block; XLA inlines the calls.
+    differentiates and lowers a stage's opening block and one of the rest, not every block; XLA
+    inlines the calls.
     Called eagerly it runs as itself, so that tools that watch its calls see arrays
     (`resnet_jax.analysis`).
     """

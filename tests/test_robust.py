@@ -260,17 +260,23 @@ class _SqrtAtZero(nnx.Module):
                 + jnp.sqrt(self.k[...]).sum((0, 1, 2)))
 
 
+def _sqrt_at_zero_step(zero_in: str):
+    """The train step's arguments for `_SqrtAtZero(zero_in)` with plain SGD: (graphdef, tx,
+    schedule, params, state, batch)."""
+    graphdef, params, batch_stats = nnx.split(_SqrtAtZero(zero_in), nnx.Param, nnx.BatchStat)
+    schedule = optax.constant_schedule(0.1)
+    tx = optax.sgd(schedule)
+    state = train_step_harness._initial_state(params, batch_stats, tx)
+    batch = {"image": jnp.ones((2, 3)), "label": jnp.asarray([0, 1])}
+    return graphdef, tx, schedule, params, state, batch
+
+
 # b's second element; k's zeros [0, 0, 2, 0] and [0, 0, 0, 1] are its elements 4 and 1 in
 # row-major order (2 and 3 in column-major or with the channels swapped): the first is 1.
 @pytest.mark.parametrize("zero_in, index, name", [("b", 3 + 1, "b"), ("k", 3 + 2 + 1, "k"),
                                                   ("bk", 3 + 1, "b")])
 def test_the_train_step_reports_the_first_non_finite_gradient_element(zero_in, index, name):
-    model = _SqrtAtZero(zero_in)
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    schedule = optax.constant_schedule(0.1)
-    tx = optax.sgd(schedule)
-    state = train_step_harness._initial_state(params, batch_stats, tx)
-    batch = {"image": jnp.ones((2, 3)), "label": jnp.asarray([0, 1])}
+    graphdef, tx, schedule, params, state, batch = _sqrt_at_zero_step(zero_in)
     _, health = train.train_step(graphdef, tx, schedule, 0.0, False, state, batch)
     assert bool(health["loss"]) and int(health["gradients"]) == index
     names = train._parameter_names(params)
@@ -282,11 +288,7 @@ def test_the_gradients_are_checked_in_one_operation_whatever_their_number():
     # One check of all the leaves joined: XLA's CPU backend compiles a kernel for each check, and
     # a check per leaf made 462 more in the unrolled ResNet-152 step. The other check is the
     # loss's. Counted in the step as lowered, before XLA may copy an operation into its users.
-    graphdef, params, batch_stats = nnx.split(_SqrtAtZero("b"), nnx.Param, nnx.BatchStat)
+    graphdef, tx, schedule, params, state, batch = _sqrt_at_zero_step("b")
     assert len(jax.tree.leaves(params)) == 3
-    schedule = optax.constant_schedule(0.1)
-    tx = optax.sgd(schedule)
-    state = train_step_harness._initial_state(params, batch_stats, tx)
-    batch = {"image": jnp.ones((2, 3)), "label": jnp.asarray([0, 1])}
     step = jax.jit(functools.partial(train.train_step, graphdef, tx, schedule, 0.0, False))
     assert step.lower(state, batch).as_text().count("stablehlo.is_finite") == 2
