@@ -62,6 +62,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import compile_timer  # noqa: E402
 from configs import default  # noqa: E402
 from resnet_jax import flops, metrics, optim, sharding, train  # noqa: E402
 
@@ -200,23 +201,6 @@ def _initial_state(params, batch_stats, tx) -> train.TrainState:
     return train.TrainState(**{name: known[name]() for name in fields})
 
 
-def _compile(fn, *args) -> tuple[Any, dict[str, float]]:
-    """Compiles, timed by phase; compile_cpu_seconds is the process's CPU time (all threads) over
-    all phases, which other work on a shared machine disturbs less than the wall clock. XLA's
-    CPU backend compiles on more than one thread at times, so it can exceed the wall clock."""
-    cpu_began = time.process_time()
-    began = time.perf_counter()
-    traced = fn.trace(*args)
-    traced_at = time.perf_counter()
-    lowered = traced.lower()
-    lowered_at = time.perf_counter()
-    compiled = lowered.compile()
-    done = time.perf_counter()
-    return compiled, {"trace_seconds": traced_at - began, "lower_seconds": lowered_at - traced_at,
-                      "backend_compile_seconds": done - lowered_at, "compile_seconds": done - began,
-                      "compile_cpu_seconds": time.process_time() - cpu_began}
-
-
 def _time_steps(call, steps: int) -> list[float]:
     """Seconds of each of `steps` steps after a warm-up step; none at all for 0 (compile only)."""
     if steps == 0:
@@ -287,7 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "skip_nonfinite": config.train.get("skip_nonfinite", False)}),
         in_shardings=(state_shardings, batch_spec), out_shardings=(state_shardings, replicated),
         donate_argnums=0)
-    compiled, compile_times = _compile(train_fn, state, batch)
+    compiled, compile_times = compile_timer.timed_compile(train_fn, state, batch)
     holder = [state]
 
     def train_call():
@@ -317,7 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         eval_fn = jax.jit(lambda state, batch: train.eval_step(eval_graphdef, state, batch),
                           in_shardings=(replicated, batch_spec), out_shardings=replicated)
         eval_state = train.for_evaluation(holder[0], mesh, args.bn_group_size)
-        eval_compiled, eval_times = _compile(eval_fn, eval_state, eval_batch)
+        eval_compiled, eval_times = compile_timer.timed_compile(eval_fn, eval_state, eval_batch)
         times = _time_steps(lambda: eval_compiled(eval_state, eval_batch), args.steps)
         eval_seconds = statistics.median(times)
         result.update({f"eval_{k}": v for k, v in {

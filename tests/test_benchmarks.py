@@ -101,3 +101,45 @@ def test_input_pipeline_benchmark_on_generated_photos(tmp_path, preprocess, dtyp
         "--image-size", "32", "--dtype", dtype, "--warmup", "1", "--batches", "3"]))
     assert result["images"] == 12 and result["dtype"] == dtype
     assert result["images_per_second"] > 0 and result["images_per_cpu_second"] > 0
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_reference_step_compiles_and_scans_only_when_asked(scan):
+    # A fresh process: --cpu-fusion must reach XLA before JAX starts its backend.
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.reference_step", "--batch-size", "2", "--image-size", "16",
+         "--stages", "1,3", "--cpu-fusion", "--json", *(["--scan-blocks"] if scan else [])],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["compile_seconds"] >= result["backend_compile_seconds"] > 0
+    # The second stage's two identical blocks: one loop forward and one backward when scanned.
+    assert result["while_loops"] == (2 if scan else 0), result
+
+
+def test_reference_step_trains():
+    from benchmarks import reference_step
+    import jax
+    step = reference_step.make_train_step(scan_blocks=True, learning_rate=0.05)
+    params = reference_step.init(jax.random.key(0), (1, 3), 5, scan_blocks=True)
+    velocity = jax.tree.map(lambda p: 0 * p, params)
+    images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+    labels = jax.numpy.arange(4) % 5
+    losses = []
+    for _ in range(6):
+        params, velocity, loss = step(params, velocity, images, labels)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses  # four images, fitted
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stages", "3,x"], "argument --stages: must be positive integers"),
+    (["--stages", "0"], "argument --stages: must be positive integers"),
+    (["--image-size", "0"], "--image-size must be a positive integer"),
+])
+def test_reference_step_bad_input_is_one_line(argv, message):
+    from benchmarks import reference_step
+    with pytest.raises(SystemExit) as error:
+        reference_step.parse_args(argv)
+    text = str(error.value)
+    assert message in text and "\n" not in text
