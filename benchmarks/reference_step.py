@@ -1,7 +1,7 @@
 """Compile time of a plain-JAX ResNet train step: the yardstick for compile times on the machine at hand.
 
     python -m benchmarks.reference_step [--scan-blocks] [--cpu-fusion] [--batch-size 8] \\
-        [--image-size 224] [--stages 3,8,36,3] [--json]
+        [--image-size 224] [--stages 3,8,36,3] [--cache-dir DIR] [--json]
 
 Issue 5 states its compile targets in seconds, measured on one machine with one JAX: a
 plain-JAX ResNet-152 train step (batch 8, 224) compiled in 13.2 s unrolled and 6.2 s scanned,
@@ -136,6 +136,7 @@ def parse_args(argv):
                         help="bottleneck blocks per stage (3,8,36,3: ResNet-152)")
     parser.add_argument("--scan-blocks", action="store_true")
     parser.add_argument("--cpu-fusion", action="store_true", help="set resnet_jax.xla_flags' CPU flag")
+    parser.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache directory")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     for field in ("batch_size", "image_size"):
@@ -148,6 +149,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.cpu_fusion:  # before JAX starts its backend, which reads XLA_FLAGS once
         xla_flags.set_cpu_fusion()
+    if args.cache_dir:
+        compile_timer.use_persistent_cache(args.cache_dir)
     params = init(jax.random.key(0), args.stages, 1000, args.scan_blocks)
     velocity = jax.tree.map(jnp.zeros_like, params)
     images = jnp.zeros((args.batch_size, args.image_size, args.image_size, 3))
@@ -155,7 +158,7 @@ def main(argv=None):
     compiled, times = compile_timer.timed_compile(make_train_step(args.scan_blocks),
                                                   params, velocity, images, labels)
     result = {"stages": list(args.stages), "batch_size": args.batch_size, "image_size": args.image_size,
-              "scan_blocks": args.scan_blocks, "cpu_fusion": args.cpu_fusion,
+              "scan_blocks": args.scan_blocks, "cpu_fusion": args.cpu_fusion, "cache_dir": args.cache_dir,
               "platform": jax.devices()[0].platform, **times,
               "while_loops": compiled.as_text().count(" while(")}
     if args.json:

@@ -219,10 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"error: --devices {args.devices} asked, but JAX started with "
                          f"{jax.device_count()} devices (it was imported before the flag was set)")
     if args.cache_dir:
-        os.makedirs(args.cache_dir, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        compile_timer.use_persistent_cache(args.cache_dir)
     cache_files = len(os.listdir(args.cache_dir)) if args.cache_dir else 0
 
     config = default.get_config()

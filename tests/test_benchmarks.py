@@ -104,17 +104,19 @@ def test_input_pipeline_benchmark_on_generated_photos(tmp_path, preprocess, dtyp
 
 
 @pytest.mark.parametrize("scan", [False, True])
-def test_reference_step_compiles_and_scans_only_when_asked(scan):
+def test_reference_step_compiles_and_scans_only_when_asked(scan, tmp_path):
     # A fresh process: --cpu-fusion must reach XLA before JAX starts its backend.
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.reference_step", "--batch-size", "2", "--image-size", "16",
-         "--stages", "1,3", "--cpu-fusion", "--json", *(["--scan-blocks"] if scan else [])],
+         "--stages", "1,3", "--cpu-fusion", "--cache-dir", str(tmp_path / "cache"), "--json",
+         *(["--scan-blocks"] if scan else [])],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["compile_seconds"] >= result["backend_compile_seconds"] > 0
     # The second stage's two identical blocks: one loop forward and one backward when scanned.
     assert result["while_loops"] == (2 if scan else 0), result
+    assert any(name.startswith("jit_train_step") for name in os.listdir(tmp_path / "cache"))
 
 
 def test_reference_step_trains():
