@@ -26,7 +26,8 @@ def timed_compile(fn, *args) -> tuple[Any, dict[str, float]]:
 
 
 def use_persistent_cache(directory: str) -> None:
-    """JAX's persistent compilation cache in `directory`, for every compile, however short or small."""
+    """JAX's persistent compilation cache in `directory`, for every compile, however short or small.
+    Call it before the process's first compile: JAX sets its cache up once, at that compile."""
     os.makedirs(directory, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

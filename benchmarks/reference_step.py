@@ -6,7 +6,8 @@
 Issue 5 states its compile targets in seconds, measured on one machine with one JAX: a
 plain-JAX ResNet-152 train step (batch 8, 224) compiled in 13.2 s unrolled and 6.2 s scanned,
 and the Flax ImageNet example's in 17.9 s. Compile times move with the machine and with XLA's
-version; their ratios carry over. This is such a step, written with nothing of resnet_jax's:
+version, their ratios far less (benchmarks/README.md, "Same-time references"). This is such a
+step, written with nothing of resnet_jax's model or train step (it imports only the XLA flag):
 parameters in a dict, `lax.conv_general_dilated`, batch normalisation by mean and variance of the
 batch, softmax cross-entropy, SGD with momentum and weight decay by `jax.tree.map`; with
 `--scan-blocks`, the identical blocks of each stage stacked and run by `lax.scan`. It is timed
@@ -17,6 +18,7 @@ XLA runs with its defaults.
 
 import argparse
 import json
+import os
 import sys
 
 import jax
@@ -128,8 +130,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    parser = _Parser(prog="python -m benchmarks.reference_step",
-                                     description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m benchmarks.reference_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--stages", type=_stages, default=(3, 8, 36, 3),
@@ -159,7 +160,7 @@ def main(argv=None):
                                                   params, velocity, images, labels)
     result = {"stages": list(args.stages), "batch_size": args.batch_size, "image_size": args.image_size,
               "scan_blocks": args.scan_blocks, "cpu_fusion": args.cpu_fusion, "cache_dir": args.cache_dir,
-              "platform": jax.devices()[0].platform, **times,
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "platform": jax.devices()[0].platform, **times,
               "while_loops": compiled.as_text().count(" while(")}
     if args.json:
         print(json.dumps(result))

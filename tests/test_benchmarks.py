@@ -116,22 +116,29 @@ def test_reference_step_compiles_and_scans_only_when_asked(scan, tmp_path):
     assert result["compile_seconds"] >= result["backend_compile_seconds"] > 0
     # The second stage's two identical blocks: one loop forward and one backward when scanned.
     assert result["while_loops"] == (2 if scan else 0), result
+    assert "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion" in result["xla_flags"]
     assert any(name.startswith("jit_train_step") for name in os.listdir(tmp_path / "cache"))
 
 
-def test_reference_step_trains():
-    from benchmarks import reference_step
+def test_reference_step_is_resnet152_sized_and_scanning_changes_no_number():
     import jax
-    step = reference_step.make_train_step(scan_blocks=True, learning_rate=0.05)
-    params = reference_step.init(jax.random.key(0), (1, 3), 5, scan_blocks=True)
-    velocity = jax.tree.map(lambda p: 0 * p, params)
+    from benchmarks import reference_step
+    shapes = jax.eval_shape(lambda: reference_step.init(jax.random.key(0), (3, 8, 36, 3), 1000, False))
+    assert sum(leaf.size for leaf in jax.tree.leaves(shapes)) == 60_192_808  # torchvision's resnet152
     images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
     labels = jax.numpy.arange(4) % 5
-    losses = []
-    for _ in range(6):
-        params, velocity, loss = step(params, velocity, images, labels)
-        losses.append(float(loss))
-    assert losses[-1] < losses[0], losses  # four images, fitted
+    losses = {}
+    for scan in (False, True):
+        step = reference_step.make_train_step(scan, learning_rate=0.05)
+        params = reference_step.init(jax.random.key(0), (1, 3), 5, scan)
+        velocity = jax.tree.map(jax.numpy.zeros_like, params)
+        losses[scan] = []
+        for _ in range(4 if scan else 1):
+            params, velocity, loss = step(params, velocity, images, labels)
+            losses[scan].append(float(loss))
+    # The same keys give the same blocks, stacked or not: the same first loss.
+    assert abs(losses[True][0] - losses[False][0]) < 1e-4 * abs(losses[False][0]), losses
+    assert losses[True][-1] < losses[True][0], losses  # four images, being fitted
 
 
 @pytest.mark.parametrize("argv, message", [
