@@ -24,7 +24,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from benchmarks import compile_timer
+from benchmarks import cli, compile_timer
 from resnet_jax import xla_flags
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
@@ -124,13 +124,9 @@ def _stages(text: str) -> tuple[int, ...]:
     return stages
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the usage text
-        raise SystemExit(f"error: {message}")
-
-
 def parse_args(argv):
-    parser = _Parser(prog="python -m benchmarks.reference_step", description=__doc__.split("\n\n")[0])
+    parser = cli.OneLineParser(prog="python -m benchmarks.reference_step",
+                               description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--stages", type=_stages, default=(3, 8, 36, 3),

@@ -62,7 +62,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks import compile_timer  # noqa: E402
+from benchmarks import cli, compile_timer  # noqa: E402
 from configs import default  # noqa: E402
 from resnet_jax import flops, metrics, optim, sharding, train  # noqa: E402
 
@@ -80,13 +80,9 @@ _CALLED = re.compile(r"\bcalls=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the usage text
-        raise SystemExit(f"error: {message}")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0])
+    parser = cli.OneLineParser(prog="python -m benchmarks.train_step",
+                               description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet50", help="a name of resnet_jax.models.create")
     parser.add_argument("--batch-size", type=int, default=16, help="global batch")
     parser.add_argument("--image-size", type=int, default=224)
