@@ -9,11 +9,12 @@ import bisect
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import flax
 import jax
@@ -25,7 +26,8 @@ from absl import logging
 from clu import periodic_actions
 from flax import nnx
 
-from resnet_jax import checkpoint, data, flops, metrics, models, optim, running_stats, sharding, validate
+from resnet_jax import (checkpoint, compiled_step, data, flops, metrics, models, optim, running_stats,
+                        sharding, validate)
 
 
 @flax.struct.dataclass
@@ -49,6 +51,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     """Softmax cross-entropy per example, in float32; label smoothing (Szegedy et al. 2016) an option."""
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+# What train_step reports of each step besides the new state.
+HEALTH = ("loss", "gradients", "labels")
 
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -173,6 +179,25 @@ class _Preemption:
     def restore(self):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _compiled_train_step(train_jit, state: TrainState, batches: Iterator, config: Any, workdir: str,
+                         steps_left: bool) -> tuple[Callable, Iterator]:
+    """(step, batches): the train step compiled for the first batch, which stays first in the
+    batches, or loaded as a run of the same code and config compiled it (`compiled_step`).
+    Without `compiled_step_dir`, or with no step left to run, `train_jit` itself, which compiles
+    at its first call."""
+    if not (config.compiled_step_dir and steps_left):
+        return train_jit, batches
+    began = time.perf_counter()
+    first = next(batches)
+    directory = config.compiled_step_dir.replace("{workdir}", os.path.abspath(workdir))
+    out_tree = jax.tree.structure((state, dict.fromkeys(HEALTH, 0)))
+    compiled, loaded = compiled_step.load_or_compile(
+        train_jit, (state, first), out_tree, directory, config.to_json_best_effort())
+    logging.info("%s the train step in %.1f s", "Loaded" if loaded else "Compiled",
+                 time.perf_counter() - began)
+    return compiled, itertools.chain([first], batches)
 
 
 class TrainingError(RuntimeError):
@@ -306,10 +331,10 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
         os.replace(path + ".tmp", path)
 
     batch_spec = sharding.batch_sharding(mesh)
-    train_fn = jax.jit(functools.partial(train_step, graphdef, tx, schedule, config.train.label_smoothing,
-                                         config.train.skip_nonfinite),
-                       in_shardings=(state_shardings, batch_spec),
-                       out_shardings=(state_shardings, replicated), donate_argnums=0)
+    train_jit = jax.jit(functools.partial(train_step, graphdef, tx, schedule, config.train.label_smoothing,
+                                          config.train.skip_nonfinite),
+                        in_shardings=(state_shardings, batch_spec),
+                        out_shardings=(state_shardings, replicated), donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, eval_graphdef),
                       in_shardings=(replicated, batch_spec), out_shardings=replicated)
 
@@ -322,6 +347,8 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
                                              every_steps=config.log_every_steps)]
     if config.profile_steps > 0 and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir))
+    train_fn, batches = _compiled_train_step(train_jit, state, batches, config, workdir,
+                                             start < num_steps)
     names = _parameter_names(params)
     preemption = _Preemption()
     last_log, pending = (time.perf_counter(), start), []
