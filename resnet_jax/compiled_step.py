@@ -13,7 +13,6 @@ would run the old step: remove the directory after one.
 """
 
 import hashlib
-import importlib.metadata
 import os
 import sys
 import sysconfig
@@ -26,22 +25,35 @@ from jax.experimental import serialize_executable
 PACKAGE = __name__.split(".")[0]
 
 
+def _installed_directories() -> list[str]:
+    return sorted({p for key, p in sysconfig.get_paths().items()
+                   if key in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
 def _own_sources() -> list[str]:
     """The files of the imported modules that no installed package or Python itself provides."""
-    installed = tuple(os.path.realpath(p) + os.sep for key, p in sysconfig.get_paths().items()
-                      if key in ("stdlib", "platstdlib", "purelib", "platlib"))
+    installed = tuple(os.path.join(p, "") for d in _installed_directories()
+                      for p in {d, os.path.realpath(d)})
     files = set()
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
         # TensorFlow's autograph writes the functions it converts to temporary files, named
-        # afresh in each process; they are made from code counted here or installed.
-        if not path or not path.endswith(".py") or name.startswith("__autograph_generated_file"):
+        # afresh in each process; they are made from code counted here or installed. Some
+        # modules name a file that is not there (generated code): nothing to read.
+        if (not isinstance(path, str) or not path.endswith(".py") or not os.path.isabs(path)
+                or name.startswith("__autograph_generated_file")):
             continue
-        path = os.path.realpath(path)
         # This package counts whether installed in place (editable) or copied.
-        if name.split(".")[0] == PACKAGE or not path.startswith(installed):
+        if (name.split(".")[0] == PACKAGE or not path.startswith(installed)) and os.path.isfile(path):
             files.add(path)
     return sorted(files)
+
+
+def _installed_packages() -> list[str]:
+    """The installed packages' metadata directories, whose names carry their versions
+    ("jax-0.10.2.dist-info")."""
+    return sorted(name for d in _installed_directories() if os.path.isdir(d)
+                  for name in os.listdir(d) if name.endswith((".dist-info", ".egg-info")))
 
 
 def key(args: tuple, config_json: str) -> str:
@@ -54,7 +66,7 @@ def key(args: tuple, config_json: str) -> str:
     for path in _own_sources():
         with open(path, "rb") as f:
             add(path, hashlib.sha256(f.read()).hexdigest())
-    add(sorted((d.metadata["Name"] or "", d.version) for d in importlib.metadata.distributions()))
+    add(_installed_packages())
     add(sorted((k, v) for k, v in os.environ.items() if k.startswith(("XLA_", "JAX_", "TPU_", "LIBTPU"))))
     add(sorted((k, repr(v)) for k, v in jax.config.values.items()))
     device = jax.devices()[0]

@@ -347,13 +347,13 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
                                              every_steps=config.log_every_steps)]
     if config.profile_steps > 0 and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir))
-    train_fn, batches = _compiled_train_step(train_jit, state, batches, config, workdir,
-                                             start < num_steps)
     names = _parameter_names(params)
-    preemption = _Preemption()
-    last_log, pending = (time.perf_counter(), start), []
+    preemption = _Preemption()  # before the first batch is fetched: a SIGTERM from then on saves
     last_saved = start or None
     try:
+        train_fn, batches = _compiled_train_step(train_jit, state, batches, config, workdir,
+                                                 start < num_steps)
+        last_log, pending = (time.perf_counter(), start), []
         for step in range(start + 1, num_steps + 1):
             state, health = train_fn(state, next(batches))
             pending.append((step, health))

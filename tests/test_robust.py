@@ -54,7 +54,8 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(tmp_path, uninterrupte
     code, _ = start_and_signal(tmp_path, signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert latest_params(tmp_path)[0] < 40  # killed before the end
-    run_main(tmp_path, **LONG)
+    restart = run_main(tmp_path, **LONG)
+    assert "Loaded the train step" in restart.stderr  # the killed run's compiled step (compiled_step)
     assert train_steps(tmp_path) == list(range(1, 41))  # no duplicate or missing step
     assert_trees_close(latest_params(tmp_path)[1], latest_params(uninterrupted)[1], rtol=0, atol=0)
 

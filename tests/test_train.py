@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from resnet_jax import checkpoint, data, metrics, train
+from resnet_jax import checkpoint, compiled_step, data, metrics, train
 from runs import (REPO, assert_trees_close, latest_params, main_command, rows_without_speed, run_main,
                   small_config)
 
@@ -46,7 +46,17 @@ def test_preempted_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
     train.train_and_evaluate(small_config(log_every_steps=4), parts)
     assert 0 < latest_params(parts)[0] < 4
     monkeypatch.setattr(data, "train_iterator", real_iterator)
+    loads = []
+    real_load_or_compile = compiled_step.load_or_compile
+
+    def recorded(*args):
+        step, loaded = real_load_or_compile(*args)
+        loads.append(loaded)
+        return step, loaded
+
+    monkeypatch.setattr(compiled_step, "load_or_compile", recorded)
     train.train_and_evaluate(small_config(log_every_steps=4), parts)
+    assert loads == [True]  # the resumed run runs the step the preempted one compiled
 
     assert rows_without_speed(parts) == rows_without_speed(whole)
     assert_trees_close(latest_params(parts)[1], latest_params(whole)[1], rtol=0, atol=0)
