@@ -9,7 +9,8 @@ of an installed package (this package, the configs, the user's own code), the in
 packages and their versions, XLA's and JAX's environment variables and settings, the devices,
 the run's config, and the arguments' tree, shapes, types and shardings.
 An edit the key cannot see (a file of an installed package changed in place, its version not)
-would run the old step: remove the directory after one.
+would run the old step: remove the directory after one. Loading an executable runs what it
+holds: keep the directory where only you can write, as the checkpoints.
 """
 
 import hashlib
@@ -95,14 +96,29 @@ def load_or_compile(jitted: Callable, args: tuple, out_tree: Any, directory: str
         pass
     except Exception as error:  # a truncated or foreign file: compile afresh and replace it
         logging.warning("The compiled step %s could not be loaded (%s); compiling it", name,
-                        f"{type(error).__name__}: {error}".splitlines()[0])
+                        _first_line(error))
     compiled = jitted.lower(*args).compile()
     if compiled.out_tree != out_tree:
         raise ValueError(f"the step's outputs are {compiled.out_tree}, not the {out_tree} given")
-    payload = serialize_executable.serialize(compiled)[0]
+    try:
+        _keep(serialize_executable.serialize(compiled)[0], name)
+    except (OSError, ValueError, NotImplementedError) as error:  # a full disk; a backend that
+        # cannot serialise its executables
+        logging.warning("The compiled step could not be kept in %s (%s); the run goes on",
+                        directory, _first_line(error))
+    return compiled, False
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
+def _keep(payload: bytes, name: str) -> None:
+    """Writes `payload` to `name` and removes this process's steps of other keys (other code,
+    configs or shapes), so that the directory holds one step per process. Written aside and
+    renamed, so that a run killed while writing leaves no partial step."""
+    directory = os.path.dirname(name)
     os.makedirs(directory, exist_ok=True)
-    # Written aside and renamed, so that a run killed while writing leaves no partial step; the
-    # steps of earlier keys (other code, configs or shapes) go, so the directory holds one each.
     partial = f"{name}.partial"
     with open(partial, "wb") as f:
         f.write(payload)
@@ -112,4 +128,3 @@ def load_or_compile(jitted: Callable, args: tuple, out_tree: Any, directory: str
         path = os.path.join(directory, other)
         if path != name and other.endswith((suffix, suffix + ".partial")):
             os.remove(path)
-    return compiled, False

@@ -119,3 +119,10 @@ def test_a_new_process_with_the_same_code_loads_the_step(tmp_path):
     runs = [subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True,
                            text=True, timeout=300) for _ in range(2)]
     assert [r.stdout.split() for r in runs] == [["False", "12.0"], ["True", "12.0"]], runs[-1].stderr[-2000:]
+
+
+def test_a_directory_that_cannot_be_written_leaves_the_run_going(tmp_path):
+    (tmp_path / "file").write_text("")
+    step, loaded, traces = load_or_compile(tmp_path / "file" / "steps")
+    assert not loaded and len(traces) == 1
+    np.testing.assert_allclose(step(*arguments())[1]["loss"], np.mean(np.arange(12.0) ** 2))
