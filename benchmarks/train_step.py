@@ -334,9 +334,11 @@ def table(result: dict[str, Any]) -> str:
 
     row("compile (trace+lower+compile)", "compile_seconds", seconds)
     phases = ("trace_seconds", "lower_seconds", "backend_compile_seconds")
-    rows.append(("  trace / lower / backend",
-                 " / ".join(f"{result[k]:.2f}" for k in phases) + " s" if phases[0] in result
-                 else "loaded" if result.get("step_loaded") else "-",
+    if phases[0] in result:
+        train_phases = " / ".join(f"{result[k]:.2f}" for k in phases) + " s"
+    else:  # --step-dir: timed whole
+        train_phases = "loaded" if result["step_loaded"] else "compiled and kept"
+    rows.append(("  trace / lower / backend", train_phases,
                  " / ".join(f"{result['eval_' + k]:.2f}" for k in phases) + " s"
                  if "eval_trace_seconds" in result else "-"))
     row("step (median)", "step_seconds", seconds)

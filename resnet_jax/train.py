@@ -181,20 +181,23 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _in_workdir(path: str, workdir: str) -> str:
+    """A config's directory, "{workdir}" replaced."""
+    return path.replace("{workdir}", os.path.abspath(workdir))
+
+
 def _compiled_train_step(train_jit, state: TrainState, batches: Iterator, config: Any, workdir: str,
-                         steps_left: bool) -> tuple[Callable, Iterator]:
+                         closure: str) -> tuple[Callable, Iterator]:
     """(step, batches): the train step compiled for the first batch, which stays first in the
     batches, or loaded as a run of the same code and config compiled it (`compiled_step`).
-    Without `compiled_step_dir`, or with no step left to run, `train_jit` itself, which compiles
-    at its first call."""
-    if not (config.compiled_step_dir and steps_left):
+    Without `compiled_step_dir`, `train_jit` itself, which compiles at its first call."""
+    if not config.compiled_step_dir:
         return train_jit, batches
-    began = time.perf_counter()
     first = next(batches)
-    directory = config.compiled_step_dir.replace("{workdir}", os.path.abspath(workdir))
+    began = time.perf_counter()
     out_tree = jax.tree.structure((state, dict.fromkeys(HEALTH, 0)))
     compiled, loaded = compiled_step.load_or_compile(
-        train_jit, (state, first), out_tree, directory, config.to_json_best_effort())
+        train_jit, (state, first), out_tree, _in_workdir(config.compiled_step_dir, workdir), closure)
     logging.info("%s the train step in %.1f s", "Loaded" if loaded else "Compiled",
                  time.perf_counter() - began)
     return compiled, itertools.chain([first], batches)
@@ -289,8 +292,7 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
     mesh, info, num_steps, schedule, tx, model = (run.mesh, run.info, run.num_steps, run.schedule,
                                                    run.tx, run.model)
     if config.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir.replace(
-            "{workdir}", os.path.abspath(workdir)))
+        jax.config.update("jax_compilation_cache_dir", _in_workdir(config.compilation_cache_dir, workdir))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     writer = metrics.create_writer(workdir)
     # batch_stats: every variable that is not a parameter. BN's statistics, and in networks with
@@ -351,9 +353,14 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
     preemption = _Preemption()  # before the first batch is fetched: a SIGTERM from then on saves
     last_saved = start or None
     try:
-        train_fn, batches = _compiled_train_step(train_jit, state, batches, config, workdir,
-                                                 start < num_steps)
+        # The first window's images/s counts the compile, as when the step compiles at its first call.
         last_log, pending = (time.perf_counter(), start), []
+        train_fn = train_jit
+        if start < num_steps:
+            # The step closes over the schedule, whose length the data set's size sets too.
+            train_fn, batches = _compiled_train_step(
+                train_jit, state, batches, config, workdir,
+                f"{config.to_json_best_effort()} {run.steps_per_epoch} {num_steps}")
         for step in range(start + 1, num_steps + 1):
             state, health = train_fn(state, next(batches))
             pending.append((step, health))

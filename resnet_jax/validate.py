@@ -58,6 +58,11 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+# Where compiled programs are kept: no result depends on them, so a run resumes whatever they are
+# (and a run begun before a field was added resumes without it).
+NOT_COMPARED = ("compilation_cache_dir", "compiled_step_dir")
+
+
 def check_workdir(workdir: str, config_json: str, allow_config_change: bool) -> None:
     """The workdir is writable and holds no run of another config (unless allowed)."""
     try:
@@ -74,7 +79,8 @@ def check_workdir(workdir: str, config_json: str, allow_config_change: bool) -> 
     with open(saved) as f:
         before = _flatten(json.load(f))
     now = _flatten(json.loads(config_json))
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    changed = sorted(k for k in before.keys() | now.keys()
+                     if before.get(k) != now.get(k) and k not in NOT_COMPARED)
     if changed:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
         raise SetupError(f"workdir {workdir!r} holds a run with a different config ({shown}"

@@ -46,7 +46,10 @@ def test_a_second_run_loads_the_step_without_tracing_and_computes_the_same(tmp_p
     assert loaded and traces == []
     for a, b in zip(jax.tree.leaves(first(*arguments())), jax.tree.leaves(second(*arguments()))):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(second(*arguments())[0]["w"], 1 - 0.1 * np.array([4.5, 5.5, 6.5]))
+    state, batch = arguments()
+    new_state, _ = second(state, batch)
+    np.testing.assert_allclose(new_state["w"], 1 - 0.1 * np.array([4.5, 5.5, 6.5]))
+    assert state["w"].is_deleted()  # the loaded step still donates the state, as the jitted one
 
 
 def test_another_config_or_shape_compiles_afresh_and_replaces_the_step(tmp_path):
@@ -62,27 +65,43 @@ def test_the_key_follows_the_source_of_every_module_of_ours(tmp_path, monkeypatc
     module = tmp_path / "user_model.py"
     module.write_text("WIDTH = 16\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    imported = importlib.import_module("user_model")
-    try:
-        before = compiled_step.key(arguments(), "{}")
-        assert compiled_step.key(arguments(), "{}") == before
-        module.write_text("WIDTH = 32\n")
-        assert compiled_step.key(arguments(), "{}") != before
-    finally:
-        del sys.modules[imported.__name__]
-    assert str(module) not in compiled_step._own_sources()
+    monkeypatch.setitem(sys.modules, "user_model", importlib.import_module("user_model"))
+    before = compiled_step.key(arguments(), "{}")
+    assert compiled_step.key(arguments(), "{}") == before
+    module.write_text("WIDTH = 32\n")
+    assert compiled_step.key(arguments(), "{}") != before
 
 
-def test_installed_packages_are_known_by_version_not_read():
+def test_installed_packages_are_known_by_their_records_not_read():
     sources = compiled_step._own_sources()
     assert jax.__file__ not in sources and np.__file__ not in sources
-    assert os.path.realpath(compiled_step.__file__) in sources
+    assert compiled_step.__file__ in sources
+    names = [name for name, _ in compiled_step._installed_packages()]
+    assert any(name.startswith(f"jax-{jax.__version__}.") for name in names)
 
 
-def test_the_key_follows_the_xla_flags(monkeypatch):
+def test_the_key_follows_a_reinstalled_package(tmp_path, monkeypatch):
+    record = tmp_path / "somepackage-1.0.dist-info" / "RECORD"
+    record.parent.mkdir()
+    record.write_text("somepackage/__init__.py,sha256=abc,10\n")
+    monkeypatch.setattr(compiled_step, "_installed_directories", lambda: [str(tmp_path)])
+    before = compiled_step.key(arguments(), "{}")
+    record.write_text("somepackage/__init__.py,sha256=def,10\n")  # the same version, other files
+    assert compiled_step.key(arguments(), "{}") != before
+
+
+def test_the_key_follows_the_xla_flags_and_jax_settings(monkeypatch):
     before = compiled_step.key(arguments(), "{}")
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_fast_math=false")
     assert compiled_step.key(arguments(), "{}") != before
+    monkeypatch.undo()
+    assert compiled_step.key(arguments(), "{}") == before
+    precision = jax.config.values["jax_default_matmul_precision"]
+    try:
+        jax.config.update("jax_default_matmul_precision", "bfloat16")
+        assert compiled_step.key(arguments(), "{}") != before
+    finally:
+        jax.config.update("jax_default_matmul_precision", precision)
 
 
 def test_a_damaged_step_is_compiled_afresh_and_replaced(tmp_path):
@@ -102,6 +121,18 @@ def test_outputs_other_than_the_given_tree_are_refused(tmp_path):
         compiled_step.load_or_compile(jitted, arguments(), jax.tree.structure(({"w": 0}, {})),
                                       str(tmp_path), "{}")
     assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_steps_of_other_keys_and_half_written_files_of_this_process_are_removed(tmp_path):
+    leftovers = ["old.process0", "old.process0.x1y2.partial", "old.process1", "old.process10",
+                 "old.process1.x1y2.partial"]
+    for name in leftovers:
+        (tmp_path / name).write_bytes(b"")
+    load_or_compile(tmp_path)
+    kept = sorted(os.listdir(tmp_path))
+    [new] = [n for n in kept if n not in leftovers]
+    assert new.endswith(".process0")
+    assert [n for n in kept if n in leftovers] == ["old.process1", "old.process1.x1y2.partial", "old.process10"]
 
 
 SCRIPT = """
@@ -126,3 +157,11 @@ def test_a_directory_that_cannot_be_written_leaves_the_run_going(tmp_path):
     step, loaded, traces = load_or_compile(tmp_path / "file" / "steps")
     assert not loaded and len(traces) == 1
     np.testing.assert_allclose(step(*arguments())[1]["loss"], np.mean(np.arange(12.0) ** 2))
+
+
+def test_a_kept_step_that_takes_other_arguments_is_compiled_afresh(tmp_path):
+    load_or_compile(tmp_path)  # compiled for 4 examples
+    [name] = os.listdir(tmp_path)
+    os.rename(tmp_path / name, tmp_path / f"{compiled_step.key(arguments(8), '{}')}.process0")
+    _, loaded, traces = load_or_compile(tmp_path, "{}", 8)
+    assert not loaded and traces == [(8, 3)]

@@ -137,6 +137,13 @@ def test_workdir_of_another_config_is_refused_unless_allowed(tmp_path):
     with pytest.raises(validate.SetupError, match=r"different config \(seed: 0 -> 3\).*--allow_config_change"):
         train.setup(small_config(seed=3), str(tmp_path))
     train.setup(small_config(seed=3), str(tmp_path), allow_config_change=True)
+    # Where compiled programs go changes no result: a run resumes with them moved, or with a
+    # config.json written before such a field existed.
+    train.setup(small_config(compiled_step_dir="", compilation_cache_dir=""), str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["compiled_step_dir"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    train.setup(small_config(), str(tmp_path))
 
 
 def poisoned(monkeypatch, at_step, field, value):

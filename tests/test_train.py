@@ -30,7 +30,9 @@ def test_quickstart_short_form_learns_the_digits(tmp_path):
 def test_preempted_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
     # Log lines every 4 steps: the window open at the preemption must be carried over.
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-    train.train_and_evaluate(small_config(log_every_steps=4), whole)
+    # Compiled at its first call, not kept: the resumed run's loaded step must train as it does.
+    train.train_and_evaluate(small_config(log_every_steps=4, compiled_step_dir=""), whole)
+    assert not os.path.exists(os.path.join(whole, "compiled_step"))
 
     # SIGTERM arrives while the batch of step 3 is made (ahead of time, by the prefetch): the run
     # saves the step it is at, 1, 2 or 3, inside the first log window, and returns.
