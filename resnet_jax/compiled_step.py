@@ -1,7 +1,7 @@
 """The compiled train step kept on disk, so that a restarted run skips tracing it too.
 
 JAX's persistent compilation cache (`compilation_cache_dir`) spares a restart XLA's compile, but
-not the tracing and lowering that compute its key: on the 2-core CPU, 3.5 s of the 7.8 s that a
+not the tracing and lowering that compute its key: on the 2-core CPU, 3.0-3.5 s of the 6.7-7.8 s a
 restarted unrolled ResNet-152 step took to compile from that cache (benchmarks/README.md). Here
 the executable itself is kept, under a key computed without tracing, from everything the traced
 step depends on: the source of every module the process imported that is not part of Python or
