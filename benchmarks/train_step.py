@@ -273,8 +273,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # tracing, lowering, compiling and writing).
         began = time.perf_counter()
         compiled, loaded = compiled_step.load_or_compile(
-            train_fn, (state, batch), jax.tree.structure((state, dict.fromkeys(train.HEALTH, 0))),
-            args.step_dir, config.to_json_best_effort())
+            train_fn, (state, batch), train.train_step_outputs(state), args.step_dir,
+            config.to_json_best_effort())
         compile_times = {"compile_seconds": time.perf_counter() - began, "step_loaded": loaded}
     else:
         compiled, compile_times = compile_timer.timed_compile(train_fn, state, batch)

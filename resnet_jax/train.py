@@ -57,6 +57,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 HEALTH = ("loss", "gradients", "labels")
 
 
+def train_step_outputs(state: TrainState):
+    """The tree of train_step's outputs, (new state, health), known without tracing it."""
+    return jax.tree.structure((state, dict.fromkeys(HEALTH, 0)))
+
+
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                label_smoothing: float, skip_nonfinite: bool, state: TrainState,
                batch: dict[str, jax.Array]):
@@ -195,9 +200,9 @@ def _compiled_train_step(train_jit, state: TrainState, batches: Iterator, config
         return train_jit, batches
     first = next(batches)
     began = time.perf_counter()
-    out_tree = jax.tree.structure((state, dict.fromkeys(HEALTH, 0)))
     compiled, loaded = compiled_step.load_or_compile(
-        train_jit, (state, first), out_tree, _in_workdir(config.compiled_step_dir, workdir), closure)
+        train_jit, (state, first), train_step_outputs(state),
+        _in_workdir(config.compiled_step_dir, workdir), closure)
     logging.info("%s the train step in %.1f s", "Loaded" if loaded else "Compiled",
                  time.perf_counter() - began)
     return compiled, itertools.chain([first], batches)
