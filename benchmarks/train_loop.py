@@ -70,15 +70,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tx = optim.create_optimizer(config.optimizer, schedule)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     state = jax.device_put(harness._initial_state(params, batch_stats, tx), replicated)
-    step_fn = jax.jit(harness._bind_train_step({
+    step_fn = jax.jit(train.with_inputs(harness._bind_train_step({
         "graphdef": graphdef, "tx": tx, "schedule": schedule,
         "label_smoothing": config.train.label_smoothing,
-        "skip_nonfinite": config.train.get("skip_nonfinite", False)}),
+        "skip_nonfinite": config.train.get("skip_nonfinite", False)}), config.data),
         in_shardings=(replicated, batch_spec), out_shardings=replicated, donate_argnums=0)
 
     batches = sharding.prefetch(data.train_iterator(
         config.data, batch_size=batch_size, seed=0, process_index=jax.process_index(),
-        process_count=jax.process_count()), mesh, finish=sharding.normaliser(config.data))
+        process_count=jax.process_count()), mesh)
     began = time.perf_counter()
     state, *_ = step_fn(state, next(batches))
     jax.block_until_ready(state)

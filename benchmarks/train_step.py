@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step --model resnet50 --batch-size 16 --image-size 224 \\
         --dtype float32 [--steps N] [--devices N] [--scan-blocks] [--remat] [--json] \\
-        [--bn-group-size N] [--cache-dir DIR] [--step-dir DIR]
+        [--bn-group-size N] [--cache-dir DIR]
 
 The steps are those of `resnet_jax.train` (train_step, eval_step, TrainState, the optimizer of
 configs/default.py, the mesh of `sharding`), jitted the same way, on random images placed on
@@ -16,9 +16,7 @@ the compiled HLO, as one step executes them (a loop's once per iteration). The e
 the same for the eval step (forward only: x 1).
 `--devices N` simulates N CPU devices (XLA_FLAGS, set before JAX starts); `--cache-dir` turns
 on JAX's persistent compilation cache in DIR, so that a second run of the same shapes reads
-the compiled step from it; `--step-dir DIR` keeps the compiled train step itself in DIR, as the
-main job's `compiled_step_dir` does, so that a second run loads it without tracing
-(compile_seconds is then the whole of it: key, then load, or compile and write).
+the compiled step from it.
 """
 
 import os
@@ -66,7 +64,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks import cli, compile_timer  # noqa: E402
 from configs import default  # noqa: E402
-from resnet_jax import compiled_step, flops, metrics, optim, sharding, train  # noqa: E402
+from resnet_jax import flops, metrics, optim, sharding, train  # noqa: E402
 
 # Bytes per element of the HLO element types that collectives carry.
 _HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
@@ -99,8 +97,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--bn-group-size", type=int, default=None)
     parser.add_argument("--num-classes", type=int, default=None, help="default 10 for CIFAR nets, else 1000")
     parser.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache directory")
-    parser.add_argument("--step-dir", default=None,
-                        help="keep the compiled train step here, as the main job's compiled_step_dir")
     parser.add_argument("--no-eval", action="store_true", help="skip the eval step")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
@@ -268,16 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "skip_nonfinite": config.train.get("skip_nonfinite", False)}),
         in_shardings=(state_shardings, batch_spec), out_shardings=(state_shardings, replicated),
         donate_argnums=0)
-    if args.step_dir:
-        # As train.train_and_evaluate does it: timed whole (computing the key, then loading, or
-        # tracing, lowering, compiling and writing).
-        began = time.perf_counter()
-        compiled, loaded = compiled_step.load_or_compile(
-            train_fn, (state, batch), train.train_step_outputs(state), args.step_dir,
-            config.to_json_best_effort())
-        compile_times = {"compile_seconds": time.perf_counter() - began, "step_loaded": loaded}
-    else:
-        compiled, compile_times = compile_timer.timed_compile(train_fn, state, batch)
+    compiled, compile_times = compile_timer.timed_compile(train_fn, state, batch)
     holder = [state]
 
     def train_call():
@@ -292,7 +279,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scan_blocks": args.scan_blocks, "remat": args.remat, "bn_group_size": args.bn_group_size,
         "conv_weight_grad": args.conv_weight_grad,
         "steps": args.steps, "cache_dir": args.cache_dir, "cache_files_before": cache_files,
-        "step_dir": args.step_dir,
         "params": flops.count_params(model), "param_bytes": param_bytes,
         "batch_stat_bytes": stat_bytes, "macs_per_image": macs,
         **compile_times,

@@ -86,7 +86,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.profile_steps = 0
     # JAX's persistent compilation cache: a restart skips most of the compile. "{workdir}" is replaced.
     config.compilation_cache_dir = "{workdir}/compilation_cache"
-    # The compiled train step itself, so that a restart skips tracing it too (resnet_jax.compiled_step);
-    # "" for none.
-    config.compiled_step_dir = "{workdir}/compiled_step"
+    # TensorBoard events; "" for none. TensorFlow's own file system writes them (local or gs://).
+    config.tensorboard_dir = "{workdir}"
     return config

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from resnet_jax import checkpoint, convert, data, models, sharding, train
+from resnet_jax import checkpoint, convert, data, device_inputs, models, train
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -79,10 +79,9 @@ def eval_images(config: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `count` (or fewer) images and labels of the run's eval split, preprocessed as in
     its evaluation."""
     images, labels = [], []
-    normalise = sharding.normaliser(config.data)
+    normalise = device_inputs.normaliser(config.data)
     for batch in data.eval_iterator(config.data, batch_size=min(count, 256)):
-        if normalise is not None:
-            batch = jax.device_get(normalise(batch))
+        batch = jax.device_get(normalise(batch))
         keep = batch["mask"]
         images.append(batch["image"][keep])
         labels.append(batch["label"][keep])

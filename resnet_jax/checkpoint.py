@@ -1,24 +1,27 @@
 """Checkpoints with orbax: asynchronous saves, the last K kept (and the best by eval accuracy).
 
+The workdir is an `etils.epath.Path`, local or in a bucket: orbax and tensorstore write there.
+
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a save
 cut short never replaces the previous good checkpoint. Every process calls save and restore; the
 arrays are global and orbax writes each shard once.
 """
 
-import os
-import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental.multihost_utils import sync_global_devices
 from orbax.checkpoint import checkpoint_managers
+
+from resnet_jax import workdir as workdirs
 
 DIRECTORY = "checkpoints"
 
 
-def create_manager(workdir: str, config: Any) -> ocp.CheckpointManager:
+def create_manager(workdir: epath.Path, config: Any) -> ocp.CheckpointManager:
     """config: the `checkpoint` section (every_steps, keep, keep_best)."""
     policies = [checkpoint_managers.LatestN(config.keep)]
     if config.keep_best:
@@ -30,7 +33,7 @@ def create_manager(workdir: str, config: Any) -> ocp.CheckpointManager:
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=True)
     # The handler named, so that item_metadata can read a checkpoint's shapes before restoring it.
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), DIRECTORY), options=options,
+    return ocp.CheckpointManager(workdir / DIRECTORY, options=options,
                                  item_handlers=ocp.StandardCheckpointHandler())
 
 
@@ -69,7 +72,7 @@ def _shapes(tree: Any) -> list[tuple[int, ...]]:
     return sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: Any, workdir: str) -> Any | None:
+def restore_latest(manager: ocp.CheckpointManager, target: Any, workdir: epath.Path) -> Any | None:
     """The latest readable checkpoint restored onto `target`'s structure and shardings, or None.
 
     A checkpoint that cannot be read (truncated or corrupted files) is named in the log, moved
@@ -94,25 +97,25 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, workdir: str) ->
     return None
 
 
-def _set_aside(manager: ocp.CheckpointManager, step: int, workdir: str, error: Exception) -> None:
-    aside = os.path.join(os.path.abspath(workdir), "corrupt_checkpoints", str(step))
+def _set_aside(manager: ocp.CheckpointManager, step: int, workdir: epath.Path, error: Exception) -> None:
+    aside = workdir / "corrupt_checkpoints" / str(step)
     logging.warning("The checkpoint of step %d in %s is unreadable (%s: %s); moving it to %s and "
                     "trying the one before.", step, manager.directory, type(error).__name__,
                     " ".join(str(error).split())[:300], aside)
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(aside), exist_ok=True)
-        shutil.move(os.path.join(str(manager.directory), str(step)), aside)
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        (epath.Path(manager.directory) / str(step)).rename(aside)
     sync_global_devices(f"corrupt checkpoint {step} set aside")
     manager.reload()
 
 
-def read_latest(workdir: str) -> tuple[int, Any]:
+def read_latest(workdir) -> tuple[int, Any]:
     """(step, state as nested dicts) of a run's latest checkpoint, on this process's first device.
 
     For reading a run from any machine: the topology that saved it does not matter.
     """
     manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), DIRECTORY), item_handlers=ocp.StandardCheckpointHandler(),
+        workdirs.resolve(str(workdir)) / DIRECTORY, item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step()
     if step is None:

@@ -76,3 +76,23 @@ def _nested_macs(eqn: Any) -> collections.Counter:
         return max(counts, key=lambda count: sum(count.values()))
     repeat = eqn.params.get("length", 1)  # scan runs its body `length` times
     return collections.Counter({kind: n * repeat for kind, n in sum(counts, collections.Counter()).items()})
+
+
+def train_flops_per_image(macs: int) -> int:
+    """FLOPs of one training step per image: 2 per multiply-add, forward once and backward twice
+    (the gradients of the inputs and of the weights), as MFU counts them."""
+    return 6 * macs
+
+
+# Dense bfloat16 peak FLOP/s of one device, by the start of `jax.Device.device_kind`, from the
+# vendors' data sheets: the denominator of model FLOP utilisation (MFU). Longest prefix first.
+PEAK_FLOPS = {
+    "TPU v6 lite": 918e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v4": 275e12, "TPU v3": 123e12,
+    "NVIDIA H200": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """The dense bfloat16 peak of a device of this kind, or None where not known (CPUs)."""
+    return next((peak for prefix, peak in PEAK_FLOPS.items() if device_kind.startswith(prefix)), None)

@@ -4,8 +4,9 @@ Fields of the config are overridable on the command line (--config.train.batch_s
 parametrised configs take an argument (--config=configs/cifar.py:depth=56,plain=True). Without
 --config the quickstart runs. On a pod every process runs this same command.
 
-A bad flag, config or workdir ends the job before it writes anything, with one line on stderr
-and exit status 2; a run that cannot go on (non-finite loss, failed save) exits with 1.
+Exit statuses: 0 finished; 75 stopped by SIGTERM (preemption) after saving, to be run again;
+130 stopped by Ctrl-C after saving; 1 a run that cannot go on (non-finite loss, failed save);
+2 a bad flag, config or workdir, refused in one line on stderr before anything is written.
 """
 
 import os
@@ -87,16 +88,26 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
     del argv
-    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    launch = sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                             FLAGS.process_id)
     # After distributed start-up: these import TensorFlow and touch devices.
-    from resnet_jax import checkpoint, train, validate
+    import jax  # pylint: disable=import-outside-toplevel
 
+    from resnet_jax import checkpoint, train, validate  # pylint: disable=import-outside-toplevel
+
+    logging.info("Started by %s: process %d of %d, %d of the %d devices", launch, jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
     config = FLAGS.config
     logging.info("Config:\n%s", config)
     try:
-        train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change)
+        # A multi-process JAX operation issued off the main thread is an error, not a hang.
+        with jax.thread_guard(True):
+            train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change)
     except validate.SetupError as error:
         _fail(str(error), 2)
+    except train.Preempted as stop:
+        print(f"resnet_jax: {stop}", file=sys.stderr)
+        sys.exit(stop.status)
     except (train.TrainingError, checkpoint.CheckpointError) as error:
         _fail(str(error), 1)
 

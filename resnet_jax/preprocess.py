@@ -14,7 +14,7 @@ Train: `inception` (random-resized crop), `paper` (He et al. Sec. 3.4: shorter s
 length in `scale_range`, random crop, flip, optional PCA lighting), `cifar` (Sec. 4.2: 4-pixel zero
 padding, random crop, flip), `none`. Eval: `center`, `ten_crop` (Sec. 3.4's 10-crop testing),
 `none`. All end normalised, `(x - mean) / std` in 0-255 units, in the configured dtype; or, with
-`dtype="uint8"`, as the rounded pixels, normalised on the devices by `sharding.normaliser` (a
+`dtype="uint8"`, as the rounded pixels, normalised on the devices by `device_inputs.normaliser` (a
 quarter of the bytes to make, batch and copy to the devices; about 1.5x the images per second on
 two cores, benchmarks/README.md). PCA lighting then travels beside the pixels as a per-image RGB
 offset (`lighting_offset`) that the devices add before normalising, as the host would have;
@@ -32,7 +32,7 @@ import tensorflow as tf
 
 TRAIN_PREPROCESS = ("inception", "paper", "cifar", "none")
 EVAL_PREPROCESS = ("center", "ten_crop", "none")
-# "uint8": pixels, normalised on the devices (`sharding.normaliser`).
+# "uint8": pixels, normalised on the devices (`device_inputs.normaliser`).
 DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "uint8": tf.uint8}
 RESIZE_METHODS = ("bilinear", "bicubic", "area", "nearest")
 

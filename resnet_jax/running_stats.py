@@ -6,7 +6,7 @@ others (Sec. 3.4: the paper normalised per GPU). Only the running averages would
 the groups of all devices each step. They need not: the running average is linear in the batch
 statistics, so the mean over devices of per-device running averages, all started from the same
 value, is exactly the running average of the mean over devices. `spread` gives each BN mean and
-variance an axis of the device count before the channels, sharded over "data", which `BatchNorm`
+variance an axis of the device count before the channels, sharded as the batch, which `BatchNorm`
 updates from its device's groups alone; `gather` averages that axis away, once, for evaluation
 and for checkpoints, whose layout stays the same.
 """
@@ -32,13 +32,13 @@ def _map_stats(fn, batch_stats: nnx.State) -> nnx.State:
 
 
 def _per_device_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    # (..., devices, channels): the device axis on "data".
-    return NamedSharding(mesh, PartitionSpec(*([None] * (ndim - 2)), sharding.DATA_AXIS, None))
+    # (..., devices, channels): the device axis over the whole mesh, as the batch is.
+    return NamedSharding(mesh, PartitionSpec(*([None] * (ndim - 2)), mesh.axis_names, None))
 
 
 def spread(batch_stats: nnx.State, mesh: Mesh) -> nnx.State:
     """Each BN statistic, (..., channels), as one copy per device, (..., devices, channels)."""
-    devices = mesh.shape[sharding.DATA_AXIS]
+    devices = mesh.size
     placement = jax.tree.map(
         lambda v: _per_device_sharding(mesh, v.ndim + 1) if isinstance(v, nnx.BatchStat)
         else sharding.replicated(mesh), batch_stats, is_leaf=_is_variable)

@@ -1,55 +1,84 @@
-"""Devices and the batch: one mesh axis "data", host batches assembled into global arrays.
+"""Devices and the batch: the mesh, host batches assembled into global arrays, distributed start.
 
-One program serves one CPU and a pod alike: `jax.jit` over a `Mesh` with the batch sharded on
-"data" and the train state replicated (DESIGN.md). Each process feeds only its own slice of the
-global batch; `jax.make_array_from_process_local_data` stitches the slices together.
+One program serves one CPU and a pod alike: `jax.jit` over a `Mesh` with the batch sharded over
+every mesh axis and the train state replicated (docs/design.md). One slice is the flat mesh
+("data",); several slices (TPU multislice) are ("replica", "data"): slices across, devices within,
+so that XLA reduces over the fast links inside a slice before it crosses between slices. Each
+process feeds only its own slice of the global batch; `jax.make_array_from_process_local_data`
+stitches the slices together, on the main thread, as every JAX operation of the run.
 """
 
 import collections
 import concurrent.futures
-import functools
-import os
-from collections.abc import Callable, Iterable, Iterator
+import hashlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from resnet_jax import preprocess
-
 DATA_AXIS = "data"
+REPLICA_AXIS = "replica"
+
+# JAX's cluster detectors by class name, as the log names them.
+_CLUSTERS = {"GceTpuCluster": "Cloud TPU VM", "GkeTpuCluster": "Cloud TPU on GKE",
+             "SlurmCluster": "SLURM", "OmpiCluster": "Open MPI", "K8sCluster": "Kubernetes"}
 
 
-def _several_processes_launched() -> bool:
-    """A SLURM, Open MPI or Cloud TPU pod launch of more than one process (jax reads them itself)."""
-    return (int(os.environ.get("SLURM_NTASKS", "1")) > 1
-            or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-            or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+def detect_cluster() -> str | None:
+    """The launch JAX's own cluster detection finds in the environment (as
+    `jax.distributed.initialize()` with no arguments would use it), or None."""
+    from jax._src import clusters  # pylint: disable=import-outside-toplevel  (no public API)
+
+    for cluster in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+        if not cluster.opt_in_only_method and cluster.is_env_present():
+            return cluster.__name__
+    return None
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Starts jax.distributed where the run has several processes; a no-op for one.
+                           process_id: int | None = None) -> str:
+    """Starts jax.distributed where the launch has processes to join; returns what was found.
 
-    Explicit coordinator flags win; otherwise a Cloud TPU pod slice, SLURM or Open MPI launch is
-    detected from its environment. Must run before anything touches a device.
+    Explicit coordinator flags win; otherwise a Cloud TPU VM (any multi-worker slice; the worker
+    list comes from the metadata server), SLURM, Open MPI or Kubernetes launch as JAX detects it;
+    otherwise one process. Must run before anything touches a device.
     """
     if coordinator_address:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
-        return
-    if _several_processes_launched():
-        jax.distributed.initialize()
+        return "the --coordinator_address flags"
+    cluster = detect_cluster()
+    if cluster is None:
+        return "no cluster environment: one process"
+    jax.distributed.initialize()
+    return _CLUSTERS.get(cluster, cluster)
 
 
-def make_mesh() -> Mesh:
-    """All devices of all processes on the one axis "data"."""
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def same_on_every_process(text: str) -> bool:
+    """Whether every process passed the same `text` (one small all-gather, main thread)."""
+    if jax.process_count() == 1:
+        return True
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+    digests = multihost_utils.process_allgather(digest)
+    return bool((digests == digests[0]).all())
+
+
+def make_mesh(devices: list[Any] | None = None) -> Mesh:
+    """The flat mesh ("data",) of all devices; ("replica", "data") where they lie in several slices."""
+    devices = jax.devices() if devices is None else devices
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(slices) == 1:
+        return Mesh(np.asarray(devices), (DATA_AXIS,))
+    grid = mesh_utils.create_hybrid_device_mesh((1, len(devices) // len(slices)), (len(slices), 1),
+                                                devices)
+    return Mesh(grid, (REPLICA_AXIS, DATA_AXIS))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """The leading (batch) axis split over every mesh axis."""
+    return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -71,54 +100,25 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def normaliser(data_config) -> Callable[[dict], dict] | None:
-    """For `data.dtype="uint8"`: batch -> batch, on the devices, that turns the pixels into float32
-    images normalised as the host pipeline would have (the PCA lighting offset added first);
-    None for the other dtypes, whose images arrive normalised."""
-    s = preprocess.settings(data_config)
-    return _normalise_pixels(s.mean, s.std) if s.on_device else None
+def prefetch(batches: Iterable[dict[str, np.ndarray]], mesh: Mesh, size: int = 2) -> Iterator[dict[str, Any]]:
+    """Global batches of `batches`: `size` host batches made ahead on a thread, the next one
+    already on its way to the devices while the current step computes.
 
-
-@functools.lru_cache(maxsize=None)
-def _normalise_pixels(mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[dict], dict]:
-    # One jitted function per (mean, std), so that every evaluation reuses its compilation.
-    mean, scale = np.float32(mean), np.float32(1.0) / np.float32(std)
-
-    @jax.jit
-    def normalise(batch):
-        batch = dict(batch)
-        image = batch["image"].astype(jnp.float32)
-        lighting = batch.pop("lighting", None)
-        if lighting is not None:
-            image = image + lighting[:, None, None, :]
-        batch["image"] = (image - mean) * scale
-        return batch
-
-    return normalise
-
-
-def prefetch(batches: Iterable[dict[str, np.ndarray]], mesh: Mesh, size: int = 2,
-             finish: Callable[[dict], dict] | None = None) -> Iterator[dict[str, Any]]:
-    """Global batches, `size` of them made ahead on a thread so that the devices never wait;
-    `finish` (e.g. `normaliser`) runs on each global batch.
-
-    The host-to-device copies run while the current step computes.
+    The thread only moves host data (tf.data, numpy). The copies to the devices are issued here,
+    on the caller's thread: in a multi-process run every JAX operation must be, so that all
+    processes issue them in the same order (JAX refuses others under `jax.thread_guard`).
     """
     iterator = iter(batches)
     queue: collections.deque = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        def fetch():
-            batch = next(iterator, None)
-            if batch is None:
-                return None
-            batch = to_global(batch, mesh)
-            return batch if finish is None else finish(batch)
-
         for _ in range(size):
-            queue.append(pool.submit(fetch))
-        while True:
-            batch = queue.popleft().result()
-            if batch is None:
-                return
-            queue.append(pool.submit(fetch))
-            yield batch
+            queue.append(pool.submit(next, iterator, None))
+        ahead = None
+        while (batch := queue.popleft().result()) is not None:
+            queue.append(pool.submit(next, iterator, None))
+            batch = to_global(batch, mesh)  # asynchronous copies
+            if ahead is not None:
+                yield ahead
+            ahead = batch
+        if ahead is not None:
+            yield ahead

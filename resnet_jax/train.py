@@ -1,20 +1,20 @@
 """The training loop: TrainState, train_step, eval_step and train_and_evaluate(config, workdir).
 
 The model is split once into a graph definition and its state; the steps are pure functions of
-(state, batch) under `jax.jit`, with the batch sharded over the mesh axis "data", the state
-replicated and donated (DESIGN.md).
+(state, batch) under `jax.jit`, with the batch sharded over the mesh, the state
+replicated and donated (docs/design.md). Every JAX operation is issued from the main thread, in
+the same order on every process.
 """
 
 import bisect
 import contextlib
 import dataclasses
 import functools
-import itertools
 import math
 import os
 import signal
-import time
-from typing import Any, Callable, Iterator
+import sys
+from typing import Any, Callable
 
 import flax
 import jax
@@ -24,10 +24,11 @@ import numpy as np
 import optax
 from absl import logging
 from clu import periodic_actions
+from etils import epath
 from flax import nnx
 
-from resnet_jax import (checkpoint, compiled_step, data, flops, metrics, models, optim, running_stats,
-                        sharding, validate)
+from resnet_jax import (checkpoint, data, device_inputs, flops, metrics, models, optim, running_stats,
+                        sharding, validate, workdir as workdirs)
 
 
 @flax.struct.dataclass
@@ -55,11 +56,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 # What train_step reports of each step besides the new state.
 HEALTH = ("loss", "gradients", "labels")
-
-
-def train_step_outputs(state: TrainState):
-    """The tree of train_step's outputs, (new state, health), known without tracing it."""
-    return jax.tree.structure((state, dict.fromkeys(HEALTH, 0)))
 
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -124,6 +120,13 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: dict[str, jax.Ar
         top5_accuracy=(top5 == labels[:, None]).any(-1), mask=batch["mask"])
 
 
+def with_inputs(step: Callable, data_config: Any) -> Callable:
+    """step(state, batch) taking the batch as the host sends it: made into the network's input
+    inside the same jitted program (`device_inputs`)."""
+    normalise = device_inputs.normaliser(data_config)
+    return lambda state, batch: step(state, normalise(batch))
+
+
 def create_model(config: Any, num_classes: int) -> nnx.Module:
     return models.create(config.model.name, num_classes=num_classes, rngs=nnx.Rngs(config.seed),
                          **model_options(config))
@@ -150,7 +153,7 @@ def evaluate(eval_fn, state: TrainState, config: Any, mesh) -> dict[str, float]:
         config.data, batch_size=sharding.per_process_batch(config.eval.batch_size, "eval.batch_size"),
         process_index=jax.process_index(), process_count=jax.process_count())
     total = None
-    for batch in sharding.prefetch(batches, mesh, finish=sharding.normaliser(config.data)):
+    for batch in sharding.prefetch(batches, mesh):
         step_metrics = eval_fn(state, batch)
         total = step_metrics if total is None else total.merge(step_metrics)
     return metrics.prefixed("eval", total.compute())
@@ -162,50 +165,66 @@ def total_steps(config: Any, steps_per_epoch: int) -> int:
     return math.ceil(config.train.num_epochs * steps_per_epoch)
 
 
+class Preempted(Exception):
+    """The run was asked to stop (SIGTERM: preemption; SIGINT: Ctrl-C), saved its step and
+    stopped; the same command resumes it. `status` is the exit status that says so."""
+
+    def __init__(self, step: int, status: int):
+        super().__init__(f"stopped at step {step} and saved it; the same command resumes")
+        self.step, self.status = step, status
+
+
+PREEMPTED_STATUS = 75  # EX_TEMPFAIL, "try again": `launch/slurm.sbatch` requeues on it
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
 class _Preemption:
-    """One process: SIGTERM sets a flag that the loop reads between steps. Several processes:
-    JAX's preemption notifier (installed by jax.distributed) catches the signal and orbax makes
-    every process stop at the same step, so no handler of ours may replace it."""
+    """SIGTERM or a first Ctrl-C asks the run to save and stop at the next step; a second Ctrl-C
+    exits at once.
+
+    One process: the signal sets a flag that the loop reads between steps. Several processes:
+    JAX's preemption notifier (installed by jax.distributed) catches SIGTERM and tells the other
+    processes; orbax's `reached_preemption` then stops every process at the same step. No SIGTERM
+    handler of ours may replace JAX's, so there a Ctrl-C is passed on to it as a SIGTERM.
+    """
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
-        if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.status = None
+        self._several = jax.process_count() > 1
+        self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._interrupt)}
+        if not self._several:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._terminate)
 
-    def _handle(self, signum, frame):
-        self.requested = True
+    def _terminate(self, signum, frame):
+        self.status = self.status or PREEMPTED_STATUS
+
+    def _interrupt(self, signum, frame):
+        if self.status == INTERRUPTED_STATUS:
+            print("resnet_jax: interrupted again: exiting without saving", file=sys.stderr)
+            os._exit(INTERRUPTED_STATUS)  # at once: no wait for the save in flight
+        self.status = INTERRUPTED_STATUS
+        print("resnet_jax: interrupted: saving the current step, then exiting (Ctrl-C again "
+              "exits at once)", file=sys.stderr)
+        if self._several:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def reached(self, manager, step: int) -> bool:
-        if jax.process_count() > 1:
+        if self._several:
             return manager.reached_preemption(step)
-        return self.requested
+        return self.status is not None
+
+    def exit_status(self) -> int:
+        # Several processes: a SIGTERM to any one of them stops them all.
+        return self.status or PREEMPTED_STATUS
 
     def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
-def _in_workdir(path: str, workdir: str) -> str:
+def _in_workdir(path: str, workdir) -> str:
     """A config's directory, "{workdir}" replaced."""
-    return path.replace("{workdir}", os.path.abspath(workdir))
-
-
-def _compiled_train_step(train_jit, state: TrainState, batches: Iterator, config: Any, workdir: str,
-                         closure: str) -> tuple[Callable, Iterator]:
-    """(step, batches): the train step compiled for the first batch, which stays first in the
-    batches, or loaded as a run of the same code and config compiled it (`compiled_step`).
-    Without `compiled_step_dir`, `train_jit` itself, which compiles at its first call."""
-    if not config.compiled_step_dir:
-        return train_jit, batches
-    first = next(batches)
-    began = time.perf_counter()
-    compiled, loaded = compiled_step.load_or_compile(
-        train_jit, (state, first), train_step_outputs(state),
-        _in_workdir(config.compiled_step_dir, workdir), closure)
-    logging.info("%s the train step in %.1f s", "Loaded" if loaded else "Compiled",
-                 time.perf_counter() - began)
-    return compiled, itertools.chain([first], batches)
+    return path.replace("{workdir}", str(workdir))
 
 
 class TrainingError(RuntimeError):
@@ -246,6 +265,7 @@ def _check_health(pending: list, names: list[tuple[str, int]], skip_nonfinite: b
 @dataclasses.dataclass
 class Setup:
     """What a run needs before its first step, made from a config that has passed every check."""
+    workdir: epath.Path
     mesh: Any
     batch_size: int          # per process
     info: data.DataInfo
@@ -258,7 +278,12 @@ class Setup:
 
 def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup:
     """Checks the config and workdir and builds the run's parts; writes nothing but the workdir
-    itself. Any problem raises `validate.SetupError`, one line."""
+    itself. Any problem raises `validate.SetupError`, one line, on every process alike."""
+    # First, before any check that could fail on some processes only and leave the others
+    # waiting: every process of a run must have been given the same command.
+    if not sharding.same_on_every_process(f"{config.to_json_best_effort()} {workdir}"):
+        raise validate.SetupError("the processes of this run were given different configs or "
+                                  "workdirs; every process must run the same command")
     try:
         validate.check_numbers(config)
         mesh = sharding.make_mesh()
@@ -285,21 +310,24 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
         except (ValueError, TypeError) as error:  # its messages name the field inside `model`
             raise validate.SetupError(f"model: {validate.one_line(error)}") from error
         validate.check_image_size(info.image_shape[0], model.total_stride, config.model.name)
-        validate.check_workdir(workdir, config.to_json_best_effort(), allow_config_change)
+        path = workdirs.resolve(workdir)
+        validate.check_workdir(path, config.to_json_best_effort(), allow_config_change)
     except (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError) as error:
         raise validate.SetupError(validate.one_line(error)) from error
-    return Setup(mesh, batch_size, info, steps_per_epoch, num_steps, schedule, tx, model)
+    return Setup(path, mesh, batch_size, info, steps_per_epoch, num_steps, schedule, tx, model)
 
 
 def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = False) -> TrainState:
-    """Trains `config`'s model, evaluates and checkpoints it in `workdir`; resumes what is there."""
+    """Trains `config`'s model, evaluates and checkpoints it in `workdir`; resumes what is there.
+
+    Raises `Preempted` after saving when SIGTERM or SIGINT asked the run to stop.
+    """
     run = setup(config, workdir, allow_config_change)
-    mesh, info, num_steps, schedule, tx, model = (run.mesh, run.info, run.num_steps, run.schedule,
-                                                   run.tx, run.model)
+    workdir, mesh, info, num_steps, schedule, tx, model = (
+        run.workdir, run.mesh, run.info, run.num_steps, run.schedule, run.tx, run.model)
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", _in_workdir(config.compilation_cache_dir, workdir))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    writer = metrics.create_writer(workdir)
     # batch_stats: every variable that is not a parameter. BN's statistics, and in networks with
     # dropout (VGG) its random stream, whose counter each step moves on and checkpoints.
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
@@ -319,55 +347,52 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
     start = 0
     if restored is not None:
         state, start = restored, int(restored.step)
-        metrics.drop_rows_after(workdir, start)
         logging.info("Restored the checkpoint of step %d from %s", start, manager.directory)
+    # The rows of metrics.jsonl after `start` were written by a run that stopped before saving
+    # them; this run writes them again.
+    writer = metrics.create_writer(workdir, _in_workdir(config.tensorboard_dir, workdir), start)
     group = config.model.bn_group_size
     state = for_training(state, mesh, group)
     state_shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
 
+    macs = flops.count_macs(model, info.image_shape[:2])
     logging.info("Devices: %d (%s), processes: %d; model %s: %s parameters, %s multiply-adds per "
                  "image; global batch %d, %d steps per epoch, %d steps",
                  jax.device_count(), jax.devices()[0].platform, jax.process_count(),
-                 config.model.name, f"{flops.count_params(model):,}",
-                 f"{flops.count_macs(model, info.image_shape[:2]):,}", config.train.batch_size,
-                 run.steps_per_epoch, num_steps)
+                 config.model.name, f"{flops.count_params(model):,}", f"{macs:,}",
+                 config.train.batch_size, run.steps_per_epoch, num_steps)
     if jax.process_index() == 0:
-        path = os.path.join(workdir, "config.json")
-        with open(path + ".tmp", "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(path + ".tmp", path)
+        workdirs.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
 
     batch_spec = sharding.batch_sharding(mesh)
-    train_jit = jax.jit(functools.partial(train_step, graphdef, tx, schedule, config.train.label_smoothing,
-                                          config.train.skip_nonfinite),
-                        in_shardings=(state_shardings, batch_spec),
-                        out_shardings=(state_shardings, replicated), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, eval_graphdef),
+    train_fn = jax.jit(with_inputs(functools.partial(
+        train_step, graphdef, tx, schedule, config.train.label_smoothing, config.train.skip_nonfinite),
+        config.data), in_shardings=(state_shardings, batch_spec),
+        out_shardings=(state_shardings, replicated), donate_argnums=0)
+    eval_fn = jax.jit(with_inputs(functools.partial(eval_step, eval_graphdef), config.data),
                       in_shardings=(replicated, batch_spec), out_shardings=replicated)
 
     batches = sharding.prefetch(data.train_iterator(
         config.data, batch_size=run.batch_size, seed=config.seed, start_step=start,
-        process_index=jax.process_index(), process_count=jax.process_count()), mesh,
-        finish=sharding.normaliser(config.data))
+        process_index=jax.process_index(), process_count=jax.process_count()), mesh)
     # Progress with ETA goes to the log only: metrics.jsonl holds the named scalars alone.
     hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps,
                                              every_steps=config.log_every_steps)]
     if config.profile_steps > 0 and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir))
+        hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
+                                              logdir=str(workdir)))
     names = _parameter_names(params)
-    preemption = _Preemption()  # before the first batch is fetched: a SIGTERM from then on saves
+    preemption = _Preemption()  # before the first batch is fetched: a signal from then on saves
     last_saved = start or None
+    # The first window's speed counts the compile, which happens at the first step.
+    window = metrics.Window(start, config.train.batch_size,
+                            flops.train_flops_per_image(macs) * config.train.batch_size)
     try:
-        # The first window's images/s counts the compile, as when the step compiles at its first call.
-        last_log, pending = (time.perf_counter(), start), []
-        train_fn = train_jit
-        if start < num_steps:
-            # The step closes over the schedule, whose length the data set's size sets too.
-            train_fn, batches = _compiled_train_step(
-                train_jit, state, batches, config, workdir,
-                f"{config.to_json_best_effort()} {run.steps_per_epoch} {num_steps}")
+        pending = []
         for step in range(start + 1, num_steps + 1):
-            state, health = train_fn(state, next(batches))
+            with window.waiting():
+                batch = next(batches)
+            state, health = train_fn(state, batch)
             pending.append((step, health))
             for hook in hooks:
                 hook(step)
@@ -379,20 +404,16 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
                 _check_health(pending, names, config.train.skip_nonfinite, last_saved)
             if logging_now:
                 scalars = metrics.prefixed("train", state.train_metrics.compute())
-                now = time.perf_counter()
-                scalars["images_per_second"] = (step - last_log[1]) * config.train.batch_size / (now - last_log[0])
+                scalars.update(window.scalars(step))
                 if int(state.skipped):
                     scalars["skipped_steps"] = int(state.skipped)
                 state = state.replace(train_metrics=empty_window())
-                last_log = (now, step)
             evaluating = step % config.eval.every_steps == 0 or step == num_steps
             # The per-device BN statistics averaged once for the evaluation and the save alike.
             settled = for_evaluation(state, mesh, group) if evaluating or saving else None
             if evaluating:
-                began = time.perf_counter()
-                scalars.update(evaluate(eval_fn, settled, config, mesh))
-                # images/s counts training time only.
-                last_log = (last_log[0] + time.perf_counter() - began, last_log[1])
+                with window.paused():  # the speed counts training time only
+                    scalars.update(evaluate(eval_fn, settled, config, mesh))
             if scalars:
                 writer.write_scalars(step, scalars)
             if saving:
@@ -401,8 +422,9 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
                 last_saved = step
             if preempted:
                 checkpoint.wait(manager)
-                logging.warning("Preempted: saved the checkpoint of step %d; the same command resumes.", step)
-                break
+                logging.warning("Stopped by a signal: saved the checkpoint of step %d; the same "
+                                "command resumes.", step)
+                raise Preempted(step, preemption.exit_status())
         checkpoint.wait(manager)
     finally:
         preemption.restore()

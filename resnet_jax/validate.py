@@ -5,7 +5,11 @@ Each failure is one line that names the field, the value and what is allowed.
 
 import json
 import os
+import socket
 from typing import Any
+
+from absl import logging
+from etils import epath
 
 
 class SetupError(ValueError):
@@ -58,31 +62,32 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-# Where compiled programs are kept: no result depends on them, so a run resumes whatever they are
-# (and a run begun before a field was added resumes without it).
-NOT_COMPARED = ("compilation_cache_dir", "compiled_step_dir")
+# Where compiled programs and TensorBoard events go: no result depends on them, so a run resumes
+# whatever they are (and a run begun before a field was added, or after one was removed, resumes).
+NOT_COMPARED = ("compilation_cache_dir", "tensorboard_dir", "compiled_step_dir")
 
 
-def check_workdir(workdir: str, config_json: str, allow_config_change: bool) -> None:
+def check_workdir(workdir: epath.Path, config_json: str, allow_config_change: bool) -> None:
     """The workdir is writable and holds no run of another config (unless allowed)."""
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe.{os.getpid()}.{os.uname().nodename}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise SetupError(f"workdir {workdir!r} is not writable: {one_line(error)}") from None
-    saved = os.path.join(workdir, "config.json")
-    if allow_config_change or not os.path.exists(saved):
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_probe.{os.getpid()}.{socket.gethostname()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except Exception as error:  # OSError locally; a bucket's client raises its own kinds
+        raise SetupError(f"workdir {str(workdir)!r} is not writable: {one_line(error)}") from None
+    saved = workdir / "config.json"
+    if allow_config_change or not saved.exists():
         return
-    with open(saved) as f:
-        before = _flatten(json.load(f))
+    before = _flatten(json.loads(saved.read_text()))
+    if "compiled_step_dir" in before:
+        logging.info("This workdir's config names compiled_step_dir, no longer used: restarts "
+                     "rely on JAX's persistent compilation cache (compilation_cache_dir).")
     now = _flatten(json.loads(config_json))
     changed = sorted(k for k in before.keys() | now.keys()
                      if before.get(k) != now.get(k) and k not in NOT_COMPARED)
     if changed:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
-        raise SetupError(f"workdir {workdir!r} holds a run with a different config ({shown}"
+        raise SetupError(f"workdir {str(workdir)!r} holds a run with a different config ({shown}"
                          f"{', ...' if len(changed) > 5 else ''}); use another --workdir, or pass "
                          f"--allow_config_change to resume it with the new config")

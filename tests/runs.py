@@ -64,7 +64,7 @@ def _flatten(tree, prefix=""):
 
 
 def rows_without_speed(workdir):
-    return [{k: v for k, v in row.items() if k != "images_per_second"}
+    return [{k: v for k, v in row.items() if k not in metrics.SPEED}
             for row in metrics.read_rows(workdir)]
 
 

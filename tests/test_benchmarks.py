@@ -29,21 +29,6 @@ def test_harness_on_two_simulated_devices_reports_every_number():
     assert result["macs_per_image"] > 0 and result["params"] > 0
 
 
-def test_harness_keeps_the_compiled_step_and_a_second_run_loads_it(tmp_path):
-    # Two simulated devices: the kept step is a sharded one.
-    command = [sys.executable, "-m", "benchmarks.train_step", "--model", "cifar_resnet8", "--batch-size", "4",
-               "--image-size", "8", "--steps", "1", "--devices", "2", "--no-eval", "--json",
-               "--step-dir", str(tmp_path)]
-    results = []
-    for _ in range(2):
-        out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert [r["step_loaded"] for r in results] == [False, True]
-    assert results[1]["step_seconds"] > 0 and results[1]["peak_memory_bytes"] > 0
-    assert results[1]["all_reduce_count"] == results[0]["all_reduce_count"] >= 1
-
-
 @pytest.mark.parametrize("scan", [[], ["--scan-blocks"]])
 def test_ghost_bn_adds_no_collective_to_the_gradients_all_reduce(scan):
     # Groups of 2 of the 2 examples per device: each device normalises and keeps its running

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import data, sharding
+from resnet_jax import data, device_inputs, sharding
 
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 # A pixel rounded to the nearest integer moves its normalised value by at most 0.5 / std.
@@ -38,9 +38,8 @@ def _config(root, dtype, **fields):
 
 
 def _on_device(config, batches):
-    mesh = sharding.make_mesh()
-    return [jax.device_get(b) for b in
-            sharding.prefetch(batches, mesh, finish=sharding.normaliser(config))]
+    normalise = jax.jit(device_inputs.normaliser(config))  # as inside the steps
+    return [jax.device_get(normalise(b)) for b in sharding.prefetch(batches, sharding.make_mesh())]
 
 
 @pytest.mark.parametrize("preprocess,lighting,resize", [
@@ -83,17 +82,10 @@ def test_eval_pixels_normalised_on_device_equal_the_host_pipeline(photos, prepro
                                    rtol=0)
 
 
-def test_one_normaliser_per_statistics_so_each_evaluation_reuses_its_compilation(photos):
-    first = sharding.normaliser(_config(photos, "uint8"))
-    assert sharding.normaliser(_config(photos, "uint8", eval_preprocess="ten_crop")) is first
-    other = _config(photos, "uint8")
-    other.std = (1.0, 2.0, 3.0)
-    assert sharding.normaliser(other) is not first
-
-
-def test_no_normaliser_for_host_dtypes(photos):
-    assert sharding.normaliser(_config(photos, "float32")) is None
-    assert sharding.normaliser(_config(photos, "bfloat16")) is None
+def test_host_dtypes_pass_unchanged(photos):
+    batch = {"image": np.ones((1, 2, 2, 3), np.float32), "label": np.zeros((1,), np.int32)}
+    for dtype in ("float32", "bfloat16"):
+        assert device_inputs.normaliser(_config(photos, dtype))(batch) is batch
 
 
 @pytest.mark.parametrize("fields", [dict(train_preprocess="cifar"),

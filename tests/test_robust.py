@@ -55,17 +55,18 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(tmp_path, uninterrupte
     assert code == -signal.SIGKILL
     assert latest_params(tmp_path)[0] < 40  # killed before the end
     restart = run_main(tmp_path, **LONG)
-    assert "Loaded the train step" in restart.stderr  # the killed run's compiled step (compiled_step)
     assert train_steps(tmp_path) == list(range(1, 41))  # no duplicate or missing step
     assert_trees_close(latest_params(tmp_path)[1], latest_params(uninterrupted)[1], rtol=0, atol=0)
 
 
-def test_sigterm_saves_says_so_and_exits_zero(tmp_path, uninterrupted):
-    code, stderr = start_and_signal(tmp_path, signal.SIGTERM)
-    assert code == 0, stderr[-3000:]
-    [line] = [line for line in stderr.splitlines() if "Preempted" in line]
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_a_signal_saves_says_so_and_exits_with_its_status(tmp_path, uninterrupted, sig, status):
+    code, stderr = start_and_signal(tmp_path, sig)
+    assert code == status, stderr[-3000:]
+    [line] = [line for line in stderr.splitlines() if "Stopped by a signal" in line]
     stopped = latest_params(tmp_path)[0]
     assert f"saved the checkpoint of step {stopped}" in line and stopped < 40
+    assert stderr.rstrip().endswith("the same command resumes")
     run_main(tmp_path, **LONG)
     assert_trees_close(latest_params(tmp_path)[1], latest_params(uninterrupted)[1], rtol=0, atol=0)
 
@@ -137,11 +138,11 @@ def test_workdir_of_another_config_is_refused_unless_allowed(tmp_path):
     with pytest.raises(validate.SetupError, match=r"different config \(seed: 0 -> 3\).*--allow_config_change"):
         train.setup(small_config(seed=3), str(tmp_path))
     train.setup(small_config(seed=3), str(tmp_path), allow_config_change=True)
-    # Where compiled programs go changes no result: a run resumes with them moved, or with a
-    # config.json written before such a field existed.
-    train.setup(small_config(compiled_step_dir="", compilation_cache_dir=""), str(tmp_path))
+    # Where compiled programs go changes no result: a run resumes with the cache moved, or with a
+    # config.json of a field since removed (compiled_step_dir: restarts rely on JAX's cache).
+    train.setup(small_config(compilation_cache_dir=""), str(tmp_path))
     saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["compiled_step_dir"]
+    saved["compiled_step_dir"] = "{workdir}/compiled_step"
     (tmp_path / "config.json").write_text(json.dumps(saved))
     train.setup(small_config(), str(tmp_path))
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from resnet_jax import checkpoint, compiled_step, data, metrics, train
+from resnet_jax import checkpoint, data, metrics, train
 from runs import (REPO, assert_trees_close, latest_params, main_command, rows_without_speed, run_main,
                   small_config)
 
@@ -30,12 +30,10 @@ def test_quickstart_short_form_learns_the_digits(tmp_path):
 def test_preempted_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
     # Log lines every 4 steps: the window open at the preemption must be carried over.
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-    # Compiled at its first call, not kept: the resumed run's loaded step must train as it does.
-    train.train_and_evaluate(small_config(log_every_steps=4, compiled_step_dir=""), whole)
-    assert not os.path.exists(os.path.join(whole, "compiled_step"))
+    train.train_and_evaluate(small_config(log_every_steps=4), whole)
 
     # SIGTERM arrives while the batch of step 3 is made (ahead of time, by the prefetch): the run
-    # saves the step it is at, 1, 2 or 3, inside the first log window, and returns.
+    # saves the step it is at, 1, 2 or 3, inside the first log window, and stops.
     real_iterator = data.train_iterator
 
     def preempted_iterator(*args, **kwargs):
@@ -45,20 +43,12 @@ def test_preempted_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
             yield batch
 
     monkeypatch.setattr(data, "train_iterator", preempted_iterator)
-    train.train_and_evaluate(small_config(log_every_steps=4), parts)
-    assert 0 < latest_params(parts)[0] < 4
+    with pytest.raises(train.Preempted) as stopped:
+        train.train_and_evaluate(small_config(log_every_steps=4), parts)
+    assert stopped.value.status == train.PREEMPTED_STATUS == 75
+    assert 0 < latest_params(parts)[0] == stopped.value.step < 4
     monkeypatch.setattr(data, "train_iterator", real_iterator)
-    loads = []
-    real_load_or_compile = compiled_step.load_or_compile
-
-    def recorded(*args):
-        step, loaded = real_load_or_compile(*args)
-        loads.append(loaded)
-        return step, loaded
-
-    monkeypatch.setattr(compiled_step, "load_or_compile", recorded)
     train.train_and_evaluate(small_config(log_every_steps=4), parts)
-    assert loads == [True]  # the resumed run runs the step the preempted one compiled
 
     assert rows_without_speed(parts) == rows_without_speed(whole)
     assert_trees_close(latest_params(parts)[1], latest_params(whole)[1], rtol=0, atol=0)

@@ -1,0 +1,61 @@
+"""The run's directory, local or in a bucket (`gs://...`), through one path layer: `etils.epath`.
+
+Orbax and JAX's compilation cache reach a bucket through the same layer; everything else the run
+writes (config.json, metrics.jsonl) goes through the functions here. Object stores cannot
+append or rename in place: files are written whole, the new text replacing the old one.
+"""
+
+import re
+
+from etils import epath
+
+# The fsspec package that serves each scheme epath knows beyond gs:// with TensorFlow.
+_FILE_SYSTEMS = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs", "abfs": "adlfs"}
+
+
+class WorkdirError(ValueError):
+    """A workdir that cannot be used; nothing has been written to it."""
+
+
+def _scheme(path: str) -> str | None:
+    match = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", path)
+    return match.group(1) if match else None
+
+
+def resolve(path: str) -> epath.Path:
+    """`path` as an epath.Path: a URL as it is, a local path made absolute (processes started in
+    other directories name the same place). Raises WorkdirError for a scheme nothing serves."""
+    scheme = _scheme(path)
+    try:
+        resolved = epath.Path(path)
+        if scheme is None:
+            return resolved.expanduser().resolve()
+        resolved.exists()  # an unserved scheme only fails when the path is used
+    except KeyError:
+        raise WorkdirError(_unserved(path, scheme)) from None
+    except Exception as error:  # TensorFlow's and fsspec's errors share no base class
+        if "not implemented" in str(error) or isinstance(error, ImportError):
+            raise WorkdirError(_unserved(path, scheme)) from None
+        raise WorkdirError(f"{path!r} cannot be reached: {_first_line(error)}") from None
+    return resolved
+
+
+def _unserved(path: str, scheme: str | None) -> str:
+    package = _FILE_SYSTEMS.get(scheme or "")
+    install = f"pip install {package}" if package else "use a local path, gs:// or s3://"
+    return f"{path!r}: no installed file system serves {scheme}:// URLs ({install})"
+
+
+def _first_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def write_text(path: epath.Path, text: str) -> None:
+    """Writes `text` whole: on a local disk through a temporary file renamed over `path`, so a
+    reader never sees half of it; an object store replaces an object in one put already."""
+    if _scheme(str(path)) is None:
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(text)
+        temporary.replace(path)
+    else:
+        path.write_text(text)
