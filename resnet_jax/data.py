@@ -17,8 +17,14 @@ seeded shuffle drawn afresh each epoch, and the crop and flip of position p are 
 tf.data's parallelism. Starting at step k starts at position k * batch_size without decoding
 anything before it: sources held as an index of records (image folders, digits, fake, and TFDS
 splits smaller than `data.in_memory_bytes`) permute indices (`index_shuffle`), so a start at any
-step costs nothing; larger TFDS splits (ImageNet) are streamed with a `shuffle_buffer`-deep shuffle
-seeded per epoch, and a start skips within its epoch over undecoded records only.
+step costs nothing. Larger TFDS splits (ImageNet) are streamed from their TFRecord files in
+chunks: the slice is cut, in file order, into chunks of at most `shuffle_buffer // 2` records,
+whole files where they fit; each epoch visits the chunks in a seeded order and serves each chunk
+whole, in a seeded order of its own, while the next chunk is read: about `shuffle_buffer`
+undecoded records are held, the chunk served and the one read ahead. A start reads only the
+chunk that holds its position (plus, when a file was cut, the records before it in its first
+file), however far into the epoch it is.
+The chunks follow the files, so the stream of a streamed split is fixed by the files as written.
 
 Images that do not decode are dropped and counted (`iterator.num_skipped`, and a log line): a
 corrupt file never stops a run. A drop shifts the rest of the stream by one example, so exact
@@ -59,6 +65,8 @@ DIGITS_NUM_TEST = 300
 DIGITS_SPLIT_SEED = 0
 SHUFFLE_BUFFER = 16_384
 IN_MEMORY_BYTES = 2**30
+READ_FILES = 16  # TFRecord files a streamed chunk reads at once (TFDS's default)
+READ_BUFFER_BYTES = 8 << 20  # read buffer per TFRecord file (TFDS's)
 NAMES = "a TFDS data set name, 'imagefolder:PATH', 'digits' or 'fake'"
 
 
@@ -261,32 +269,75 @@ class _Source:
                 for s in tfds.even_splits(split, n=process_count)]
 
     def records(self, split: str, process_index: int, process_count: int, index: bool = True):
-        """One process's slice: (kind, n, lookup or None, streamed dataset or None); index=False
-        streams a TFDS split however small (eval reads in order, once)."""
+        """One process's slice: (kind, n, lookup or None, TFDS sub-split or None). A lookup when
+        the slice is held as an index; otherwise the sub-split to stream (`in_order`, `chunks`).
+        index=False streams a TFDS split however small (eval reads in order, once)."""
         if self.table is not None:
             return self._table_records(split, process_index, process_count)
-        builder = self.builder
-        image_key, label_key = _tfds_keys(builder)
         subsplit = tfds.even_splits(split, n=process_count)[process_index]
-        n = builder.info.splits[subsplit].num_examples
-        encoded = isinstance(builder.info.features[image_key], tfds.features.Image)
-        decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None
-        ds = builder.as_dataset(split=subsplit, shuffle_files=False, decoders=decoders,
-                                read_config=tfds.ReadConfig(add_tfds_id=False))
-        ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64)))
-        kind = "bytes" if encoded else "pixels"
-        num_bytes = builder.info.splits[subsplit].num_bytes
+        info = self.builder.info.splits[subsplit]
+        kind, n = self._tfds_kind, info.num_examples
         limit = int(_get(self.config, "in_memory_bytes", IN_MEMORY_BYTES))
-        if index and num_bytes and num_bytes <= limit:
+        if index and info.num_bytes and info.num_bytes <= limit:
             # Small enough to hold undecoded: index it, for exact shuffles and free restarts.
             records, labels = [], []
-            for record, label in ds.batch(4096).as_numpy_iterator():
+            for record, label in self.in_order(subsplit).batch(4096).as_numpy_iterator():
                 records.extend(record)
                 labels.extend(label)
             records_t = tf.constant(np.stack(records) if kind == "pixels" else records)
             labels_t = tf.constant(labels, tf.int64)
             return kind, n, lambda i: (tf.gather(records_t, i), tf.gather(labels_t, i)), None
-        return kind, n, None, ds
+        return kind, n, None, subsplit
+
+    @functools.cached_property
+    def _tfds_kind(self) -> str:
+        image_key = _tfds_keys(self.builder)[0]
+        encoded = isinstance(self.builder.info.features[image_key], tfds.features.Image)
+        return "bytes" if encoded else "pixels"
+
+    def _tfds_decoders(self):
+        # Encoded images stay bytes here: the parallel map decodes them (and skips bad ones).
+        image_key = _tfds_keys(self.builder)[0]
+        return {image_key: tfds.decode.SkipDecoding()} if self._tfds_kind == "bytes" else None
+
+    def in_order(self, subsplit) -> tf.data.Dataset:
+        """(record, int64 label) of a TFDS sub-split, in the order TFDS reads it."""
+        image_key, label_key = _tfds_keys(self.builder)
+        ds = self.builder.as_dataset(split=subsplit, shuffle_files=False,
+                                     decoders=self._tfds_decoders(),
+                                     read_config=tfds.ReadConfig(add_tfds_id=False))
+        return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64)))
+
+    def parse(self, serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(record, int64 label) of one serialized TFDS example, as `in_order` gives it."""
+        image_key, label_key = _tfds_keys(self.builder)
+        ex = self.builder.info.features.deserialize_example(serialized,
+                                                            decoders=self._tfds_decoders())
+        return ex[image_key], tf.cast(ex[label_key], tf.int64)
+
+    def chunks(self, subsplit, size: int) -> _Chunks:
+        """A TFDS sub-split cut into chunks of at most `size` records (see `_cut`)."""
+        file_format = self.builder.info.file_format
+        if file_format not in (None, tfds.core.FileFormat.TFRECORD):
+            raise ValueError(f"data.name={self.name!r} is stored as {file_format.value} files; "
+                             f"streaming a split larger than data.in_memory_bytes reads TFRecord "
+                             f"files only")
+        pieces = [(os.fspath(f.filename), f.skip,
+                   f.examples_in_shard - f.skip if f.take < 0 else f.take)
+                  for f in self.builder.info.splits[subsplit].file_instructions]
+        chunks = _cut(pieces, size)
+        flat = [piece for chunk in chunks for piece in chunk]
+        reread = sum(skip for _, skip, _ in flat) - sum(skip for _, skip, _ in pieces)
+        if reread:
+            logging.info("Train stream: files of more than %d records are cut into chunks; %d "
+                         "records an epoch are read only to be skipped (a larger "
+                         "data.shuffle_buffer keeps files whole)", size, reread)
+        return _Chunks(
+            sizes=np.array([sum(take for _, _, take in chunk) for chunk in chunks], np.int64),
+            firsts=np.cumsum([0] + [len(chunk) for chunk in chunks]).astype(np.int64),
+            files=np.array([file for file, _, _ in flat]),
+            skips=np.array([skip for _, skip, _ in flat], np.int64),
+            takes=np.array([take for _, _, take in flat], np.int64))
 
     def _table_records(self, split, process_index, process_count):
         table = self.table
@@ -319,6 +370,38 @@ class _Source:
 
 def _piece_lookup(fn, start, first, i):
     return fn(start + i - first)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunks:
+    """A streamed slice cut into chunks: chunk c is the records of pieces firsts[c] to
+    firsts[c + 1] - 1, piece k being records skips[k] to skips[k] + takes[k] - 1 of files[k]."""
+
+    sizes: np.ndarray  # records in each chunk
+    firsts: np.ndarray  # one more than chunks
+    files: np.ndarray
+    skips: np.ndarray
+    takes: np.ndarray
+
+
+def _cut(pieces: list[tuple[str, int, int]], size: int) -> list[list[tuple[str, int, int]]]:
+    """Consecutive (file, skip, take) pieces grouped, in order, into chunks of at most `size`
+    records. A file that fits in a chunk is kept whole: a chunk that starts inside a file reads
+    it from its start, TFRecord files having no index. A larger file is cut."""
+    chunks, current, count = [], [], 0
+    for file, skip, take in pieces:
+        if current and count + take > size:
+            chunks.append(current)
+            current, count = [], 0
+        while take > size:
+            chunks.append([(file, skip, size)])
+            skip, take = skip + size, take - size
+        if take:
+            current.append((file, skip, take))
+            count += take
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _bounds(n: int, parts: int) -> tuple[list[int], list[int]]:
@@ -361,8 +444,8 @@ def info(config) -> DataInfo:
 def _pixel_mean_cached(source_key, config_items):
     config = _FrozenConfig(dict(config_items))
     source, s = _open(config)
-    kind, n, lookup, stream = source.records(source.split(train=True), 0, 1)
-    ds = tf.data.Dataset.range(n).map(lookup) if lookup is not None else stream
+    kind, n, lookup, subsplit = source.records(source.split(train=True), 0, 1)
+    ds = source.in_order(subsplit) if lookup is None else tf.data.Dataset.range(n).map(lookup)
     fn = preprocess.mean_image_fn(s, kind)
     ds = ds.map(lambda record, label: fn(record), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors(log_warning=False).batch(256)
@@ -468,13 +551,71 @@ def _stream_key(seed: int, process_index: int) -> tf.Tensor:
     return tf.constant([seed, process_index], tf.int64)
 
 
+def _epoch_key(key, epoch) -> tf.Tensor:
+    """The key of an epoch's order: of its permutation of the records (held as an index) or of
+    its chunks and their records (streamed)."""
+    return preprocess.fold(preprocess.fold(key, 0), epoch)
+
+
+def _chunk_order(key, epoch, num_chunks: int) -> tf.Tensor:
+    """The chunks in the order epoch `epoch` visits them: a seeded permutation."""
+    return tf.random.experimental.index_shuffle(
+        tf.range(num_chunks, dtype=tf.int64), preprocess.fold(_epoch_key(key, epoch), 0),
+        num_chunks - 1)
+
+
+def _streamed(chunks: _Chunks, key, first: int) -> tf.data.Dataset:
+    """Serialized records from stream position `first` on. Each epoch visits the chunks in a
+    seeded order and serves each one whole in a seeded order of its own; the next chunk is read
+    while one is served. Reads nothing of the epoch before the chunk that holds `first`."""
+    num_chunks, n = len(chunks.sizes), int(chunks.sizes.sum())
+    epoch, offset = divmod(first, n)
+    # Where `first` falls: the visit (slot) of its epoch and how far into that chunk.
+    ends = np.cumsum(chunks.sizes[_chunk_order(key, epoch, num_chunks).numpy()])
+    slot = int(np.searchsorted(ends, offset, side="right"))
+    skip = offset - (int(ends[slot - 1]) if slot else 0)
+
+    sizes, firsts = tf.constant(chunks.sizes), tf.constant(chunks.firsts)
+    files, skips, takes = (tf.constant(chunks.files), tf.constant(chunks.skips),
+                           tf.constant(chunks.takes))
+    largest = int(chunks.sizes.max())
+
+    def visits(epoch):
+        order = tf.data.Dataset.from_tensor_slices(_chunk_order(key, epoch, num_chunks))
+        return order.map(lambda chunk: (epoch, chunk))
+
+    def read_piece(k):
+        records = tf.data.TFRecordDataset(files[k], buffer_size=READ_BUFFER_BYTES)
+        return records.skip(skips[k]).take(takes[k])
+
+    def read(epoch, chunk):  # one element: all the chunk's records
+        pieces = tf.data.Dataset.range(firsts[chunk], firsts[chunk + 1])
+        # Files read in parallel; a fixed cycle length keeps the order the same on any machine.
+        records = pieces.interleave(read_piece, cycle_length=READ_FILES, block_length=1,
+                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return records.batch(largest).map(lambda batch: (epoch, chunk, batch))
+
+    def serve(visit, chunk_records):
+        epoch, chunk, records = chunk_records
+        size = sizes[chunk]
+        start = tf.where(visit == 0, tf.constant(skip, tf.int64), 0)  # the resumed chunk
+        order = tf.random.experimental.index_shuffle(
+            tf.range(start, size), preprocess.fold(preprocess.fold(_epoch_key(key, epoch), 1),
+                                                   chunk), size - 1)
+        return tf.data.Dataset.from_tensor_slices(order).map(lambda i: tf.gather(records, i))
+
+    ds = tf.data.Dataset.range(epoch, 2**62).flat_map(visits).skip(slot)
+    # prefetch(1): one chunk read ahead while one is served, no more.
+    return ds.flat_map(read).prefetch(1).enumerate().flat_map(serve)
+
+
 def train_dataset(config, *, batch_size: int, seed: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
     """The tf.data pipeline of `train_iterator`, with a "position" entry in each batch."""
     _check_processes(batch_size, process_index, process_count)
     source, s = _open(config)
-    kind, n, lookup, stream = source.records(source.split(train=True), process_index,
-                                             process_count)
+    kind, n, lookup, subsplit = source.records(source.split(train=True), process_index,
+                                               process_count)
     if n == 0:
         raise ValueError(f"process {process_index} of {process_count} has no training examples")
     key = _stream_key(seed, process_index)
@@ -482,24 +623,21 @@ def train_dataset(config, *, batch_size: int, seed: int, start_step: int = 0,
     if lookup is not None:
         def fetch(position):
             epoch, i = position // n, position % n
-            j = tf.random.experimental.index_shuffle(i, preprocess.fold(preprocess.fold(key, 0),
-                                                                        epoch), n - 1)
+            j = tf.random.experimental.index_shuffle(i, _epoch_key(key, epoch), n - 1)
             record, label = lookup(j)
             return position, record, label
 
         ds = tf.data.Dataset.counter(start=first).map(fetch)
     else:
-        buffer = int(_get(config, "shuffle_buffer", SHUFFLE_BUFFER))
-
-        def epoch_records(epoch):
-            epoch_seed = tf.random.stateless_uniform(
-                (), seed=preprocess.fold(preprocess.fold(key, 0), epoch), dtype=tf.int64,
-                minval=None, maxval=None)
-            return stream.shuffle(buffer, seed=epoch_seed)
-
-        ds = tf.data.Dataset.range(first // n, 2**62).flat_map(epoch_records).skip(first % n)
-        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start=first), ds).map(
-            lambda position, example: (position, *example))
+        buffer = _get(config, "shuffle_buffer", SHUFFLE_BUFFER)
+        if isinstance(buffer, bool) or not isinstance(buffer, (int, np.integer)) or buffer < 1:
+            raise ValueError(f"data.shuffle_buffer={buffer!r} must be a positive number of "
+                             f"records")
+        # Chunks of half the buffer: the one served and the one read ahead hold at most it.
+        records = _streamed(source.chunks(subsplit, max(buffer // 2, 1)), key, first)
+        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start=first), records).map(
+            lambda position, serialized: (position, *source.parse(serialized)),
+            num_parallel_calls=tf.data.AUTOTUNE)
     fn = preprocess.train_fn(s, kind, pixel_mean(config))
 
     def prepare(position, record, label):
@@ -532,12 +670,12 @@ def eval_dataset(config, *, batch_size: int, process_index: int = 0, process_cou
     """The unpadded tf.data pipeline of `eval_iterator` (repeat=True for benchmarks)."""
     _check_processes(batch_size, process_index, process_count)
     source, s = _open(config)
-    kind, n, lookup, stream = source.records(source.split(train=False), process_index,
-                                             process_count, index=False)
+    kind, n, lookup, subsplit = source.records(source.split(train=False), process_index,
+                                               process_count, index=False)
     if lookup is not None:
         ds = tf.data.Dataset.range(n).map(lambda i: (i, *lookup(i)))
     else:
-        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), stream).map(
+        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), source.in_order(subsplit)).map(
             lambda position, example: (position, *example))
     fn = preprocess.eval_fn(s, kind, pixel_mean(config))
 

@@ -35,7 +35,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -117,12 +116,14 @@ class GcsEmulator:
                     time.sleep(0.02)
             if process.poll() is None:
                 process.kill()
+                what = f"no answer within {timeout_s:.0f} s"
+            else:
+                what = f"exited with status {process.returncode}"
             process.wait()
-            errors.append(f"exit status {process.returncode}: "
-                          f"{log_path.read_text(errors='replace')[-1000:].strip()}")
+            log_tail = log_path.read_text(errors="replace")[-500:].strip()
+            errors.append(f"{what}{': ' + log_tail if log_tail else ''}")
         shutil.rmtree(tmpdir, ignore_errors=True)
-        raise EmulatorUnavailable(f"fake-gcs-server did not answer within {timeout_s:.0f} s "
-                                  f"({'; '.join(errors)})")
+        raise EmulatorUnavailable(f"{binary} did not start ({'; '.join(errors)})")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -180,7 +181,8 @@ class GcsEmulator:
             return response.read()
 
     def create_bucket(self, name: str) -> str:
-        """Creates bucket `name`; returns "gs://NAME"."""
+        """Creates bucket `name`; returns "gs://NAME". The server takes any name, tensorstore only
+        GCS's own rule: 3 to 63 of a-z 0-9 - _ . (it rejects "gs://bk" before any request)."""
         self._request("POST", "/storage/v1/b", {"name": name}, project="test")
         return f"gs://{name}"
 

@@ -99,6 +99,29 @@ def tiny_tfds(tmp_path_factory):
     return data_dir
 
 
+@pytest.fixture(scope="module")
+def six_files(tmp_path_factory):
+    """tiny_jpeg_images written as 6 files of 4 train records (and 6 small test files)."""
+    data_dir = str(tmp_path_factory.mktemp("tfds_six_files"))
+    TinyJpegImages(data_dir=data_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=6))
+    return data_dir
+
+
+def _record_shade(serialized):
+    """The example number of a serialized tiny_jpeg_images record."""
+    spec = {"image": tf.io.FixedLenFeature([], tf.string)}
+    features = tf.io.parse_single_example(serialized, spec)
+    return int(np.round(tf.io.decode_jpeg(features["image"])[1, 1].numpy().mean() / 10))
+
+
+def _file_shades(data_dir):
+    """The example numbers in each train file, in file order."""
+    info = tfds.builder("tiny_jpeg_images", data_dir=data_dir).info.splits["train"]
+    return [[_record_shade(r) for r in tf.data.TFRecordDataset(f.filename).as_numpy_iterator()]
+            for f in info.file_instructions]
+
+
 # ---- sources -----------------------------------------------------------------------------------
 
 
@@ -288,6 +311,104 @@ def test_start_far_ahead_does_not_read_the_skipped_data():
     start = time.perf_counter()
     batch = next(data.train_iterator(config, batch_size=64, seed=0, start_step=10**9))
     assert batch["image"].shape == (64, 8, 8, 3) and time.perf_counter() - start < 20
+
+
+# ---- streamed TFDS splits: chunks, exact restarts, reading only what a start needs --------------
+
+
+def _streamed(data_dir, shuffle_buffer, **fields):
+    return _config(name="tiny_jpeg_images", data_dir=data_dir, image_size=20,
+                   train_preprocess="none", in_memory_bytes=0, shuffle_buffer=shuffle_buffer,
+                   **fields)
+
+
+def _stream(config, start, count, process_index=0, process_count=1):
+    """The example numbers at stream positions start .. start + count - 1."""
+    it = data.train_iterator(config, batch_size=1, seed=5, start_step=start,
+                             process_index=process_index, process_count=process_count)
+    return [_shades(next(it))[0] for _ in range(count)]
+
+
+@pytest.fixture()
+def reads(monkeypatch):
+    """The example number of every record read from a TFRecord file, in the order read (TFDS
+    reads its files with tf.data.TFRecordDataset too)."""
+    log = []
+    real = tf.data.TFRecordDataset
+
+    def note(record):
+        log.append(_record_shade(record))
+        return record
+
+    def logged(*args, **kwargs):
+        return real(*args, **kwargs).map(
+            lambda r: tf.ensure_shape(tf.py_function(note, [r], tf.string), []))
+
+    monkeypatch.setattr(tf.data, "TFRecordDataset", logged)
+    return log
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.9])
+def test_streamed_start_reads_only_the_chunk_it_starts_in(six_files, reads, fraction):
+    # shuffle_buffer 8: chunks of 4 records, here one file each. A start 10% or 90% into the
+    # epoch first reads the 4 records of the file that holds its position, nothing before it.
+    config = _streamed(six_files, shuffle_buffer=8)
+    start = int(fraction * 24)
+    first = _stream(config, start, 1)[0]
+    own_file = next(set(shades) for shades in _file_shades(six_files) if first in shades)
+    assert len(reads) >= 4 and set(reads[:4]) == own_file, (first, reads)
+
+
+@pytest.mark.parametrize("layout,shuffle_buffer,process_index,process_count", [
+    ("one_file", 10, 0, 1),  # chunks of 5 cut from one file of 24: 5, 5, 5, 5, 4
+    ("six_files", 18, 1, 2),  # a slice of three files of 4: chunks of two files and one
+])
+def test_streamed_start_anywhere_equals_running_from_zero(
+        tiny_tfds, six_files, layout, shuffle_buffer, process_index, process_count):
+    config = _streamed(tiny_tfds if layout == "one_file" else six_files, shuffle_buffer)
+    n = 24 // process_count
+    from_zero = _stream(config, 0, 2 * n + 3, process_index, process_count)
+    for epoch in range(2):
+        assert sorted(from_zero[epoch * n:(epoch + 1) * n]) == sorted(from_zero[:n])
+    assert from_zero[:n] != from_zero[n:2 * n]  # a fresh order each epoch
+    # Mid-chunk, on a chunk boundary, across the epoch boundary, mid-chunk in the next epoch.
+    for start in (3, 8, n - 2, n + 5):
+        assert _stream(config, start, 3, process_index, process_count) == \
+            from_zero[start:start + 3], start
+
+
+def test_streamed_epochs_visit_whole_chunks_in_a_fresh_order(six_files):
+    # Chunks of one file (4 records): each epoch serves the files one after another, each file's
+    # records together (one chunk held at a time), in a new order of files and of records.
+    config = _streamed(six_files, shuffle_buffer=8)
+    files = [set(shades) for shades in _file_shades(six_files)]
+    stream = _stream(config, 0, 72)
+    epochs = [stream[k:k + 24] for k in (0, 24, 48)]
+    for epoch in epochs:
+        served = [set(epoch[k:k + 4]) for k in range(0, 24, 4)]
+        assert sorted(map(sorted, served)) == sorted(map(sorted, files))
+    assert epochs[0] != epochs[1] != epochs[2]
+    file_orders = [[files.index(set(e[k:k + 4])) for k in range(0, 24, 4)] for e in epochs]
+    assert len({tuple(order) for order in file_orders}) > 1
+
+
+def test_streamed_process_slices_are_disjoint_and_cover(six_files):
+    config = _streamed(six_files, shuffle_buffer=6)  # chunks of 3 cut from files of 4
+    seen = [set(_stream(config, 0, 8, k, 3)) for k in range(3)]
+    assert all(len(s) == 8 for s in seen) and set().union(*seen) == set(range(24))
+
+
+def test_cut_keeps_files_whole_where_they_fit():
+    pieces = [("a", 2, 3), ("b", 0, 4), ("c", 0, 9), ("d", 0, 1)]
+    assert data._cut(pieces, 4) == [[("a", 2, 3)], [("b", 0, 4)], [("c", 0, 4)], [("c", 4, 4)],
+                                    [("c", 8, 1), ("d", 0, 1)]]
+    assert data._cut(pieces, 100) == [pieces]
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "big"])
+def test_bad_shuffle_buffer_raises_a_one_line_value_error(tiny_tfds, value):
+    with pytest.raises(ValueError, match=r"^data\.shuffle_buffer=.* must be a positive number"):
+        data.train_dataset(_streamed(tiny_tfds, value), batch_size=2, seed=0)
 
 
 # ---- exact eval --------------------------------------------------------------------------------

@@ -185,6 +185,22 @@ def test_slurm_mode_submits_the_batch_script_once_per_run(tmp_path):
     assert "#SBATCH --gpus-per-task=1" in script and "#SBATCH --ntasks-per-node=" in script
 
 
+@pytest.mark.parametrize("status, requeued", [(75, True), (1, False), (0, False)])
+def test_slurm_script_requeues_a_preempted_job_only(tmp_path, status, requeued):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(f"#!/bin/bash\nexit {status}\n")
+    (fake / "scontrol").write_text('#!/bin/bash\necho "scontrol $*"\n')
+    for tool in ("srun", "scontrol"):
+        (fake / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
+           "SLURM_JOB_ID": "4242"}
+    result = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), "--workdir=/w"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == status  # the job's own status is kept either way
+    assert (result.stdout.strip() == "scontrol requeue 4242") == requeued, result.stdout
+
+
 def write_sweep(tmp_path, points, name="my_sweep.py"):
     path = tmp_path / name
     path.write_text("from configs import quickstart\n\n\ndef get_config(arg=None):\n"

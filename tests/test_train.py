@@ -2,14 +2,11 @@
 
 import os
 import signal
-import socket
-import subprocess
 
 import pytest
 
 from resnet_jax import checkpoint, data, metrics, train
-from runs import (REPO, assert_trees_close, latest_params, main_command, rows_without_speed, run_main,
-                  small_config)
+from runs import assert_trees_close, latest_params, rows_without_speed, run_main, small_config
 
 def test_quickstart_short_form_learns_the_digits(tmp_path):
     config = small_config(**{"model.name": "cifar_resnet14", "train.num_steps": 150,
@@ -70,28 +67,3 @@ def test_eight_devices_train_like_one(tmp_path, group):
                           **options, **{"train.num_steps": 9})
         assert "Restored the checkpoint of step 6" in result.stderr
         assert latest_params(tmp_path / "eight")[0] == 9
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_train_and_one_process_resumes(tmp_path):
-    workdir = tmp_path / "run"
-    address = f"localhost:{free_port()}"
-    processes = [subprocess.Popen(
-        main_command(workdir, f"--coordinator_address={address}", "--num_processes=2",
-                     f"--process_id={i}"),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in processes]
-    for p, out in zip(processes, outputs):
-        assert p.returncode == 0, out[-3000:]
-    step, params = latest_params(workdir)
-    assert step == 6
-
-    result = run_main(workdir, "--allow_config_change", **{"train.num_steps": 9})
-    assert "Restored the checkpoint of step 6" in result.stderr
-    assert [row["step"] for row in metrics.read_rows(str(workdir)) if "train_loss" in row] == list(range(1, 10))
-    assert latest_params(workdir)[0] == 9
