@@ -15,13 +15,13 @@ plain network fails when any layer is taken out.
 import contextlib
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from resnet_jax import checkpoint, convert, data, device_inputs, models, train
@@ -29,8 +29,7 @@ from resnet_jax import checkpoint, convert, data, device_inputs, models, train
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was trained with (WORKDIR/config.json)."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads((epath.Path(workdir) / "config.json").read_text()))
 
 
 def _pure(tree: Any) -> Any:

@@ -19,7 +19,6 @@ import csv
 import dataclasses
 import io
 import json
-import os
 import statistics
 import sys
 from typing import Any
@@ -28,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on a pod or in CI
 import matplotlib.pyplot as plt  # noqa: E402
+from etils import epath  # noqa: E402
 
 from resnet_jax import analysis, flops, metrics  # noqa: E402
 
@@ -79,7 +79,7 @@ def table_row(workdir: str) -> dict[str, Any]:
     # split held out of the training set.
     held_out = config.data.eval_split.startswith("train")
     return {
-        "run": os.path.basename(os.path.normpath(workdir)), "model": display_name(name),
+        "run": epath.Path(workdir).name, "model": display_name(name),
         "shortcut": "-" if "plain" in name or shortcut is None else shortcut,
         "steps": max((row["step"] for row in rows), default=0),
         "final_error": _error(evals[-1]["eval_accuracy"]) if evals else None,
@@ -121,7 +121,7 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
 def _labels(workdirs: list[str]) -> list[str]:
     """The paper's name of each run's network; with the workdir's name where two runs share one."""
     names = [display_name(analysis.load_config(w).model.name) for w in workdirs]
-    return [name if names.count(name) == 1 else f"{name} ({os.path.basename(os.path.normpath(w))})"
+    return [name if names.count(name) == 1 else f"{name} ({epath.Path(w).name})"
             for w, name in zip(workdirs, names)]
 
 
@@ -131,7 +131,8 @@ def _save(fig: Any, axes: list[Any], path: str) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with epath.Path(path).open("wb") as f:  # local or a bucket
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -234,7 +235,7 @@ def plot_lesion(studies: dict[str, analysis.LesionStudy], out_dir: str) -> None:
         ax.axhline(study.baseline, linestyle=":", linewidth=1, **style)
     ax.set_xlabel("deleted block (squares: down-sampling)")
     ax.set_ylabel("eval error (%)")
-    _save(fig, [ax], os.path.join(out_dir, "lesion_blocks.png"))
+    _save(fig, [ax], epath.Path(out_dir) / "lesion_blocks.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for colour, (label, study) in enumerate(studies.items()):
@@ -245,7 +246,7 @@ def plot_lesion(studies: dict[str, analysis.LesionStudy], out_dir: str) -> None:
                     capsize=3, color=f"C{colour}", label=label)
     ax.set_xlabel("blocks deleted at random")
     ax.set_ylabel("eval error (%)")
-    _save(fig, [ax], os.path.join(out_dir, "lesion_count.png"))
+    _save(fig, [ax], epath.Path(out_dir) / "lesion_count.png")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -279,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     for workdir in args.workdirs:
-        if not os.path.exists(os.path.join(workdir, "config.json")):
+        if not (epath.Path(workdir) / "config.json").exists():
             return _fail(f"{workdir} is not a run's workdir (no config.json)")
     if getattr(args, "images", 1) < 1:
         return _fail(f"--images must be a positive number of images; got {args.images}")
@@ -299,11 +300,9 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "table":
         rows = [table_row(w) for w in args.workdirs]
         if args.csv:
-            with open(args.csv, "w") as f:
-                f.write(csv_text(rows))
+            epath.Path(args.csv).write_text(csv_text(rows))
         if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(markdown(rows))
+            epath.Path(args.markdown).write_text(markdown(rows))
         else:
             print(markdown(rows), end="")
     elif args.command == "curves":
@@ -312,16 +311,15 @@ def _run(args: argparse.Namespace) -> None:
         stds = responses(args.workdirs, args.images, args.split)
         plot_responses(stds, args.out)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(stds, f, indent=1)
+            epath.Path(args.json).write_text(json.dumps(stds, indent=1))
     elif args.command == "lesion":
         studies = lesion(args.workdirs, args.images, args.max_deleted, args.draws, args.seed,
                          args.split)
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, "lesion.json"), "w") as f:
-            json.dump({k: dataclasses.asdict(v) for k, v in studies.items()}, f, indent=1)
-        with open(os.path.join(args.out_dir, "lesion.md"), "w") as f:
-            f.write(lesion_markdown(studies))
+        out_dir = epath.Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "lesion.json").write_text(
+            json.dumps({k: dataclasses.asdict(v) for k, v in studies.items()}, indent=1))
+        (out_dir / "lesion.md").write_text(lesion_markdown(studies))
         plot_lesion(studies, args.out_dir)
 
 

@@ -398,6 +398,30 @@ def test_streamed_process_slices_are_disjoint_and_cover(six_files):
     assert all(len(s) == 8 for s in seen) and set().union(*seen) == set(range(24))
 
 
+@pytest.fixture()
+def corrupt_tfds(six_files, tmp_path):
+    """six_files with the image of example 7 replaced by bytes that are not an image."""
+    import shutil
+
+    shutil.copytree(six_files, tmp_path / "tfds")
+    for path in (tmp_path / "tfds").glob("tiny_jpeg_images/1.0.0/*-train.tfrecord-*"):
+        records = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for record in records:
+                if _record_shade(record) == 7:
+                    example = tf.train.Example.FromString(record)
+                    example.features.feature["image"].bytes_list.value[0] = b"not an image"
+                    record = example.SerializeToString()
+                writer.write(record)
+    return str(tmp_path / "tfds")
+
+
+def test_streamed_corrupt_image_is_skipped_and_counted(corrupt_tfds):
+    it = data.train_iterator(_streamed(corrupt_tfds, shuffle_buffer=8), batch_size=1, seed=0)
+    shades = [_shades(next(it))[0] for _ in range(24)]  # epoch 0's 23 images, one of epoch 1
+    assert sorted(shades[:23]) == sorted(set(range(24)) - {7}) and it.num_skipped == 1
+
+
 def test_cut_keeps_files_whole_where_they_fit():
     pieces = [("a", 2, 3), ("b", 0, 4), ("c", 0, 9), ("d", 0, 1)]
     assert data._cut(pieces, 4) == [[("a", 2, 3)], [("b", 0, 4)], [("c", 0, 4)], [("c", 4, 4)],

@@ -5,6 +5,7 @@ list steps) and JAX's persistent compilation cache, in this process and in a fre
 a missing bucket or a scheme that nothing serves raises.
 """
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -202,6 +203,8 @@ def test_missing_bucket(gcs_bucket):
         manager.wait_until_finished()
         manager.check_for_errors()
     assert time.monotonic() - start < 30
+    with contextlib.suppress(Exception):
+        manager.close()
 
 
 def test_unserved_schemes(gcs_bucket):
