@@ -152,3 +152,11 @@ def test_reference_step_bad_input_is_one_line(argv, message):
         reference_step.parse_args(argv)
     text = str(error.value)
     assert message in text and "\n" not in text
+
+
+def test_host_metrics_times_the_gather_of_each_log_line_on_two_processes():
+    out = subprocess.run([sys.executable, "-m", "benchmarks.host_metrics", "--calls", "3", "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["processes"] == 2 and 0 < result["seconds_median"] <= result["seconds_max"]

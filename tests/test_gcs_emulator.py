@@ -181,6 +181,7 @@ def test_fresh_process(gcs_bucket):
     assert any(n.startswith("cache/jit_") for n in names), names
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's failed threads
 def test_missing_bucket(gcs_bucket):
     import orbax.checkpoint as ocp
     missing = epath.Path("gs://no-such-bucket-here")
