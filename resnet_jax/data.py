@@ -566,8 +566,8 @@ def _chunk_order(key, epoch, num_chunks: int) -> tf.Tensor:
 
 def _streamed(chunks: _Chunks, key, first: int) -> tf.data.Dataset:
     """Serialized records from stream position `first` on. Each epoch visits the chunks in a
-    seeded order and serves each one whole in a seeded order of its own; the next chunk is read
-    while one is served. Reads nothing of the epoch before the chunk that holds `first`."""
+    seeded order and serves each one whole, fully shuffled with a seed of its own; the next chunk
+    is read while one is served. Reads nothing of the epoch before the chunk that holds `first`."""
     num_chunks, n = len(chunks.sizes), int(chunks.sizes.sum())
     epoch, offset = divmod(first, n)
     # Where `first` falls: the visit (slot) of its epoch and how far into that chunk.
@@ -575,7 +575,7 @@ def _streamed(chunks: _Chunks, key, first: int) -> tf.data.Dataset:
     slot = int(np.searchsorted(ends, offset, side="right"))
     skip = offset - (int(ends[slot - 1]) if slot else 0)
 
-    sizes, firsts = tf.constant(chunks.sizes), tf.constant(chunks.firsts)
+    firsts = tf.constant(chunks.firsts)
     files, skips, takes = (tf.constant(chunks.files), tf.constant(chunks.skips),
                            tf.constant(chunks.takes))
     largest = int(chunks.sizes.max())
@@ -588,25 +588,21 @@ def _streamed(chunks: _Chunks, key, first: int) -> tf.data.Dataset:
         records = tf.data.TFRecordDataset(files[k], buffer_size=READ_BUFFER_BYTES)
         return records.skip(skips[k]).take(takes[k])
 
-    def read(epoch, chunk):  # one element: all the chunk's records
+    def read(epoch, chunk):  # one element: all the chunk's records, in the order served
         pieces = tf.data.Dataset.range(firsts[chunk], firsts[chunk + 1])
         # Files read in parallel; a fixed cycle length keeps the order the same on any machine.
         records = pieces.interleave(read_piece, cycle_length=READ_FILES, block_length=1,
                                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return records.batch(largest).map(lambda batch: (epoch, chunk, batch))
+        seed = tf.random.stateless_uniform(
+            (), seed=preprocess.fold(preprocess.fold(_epoch_key(key, epoch), 1), chunk),
+            dtype=tf.int64, minval=None, maxval=None)
+        # A buffer as large as the chunk: a uniform shuffle of all of it. Records are moved, not
+        # copied, from the files through the shuffle and batch to unbatch.
+        return records.shuffle(largest, seed=seed).batch(largest)
 
-    def serve(visit, chunk_records):
-        epoch, chunk, records = chunk_records
-        size = sizes[chunk]
-        start = tf.where(visit == 0, tf.constant(skip, tf.int64), 0)  # the resumed chunk
-        order = tf.random.experimental.index_shuffle(
-            tf.range(start, size), preprocess.fold(preprocess.fold(_epoch_key(key, epoch), 1),
-                                                   chunk), size - 1)
-        return tf.data.Dataset.from_tensor_slices(order).map(lambda i: tf.gather(records, i))
-
-    ds = tf.data.Dataset.range(epoch, 2**62).flat_map(visits).skip(slot)
+    ds = tf.data.Dataset.range(epoch, 2**62).flat_map(visits).skip(slot).flat_map(read)
     # prefetch(1): one chunk read ahead while one is served, no more.
-    return ds.flat_map(read).prefetch(1).enumerate().flat_map(serve)
+    return ds.prefetch(1).unbatch().skip(skip)
 
 
 def train_dataset(config, *, batch_size: int, seed: int, start_step: int = 0,

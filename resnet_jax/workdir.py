@@ -30,7 +30,14 @@ def resolve(path: str) -> epath.Path:
         resolved = epath.Path(path)
         if scheme is None:
             return resolved.expanduser().resolve()
-        resolved.exists()  # an unserved scheme only fails when the path is used
+        # An unserved scheme fails only once the path is used; a missing bucket not even then
+        # (a bucket's "directories" are only names), so its root is looked at.
+        bucket = epath.Path(f"{scheme}://{path[len(scheme) + 3:].split('/')[0]}")
+        if not bucket.exists():
+            raise WorkdirError(f"{path!r}: the bucket {str(bucket)!r} does not exist, or these "
+                               f"credentials cannot see it")
+    except WorkdirError:
+        raise
     except KeyError:
         raise WorkdirError(_unserved(path, scheme)) from None
     except Exception as error:  # TensorFlow's and fsspec's errors share no base class

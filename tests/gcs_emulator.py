@@ -33,6 +33,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -212,7 +213,6 @@ def reset_client_caches() -> None:
     import; orbax caches google-cloud-storage bucket objects (bound to the endpoint of their
     time). Only modules already imported are touched.
     """
-    import sys
     if "etils.epath" in sys.modules:
         from etils.epath import backend, gpath
         gpath._is_tf_installed.cache_clear()
@@ -283,7 +283,7 @@ def gcs_emulator() -> Iterator[GcsEmulator]:
 
 
 @pytest.fixture
-def gcs_bucket(gcs_emulator: GcsEmulator, request: pytest.FixtureRequest) -> Iterator[Bucket]:
+def gcs_bucket(gcs_emulator: GcsEmulator) -> Iterator[Bucket]:
     """A new, empty bucket, with os.environ pointed at the emulator for the test."""
     name = f"test-{os.getpid()}-{next(_bucket_numbers)}"
     gcs_emulator.create_bucket(name)

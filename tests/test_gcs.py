@@ -1,0 +1,73 @@
+"""The main job on a gs:// workdir, served by a GCS emulator on localhost (tests/gcs_emulator.py):
+killed, resumed from the bucket, nothing written on the local disk."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
+from resnet_jax import metrics
+from runs import REPO, SMALL
+
+RUN = {**SMALL, "train.num_steps": 40, "checkpoint.every_steps": 5, "eval.every_steps": 20,
+       "log_every_steps": 10, "tensorboard_dir": ""}  # TensorFlow's gs:// cannot reach an emulator
+
+
+def command(workdir):
+    return [sys.executable, "-m", "resnet_jax.main", f"--config={REPO}/configs/quickstart.py",
+            f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in RUN.items()]]
+
+
+def environment(bucket):
+    # Started elsewhere than the repository: every file it wrote locally would show there.
+    return {**bucket.env, "PYTHONPATH": str(REPO)}
+
+
+def committed_steps(bucket):
+    return sorted(int(name.split("/")[2]) for name in bucket.objects("run/checkpoints/")
+                  if name.endswith("/commit_success.txt"))
+
+
+def test_a_run_on_a_bucket_is_killed_and_resumes_from_it_writing_nothing_local(gcs_bucket, tmp_path):
+    workdir = f"{gcs_bucket.url}/run"
+    process = subprocess.Popen(command(workdir), cwd=tmp_path, env=environment(gcs_bucket),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 400
+        while not any(step >= 5 for step in committed_steps(gcs_bucket)):
+            assert process.poll() is None and time.time() < deadline, process.stderr.read()[-3000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    killed_at = max(committed_steps(gcs_bucket))
+    assert killed_at < 40
+
+    result = subprocess.run(command(workdir), cwd=tmp_path, env=environment(gcs_bucket),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    restored = [line for line in result.stderr.splitlines() if "Restored the checkpoint" in line]
+    assert restored and f"step {killed_at} " in restored[0], [
+        line for line in result.stderr.splitlines() if "checkpoint" in line.lower()][:20]
+    assert max(committed_steps(gcs_bucket)) == 40
+    objects = gcs_bucket.objects("run/")
+    assert {"run/config.json", "run/metrics.jsonl"} <= objects.keys()
+    assert any(name.startswith("run/compilation_cache/") for name in objects)
+    assert json.loads(gcs_bucket.read("run/config.json"))["train"]["num_steps"] == 40
+    steps = [row["step"] for row in metrics.read_rows(workdir) if "train_loss" in row]
+    assert steps == [10, 20, 30, 40]  # the rows the killed run wrote after its checkpoint, once
+    assert list(tmp_path.iterdir()) == [] and not (REPO / "gs:").exists()
+
+
+def test_a_missing_bucket_is_refused_in_one_line(gcs_bucket, tmp_path):
+    result = subprocess.run(command("gs://no-such-bucket-here/run"), cwd=tmp_path,
+                            env=environment(gcs_bucket), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("resnet_jax: error:") and "'gs://no-such-bucket-here' does not exist" in last
+    assert list(tmp_path.iterdir()) == []
+    assert os.listdir(REPO).count("gs:") == 0
