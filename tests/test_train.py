@@ -67,3 +67,18 @@ def test_eight_devices_train_like_one(tmp_path, group):
                           **options, **{"train.num_steps": 9})
         assert "Restored the checkpoint of step 6" in result.stderr
         assert latest_params(tmp_path / "eight")[0] == 9
+
+
+def test_a_first_ctrl_c_asks_for_a_save_and_a_second_exits_at_once(monkeypatch):
+    exits = []
+    monkeypatch.setattr(train.os, "_exit", exits.append)
+    preemption = train._Preemption()
+    try:
+        assert not preemption.reached(None, 1)
+        signal.raise_signal(signal.SIGINT)
+        assert preemption.reached(None, 1) and preemption.exit_status() == 130 and exits == []
+        signal.raise_signal(signal.SIGINT)
+        assert exits == [130]
+    finally:
+        preemption.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
