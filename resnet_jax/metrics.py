@@ -67,7 +67,8 @@ class JsonlWriter(metric_writers.MetricWriter):
     """One JSON object per write, {"step": N, name: value, ...}, in WORKDIR/metrics.jsonl.
 
     Object stores cannot append, so the writer keeps the rows and writes the file whole each
-    time (a few hundred kilobytes for a long run). Started at step `start`, it keeps the rows up
+    time (a quickstart row with eval is 422 bytes: about 2.5 MB for the 6,000 log lines of a
+    600k-step run logged every 100). Started at step `start`, it keeps the rows up
     to `start` and forgets those a stopped run wrote after its last checkpoint: this run writes
     them again.
     """
