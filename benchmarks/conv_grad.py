@@ -14,7 +14,7 @@ import time
 
 import jax
 
-from resnet_jax import conv
+from resnet_jax import cpu
 
 # (name, batch, map size, in channels, out channels, kernel, stride)
 LAYERS = [
@@ -51,7 +51,7 @@ def measure(batch, size, cin, cout, kernel, stride, repeats):
         return jax.vjp(lambda w: jax.lax.conv_general_dilated(
             x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")), w)[1](g)[0]
 
-    ours = jax.jit(lambda x, g: conv.kernel_gradient(x, g, w.shape, (stride, stride), padding))
+    ours = jax.jit(lambda x, g: cpu.kernel_gradient(x, g, w.shape, (stride, stride), padding))
     return (_median_seconds(jax.jit(xla_gradient), x, w, g, repeats=repeats),
             _median_seconds(ours, x, g, repeats=repeats))
 

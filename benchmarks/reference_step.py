@@ -12,7 +12,7 @@ parameters in a dict, `lax.conv_general_dilated`, batch normalisation by mean an
 batch, softmax cross-entropy, SGD with momentum and weight decay by `jax.tree.map`; with
 `--scan-blocks`, the identical blocks of each stage stacked and run by `lax.scan`. It is timed
 as benchmarks/train_step.py times ours: trace, lower and backend compile. `--cpu-fusion` sets
-the XLA flag the main job and benchmarks/train_step.py set (`resnet_jax.xla_flags`); without it
+the XLA flag the main job and benchmarks/train_step.py set (`resnet_jax.cpu`); without it
 XLA runs with its defaults.
 """
 
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import cli, compile_timer
-from resnet_jax import xla_flags
+from resnet_jax import cpu
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -132,7 +132,7 @@ def parse_args(argv):
     parser.add_argument("--stages", type=_stages, default=(3, 8, 36, 3),
                         help="bottleneck blocks per stage (3,8,36,3: ResNet-152)")
     parser.add_argument("--scan-blocks", action="store_true")
-    parser.add_argument("--cpu-fusion", action="store_true", help="set resnet_jax.xla_flags' CPU flag")
+    parser.add_argument("--cpu-fusion", action="store_true", help="set resnet_jax.cpu's fusion flag")
     parser.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache directory")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -145,7 +145,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.cpu_fusion:  # before JAX starts its backend, which reads XLA_FLAGS once
-        xla_flags.set_cpu_fusion()
+        cpu.set_cpu_fusion()
     if args.cache_dir:
         compile_timer.use_persistent_cache(args.cache_dir)
     params = init(jax.random.key(0), args.stages, 1000, args.scan_blocks)

@@ -1,7 +1,7 @@
 """Compile time, step time, FLOP rate, memory and collectives of the train and eval steps.
 
     python -m benchmarks.train_step --model resnet50 --batch-size 16 --image-size 224 \\
-        --dtype float32 [--steps N] [--devices N] [--scan-blocks] [--remat] [--json] \\
+        --dtype auto [--steps N] [--devices N] [--scan-blocks] [--remat] [--json] \\
         [--bn-group-size N] [--cache-dir DIR]
 
 The steps are those of `resnet_jax.train` (train_step, eval_step, TrainState, the optimizer of
@@ -36,14 +36,14 @@ def _requested_devices(argv: list[str]) -> int | None:
 
 
 # XLA reads its flags once, when JAX starts its CPU backend: set them before jax is imported.
-from resnet_jax import xla_flags  # noqa: E402
-
-xla_flags.set_cpu_fusion()  # as the main job runs
 _DEVICES = _requested_devices(sys.argv[1:]) if __name__ == "__main__" else None
 if _DEVICES and "jax" not in sys.modules:
     os.environ["XLA_FLAGS"] = " ".join(
         [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
         + [f"--xla_force_host_platform_device_count={_DEVICES}"])
+from resnet_jax import cpu  # noqa: E402
+
+cpu.set_cpu_fusion()  # as the main job runs
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -64,7 +64,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks import cli, compile_timer  # noqa: E402
 from configs import default  # noqa: E402
-from resnet_jax import flops, metrics, optim, sharding, train  # noqa: E402
+from resnet_jax import flops, layers, metrics, optim, sharding, train  # noqa: E402
 
 # Bytes per element of the HLO element types that collectives carry.
 _HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
@@ -86,7 +86,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", default="resnet50", help="a name of resnet_jax.models.create")
     parser.add_argument("--batch-size", type=int, default=16, help="global batch")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--dtype", default="float32", help="compute dtype; parameters stay float32")
+    parser.add_argument("--dtype", default="auto",
+                        help="compute dtype, as model.dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU)")
     parser.add_argument("--steps", type=int, default=5,
                         help="timed steps after one warm-up step; 0 compiles only")
     parser.add_argument("--devices", type=int, default=None, help="simulate this many CPU devices")
@@ -275,7 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     step_seconds = statistics.median(step_times)
     result = {
         "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
-        "dtype": args.dtype, "devices": jax.device_count(), "platform": jax.devices()[0].platform,
+        "dtype": str(layers.compute_dtype(args.dtype)), "devices": jax.device_count(), "platform": jax.devices()[0].platform,
         "scan_blocks": args.scan_blocks, "remat": args.remat, "bn_group_size": args.bn_group_size,
         "conv_weight_grad": args.conv_weight_grad,
         "steps": args.steps, "cache_dir": args.cache_dir, "cache_files_before": cache_files,

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
         bn_momentum=0.9,
         bn_epsilon=1e-5,
         bn_group_size=ml_collections.config_dict.placeholder(int),  # e.g. 32: the paper's per-GPU BN
-        dtype="float32",
+        dtype="auto",               # bfloat16 on GPUs and TPUs, float32 on the CPU (mixed precision)
         param_dtype="float32",
         width=64,
         init_fan="fan_in",
@@ -54,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
         in_memory_bytes=2**30,       # TFDS train slices up to this size are shuffled exactly in memory
         fake_num_train=10_000,
         fake_num_eval=1_000,
+        on_device=False,             # True: a small train split (digits, image folders, CIFAR)
+                                     # decoded once into device memory, batches gathered and
+                                     # augmented inside the train step; needs no TensorFlow
     ))
 
     config.train = ml_collections.ConfigDict(dict(

@@ -10,10 +10,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from resnet_jax import conv
+from resnet_jax import cpu
 
 INIT_FANS = ("fan_in", "fan_out")
+# The name of training BN's batch statistics, which rematerialisation keeps (models._rematerialised).
+BN_STATISTICS = "bn_statistics"
 CONV_WEIGHT_GRADS = ("auto", "xla", "matmul")
 
 
@@ -34,6 +37,23 @@ def floating_dtype(field: str, value: Any) -> jnp.dtype:
         dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{field} must be a floating dtype (float32, bfloat16, float16); got {value!r}")
+    return dtype
+
+
+def compute_dtype(value: Any, backend: str | None = None) -> jnp.dtype:
+    """The dtype convolutions and activations compute in, from the `dtype` option.
+
+    "auto" is mixed precision where it pays: bfloat16 on GPUs and TPUs (half the activation
+    memory and traffic, their fast matrix units), float32 on the CPU, where bfloat16 is slower.
+    Parameters, optimizer state, BN statistics, logits and the loss stay float32 either way.
+    float16 is refused: its narrow range needs loss scaling, which training here does not do.
+    """
+    if value == "auto":
+        return jnp.dtype(jnp.float32 if (backend or jax.default_backend()) == "cpu" else jnp.bfloat16)
+    dtype = floating_dtype("dtype", value)
+    if dtype == jnp.float16:
+        raise ValueError("dtype (model.dtype) 'float16' needs loss scaling, which training here "
+                         "does not do; use 'auto', 'bfloat16' or 'float32'")
     return dtype
 
 
@@ -100,7 +120,11 @@ def _normalise_training(x, scale, bias, running_mean, running_var, group, moment
     if (batch // group) % copies:
         raise ValueError(f"the {batch // group} BN groups do not split over {copies} devices")
     grouped = x.reshape((batch // group, group) + x.shape[1:])
-    y, mean, var = _normalise_groups(grouped, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon)
+    # Each group's statistics are taken about its running mean (one per device's groups), a
+    # constant near the batch mean that keeps the variance from E[x^2] - E[x]^2 accurate.
+    shift = jnp.repeat(running_mean, batch // group // copies, axis=0) if copies > 1 else running_mean
+    y, mean, var = _normalise_groups(grouped, scale.astype(jnp.float32), bias.astype(jnp.float32),
+                                     shift, epsilon)
     # The running variance is the unbiased estimate, as Caffe's and torch's BN keep it.
     count = grouped.size // grouped.shape[0] // channels
     unbiased = var * (count / max(count - 1, 1))
@@ -110,40 +134,53 @@ def _normalise_training(x, scale, bias, running_mean, running_var, group, moment
             momentum * running_var + (1 - momentum) * unbiased)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _normalise_groups(x, scale, bias, epsilon):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _normalise_groups(x, scale, bias, shift, epsilon):
     """Training BN of x, (groups, group, ..., channels), by each group's statistics: (y in
-    float32, mean and biased variance per group, (groups, channels)). The statistics are
+    float32, mean and biased variance per group, (groups, channels)). `shift`, (channels,) or
+    (groups, channels), changes only the rounding of the statistics. The statistics are
     outputs for the running averages only; no gradient flows back through them."""
-    return _normalise_forward(x, scale, bias, epsilon)[0]
+    return _normalise_forward(x, scale, bias, shift, epsilon)[0]
 
 
-def _normalise_forward(x, scale, bias, epsilon):
-    x32 = x.astype(jnp.float32)
+def _sums(a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """a and b summed over `axes` as one reduction: where the batch is sharded over devices,
+    one all-reduce per BN, not two one after the other (each a pod-wide wait)."""
+    both = jnp.stack([a, b]).sum(tuple(axis + 1 for axis in axes), keepdims=True)
+    return both[0], both[1]
+
+
+def _normalise_forward(x, scale, bias, shift, epsilon):
     axes = tuple(range(1, x.ndim - 1))
-    mean = x32.mean(axes, keepdims=True)
-    var = jnp.square(x32 - mean).mean(axes, keepdims=True)
+    count = x.size // x.shape[0] // x.shape[-1]
+    shift = shift.reshape((-1,) + (1,) * (x.ndim - 2) + shift.shape[-1:])
+    centred = x.astype(jnp.float32) - shift
+    total, squares = _sums(centred, jnp.square(centred), axes)
+    offset = total / count
+    mean = shift + offset
+    var = jnp.maximum(squares / count - jnp.square(offset), 0.0)
+    mean, var = checkpoint_name(mean, BN_STATISTICS), checkpoint_name(var, BN_STATISTICS)
     rstd = jax.lax.rsqrt(var + epsilon)
-    y = (x32 - mean) * rstd * scale + bias
+    y = (x.astype(jnp.float32) - mean) * rstd * scale + bias
     flat = (x.shape[0], x.shape[-1])
     return (y, mean.reshape(flat), var.reshape(flat)), (x, mean, rstd, scale)
 
 
 def _normalise_backward(epsilon, residuals, cotangents):
-    # The textbook gradient, two reductions per group (Ioffe and Szegedy 2015, Sec. 3); JAX
-    # differentiating the forward pass gave five reductions more per BN (the scanned ResNet-152
-    # train step, lowered: 483 reduce ops against 338 with this):
+    # The textbook gradient, two sums per group taken as one reduction (Ioffe and Szegedy 2015,
+    # Sec. 3); JAX differentiating the forward pass gave five reductions more per BN (the scanned
+    # ResNet-152 train step, lowered: 483 reduce ops against 338 with this):
     # dx = scale * rstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
     x, mean, rstd, scale = residuals
     dy = cotangents[0]
     axes = tuple(range(1, x.ndim - 1))
     x_hat = (x.astype(jnp.float32) - mean) * rstd
-    sum_dy = dy.sum(axes, keepdims=True)
-    sum_dy_x_hat = (dy * x_hat).sum(axes, keepdims=True)
+    sum_dy, sum_dy_x_hat = _sums(dy, dy * x_hat, axes)
     count = x.size // x.shape[0] // x.shape[-1]
     dx = (scale * rstd) * (dy - (sum_dy + x_hat * sum_dy_x_hat) / count)
     all_but_channels = tuple(range(x.ndim - 1))
-    return dx.astype(x.dtype), sum_dy_x_hat.sum(all_but_channels), sum_dy.sum(all_but_channels)
+    return (dx.astype(x.dtype), sum_dy_x_hat.sum(all_but_channels), sum_dy.sum(all_but_channels),
+            None)
 
 
 _normalise_groups.defvjp(_normalise_forward, _normalise_backward)
@@ -181,7 +218,7 @@ class Layers:
             param_dtype=self.param_dtype,
             kernel_init=jax.nn.initializers.variance_scaling(2.0, self.init_fan, "normal"),
             bias_init=jax.nn.initializers.constant(0.0 if bias is None else bias),
-            conv_general_dilated=(conv.conv_general_dilated if self.conv_weight_grad == "matmul"
+            conv_general_dilated=(cpu.conv_general_dilated if self.conv_weight_grad == "matmul"
                                   else jax.lax.conv_general_dilated),
             rngs=rngs)
 
@@ -196,19 +233,20 @@ def make_layers(*, bn_momentum: float, bn_epsilon: float, bn_group_size: int | N
     """`Layers` from the options a network's constructor takes, each checked.
 
     conv_weight_grad "auto" is "matmul" when the default backend is the CPU and "xla" elsewhere
-    (see `resnet_jax.conv`).
+    (see `resnet_jax.cpu`); dtype "auto" is bfloat16 on GPUs and TPUs, float32 on the CPU
+    (`compute_dtype`).
     """
     check_choice("init_fan", init_fan, INIT_FANS)
     check_choice("conv_weight_grad", conv_weight_grad, CONV_WEIGHT_GRADS)
     if conv_weight_grad == "auto":
-        conv_weight_grad = "matmul" if jax.default_backend() == "cpu" else "xla"
+        conv_weight_grad = "matmul" if cpu.in_use() else "xla"
     if bn_group_size is not None:
         check_positive_int("bn_group_size", bn_group_size)
     if not 0.0 <= bn_momentum < 1.0:
         raise ValueError(f"bn_momentum must be in [0, 1); got {bn_momentum!r}")
     if not bn_epsilon > 0.0:
         raise ValueError(f"bn_epsilon must be positive; got {bn_epsilon!r}")
-    return Layers(bn_momentum, bn_epsilon, bn_group_size, floating_dtype("dtype", dtype),
+    return Layers(bn_momentum, bn_epsilon, bn_group_size, compute_dtype(dtype),
                   floating_dtype("param_dtype", param_dtype), init_fan, conv_weight_grad)
 
 

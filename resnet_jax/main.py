@@ -13,9 +13,9 @@ import os
 import runpy
 import sys
 
-from resnet_jax import xla_flags
+from resnet_jax import cpu
 
-xla_flags.set_cpu_fusion()  # before JAX starts its backends
+cpu.set_cpu_fusion()  # before JAX starts its backends
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

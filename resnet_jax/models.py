@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnet_jax import vgg
-from resnet_jax.layers import (BatchNorm, Layers, check_choice, check_images,  # noqa: F401
-                               check_positive_int, make_layers)
-from resnet_jax.remat import rematerialised
+from resnet_jax import cpu, vgg
+from resnet_jax.layers import (BN_STATISTICS, BatchNorm, Layers, check_choice,  # noqa: F401
+                               check_images, check_positive_int, make_layers)
 
 SHORTCUTS = ("A", "B", "C")
 STRIDE_ON = ("1x1", "3x3")
@@ -280,7 +279,7 @@ BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
 
 def _run_block(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
     """block(x); where `remat`, its activations are recomputed in the backward pass instead of
-    kept (`resnet_jax.remat`). BN's running statistics are updated as without it.
+    kept (`rematerialised`). BN's running statistics are updated as without it.
 
     Traced without remat, the block runs as one jitted function of its variables: blocks that
     differ in nothing but their values (all but the first of a stage) share it, so JAX traces,
@@ -292,11 +291,22 @@ def _run_block(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
     if not remat and not isinstance(x, jax.core.Tracer):
         return block(x)
     graphdef, state = nnx.split(block)
-    run = rematerialised(functools.partial(_block_forward, graphdef)) if remat else \
+    run = _rematerialised(functools.partial(_block_forward, graphdef)) if remat else \
         functools.partial(_block_forward_jit, graphdef)
     y, stats = run(state, x)
     nnx.update(block, stats)
     return y
+
+
+def _rematerialised(forward):
+    """`forward(state, x) -> (y, aux)` keeping for the backward pass only its inputs and each
+    BN's batch statistics (per channel: a few kilobytes), recomputing the rest there. With the
+    statistics kept, the recomputation needs nothing from other devices: remat adds no
+    collective. `jax.checkpoint`, except on XLA's CPU backend, whose passes undo it
+    (`cpu.rematerialised`, which recomputes the statistics too)."""
+    if cpu.in_use():
+        return cpu.rematerialised(forward)
+    return jax.checkpoint(forward, policy=jax.checkpoint_policies.save_only_these_names(BN_STATISTICS))
 
 
 def _block_forward(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array):
@@ -379,7 +389,9 @@ class ResNet(nnx.Module):
         starts as the identity (Goyal et al. 2017; a later practice, not the paper's). Not with
         "pre" (the branch ends in a convolution) or "bn_after_add" (the BN follows the sum).
       bn_momentum, bn_epsilon, bn_group_size: see `BatchNorm`.
-      dtype: compute dtype; param_dtype: parameter dtype. Logits are float32.
+      dtype: compute dtype: "auto" (bfloat16 on GPUs and TPUs, float32 on the CPU; see
+        `layers.compute_dtype`), "float32" or "bfloat16"; param_dtype: parameter dtype. The
+        pooled features, the classifier and the logits are float32.
       init_fan: "fan_in" or "fan_out", see `Layers`. The classifier keeps Flax's default init
         (LeCun normal), as the paper says nothing of it.
       scan_blocks: run the blocks of each stage after the first (all alike: same shapes, no
@@ -390,12 +402,12 @@ class ResNet(nnx.Module):
         (the CPU default) the scanned step is faster on CPU too (benchmarks/README.md). The
         same seed gives the same weights either way; `convert.transfer` moves weights between
         the layouts.
-      remat: rematerialise each block (`resnet_jax.remat`): its activations are recomputed in
+      remat: rematerialise each block (`_rematerialised`): its activations are recomputed in
         the backward pass instead of kept, which cuts peak training memory for about one more
         forward pass of compute. Outputs and gradients are unchanged; `jax.jvp` of the model is
         not defined with it.
       conv_weight_grad: how the kernel gradients of the convolutions are computed: "xla" (XLA's
-        own), "matmul" (one matrix product per kernel tap, `resnet_jax.conv`: several times
+        own), "matmul" (one matrix product per kernel tap, `resnet_jax.cpu`: several times
         faster on XLA's CPU backend), or "auto", "matmul" when the default backend is the CPU
         at construction and "xla" elsewhere. Outputs and gradients are the same either way.
     """
@@ -466,7 +478,8 @@ class ResNet(nnx.Module):
             self.stages.append(stage)
         # Pre-activation: the sum that leaves the last block has not been normalised yet.
         self.bn_final = layers.bn(features) if pre else None
-        self.fc = nnx.Linear(features, num_classes, dtype=layers.dtype,
+        # The classifier in float32 whatever the compute dtype: the logits feed the softmax.
+        self.fc = nnx.Linear(features, num_classes, dtype=jnp.float32,
                              param_dtype=layers.param_dtype, rngs=rngs)
 
     def features(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -488,11 +501,11 @@ class ResNet(nnx.Module):
             maps[f"stage{i}"] = x
         if self.bn_final is not None:
             x = nnx.relu(self.bn_final(x))
-        maps["pooled"] = x.mean(axis=(1, 2))
+        maps["pooled"] = x.astype(jnp.float32).mean(axis=(1, 2))
         return maps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc(self.features(x)["pooled"]).astype(jnp.float32)
+        return self.fc(self.features(x)["pooled"])
 
 
 class BlockInfo(NamedTuple):

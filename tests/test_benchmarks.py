@@ -46,6 +46,41 @@ def test_ghost_bn_adds_no_collective_to_the_gradients_all_reduce(scan):
     assert result["step_seconds"] > 0 and result["eval_step_seconds"] > 0
 
 
+# The train step's all-reduces on 8 devices, compiled (no step run), for BN over the whole batch
+# and over groups, with and without remat, remat as GPUs and TPUs run it and as the CPU runs it.
+_ALL_REDUCES = """
+import json, sys
+from benchmarks import train_step
+from resnet_jax import cpu
+on_cpu = cpu.in_use
+counts = {}
+for name, options, accelerator in [("global", [], False), ("global_remat", ["--remat"], True),
+                                   ("ghost", ["--bn-group-size", "2"], False),
+                                   ("ghost_remat", ["--bn-group-size", "2", "--remat"], False),
+                                   ("ghost_remat_accelerator", ["--bn-group-size", "2", "--remat"], True)]:
+    cpu.in_use = (lambda: False) if accelerator else on_cpu
+    result = train_step.main(["--model", "cifar_resnet20", "--batch-size", "16", "--image-size", "8",
+                              "--steps", "0", "--devices", "8", *options])
+    counts[name] = result["all_reduce_count"]
+print(json.dumps(counts))
+"""
+
+
+def test_bn_all_reduces_once_each_way_and_remat_adds_none():
+    # CIFAR ResNet-20 has 19 BNs. Over the whole batch, each reduces its statistics in one
+    # all-reduce in the forward pass and its two gradient sums in one in the backward pass,
+    # beside what ghost BN's step has (the gradients, loss and metrics). Remat recomputes
+    # from the kept statistics: no collective more.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = subprocess.run([sys.executable, "-c", _ALL_REDUCES], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counts["global"] == counts["ghost"] + 2 * 19, counts
+    assert counts["global_remat"] == counts["global"], counts
+    assert counts["ghost_remat"] == counts["ghost_remat_accelerator"] == counts["ghost"], counts
+
+
 def test_collectives_are_read_off_the_hlo_once_per_execution():
     hlo = "\n".join([
         "HloModule jit_step, is_scheduled=true",

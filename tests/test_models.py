@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resnet_jax import flops, models
+from configs import default
+from resnet_jax import flops, layers, models
 
 
 def images(shape, seed=0):
@@ -218,6 +219,39 @@ def test_he_initialisation(init_fan, fan):
     assert abs(kernel.std() / std - 1) < 0.03
     assert abs(kernel.mean()) < 0.05 * std
     assert np.abs(kernel).max() > 3 * std  # a Gaussian, not one truncated at two deviations
+
+
+@pytest.mark.parametrize("backend, expected", [("cpu", "float32"), ("gpu", "bfloat16"),
+                                               ("cuda", "bfloat16"), ("rocm", "bfloat16"),
+                                               ("tpu", "bfloat16")])
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_the_cpu(backend, expected):
+    assert layers.compute_dtype("auto", backend) == jnp.dtype(expected)
+    assert layers.compute_dtype("float32", backend) == jnp.float32
+
+
+def test_the_configs_compute_in_the_auto_dtype_and_float16_is_refused():
+    assert default.get_config().model.dtype == "auto"
+    model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0), dtype="auto")
+    assert model.dtype == layers.compute_dtype("auto", jax.default_backend())
+    with pytest.raises(ValueError, match=r"^dtype \(model.dtype\) 'float16' needs loss scaling.*"
+                                         r"'auto', 'bfloat16' or 'float32'$"):
+        models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0), dtype="float16")
+
+
+def test_batch_statistics_are_accurate_far_from_zero():
+    # One pass over x - shift and its square: accurate where the shift (the running mean) is
+    # near the batch mean, and within float32's reach of a two-pass variance at 10 standard
+    # deviations from a zero shift (a new network's first step).
+    x = np.asarray(images((8, 4, 4, 3))) * 0.5
+    for offset, running_mean in [(5.0, 0.0), (1000.0, 999.0)]:
+        bn = models.BatchNorm(3, momentum=0.0, epsilon=1e-5, group_size=None, zero_init=False,
+                              dtype="float32", param_dtype="float32")
+        bn.mean[...] = jnp.full((3,), running_mean)
+        bn(jnp.asarray(x + offset))
+        count = x.size // 3
+        want = (x + offset).astype(np.float64).reshape(-1, 3).var(0) * count / (count - 1)
+        np.testing.assert_allclose(bn.var[...], want, rtol=1e-4)
+        np.testing.assert_allclose(bn.mean[...], (x + offset).reshape(-1, 3).mean(0), rtol=1e-6)
 
 
 def test_bfloat16_compute_with_float32_parameters():

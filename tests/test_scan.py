@@ -1,16 +1,23 @@
 """scan_blocks and remat change how the network runs, never what it computes or how it is stored."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from resnet_jax import convert, flops, models
+from resnet_jax import convert, cpu, flops, models
 
 
 def images(shape, seed=0):
     return jax.random.normal(jax.random.key(seed), shape)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def create(name, **options):
@@ -133,6 +140,57 @@ def test_remat_recomputes_in_the_backward_pass():
     assert convolutions[True] == convolutions[False] + 6, convolutions
     temporaries = {remat: c.memory_analysis().temp_size_in_bytes for remat, c in compiled.items()}
     assert temporaries[True] < 0.8 * temporaries[False], temporaries
+
+
+# GPUs and TPUs rematerialise with jax.checkpoint (models._rematerialised), chosen here on the
+# CPU by making cpu.in_use() false. In a process without the CPU fusion flag: with it, XLA's CPU
+# backend miscompiles jax.checkpoint's optimisation barriers (the gradients below differ by up to
+# 0.49, jax 0.10.2), one more reason the CPU has its own remat.
+_ACCELERATOR_REMAT_GRADIENTS = """
+import jax, jax.numpy as jnp
+from flax import nnx
+from resnet_jax import cpu, models
+cpu.in_use = lambda: False
+jax.config.update("jax_default_matmul_precision", "highest")
+x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+labels = jnp.arange(4) % 10
+def gradients(**options):
+    model = models.create("cifar_resnet20", num_classes=10, rngs=nnx.Rngs(0), **options)
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    def loss(params):
+        logits = nnx.merge(graphdef, params, stats, copy=True)(x)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1).mean()
+    return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+for scan_blocks in (False, True):
+    plain, other = (gradients(scan_blocks=scan_blocks, remat=remat) for remat in (False, True))
+    print(max(float(jnp.abs(a - b).max() / (jnp.abs(a).max() + 1e-6)) for a, b in zip(plain, other)))
+"""
+
+
+def test_remat_on_accelerators_changes_no_gradient():
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", _ACCELERATOR_REMAT_GRADIENTS], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    differences = [float(line) for line in out.stdout.split()]
+    assert len(differences) == 2 and max(differences) < 1e-4, differences
+
+
+def test_remat_on_accelerators_is_jax_checkpoint_keeping_bn_statistics(monkeypatch):
+    # Lowered, before XLA's passes: the backward pass runs each block's two convolutions again,
+    # and, the BN statistics kept, reduces nothing more than without remat, so that on a mesh
+    # remat adds no collective (tests/test_benchmarks.py counts them).
+    monkeypatch.setattr(cpu, "in_use", lambda: False)
+    x = images((4, 8, 8, 3))
+    lowered = {}
+    for remat in (False, True):
+        graphdef, params, stats = nnx.split(create("cifar_resnet8", remat=remat), nnx.Param, ...)
+        grad = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p, stats, copy=True)(x).sum()))
+        lowered[remat] = grad.lower(params).as_text()
+    convolutions = {remat: text.count("stablehlo.convolution") for remat, text in lowered.items()}
+    assert convolutions[True] == convolutions[False] + 6, convolutions
+    reductions = {remat: text.count("stablehlo.reduce") for remat, text in lowered.items()}
+    assert reductions[True] == reductions[False], reductions
 
 
 def test_transfer_between_layouts_round_trips():

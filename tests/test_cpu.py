@@ -1,4 +1,4 @@
-"""The matrix-product kernel gradient (resnet_jax/conv.py) against XLA's own convolution gradient."""
+"""The matrix-product kernel gradient (resnet_jax/cpu.py) against XLA's own convolution gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resnet_jax import conv, models
+from resnet_jax import cpu, models
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -29,7 +29,7 @@ def test_gradients_equal_xla(size, kernel, stride, padding, channels):
         return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=DIMENSIONS)
 
     def ours(x, w):
-        return conv.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=DIMENSIONS)
+        return cpu.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=DIMENSIONS)
 
     @jax.jit
     def outputs_and_gradients(x, w):
@@ -49,7 +49,7 @@ def test_bfloat16_kernel_gradient_is_accumulated_in_float32():
     w = jax.random.normal(jax.random.key(2), (3, 3, 16, 16)).astype(jnp.bfloat16)
     padding = ((1, 1), (1, 1))
     g = jnp.ones((4, 8, 8, 16), jnp.bfloat16)
-    _, vjp = jax.vjp(lambda w: conv.conv_general_dilated(x, w, (1, 1), padding), w)
+    _, vjp = jax.vjp(lambda w: cpu.conv_general_dilated(x, w, (1, 1), padding), w)
     (got,) = vjp(g)
     _, exact_vjp = jax.vjp(lambda w: jax.lax.conv_general_dilated(
         x.astype(jnp.float32), w, (1, 1), padding, dimension_numbers=DIMENSIONS), w.astype(jnp.float32))
@@ -61,7 +61,7 @@ def test_bfloat16_kernel_gradient_is_accumulated_in_float32():
 def test_unsupported_convolutions_are_refused():
     x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2))
     with pytest.raises(ValueError, match="feature groups"):
-        conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), feature_group_count=2)
+        cpu.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), feature_group_count=2)
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])
@@ -87,7 +87,7 @@ def test_model_gradients_and_outputs_do_not_depend_on_the_option(shortcut):
 def test_auto_picks_matmul_on_cpu_only_and_unknown_values_are_refused():
     model = models.create("cifar_resnet8", num_classes=2, rngs=nnx.Rngs(0))
     on_cpu = jax.default_backend() == "cpu"
-    assert (model.conv1.conv_general_dilated is conv.conv_general_dilated) == on_cpu
+    assert (model.conv1.conv_general_dilated is cpu.conv_general_dilated) == on_cpu
     xla = models.create("cifar_resnet8", num_classes=2, rngs=nnx.Rngs(0), conv_weight_grad="xla")
     assert xla.conv1.conv_general_dilated is jax.lax.conv_general_dilated
     with pytest.raises(ValueError, match="conv_weight_grad must be one of 'auto', 'xla', 'matmul'"):
