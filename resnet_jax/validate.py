@@ -4,6 +4,7 @@ Each failure is one line that names the field, the value and what is allowed.
 """
 
 import json
+import math
 import os
 import socket
 from typing import Any
@@ -26,28 +27,46 @@ def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: inf and nan pass no comparison's intent."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_numbers(config: Any) -> None:
-    """The fields that no other part checks: lengths, intervals, rates."""
+    """The fields that no other part checks: lengths, intervals, rates; all finite."""
     positive_ints = {"log_every_steps": config.log_every_steps, "eval.every_steps": config.eval.every_steps,
                      "checkpoint.every_steps": config.checkpoint.every_steps,
                      "checkpoint.keep": config.checkpoint.keep}
     for field, value in positive_ints.items():
-        _require(isinstance(value, int) and value >= 1, field, value, "a positive integer")
-    _require(config.train.num_steps > 0 or (_number(config.train.num_epochs) and config.train.num_epochs > 0),
-             "train.num_epochs", config.train.num_epochs, "positive (or train.num_steps > 0)")
-    _require(_number(config.schedule.base_lr) and config.schedule.base_lr > 0, "schedule.base_lr",
-             config.schedule.base_lr, "a positive number")
-    if config.schedule.warmup_steps:
-        _require(_number(config.schedule.warmup_lr) and config.schedule.warmup_lr > 0,
-                 "schedule.warmup_lr", config.schedule.warmup_lr, "a positive number")
-    _require(0 <= config.optimizer.momentum < 1, "optimizer.momentum", config.optimizer.momentum, "in [0, 1)")
-    _require(config.optimizer.weight_decay >= 0, "optimizer.weight_decay", config.optimizer.weight_decay,
-             ">= 0")
-    _require(0 <= config.train.label_smoothing < 1, "train.label_smoothing", config.train.label_smoothing,
-             "in [0, 1)")
+        _require(_int(value) and value >= 1, field, value, "a positive integer")
+    steps = config.train.num_steps
+    _require(_int(steps) and (steps > 0 or steps == -1), "train.num_steps", steps,
+             "a positive integer, or -1 to train for train.num_epochs")
+    if steps == -1:
+        _require(_number(config.train.num_epochs) and config.train.num_epochs > 0, "train.num_epochs",
+                 config.train.num_epochs, "a positive number (or train.num_steps > 0)")
+    s = config.schedule
+    _require(_number(s.base_lr) and s.base_lr > 0, "schedule.base_lr", s.base_lr, "a positive number")
+    _require(_int(s.warmup_steps) and s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps,
+             "an integer >= 0")
+    if s.warmup_steps:
+        _require(_number(s.warmup_lr) and s.warmup_lr > 0, "schedule.warmup_lr", s.warmup_lr,
+                 "a positive number")
+    _require(_number(s.warmup_epochs) and s.warmup_epochs >= 0, "schedule.warmup_epochs",
+             s.warmup_epochs, "a number >= 0")
+    for field in ("boundaries_epochs", "boundaries_steps"):
+        values = tuple(s[field])
+        _require(all(_number(v) and v >= 0 for v in values), f"schedule.{field}", values,
+                 "numbers >= 0")
+    o = config.optimizer
+    _require(_number(o.momentum) and 0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "in [0, 1)")
+    _require(_number(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay",
+             o.weight_decay, "a number >= 0")
+    smoothing = config.train.label_smoothing
+    _require(_number(smoothing) and 0 <= smoothing < 1, "train.label_smoothing", smoothing, "in [0, 1)")
 
 
 def check_image_size(image_size: int, total_stride: int, model_name: str) -> None:

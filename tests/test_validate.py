@@ -1,0 +1,37 @@
+"""The config's numbers are checked before anything runs: each bad one refused in one line."""
+
+import pytest
+
+from configs import default
+from resnet_jax import validate
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("schedule.base_lr", float("inf"), "schedule.base_lr must be a positive number; got inf"),
+    ("schedule.base_lr", float("nan"), "schedule.base_lr must be a positive number; got nan"),
+    ("schedule.warmup_epochs", -5.0, "schedule.warmup_epochs must be a number >= 0; got -5.0"),
+    ("schedule.warmup_steps", -1, "schedule.warmup_steps must be an integer >= 0; got -1"),
+    ("schedule.boundaries_steps", (32_000, float("inf")), "schedule.boundaries_steps must be numbers"),
+    ("train.num_steps", 0, "train.num_steps must be a positive integer, or -1 to train for "
+                           "train.num_epochs; got 0"),
+    ("train.num_epochs", float("inf"), "train.num_epochs must be a positive number"),
+    ("train.num_epochs", -1.0, "train.num_epochs must be a positive number"),
+    ("optimizer.weight_decay", float("inf"), "optimizer.weight_decay must be a number >= 0; got inf"),
+    ("optimizer.momentum", float("nan"), "optimizer.momentum must be in \\[0, 1\\); got nan"),
+    ("checkpoint.keep", 0, "checkpoint.keep must be a positive integer; got 0"),
+])
+def test_bad_numbers_are_refused_in_one_line(field, value, message):
+    config = default.get_config()
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(validate.SetupError, match=f"^{message}") as error:
+        validate.check_numbers(config)
+    assert "\n" not in str(error.value)
+
+
+def test_the_defaults_and_a_fixed_step_count_pass():
+    config = default.get_config()
+    validate.check_numbers(config)
+    config.train.num_steps = 10
+    config.train.num_epochs = 0.0  # unused when num_steps is set
+    validate.check_numbers(config)
