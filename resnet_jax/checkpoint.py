@@ -24,17 +24,24 @@ DIRECTORY = "checkpoints"
 def create_manager(workdir: epath.Path, config: Any) -> ocp.CheckpointManager:
     """config: the `checkpoint` section (every_steps, keep, keep_best)."""
     policies = [checkpoint_managers.LatestN(config.keep)]
+    best = {}
     if config.keep_best:
         policies.append(checkpoint_managers.BestN(
-            get_metric_fn=lambda metrics: metrics["eval_accuracy"], n=1,
-            keep_checkpoints_without_metrics=False))
+            get_metric_fn=_eval_accuracy, n=1, keep_checkpoints_without_metrics=False))
+        # best_fn makes orbax write each save's metrics into its step directory, so that the
+        # best is known again after a restart; the preservation policy alone keeps them in memory.
+        best = dict(best_fn=_eval_accuracy, best_mode="max")
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=config.every_steps,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=True)
+        enable_async_checkpointing=True, **best)
     # The handler named, so that item_metadata can read a checkpoint's shapes before restoring it.
     return ocp.CheckpointManager(workdir / DIRECTORY, options=options,
                                  item_handlers=ocp.StandardCheckpointHandler())
+
+
+def _eval_accuracy(metrics: dict[str, float]) -> float:
+    return metrics["eval_accuracy"]
 
 
 class CheckpointError(RuntimeError):
