@@ -47,16 +47,25 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
 
 from resnet_jax import preprocess
 
-try:  # TensorFlow only feeds the host; the accelerators belong to JAX.
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TensorFlow already initialised its devices; nothing to take back.
-    pass
+try:
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+except ModuleNotFoundError as error:
+    # data.on_device=True reads digits and image folders without them (device_data.py), and
+    # takes `DataInfo` and `_bounds` from here; everything else here needs them.
+    if error.name not in ("tensorflow", "tensorflow_datasets"):
+        raise
+    tf = tfds = None
+
+if tf is not None:
+    try:  # TensorFlow only feeds the host; the accelerators belong to JAX.
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow already initialised its devices; nothing to take back.
+        pass
 
 FAKE_NUM_TRAIN = 10_000
 FAKE_NUM_EVAL = 1_000

@@ -6,6 +6,8 @@ count (clu's Average with a mask), so padding never counts and no mean of batch 
 """
 
 import contextlib
+import datetime
+import importlib.util
 import json
 import math
 import time
@@ -15,12 +17,23 @@ import flax
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from clu import metrics as clu_metrics
 from etils import epath
 from jax.experimental import multihost_utils
 
 from resnet_jax import flops, workdir as workdirs
+
+# clu's writers and periodic actions import TensorFlow. Without it (data.on_device=True needs
+# none) the small equivalents below log the same things and write metrics.jsonl, and
+# TensorBoard's own writer writes the events.
+TENSORFLOW = importlib.util.find_spec("tensorflow") is not None
+if TENSORFLOW:
+    from clu import metric_writers
+    from clu import periodic_actions
+    _WriterBase = metric_writers.MetricWriter
+else:
+    metric_writers = periodic_actions = None
+    _WriterBase = object
 
 JSONL = "metrics.jsonl"
 # What `Window` reports: timings, which differ from run to run.
@@ -63,7 +76,7 @@ def read_rows(workdir) -> list[dict[str, float]]:
     return _parse(path.read_text().splitlines(), path)
 
 
-class JsonlWriter(metric_writers.MetricWriter):
+class JsonlWriter(_WriterBase):
     """One JSON object per write, {"step": N, name: value, ...}, in WORKDIR/metrics.jsonl.
 
     Object stores cannot append, so the writer keeps the rows and writes the file whole each
@@ -116,9 +129,12 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
 
-def create_writer(workdir: epath.Path, tensorboard_dir: str, start: int) -> metric_writers.MetricWriter:
+def create_writer(workdir: epath.Path, tensorboard_dir: str, start: int):
     """Process 0: log lines, metrics.jsonl and TensorBoard events in `tensorboard_dir` ("" for
-    none; TensorFlow's own file system writes them, local or gs://). Other processes: log lines."""
+    none; TensorFlow's own file system writes them, local or gs://). Other processes: log lines.
+    Without TensorFlow, the same through `_LogWriter` and `_TensorBoardWriter`."""
+    if not TENSORFLOW:
+        return _writer_without_tensorflow(workdir, tensorboard_dir, start)
     if jax.process_index() != 0:
         return metric_writers.create_default_writer(just_logging=True)
     writers = [JsonlWriter(workdir, start)]
@@ -127,6 +143,123 @@ def create_writer(workdir: epath.Path, tensorboard_dir: str, start: int) -> metr
     else:
         writers.append(metric_writers.create_default_writer(just_logging=True))
     return metric_writers.MultiWriter(writers)
+
+
+class _LogWriter:
+    """Scalars as log lines, worded as clu's LoggingWriter words them."""
+
+    def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+        values = [f"{k}={float(v):.6g}" for k, v in sorted(scalars.items())]
+        logging.info("[%d] %s", step, ", ".join(values))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class _TensorBoardWriter:
+    """Scalars as TensorBoard events through TensorBoard's own writer (no TensorFlow; local or
+    any file system TensorBoard's fsspec layer serves)."""
+
+    def __init__(self, directory: str):
+        from tensorboard import summary  # pylint: disable=import-outside-toplevel
+        self._writer = summary.Writer(directory)
+
+    def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, float(value), step=int(step))
+        self._writer.flush()
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+class _Writers:
+    def __init__(self, writers):
+        self._writers = writers
+
+    def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+        for writer in self._writers:
+            writer.write_scalars(step, scalars)
+
+    def flush(self):
+        for writer in self._writers:
+            writer.flush()
+
+    def close(self):
+        for writer in self._writers:
+            writer.close()
+
+
+def _writer_without_tensorflow(workdir, tensorboard_dir: str, start: int):
+    if jax.process_index() != 0:
+        return _LogWriter()
+    writers = [JsonlWriter(workdir, start), _LogWriter()]
+    if tensorboard_dir:
+        try:
+            writers.append(_TensorBoardWriter(tensorboard_dir))
+        except ImportError:
+            logging.warning("TensorBoard events are not written: neither TensorFlow nor "
+                            "TensorBoard is installed (metrics.jsonl has every scalar)")
+    return _Writers(writers)
+
+
+class _Progress:
+    """Every `every_steps` steps a log line with the steps per second and the time left, as
+    clu's ReportProgress logs it; host timing only, no JAX operation."""
+
+    def __init__(self, num_train_steps: int, every_steps: int):
+        self._total, self._every = num_train_steps, every_steps
+        self._last = None
+
+    def __call__(self, step: int) -> None:
+        now = time.perf_counter()
+        if self._last is None:
+            self._last = (step, now)
+            return
+        if step % self._every and step != self._total:
+            return
+        steps, seconds = step - self._last[0], now - self._last[1]
+        self._last = (step, now)
+        if steps <= 0 or seconds <= 0:
+            return
+        rate = steps / seconds
+        left = datetime.timedelta(seconds=round((self._total - step) / rate))
+        logging.info("Setting work unit notes: %.1f steps/s, %.1f%% (%d/%d), ETA: %s", rate,
+                     100.0 * step / self._total, step, self._total, left)
+
+
+class _Profile:
+    """A JAX profiler trace of `num_profile_steps` steps from the first one it sees, in logdir."""
+
+    def __init__(self, num_profile_steps: int, logdir: str):
+        self._steps, self._logdir, self._end = num_profile_steps, logdir, None
+
+    def __call__(self, step: int) -> None:
+        if self._end is None:
+            jax.profiler.start_trace(self._logdir)
+            self._end = step + self._steps
+        elif step == self._end:
+            jax.profiler.stop_trace()
+
+
+def progress_hooks(num_steps: int, every_steps: int, profile_steps: int, logdir: str) -> list:
+    """The loop's periodic actions: progress with ETA in the log; on process 0 a profile of
+    `profile_steps` steps. clu's where TensorFlow is installed, their equivalents here if not."""
+    if TENSORFLOW:
+        hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, every_steps=every_steps)]
+        if profile_steps > 0 and jax.process_index() == 0:
+            hooks.append(periodic_actions.Profile(num_profile_steps=profile_steps, logdir=logdir))
+        return hooks
+    hooks = [_Progress(num_steps, every_steps)]
+    if profile_steps > 0 and jax.process_index() == 0:
+        hooks.append(_Profile(profile_steps, logdir))
+    return hooks
 
 
 def prefixed(prefix: str, values: dict[str, Any]) -> dict[str, float]:

@@ -28,12 +28,21 @@ import math
 from typing import Callable
 
 import numpy as np
-import tensorflow as tf
+
+try:
+    import tensorflow as tf
+except ModuleNotFoundError as error:  # data.on_device=True needs only `settings` (device_data.py)
+    if error.name != "tensorflow":
+        raise
+    tf = None
 
 TRAIN_PREPROCESS = ("inception", "paper", "cifar", "none")
 EVAL_PREPROCESS = ("center", "ten_crop", "none")
 # "uint8": pixels, normalised on the devices (`device_inputs.normaliser`).
-DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "uint8": tf.uint8}
+DTYPES = ({"float32": tf.float32, "bfloat16": tf.bfloat16, "uint8": tf.uint8} if tf is not None
+          else dict.fromkeys(("float32", "bfloat16", "uint8")))
+# data.on_device=True: what the train step can do to the images it gathers (device_data.py).
+ON_DEVICE_TRAIN_PREPROCESS = ("cifar", "none")
 RESIZE_METHODS = ("bilinear", "bicubic", "area", "nearest")
 
 # torchvision's ImageNet statistics, in 0-255 units: the default when a config gives none.
@@ -84,6 +93,9 @@ class Settings:
     cifar_padding: int
     resize_method: str
     antialias: bool
+    # data.on_device: the train split decoded once into device memory, each step's batch
+    # gathered and augmented inside the jitted step (device_data.py). Not `on_device` below.
+    in_device_memory: bool = False
 
     @property
     def tf_dtype(self):
@@ -125,7 +137,20 @@ def settings(config) -> Settings:
             "data.subtract_pixel_mean=True needs train_preprocess 'cifar' or 'none' and "
             f"eval_preprocess 'none' (images of one size), not {train!r} and {evaluation!r}")
     dtype = _choice("dtype", _get(config, "dtype", "float32"), tuple(DTYPES))
-    if dtype == "uint8" and (train == "cifar" or subtract_pixel_mean):
+    in_device_memory = bool(_get(config, "on_device", False))
+    resize_method = _choice("resize_method", _get(config, "resize_method", "bilinear"),
+                            RESIZE_METHODS)
+    antialias = bool(_get(config, "antialias", False))
+    pca_lighting = float(_get(config, "pca_lighting", 0.0))
+    if in_device_memory:
+        if (train not in ON_DEVICE_TRAIN_PREPROCESS or evaluation != "none"
+                or resize_method != "bilinear" or antialias or (pca_lighting and train != "none")):
+            raise ValueError(
+                "data.on_device=True needs train_preprocess 'cifar' or 'none', "
+                "eval_preprocess 'none', resize_method 'bilinear', antialias False and "
+                f"pca_lighting 0; got {train!r}, {evaluation!r}, {resize_method!r}, {antialias}, "
+                f"{pca_lighting} (data.on_device=False takes the others)")
+    elif dtype == "uint8" and (train == "cifar" or subtract_pixel_mean):
         raise ValueError(
             "data.dtype='uint8' (pixels normalised on the devices) does not go with "
             "train_preprocess='cifar' or subtract_pixel_mean=True (zero padding and the pixel mean "
@@ -136,15 +161,15 @@ def settings(config) -> Settings:
         eval_preprocess=evaluation,
         resize_size=resize_size,
         scale_range=scale_range,
-        pca_lighting=float(_get(config, "pca_lighting", 0.0)),
+        pca_lighting=pca_lighting,
         mean=mean,
         std=std,
         subtract_pixel_mean=subtract_pixel_mean,
         dtype=dtype,
         cifar_padding=int(_get(config, "cifar_padding", 4)),
-        resize_method=_choice("resize_method", _get(config, "resize_method", "bilinear"),
-                              RESIZE_METHODS),
-        antialias=bool(_get(config, "antialias", False)),
+        resize_method=resize_method,
+        antialias=antialias,
+        in_device_memory=in_device_memory,
     )
 
 

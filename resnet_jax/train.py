@@ -10,6 +10,7 @@ import bisect
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import signal
@@ -23,12 +24,11 @@ from jax import lax
 import numpy as np
 import optax
 from absl import logging
-from clu import periodic_actions
 from etils import epath
 from flax import nnx
 
-from resnet_jax import (checkpoint, data, device_inputs, flops, metrics, models, optim, running_stats,
-                        sharding, validate, workdir as workdirs)
+from resnet_jax import (checkpoint, data, device_data, device_inputs, flops, metrics, models, optim,
+                        running_stats, sharding, validate, workdir as workdirs)
 
 
 @flax.struct.dataclass
@@ -148,8 +148,14 @@ def for_evaluation(state: TrainState, mesh, bn_group_size: int | None) -> TrainS
     return state.replace(batch_stats=running_stats.gather(state.batch_stats, mesh))
 
 
+def on_device(config: Any) -> bool:
+    """data.on_device: the train split in device memory, batches made inside the step."""
+    return bool(config.data.get("on_device", False))
+
+
 def evaluate(eval_fn, state: TrainState, config: Any, mesh) -> dict[str, float]:
-    batches = data.eval_iterator(
+    source = device_data if on_device(config) else data
+    batches = source.eval_iterator(
         config.data, batch_size=sharding.per_process_batch(config.eval.batch_size, "eval.batch_size"),
         process_index=jax.process_index(), process_count=jax.process_count())
     total = None
@@ -289,7 +295,15 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
         mesh = sharding.make_mesh()
         batch_size = sharding.per_process_batch(config.train.batch_size, "train.batch_size")
         sharding.per_process_batch(config.eval.batch_size, "eval.batch_size")
-        info = data.info(config.data)
+        if on_device(config):
+            info = device_data.info(config.data)
+        elif data.tf is None or data.tfds is None:
+            raise validate.SetupError(
+                "data.on_device=False reads data through tf.data, which needs tensorflow and "
+                "tensorflow-datasets (not installed): install them, or set data.on_device=True "
+                f"({device_data.SUPPORTED})")
+        else:
+            info = data.info(config.data)
         steps_per_epoch = info.num_train // config.train.batch_size
         if steps_per_epoch < 1:
             raise validate.SetupError(f"train.batch_size must be at most the {info.num_train} training "
@@ -365,22 +379,32 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
         workdirs.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
 
     batch_spec = sharding.batch_sharding(mesh)
-    train_fn = jax.jit(with_inputs(functools.partial(
-        train_step, graphdef, tx, schedule, config.train.label_smoothing, config.train.skip_nonfinite),
-        config.data), in_shardings=(state_shardings, batch_spec),
-        out_shardings=(state_shardings, replicated), donate_argnums=0)
-    eval_fn = jax.jit(with_inputs(functools.partial(eval_step, eval_graphdef), config.data),
-                      in_shardings=(replicated, batch_spec), out_shardings=replicated)
-
-    batches = sharding.prefetch(data.train_iterator(
-        config.data, batch_size=run.batch_size, seed=config.seed, start_step=start,
-        process_index=jax.process_index(), process_count=jax.process_count()), mesh)
+    step_fn = functools.partial(train_step, graphdef, tx, schedule, config.train.label_smoothing,
+                                config.train.skip_nonfinite)
+    if on_device(config):
+        # The train split in device memory; the step gathers and augments its own batch, a
+        # function of (seed, step) alone (device_data.py).
+        resident = device_data.place(config.data, mesh)
+        make_batch = resident.batch_fn(config.data, config.train.batch_size, config.seed)
+        train_fn = jax.jit(lambda state, arrays: step_fn(state, make_batch(arrays, state.step)),
+                           in_shardings=(state_shardings, resident.shardings),
+                           out_shardings=(state_shardings, replicated), donate_argnums=0)
+        eval_normalise = device_data.eval_normaliser(config.data)
+        eval_fn = jax.jit(lambda state, batch: eval_step(eval_graphdef, state, eval_normalise(batch)),
+                          in_shardings=(replicated, batch_spec), out_shardings=replicated)
+        batches = itertools.repeat(resident.arrays)
+    else:
+        train_fn = jax.jit(with_inputs(step_fn, config.data),
+                           in_shardings=(state_shardings, batch_spec),
+                           out_shardings=(state_shardings, replicated), donate_argnums=0)
+        eval_fn = jax.jit(with_inputs(functools.partial(eval_step, eval_graphdef), config.data),
+                          in_shardings=(replicated, batch_spec), out_shardings=replicated)
+        batches = sharding.prefetch(data.train_iterator(
+            config.data, batch_size=run.batch_size, seed=config.seed, start_step=start,
+            process_index=jax.process_index(), process_count=jax.process_count()), mesh)
     # Progress with ETA goes to the log only: metrics.jsonl holds the named scalars alone.
-    hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps,
-                                             every_steps=config.log_every_steps)]
-    if config.profile_steps > 0 and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
-                                              logdir=str(workdir)))
+    hooks = metrics.progress_hooks(num_steps, config.log_every_steps, config.profile_steps,
+                                   str(workdir))
     names = _parameter_names(params)
     preemption = _Preemption()  # before the first batch is fetched: a signal from then on saves
     last_saved = start or None
