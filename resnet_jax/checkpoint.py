@@ -7,6 +7,7 @@ cut short never replaces the previous good checkpoint. Every process calls save 
 arrays are global and orbax writes each shard once.
 """
 
+import json
 from typing import Any
 
 import jax
@@ -35,9 +36,25 @@ def create_manager(workdir: epath.Path, config: Any) -> ocp.CheckpointManager:
         save_interval_steps=config.every_steps,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=True, **best)
+    directory = workdir / DIRECTORY
     # The handler named, so that item_metadata can read a checkpoint's shapes before restoring it.
-    return ocp.CheckpointManager(workdir / DIRECTORY, options=options,
-                                 item_handlers=ocp.StandardCheckpointHandler())
+    try:
+        return ocp.CheckpointManager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+    except ValueError:  # orbax reads every step's metrics here, and a corrupt file stops it
+        _set_aside(directory, _unreadable_metrics(directory), workdir)
+        return ocp.CheckpointManager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+
+
+def _unreadable_metrics(directory: epath.Path) -> list[tuple[int, str]]:
+    failed = []
+    for step_dir in directory.iterdir():
+        metrics = step_dir / ocp.checkpoint_manager.METRIC_ITEM_NAME / ocp.checkpoint_manager.METRIC_ITEM_NAME
+        if step_dir.name.isdigit() and metrics.exists():
+            try:
+                json.loads(metrics.read_text())
+            except ValueError as error:
+                failed.append(_unreadable(directory, int(step_dir.name), error))
+    return failed
 
 
 def _eval_accuracy(metrics: dict[str, float]) -> float:
@@ -79,41 +96,79 @@ def _shapes(tree: Any) -> list[tuple[int, ...]]:
     return sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: Any, workdir: epath.Path) -> Any | None:
-    """The latest readable checkpoint restored onto `target`'s structure and shardings, or None.
+class UnrestorableError(CheckpointError):
+    """Every checkpoint of a workdir failed to restore: the run does not silently start over."""
 
-    A checkpoint that cannot be read (truncated or corrupted files) is named in the log, moved
-    to WORKDIR/corrupt_checkpoints/STEP so that the run may write that step again, and the one
-    before it is tried. A readable checkpoint of another model (a changed config) is an error,
-    not corruption: it stays where it is.
+
+RESTART_FLAG = "--restart"
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: Any, workdir: epath.Path,
+                   restart: bool = False) -> Any | None:
+    """The latest readable checkpoint restored onto `target`'s structure and shardings, or None
+    where there is none.
+
+    A checkpoint that cannot be read (truncated, corrupted or missing files, unreadable
+    metadata) is named in the log and the one before it is tried; once one restores, the
+    unreadable newer ones are moved to WORKDIR/corrupt_checkpoints/STEP, so that the run may
+    write those steps again. If none restores, UnrestorableError names them all, unless
+    `restart`: then they are moved aside and the run starts from step 0. A readable checkpoint
+    of another model (a changed config) is an error, not corruption: it stays where it is.
     """
+    failed = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            saved = _shapes(manager.item_metadata(step))
+            metadata = manager.item_metadata(step)
+            if metadata is None:  # orbax's answer when the item's _METADATA is missing
+                raise FileNotFoundError("its metadata is missing")
         except Exception as error:  # orbax and tensorstore raise many kinds
-            _set_aside(manager, step, workdir, error)
+            failed.append(_unreadable(manager.directory, step, error))
             continue
-        if saved != _shapes(target):
+        if _shapes(metadata) != _shapes(target):
             raise CheckpointError(f"the checkpoint of step {step} in {manager.directory} holds arrays of "
                                   f"other shapes than this config's model and optimizer; use another "
                                   f"--workdir for another model")
         try:
-            return manager.restore(step, args=ocp.args.StandardRestore(target))
+            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as error:
-            _set_aside(manager, step, workdir, error)
+            failed.append(_unreadable(manager.directory, step, error))
+            continue
+        _set_aside(manager.directory, failed, workdir)
+        manager.reload()
+        return restored
+    if failed and not restart:
+        raise UnrestorableError(
+            f"no checkpoint in {manager.directory} can be restored ("
+            + "; ".join(f"step {step}: {reason}" for step, reason in failed)
+            + f"); {RESTART_FLAG} moves them to {workdir / 'corrupt_checkpoints'} and starts from step 0")
+    _set_aside(manager.directory, failed, workdir)
+    manager.reload()
     return None
 
 
-def _set_aside(manager: ocp.CheckpointManager, step: int, workdir: epath.Path, error: Exception) -> None:
-    aside = workdir / "corrupt_checkpoints" / str(step)
-    logging.warning("The checkpoint of step %d in %s is unreadable (%s: %s); moving it to %s and "
-                    "trying the one before.", step, manager.directory, type(error).__name__,
-                    " ".join(str(error).split())[:300], aside)
+def _unreadable(directory: epath.Path, step: int, error: Exception) -> tuple[int, str]:
+    reason = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+    logging.warning("The checkpoint of step %d in %s is unreadable (%s); trying the one before.",
+                    step, directory, reason)
+    return step, reason
+
+
+def _set_aside(directory: epath.Path, failed: list[tuple[int, str]], workdir: epath.Path) -> None:
+    """Moves the unreadable steps to WORKDIR/corrupt_checkpoints (process 0; the others wait).
+    A step that cannot be moved (no permission) is left where it is, said in the log."""
+    if not failed:
+        return
     if jax.process_index() == 0:
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        (epath.Path(manager.directory) / str(step)).rename(aside)
-    sync_global_devices(f"corrupt checkpoint {step} set aside")
-    manager.reload()
+        for step, _ in failed:
+            aside = workdir / "corrupt_checkpoints" / str(step)
+            try:
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                (epath.Path(directory) / str(step)).rename(aside)
+                logging.warning("Moved the unreadable checkpoint of step %d to %s.", step, aside)
+            except OSError as error:
+                logging.warning("Could not move the unreadable checkpoint of step %d to %s (%s); "
+                                "it stays where it is.", step, aside, error)
+    sync_global_devices(f"corrupt checkpoints {[step for step, _ in failed]} set aside")
 
 
 def read_latest(workdir) -> tuple[int, Any]:

@@ -6,7 +6,8 @@ parametrised configs take an argument (--config=configs/cifar.py:depth=56,plain=
 
 Exit statuses: 0 finished; 75 stopped by SIGTERM (preemption) after saving, to be run again;
 130 stopped by Ctrl-C after saving; 1 a run that cannot go on (non-finite loss, failed save);
-2 a bad flag, config or workdir, refused in one line on stderr before anything is written.
+2 a bad flag, config or workdir, refused in one line on stderr before anything is written, or a
+workdir none of whose checkpoints can be restored (--restart starts it over).
 """
 
 import os
@@ -65,6 +66,8 @@ except Exception as error:
     _fail(_describe_bad_override(sys.argv, error), 2)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and metrics.jsonl.")
 flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose run had another config.")
+flags.DEFINE_bool("restart", False, "Start from step 0 when no checkpoint of the workdir can be "
+                  "restored (they are moved to WORKDIR/corrupt_checkpoints).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs "
                     "that no cluster environment (TPU pod, SLURM, MPI) describes.")
 flags.DEFINE_integer("num_processes", None, "Processes in all, with --coordinator_address.")
@@ -102,8 +105,9 @@ def main(argv):
     try:
         # A multi-process JAX operation issued off the main thread is an error, not a hang.
         with jax.thread_guard(True):
-            train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change)
-    except validate.SetupError as error:
+            train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change,
+                                     restart=FLAGS.restart)
+    except (validate.SetupError, checkpoint.UnrestorableError) as error:
         _fail(str(error), 2)
     except train.Preempted as stop:
         print(f"resnet_jax: {stop}", file=sys.stderr)

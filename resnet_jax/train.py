@@ -331,10 +331,12 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
     return Setup(path, mesh, batch_size, info, steps_per_epoch, num_steps, schedule, tx, model)
 
 
-def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = False) -> TrainState:
+def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = False,
+                       restart: bool = False) -> TrainState:
     """Trains `config`'s model, evaluates and checkpoints it in `workdir`; resumes what is there.
 
-    Raises `Preempted` after saving when SIGTERM or SIGINT asked the run to stop.
+    Raises `Preempted` after saving when SIGTERM or SIGINT asked the run to stop. `restart`:
+    start from step 0 where no checkpoint can be restored (`checkpoint.restore_latest`).
     """
     run = setup(config, workdir, allow_config_change)
     workdir, mesh, info, num_steps, schedule, tx, model = (
@@ -357,7 +359,7 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
         skipped=jnp.zeros((), jnp.int32)), replicated)
 
     manager = checkpoint.create_manager(workdir, config.checkpoint)
-    restored = checkpoint.restore_latest(manager, state, workdir)
+    restored = checkpoint.restore_latest(manager, state, workdir, restart)
     start = 0
     if restored is not None:
         state, start = restored, int(restored.step)

@@ -89,6 +89,30 @@ def test_corrupt_latest_checkpoint_is_named_and_the_one_before_restored(tmp_path
     assert train_steps(workdir) == list(range(1, 46))
 
 
+def test_a_workdir_with_no_restorable_checkpoint_is_refused_until_restart(tmp_path, uninterrupted):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    for step in steps:  # every data file of every checkpoint truncated to nothing
+        for root, _, files in os.walk(workdir / "checkpoints" / str(step) / "default"):
+            for name in files:
+                if not name.startswith("_"):
+                    open(os.path.join(root, name), "wb").close()
+    rows = (workdir / "metrics.jsonl").read_text()
+    refused = subprocess.run(main_command(workdir, **LONG), cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("resnet_jax: error:")]
+    assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-3000:]
+    assert "no checkpoint in" in errors[0] and "--restart" in errors[0], errors
+    assert all(f"step {step}:" in errors[0] for step in steps), errors
+    assert (workdir / "metrics.jsonl").read_text() == rows  # nothing written, nothing moved
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == steps
+    run_main(workdir, "--restart", **LONG)
+    assert train_steps(workdir) == list(range(1, 41))  # from step 0, each row once
+    assert sorted(p.name for p in (workdir / "corrupt_checkpoints").iterdir()) == sorted(map(str, steps))
+    assert_trees_close(latest_params(workdir)[1], latest_params(uninterrupted)[1], rtol=0, atol=0)
+
+
 BAD_CONFIGS = [
     (["--config.model.name=resnet42"], "ImageNet depth must be one of"),
     (["--config.model.name=cifar_resnet21"], "6n\\+2"),
