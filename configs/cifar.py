@@ -4,6 +4,9 @@
 
 depth is 6n+2; plain gives the plain twin; val=True trains on 45k images and evaluates on the
 other 5k of the training set, as the paper's validation split, instead of the test set.
+--config.data.on_device=True holds the decoded train split on the devices and pads, crops and
+flips inside the train step (resnet_jax/device_data.py); with
+--config.data.name=imagefolder:PATH (train/CLASS/*.png, test/CLASS/*.png) it needs no TensorFlow.
 """
 
 from configs import arguments, default

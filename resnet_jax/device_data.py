@@ -226,7 +226,7 @@ class _Source:
         elif self.name.startswith("imagefolder:"):
             files = _folder_files(self._root)[1]
             chosen = [f for n, a, b in _split_rows(spec, self._sizes()) for f in files[n][a:b]]
-            # Threads decode files (PIL releases the GIL); no JAX operation runs on them.
+            # Threads only read and decode files; no JAX operation runs on them.
             with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
                 images = list(pool.map(lambda f: _decode(f[0], size), chosen))
             parts = [(np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),

@@ -84,7 +84,7 @@ def test_unsupported_data_are_refused_in_one_line(monkeypatch):
     assert "at most 1,000 bytes" in _setup_error()
 
 
-def test_digits_decoded_without_tensorflow_equal_the_host_table():
+def test_digits_decoded_and_images_resized_without_tensorflow_equal_the_host_ones():
     tf = pytest.importorskip("tensorflow")
     for size in (8, 16, 32, 20):
         table = data._digits_table(size)
@@ -93,6 +93,12 @@ def test_digits_decoded_without_tensorflow_equal_the_host_table():
             want_images, want_labels = table.lookup[split](rows)
             np.testing.assert_array_equal(images, want_images.numpy(), err_msg=f"{size} {split}")
             np.testing.assert_array_equal(labels, want_labels.numpy())
+    # Down and up, as image folders of other sizes are resized.
+    images = np.random.default_rng(0).integers(0, 256, (4, 37, 23, 3)).astype(np.float32)
+    for size in (8, 32, 50):
+        want = tf.image.resize(images, (size, size), method="bilinear", antialias=False).numpy()
+        np.testing.assert_allclose(device_data.resize_bilinear(images, size), want, rtol=0,
+                                   atol=1e-4)
 
 
 @pytest.fixture(scope="module")
