@@ -27,8 +27,8 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from resnet_jax import (checkpoint, data, device_data, device_inputs, flops, metrics, models, optim,
-                        running_stats, sharding, validate, workdir as workdirs)
+from resnet_jax import (checkpoint, data, device_data, device_inputs, flops, lock, metrics, models,
+                        optim, running_stats, sharding, validate, workdir as workdirs)
 
 
 @flax.struct.dataclass
@@ -336,9 +336,15 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
     """Trains `config`'s model, evaluates and checkpoints it in `workdir`; resumes what is there.
 
     Raises `Preempted` after saving when SIGTERM or SIGINT asked the run to stop. `restart`:
-    start from step 0 where no checkpoint can be restored (`checkpoint.restore_latest`).
+    start from step 0 where no checkpoint can be restored (`checkpoint.restore_latest`). The
+    run holds the workdir (`lock`): another run on it is refused.
     """
     run = setup(config, workdir, allow_config_change)
+    with lock.held(run.workdir):
+        return _train_and_evaluate(run, config, restart)
+
+
+def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
     workdir, mesh, info, num_steps, schedule, tx, model = (
         run.workdir, run.mesh, run.info, run.num_steps, run.schedule, run.tx, run.model)
     if config.compilation_cache_dir:

@@ -5,8 +5,10 @@ writes (config.json, metrics.jsonl) goes through the functions here. Object stor
 append or rename in place: files are written whole, the new text replacing the old one.
 """
 
+import os
 import re
 
+import fsspec
 from etils import epath
 
 # The fsspec package that serves each scheme epath knows beyond gs:// with TensorFlow.
@@ -66,3 +68,24 @@ def write_text(path: epath.Path, text: str) -> None:
         temporary.replace(path)
     else:
         path.write_text(text)
+
+
+def create_new(path: epath.Path, text: str) -> bool:
+    """Writes `text` to `path` only if no file is there, atomically: True if written, False if
+    one was. epath opens no file exclusively, so this goes below it: O_EXCL on a local disk, a
+    create-only put (GCS's ifGenerationMatch=0) through the bucket's fsspec file system."""
+    if _scheme(str(path)) is None:
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+        return True
+    file_system, location = fsspec.core.url_to_fs(str(path))
+    try:
+        with file_system.open(location, "xb") as file:
+            file.write(text.encode())
+    except FileExistsError:
+        return False
+    return True
