@@ -126,15 +126,16 @@ def test_scan_and_remat_change_no_gradient():
                                            err_msg=f"{options} {key}")
 
 
+def lowered_gradient(remat, x):
+    """The gradient of CIFAR ResNet-8's summed logits on x, lowered."""
+    graphdef, params, stats = nnx.split(create("cifar_resnet8", remat=remat), nnx.Param, ...)
+    return jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p, stats, copy=True)(x).sum())).lower(params)
+
+
 def test_remat_recomputes_in_the_backward_pass():
     # On the compiled program, not the jaxpr: XLA's CPU backend merged jax.checkpoint's
     # recomputation back into the forward pass (the same 13 convolutions and temporaries).
-    x = images((32, 16, 16, 3))
-    compiled = {}
-    for remat in (False, True):
-        graphdef, params, stats = nnx.split(create("cifar_resnet8", remat=remat), nnx.Param, ...)
-        grad = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p, stats, copy=True)(x).sum()))
-        compiled[remat] = grad.lower(params).compile()
+    compiled = {remat: lowered_gradient(remat, images((32, 16, 16, 3))).compile() for remat in (False, True)}
     convolutions = {remat: c.as_text().count(" convolution(") for remat, c in compiled.items()}
     # Each of the three blocks runs its two convolutions again.
     assert convolutions[True] == convolutions[False] + 6, convolutions
@@ -181,12 +182,7 @@ def test_remat_on_accelerators_is_jax_checkpoint_keeping_bn_statistics(monkeypat
     # and, the BN statistics kept, reduces nothing more than without remat, so that on a mesh
     # remat adds no collective (tests/test_benchmarks.py counts them).
     monkeypatch.setattr(cpu, "in_use", lambda: False)
-    x = images((4, 8, 8, 3))
-    lowered = {}
-    for remat in (False, True):
-        graphdef, params, stats = nnx.split(create("cifar_resnet8", remat=remat), nnx.Param, ...)
-        grad = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p, stats, copy=True)(x).sum()))
-        lowered[remat] = grad.lower(params).as_text()
+    lowered = {remat: lowered_gradient(remat, images((4, 8, 8, 3))).as_text() for remat in (False, True)}
     convolutions = {remat: text.count("stablehlo.convolution") for remat, text in lowered.items()}
     assert convolutions[True] == convolutions[False] + 6, convolutions
     reductions = {remat: text.count("stablehlo.reduce") for remat, text in lowered.items()}
