@@ -77,6 +77,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
 
     An earlier asynchronous save's failure surfaces here or in `wait`.
     """
+    if metrics is not None:  # written as JSON with the checkpoint: Python numbers, not numpy's
+        metrics = {name: float(value) for name, value in metrics.items()}
     try:
         manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force)
     except Exception as error:

@@ -103,7 +103,12 @@ def check_workdir(workdir: epath.Path, config_json: str, allow_config_change: bo
         logging.info("This workdir's config names compiled_step_dir, no longer used: restarts "
                      "rely on JAX's persistent compilation cache (compilation_cache_dir).")
     now = _flatten(json.loads(config_json))
-    changed = sorted(k for k in before.keys() | now.keys()
+    # Fields added to the configs since that run (data.on_device, say) hold this version's
+    # defaults, of which the old run knew nothing: not a change.
+    added = sorted(now.keys() - before.keys())
+    if added:
+        logging.info("Fields new since this workdir's run, taken at their values: %s", ", ".join(added))
+    changed = sorted(k for k in before.keys()
                      if before.get(k) != now.get(k) and k not in NOT_COMPARED)
     if changed:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])

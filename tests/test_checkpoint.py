@@ -24,7 +24,7 @@ def test_the_best_checkpoint_outlives_restarts(tmp_path):
     for steps in ([10, 20, 30], [40, 50], [60]):
         manager = _manager(tmp_path, keep=1)
         for step in steps:
-            checkpoint.save(manager, step, state, metrics={"eval_accuracy": accuracy[step]})
+            checkpoint.save(manager, step, state, metrics={"eval_accuracy": np.float32(accuracy[step])})
             checkpoint.wait(manager)
         manager.close()
     manager = _manager(tmp_path, keep=1)

@@ -1,6 +1,9 @@
 """The config's numbers are checked before anything runs: each bad one refused in one line."""
 
+import json
+
 import pytest
+from etils import epath
 
 from configs import default
 from resnet_jax import validate
@@ -35,3 +38,14 @@ def test_the_defaults_and_a_fixed_step_count_pass():
     config.train.num_steps = 10
     config.train.num_epochs = 0.0  # unused when num_steps is set
     validate.check_numbers(config)
+
+
+def test_a_workdir_of_an_older_config_resumes_and_a_changed_field_is_refused(tmp_path):
+    config = default.get_config()
+    old = config.to_dict()
+    del old["data"]["on_device"]  # a field the older run's version did not have
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    validate.check_workdir(epath.Path(tmp_path), config.to_json_best_effort(), allow_config_change=False)
+    config.model.shortcut = "C"
+    with pytest.raises(validate.SetupError, match=r"different config \(model.shortcut: 'B' -> 'C'\)"):
+        validate.check_workdir(epath.Path(tmp_path), config.to_json_best_effort(), allow_config_change=False)
