@@ -59,10 +59,11 @@ def test_eight_devices_train_like_one(tmp_path, group):
     run_main(tmp_path / "one", **options)
     run_main(tmp_path / "eight", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, **options)
     eight, one = (checkpoint.read_latest(str(tmp_path / name))[1] for name in ("eight", "one"))
-    # Within float32 rounding of sums taken in another order, grown over 6 steps (up to 1.6e-5
-    # in a BN bias of 1.7e-3 with global BN, where it was below 1e-5 with two-pass statistics).
+    # Within float32 rounding of sums taken in another order, grown over 6 steps. With global
+    # BN's one-pass statistics (layers.py) two runs differed by up to 1.6e-5 and 7.4e-5 (a
+    # stage-3 kernel of 0.024, on 2x2 maps); with two-pass statistics below 1e-5.
     for part in ("params", "batch_stats"):
-        assert_trees_close(eight[part], one[part], rtol=1e-4, atol=5e-5)
+        assert_trees_close(eight[part], one[part], rtol=1e-4, atol=1e-5 if group else 2e-4)
     if group is not None:  # the averaged statistics restore into per-device ones and train on
         result = run_main(tmp_path / "eight", "--allow_config_change",
                           env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
