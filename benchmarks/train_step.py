@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step --model resnet50 --batch-size 16 --image-size 224 \\
         --dtype auto [--steps N] [--devices N] [--scan-blocks] [--remat] [--json] \\
-        [--bn-group-size N] [--cache-dir DIR]
+        [--bn-group-size N] [--stride-on 1x1|3x3] [--cache-dir DIR]
 
 The steps are those of `resnet_jax.train` (train_step, eval_step, TrainState, the optimizer of
 configs/default.py, the mesh of `sharding`), jitted the same way, on random images placed on
@@ -96,6 +96,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--conv-weight-grad", default="auto", choices=("auto", "xla", "matmul"),
                         help="how convolution kernel gradients are computed (models.ResNet)")
     parser.add_argument("--bn-group-size", type=int, default=None)
+    parser.add_argument("--stride-on", default=None, choices=("1x1", "3x3"),
+                        help="ImageNet bottlenecks: the paper's 1x1 (default) or torchvision's 3x3")
     parser.add_argument("--num-classes", type=int, default=None, help="default 10 for CIFAR nets, else 1000")
     parser.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache directory")
     parser.add_argument("--no-eval", action="store_true", help="skip the eval step")
@@ -224,7 +226,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # options the flags set; the rest of the config (optimizer, schedule) is the default's.
     config.model = ml_collections.ConfigDict(dict(
         name=args.model, dtype=args.dtype, scan_blocks=args.scan_blocks, remat=args.remat,
-        bn_group_size=args.bn_group_size, conv_weight_grad=args.conv_weight_grad))
+        bn_group_size=args.bn_group_size, conv_weight_grad=args.conv_weight_grad,
+        **({"stride_on": args.stride_on} if args.stride_on else {})))
     config.train.batch_size = args.batch_size
     num_classes = args.num_classes or (10 if args.model.startswith("cifar") else 1000)
     try:
@@ -278,7 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
         "dtype": str(layers.compute_dtype(args.dtype)), "devices": jax.device_count(), "platform": jax.devices()[0].platform,
         "scan_blocks": args.scan_blocks, "remat": args.remat, "bn_group_size": args.bn_group_size,
-        "conv_weight_grad": args.conv_weight_grad,
+        "conv_weight_grad": args.conv_weight_grad, "stride_on": args.stride_on,
         "steps": args.steps, "cache_dir": args.cache_dir, "cache_files_before": cache_files,
         "params": flops.count_params(model), "param_bytes": param_bytes,
         "batch_stat_bytes": stat_bytes, "macs_per_image": macs,

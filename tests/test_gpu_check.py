@@ -1,0 +1,79 @@
+"""benchmarks/gpu_check.py at tiny sizes on the CPU, as the GPU machine would run it: without
+TensorFlow, TFDS or gcsfs, which that machine lacks (blocked in every process it starts)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import gpu_check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ABSENT = ("tensorflow", "tensorflow_datasets", "gcsfs")
+
+
+def _dry_run(tmp_path, *arguments: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    # A module set to None in sys.modules is one Python cannot find: `import` raises
+    # ModuleNotFoundError and importlib.util.find_spec returns None, as where it is not installed.
+    # sitecustomize runs at the start of this process and of each one it starts (pytest, torch).
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        f"import sys\nfor name in {ABSENT!r}:\n    sys.modules[name] = None\n")
+    out = tmp_path / "check.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(site), ROOT, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run",
+                           "--out", str(out), *arguments],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    lines = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    return done, lines
+
+
+def test_dry_run_runs_every_part_without_tensorflow(tmp_path):
+    done, lines = _dry_run(tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    by_what = {}
+    for line in lines:
+        by_what.setdefault(line["what"], []).append(line)
+    assert by_what["summary"][0]["passed"] == list(gpu_check.PARTS), lines
+    tests = by_what["tests"][0]
+    assert tests["passed"] >= len(gpu_check.DRY_RUN_TESTS) and tests["failed"] == []
+    jax_step, torch_step = by_what["train_step"]
+    assert jax_step["framework"] == "jax" and torch_step["framework"] == "torch"
+    for step in (jax_step, torch_step):
+        assert step["images_per_second"] > 0 and step["batch_size"] == 8
+    assert jax_step["compile_seconds"] > 0 and jax_step["macs_per_image"] > 0
+    # The two frameworks train the same network: torchvision's ResNet-18 has our parameter count.
+    assert jax_step["params"] == 11_689_512
+    assert by_what["train_step_ratio"][0]["jax_over_torch"] > 0
+    cifar = by_what["cifar"][0]
+    assert cifar["on_device"] and cifar["steps_done"] == cifar["steps"] == 3
+    assert 0 <= cifar["test_error_percent"] <= 100 and not cifar["stopped_by_time_guard"]
+    assert all(line["device_kind"] == "cpu" for line in lines)
+
+
+def test_time_guard_stops_the_cifar_run_as_a_preemption(tmp_path):
+    # Part cifar needs 60 s left to start; the guard asks the run to stop 20 s before the limit.
+    done, lines = _dry_run(tmp_path, "--skip", "tests,jax_step,torch_step",
+                           "--cifar-steps", "100000", "--time-limit", "65")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cifar = next(line for line in lines if line["what"] == "cifar")
+    assert cifar["stopped_by_time_guard"] and 0 < cifar["steps_done"] < 100_000
+    assert cifar["test_error_percent"] is not None
+    summary = lines[-1]
+    assert summary["what"] == "summary" and summary["passed"] == ["cifar"]
+    assert set(summary["skipped"]) == {"tests", "jax_step", "torch_step"}
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--skip", "bench"], ["--skip", "'bench'", "tests, jax_step, torch_step, cifar"]),
+    (["--time-limit", "0"], ["--time-limit", "positive"]),
+    (["--cifar-steps", "0"], ["--cifar-steps", "positive"])])
+def test_bad_arguments_are_one_line(argv, words):
+    with pytest.raises(SystemExit) as info:
+        gpu_check.parse_args(argv)
+    message = str(info.value)
+    assert "\n" not in message and all(word in message for word in words), message
