@@ -97,3 +97,27 @@ def test_incompatible_models_are_refused(overrides, message):
     model = models.create("resnet50", num_classes=1000, rngs=nnx.Rngs(0), **overrides)
     with pytest.raises(ValueError, match=message):
         convert.to_torchvision(model)
+
+
+def test_train_mode_gradients_equal_torchvision():
+    # Differentiating through BN in train mode (one reduction per BN forward and backward,
+    # resnet_jax/layers.py) against torch's own BatchNorm2d backward, through all of ResNet-18.
+    net = torchvision_net("resnet18", seed=5).train()
+    model = models.create("resnet18", num_classes=1000, rngs=nnx.Rngs(0), stride_on="3x3")
+    convert.from_torchvision(model, net.state_dict())
+    model.train()
+    rng = np.random.RandomState(1)
+    images = rng.randn(4, 64, 64, 3).astype(np.float32)
+    weights = rng.randn(4, 1000).astype(np.float32)  # the loss: a fixed mix of the logits
+    (torch.from_numpy(weights) * net(torch.from_numpy(images.transpose(0, 3, 1, 2)))).sum().backward()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params):
+        return (jnp.asarray(weights) * nnx.merge(graphdef, params, rest, copy=True)(images)).sum()
+
+    gradients = nnx.merge(graphdef, nnx.grad(loss)(params), rest)
+    ours = convert.to_torchvision(gradients)  # the gradients in torch's names and layouts
+    for key, parameter in net.named_parameters():
+        theirs = parameter.grad.numpy()
+        np.testing.assert_allclose(ours[key], theirs, rtol=0, atol=1e-4 * np.abs(theirs).max() + 1e-7,
+                                   err_msg=key)
