@@ -1,5 +1,5 @@
-"""A jitted function's compile, timed by phase (trace, lower, backend compile), and JAX's
-persistent compilation cache, for the benchmarks that time compiles."""
+"""A jitted function's compile, timed by phase (trace, lower, backend compile), its steps timed,
+and JAX's persistent compilation cache: for the benchmarks that time compiles and steps."""
 
 import os
 import time
@@ -32,3 +32,15 @@ def use_persistent_cache(directory: str) -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def time_steps(call, steps: int) -> list[float]:
+    """Seconds of each of `steps` steps after a warm-up step; none at all for 0 (compile only)."""
+    if steps == 0:
+        return [float("nan")]
+    times = []
+    for _ in range(steps + 1):  # the first is the warm-up
+        began = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - began)
+    return times[1:]

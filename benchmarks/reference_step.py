@@ -1,7 +1,7 @@
-"""Compile time of a plain-JAX ResNet train step: the yardstick for compile times on the machine at hand.
+"""Compile and step time of a plain-JAX ResNet train step: the yardstick on the machine at hand.
 
     python -m benchmarks.reference_step [--scan-blocks] [--cpu-fusion] [--batch-size 8] \\
-        [--image-size 224] [--stages 3,8,36,3] [--cache-dir DIR] [--json]
+        [--image-size 224] [--stages 3,8,36,3] [--steps N] [--cache-dir DIR] [--json]
 
 Issue 5 states its compile targets in seconds, measured on one machine with one JAX: a
 plain-JAX ResNet-152 train step (batch 8, 224) compiled in 13.2 s unrolled and 6.2 s scanned,
@@ -11,7 +11,8 @@ step, written with nothing of resnet_jax's model or train step (it imports only 
 parameters in a dict, `lax.conv_general_dilated`, batch normalisation by mean and variance of the
 batch, softmax cross-entropy, SGD with momentum and weight decay by `jax.tree.map`; with
 `--scan-blocks`, the identical blocks of each stage stacked and run by `lax.scan`. It is timed
-as benchmarks/train_step.py times ours: trace, lower and backend compile. `--cpu-fusion` sets
+as benchmarks/train_step.py times ours: trace, lower and backend compile, and with `--steps N`
+the median of N steps after one warm-up step (step_seconds). `--cpu-fusion` sets
 the XLA flag the main job and benchmarks/train_step.py set (`resnet_jax.cpu`); without it
 XLA runs with its defaults.
 """
@@ -19,6 +20,7 @@ XLA runs with its defaults.
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import jax
@@ -133,11 +135,12 @@ def parse_args(argv):
                         help="bottleneck blocks per stage (3,8,36,3: ResNet-152)")
     parser.add_argument("--scan-blocks", action="store_true")
     parser.add_argument("--cpu-fusion", action="store_true", help="set resnet_jax.cpu's fusion flag")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps after a warm-up; 0 compiles only")
     parser.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache directory")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    for field in ("batch_size", "image_size"):
-        if getattr(args, field) < 1:
+    for field in ("batch_size", "image_size", "steps"):
+        if getattr(args, field) < (0 if field == "steps" else 1):
             parser.error(f"--{field.replace('_', '-')} must be a positive integer; got {getattr(args, field)}")
     return args
 
@@ -158,6 +161,14 @@ def main(argv=None):
               "scan_blocks": args.scan_blocks, "cpu_fusion": args.cpu_fusion, "cache_dir": args.cache_dir,
               "xla_flags": os.environ.get("XLA_FLAGS", ""), "platform": jax.devices()[0].platform, **times,
               "while_loops": compiled.as_text().count(" while(")}
+    if args.steps:
+        state = [params, velocity]
+
+        def step():
+            *state[:], loss = compiled(*state, images, labels)
+            return loss
+
+        result["step_seconds"] = statistics.median(compile_timer.time_steps(step, args.steps))
     if args.json:
         print(json.dumps(result))
     else:

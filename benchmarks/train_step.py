@@ -200,18 +200,6 @@ def _initial_state(params, batch_stats, tx) -> train.TrainState:
     return train.TrainState(**{name: known[name]() for name in fields})
 
 
-def _time_steps(call, steps: int) -> list[float]:
-    """Seconds of each of `steps` steps after a warm-up step; none at all for 0 (compile only)."""
-    if steps == 0:
-        return [float("nan")]
-    times = []
-    for _ in range(steps + 1):  # the first is the warm-up
-        began = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - began)
-    return times[1:]
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Builds, compiles and times the steps; returns the results as a flat dict."""
     if args.devices and jax.device_count() != args.devices:
@@ -275,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         holder[0], *rest = compiled(holder[0], batch)
         return holder[0], rest
 
-    step_times = _time_steps(train_call, args.steps)
+    step_times = compile_timer.time_steps(train_call, args.steps)
     step_seconds = statistics.median(step_times)
     result = {
         "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
@@ -299,7 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           in_shardings=(replicated, batch_spec), out_shardings=replicated)
         eval_state = train.for_evaluation(holder[0], mesh, args.bn_group_size)
         eval_compiled, eval_times = compile_timer.timed_compile(eval_fn, eval_state, eval_batch)
-        times = _time_steps(lambda: eval_compiled(eval_state, eval_batch), args.steps)
+        times = compile_timer.time_steps(lambda: eval_compiled(eval_state, eval_batch), args.steps)
         eval_seconds = statistics.median(times)
         result.update({f"eval_{k}": v for k, v in {
             **eval_times, "step_seconds": eval_seconds, "step_seconds_min": min(times),

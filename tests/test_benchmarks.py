@@ -144,11 +144,12 @@ def test_reference_step_compiles_and_scans_only_when_asked(scan, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.reference_step", "--batch-size", "2", "--image-size", "16",
          "--stages", "1,3", "--cpu-fusion", "--cache-dir", str(tmp_path / "cache"), "--json",
-         *(["--scan-blocks"] if scan else [])],
+         *(["--scan-blocks", "--steps", "2"] if scan else [])],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["compile_seconds"] >= result["backend_compile_seconds"] > 0
+    assert (result["step_seconds"] > 0) if scan else ("step_seconds" not in result)
     # The second stage's two identical blocks: one loop forward and one backward when scanned.
     assert result["while_loops"] == (2 if scan else 0), result
     assert "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion" in result["xla_flags"]
