@@ -3,7 +3,8 @@
     python -m launch.sweep --sweep=configs/sweep_table2.py --workdir=BASE \
         [--mode=local|tpu|slurm] [--dry-run] [--config.FIELD=VALUE ...]
 
-A sweep is a config file (run from the repo root, like every config) with two functions:
+A sweep is a config file (a path, or the name of a shipped one: `--sweep=sweep_table2`) with two
+functions:
 
     get_config(arg=None)  the base config: the sweep file is itself a config that main can train;
     get_sweep()           the points, a list of dicts from dotted config fields to values, e.g.
@@ -37,8 +38,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from resnet_jax import config_files
+
 CONFIG_KEY = "config"
-SLURM_SCRIPT = "launch/slurm.sbatch"
+SLURM_SCRIPT = str(Path(__file__).with_name("slurm.sbatch"))  # in the repository or installed
 
 
 class SweepError(Exception):
@@ -63,8 +66,8 @@ def _one_line(error: Exception) -> str:
 
 def load_config(spec: str):
     """The config of FILE[:ARG], as main would build it."""
-    path, _, arg = spec.partition(":")
     try:
+        path, _, arg = config_files.resolve(spec).partition(":")
         get_config = runpy.run_path(path).get("get_config")
         if get_config is None:
             raise SweepError(f"{path} defines no get_config()")
@@ -142,7 +145,7 @@ def _parse_overrides(flags: list[str]) -> dict[str, str]:
 def expand(sweep_file: str, base_workdir: str, extra_flags: list[str] = ()) -> list[Run]:
     """The runs of a sweep, each point checked against its config; SweepError if any is wrong."""
     try:
-        module = runpy.run_path(sweep_file) if Path(sweep_file).is_file() else {}
+        module = runpy.run_path(config_files.resolve(sweep_file))
         get_sweep = module.get("get_sweep")
         if not (callable(get_sweep) and callable(module.get("get_config"))):
             raise SweepError(f"{sweep_file} is not a sweep file: it must define get_config() and get_sweep()")

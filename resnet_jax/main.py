@@ -21,22 +21,22 @@ cpu.set_cpu_fusion()  # before JAX starts its backends
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from resnet_jax import sharding  # noqa: E402
+from resnet_jax import config_files, config_help, sharding  # noqa: E402
 
-_QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "quickstart.py")
-
-
+HELP = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 
 def _fail(message: str, status: int) -> None:
     print(f"resnet_jax: error: {message}", file=sys.stderr)
     sys.exit(status)
 
 
+def _config_spec(argv: list[str]) -> str:
+    return next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), _QUICKSTART)
+
+
 def _base_config(argv: list[str]):
     """The --config file's config without the command line's overrides."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), _QUICKSTART)
-    path, _, arg = spec.partition(":")
+    path, _, arg = _config_spec(argv).partition(":")
     get_config = runpy.run_path(path)["get_config"]
     return get_config(arg) if arg else get_config()
 
@@ -60,6 +60,21 @@ def _describe_bad_override(argv: list[str], error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def _resolve_config_names(argv: list[str]) -> None:
+    """--config=NAME[:ARG] (a shipped config) as the path of its file, in place: ml_collections
+    reads files only."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            argv[i] = "--config=" + config_files.resolve(arg[len("--config="):])
+        elif arg == "--config" and i + 1 < len(argv):
+            argv[i + 1] = config_files.resolve(argv[i + 1])
+
+
+try:
+    _QUICKSTART = config_files.resolve("quickstart")
+    _resolve_config_names(sys.argv)
+except ValueError as error:
+    _fail(f"--config: {error}", 2)
 try:  # ml_collections reads the --config overrides of sys.argv already here
     config_flags.DEFINE_config_file("config", _QUICKSTART, "Experiment config file.", lock_config=True)
 except Exception as error:
@@ -75,8 +90,22 @@ flags.DEFINE_integer("process_id", None, "This process's index, with --coordinat
 FLAGS = flags.FLAGS
 
 
+def _help(argv: list[str]) -> str:
+    try:
+        config = _base_config(argv)
+    except Exception as error:
+        _fail(f"--config: {' '.join(str(error).split())}", 2)
+    ours = ("workdir", "allow_config_change", "restart", "coordinator_address", "num_processes",
+            "process_id")
+    flags_help = "\n".join(f"--{name}: {FLAGS[name].help}" for name in ours)
+    return config_help.text(config, _config_spec(argv).partition(":")[0], flags_help)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with one-line errors instead of tracebacks."""
+    if any(arg in HELP for arg in argv[1:]):
+        sys.stdout.write(_help(argv))
+        sys.exit(0)
     try:
         rest = FLAGS(argv)
         FLAGS.config.to_dict()  # a config file that failed to load raises here

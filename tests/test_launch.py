@@ -163,7 +163,7 @@ def test_slurm_mode_submits_the_batch_script_once_per_run(tmp_path):
     assert len(plan) == 9
     name, workdir, argv = plan[0]
     assert argv == ["sbatch", "--job-name=cifar_depth-20_plain-True", "--partition=gpu", "--time=24:00:00",
-                    "--nodes=2", "--ntasks-per-node=4", "launch/slurm.sbatch",
+                    "--nodes=2", "--ntasks-per-node=4", str(REPO / "launch/slurm.sbatch"),
                     "--config=configs/cifar.py:depth=20,plain=True", "--workdir=/shared/fig6/cifar_depth-20_plain-True"]
 
     # The batch script under a fake srun: one GPU per task, and the main command gets the flags as given.
