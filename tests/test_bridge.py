@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
-from resnet_jax import models
+from resnet_jax import linen, models
 
 
 def test_linen_wrapper_initialises_trains_and_matches_nnx():
@@ -30,10 +31,32 @@ def test_linen_wrapper_initialises_trains_and_matches_nnx():
     # The NNX module with the same weights gives the same outputs.
     model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(7))
     graphdef, nnx_params, nnx_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    nnx_params.replace_by_pure_dict(params)
-    nnx_stats.replace_by_pure_dict(updates["batch_stats"])
+    nnx.replace_by_pure_dict(nnx_params, params)
+    nnx.replace_by_pure_dict(nnx_stats, updates["batch_stats"])
     model = nnx.merge(graphdef, nnx_params, nnx_stats)
     expected, moved = linen_model.apply({"params": params, "batch_stats": updates["batch_stats"]}, x,
                                         mutable=["batch_stats"])
     np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(model.bn1.mean[...], moved["batch_stats"]["bn1"]["mean"], rtol=1e-6)
+
+
+def test_linen_module_has_an_eval_mode_equal_to_nnx_eval():
+    resnet = linen.create("cifar_resnet8", num_classes=10)
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+    variables = resnet.init(jax.random.key(0), x)
+    trained, updates = resnet.apply(variables, x, mutable=["batch_stats"])
+    variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+    evaluated = resnet.apply(variables, x, train=False)
+
+    model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(5))
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    nnx.replace_by_pure_dict(params, variables["params"])
+    nnx.replace_by_pure_dict(batch_stats, variables["batch_stats"])
+    model = nnx.merge(graphdef, params, batch_stats)
+    model.eval()
+    np.testing.assert_array_equal(evaluated, model(x))
+    assert np.abs(np.asarray(trained) - np.asarray(evaluated)).max() > 0.1  # batch vs running BN
+    # Evaluation changes nothing, so it needs nothing mutable; training without a place to put
+    # BN's update is an error, not a silent loss of it.
+    with pytest.raises(ValueError, match=r"mutable=\['batch_stats'\]"):
+        resnet.apply(variables, x)
