@@ -21,7 +21,7 @@ cpu.set_cpu_fusion()  # before JAX starts its backends
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from resnet_jax import config_files, config_help, sharding  # noqa: E402
+from resnet_jax import config_files, config_help, console, sharding  # noqa: E402
 
 HELP = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 
@@ -120,6 +120,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
     del argv
+    console.setup()
     launch = sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                              FLAGS.process_id)
     # After distributed start-up: these import TensorFlow and touch devices.
@@ -130,12 +131,14 @@ def main(argv):
     logging.info("Started by %s: process %d of %d, %d of the %d devices", launch, jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     config = FLAGS.config
-    logging.info("Config:\n%s", config)
+    logging.info("Config %s; differs from configs/default.py in %s (all of it: WORKDIR/config.json)",
+                 _config_spec(sys.argv), _differences(config) or "nothing")
     try:
         # A multi-process JAX operation issued off the main thread is an error, not a hang.
         with jax.thread_guard(True):
             train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change,
                                      restart=FLAGS.restart)
+        logging.info("%s", _result(FLAGS.workdir))
     except (validate.SetupError, checkpoint.UnrestorableError) as error:
         _fail(str(error), 2)
     except train.Preempted as stop:
@@ -143,6 +146,37 @@ def main(argv):
         sys.exit(stop.status)
     except (train.TrainingError, checkpoint.CheckpointError) as error:
         _fail(str(error), 1)
+    finally:
+        console.close()
+
+
+def _differences(config) -> str:
+    """The fields of `config` whose values differ from configs/default.py's, as FIELD=VALUE."""
+    from configs import default  # pylint: disable=import-outside-toplevel
+
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    defaults = dict(flat(default.get_config().to_dict()))
+    return ", ".join(f"{key}={value}" for key, value in flat(config.to_dict())
+                     if key not in defaults or defaults[key] != value)
+
+
+def _result(workdir: str) -> str:
+    """The last line: the final metrics and where the run's files are."""
+    from resnet_jax import metrics, workdir as workdirs  # pylint: disable=import-outside-toplevel
+    path = workdirs.resolve(workdir)
+    rows = metrics.read_rows(path)
+    last_eval = next((row for row in reversed(rows) if "eval_accuracy" in row), {})
+    shown = {k: v for k, v in last_eval.items() if k.startswith(("eval_", "train_"))}
+    figures = ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
+    return (f"Finished step {last_eval.get('step', rows[-1]['step'] if rows else 0)}: "
+            f"{figures or 'no eval'}; metrics in {path / metrics.JSONL}, checkpoints in "
+            f"{path / 'checkpoints'}, the whole log in {path / 'log.txt'}")
 
 
 if __name__ == "__main__":
