@@ -27,8 +27,8 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from resnet_jax import (checkpoint, data, device_data, device_inputs, flops, lock, metrics, models,
-                        optim, running_stats, sharding, validate, workdir as workdirs)
+from resnet_jax import (checkpoint, console, data, device_data, device_inputs, flops, lock, metrics,
+                        models, optim, running_stats, sharding, validate, workdir as workdirs)
 
 
 @flax.struct.dataclass
@@ -341,6 +341,7 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
     """
     run = setup(config, workdir, allow_config_change)
     with lock.held(run.workdir):
+        console.keep_log(run.workdir, jax.process_index())  # the input has passed every check
         return _train_and_evaluate(run, config, restart)
 
 
@@ -451,6 +452,7 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
             if saving:
                 checkpoint.save(manager, step, settled,
                                 metrics=scalars if "eval_accuracy" in scalars else None, force=True)
+                logging.info("Saving the checkpoint of step %d", step)
                 last_saved = step
             if preempted:
                 checkpoint.wait(manager)
