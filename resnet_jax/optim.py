@@ -44,7 +44,9 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int, batch_size: int,
 
 
 def decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
-    """True where weight decay applies: conv and dense kernels, and BN and biases if asked.
+    """True where weight decay applies: every parameter (the paper, Sec. 3.4), or with
+    decay_bn_and_bias=False conv and dense kernels only (the modern exemption of BN scales and
+    biases and of biases).
 
     Told by name, not by rank: stacked (scanned) BN parameters have two axes.
     """

@@ -8,8 +8,9 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import cifar, default
-from resnet_jax import optim, train
+from configs import (cifar, default, plain18, plain34, preact_cifar, resnet18, resnet34, resnet50,
+                     resnet101, resnet152, resnet200)
+from resnet_jax import models, optim, train
 
 
 def test_step_schedule_divides_by_ten_at_epochs_and_scales_with_batch():
@@ -73,6 +74,39 @@ def test_weight_decay_l2_passes_through_momentum_and_spares_bn():
     np.testing.assert_allclose(params["kernel"], 0.95 - 0.5 * (0.09 + 0.095), rtol=1e-6)
     np.testing.assert_array_equal(params["scale"], 1.0)
     assert float(two_steps(optimizer_config(decay_bn_and_bias=True))["scale"][0]) < 1.0
+
+
+PAPER_CONFIGS = [m.get_config for m in (resnet18, resnet34, resnet50, resnet101, resnet152,
+                                         resnet200, plain18, plain34)] + [
+    lambda: cifar.get_config("depth=110"), lambda: cifar.get_config("depth=56,plain=True"),
+    lambda: preact_cifar.get_config("depth=164")]
+
+
+@pytest.mark.parametrize("get_config", PAPER_CONFIGS)
+def test_paper_configs_decay_every_parameter(get_config):
+    # Sec. 3.4: weight decay 1e-4, on every parameter as Caffe and fb.resnet.torch apply it.
+    optimizer = get_config().optimizer
+    assert (optimizer.weight_decay, optimizer.decay_bn_and_bias) == (1e-4, True)
+
+
+@pytest.mark.parametrize("decay_bn_and_bias, decayed", [(True, 62), (False, 21)])
+def test_decay_mask_of_resnet18(decay_bn_and_bias, decayed):
+    # ResNet-18: 20 conv kernels and the classifier's kernel among 62 parameter arrays; the
+    # modern exemption spares the 20 BNs' scales and biases and the classifier's bias.
+    model = nnx.eval_shape(lambda: models.create("resnet18", num_classes=1000, rngs=nnx.Rngs(0)))
+    mask = optim.decay_mask(nnx.state(model, nnx.Param), decay_bn_and_bias)
+    assert sum(jax.tree.leaves(mask)) == decayed and len(jax.tree.leaves(mask)) == 62
+
+
+def test_default_optimizer_decays_bn_and_biases_of_a_network():
+    # Zero gradients from parameters of ones: each parameter, BN's and the classifier bias
+    # included, shrinks by lr x weight decay in the first step.
+    model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
+    params = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+    tx = optim.create_optimizer(default.get_config().optimizer, optax.constant_schedule(0.5))
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    for path, update in jax.tree_util.tree_leaves_with_path(updates):
+        np.testing.assert_allclose(update, -0.5 * 1e-4, rtol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
 def test_decoupled_weight_decay_skips_momentum():
