@@ -1,8 +1,10 @@
 """The parametrised configs' arguments: good ones set the fields, bad ones stop with one line."""
 
 import pytest
+from flax import nnx
 
-from configs import cifar, preact_cifar, vgg
+from configs import cifar, preact_cifar, resnet200, vgg
+from resnet_jax import models, train
 
 
 def test_arguments_set_the_network():
@@ -25,3 +27,14 @@ def test_bad_arguments_name_the_field(module, arg, message):
     with pytest.raises(ValueError) as error:
         module.get_config(arg)
     assert str(error.value) == message
+
+
+def test_resnet200_is_the_pre_activation_network():
+    """He et al. 2016: full pre-activation bottleneck units, the extra BN-ReLU after the last."""
+    config = resnet200.get_config()
+    model = nnx.eval_shape(lambda: train.create_model(config, 1000))  # shapes only: cheap
+    blocks = models.blocks(model)
+    assert [len(stage) for stage in model.stages] == [3, 24, 36, 3]
+    assert {type(info.block).__name__ for info in blocks} == {"BottleneckBlock"}
+    assert {info.block.order for info in blocks} == {"pre"}
+    assert model.bn_final is not None and config.model.shortcut == "B"
