@@ -24,3 +24,9 @@ def integer(args: dict[str, str], key: str, config_file: str) -> int:
         return int(args[key])
     except ValueError:
         raise ValueError(f"{config_file}: {key} must be an integer; got {args[key]!r}") from None
+
+
+def choice(args: dict[str, str], key: str, allowed, config_file: str) -> str:
+    if args[key] not in allowed:
+        raise ValueError(f"{config_file}: {key} must be one of {', '.join(allowed)}; got {args[key]!r}")
+    return args[key]

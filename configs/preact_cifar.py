@@ -1,7 +1,7 @@
 """Pre-activation ResNets on CIFAR-10 (He, Zhang, Ren and Sun 2016, "Identity Mappings in Deep
 Residual Networks", Sec. 4 and 5):
 
-    --config=configs/preact_cifar.py:depth=164,val=False
+    --config=configs/preact_cifar.py:depth=164,val=False,bn=global
 
 depth  block       blocks per stage  parameters (paper)  test error (paper, pre-activation)
 110    basic       18 (6n+2)         1.7M                6.37%
@@ -13,7 +13,8 @@ block="bottleneck"). Training as the paper's appendix: batch 128 (64 on each of 
 divided by 10 at 32k and 48k iterations, weight decay 1e-4, momentum 0.9, He initialisation, and
 lr 0.01 for the first 400 iterations ("not necessary" for pre-activation, the paper remarks,
 but kept as in [1]); the augmentation of [1] (configs/cifar.py); 64k iterations, as [1].
-`--config.model.bn_group_size=64` normalises per 64 examples as its 2 GPUs did.
+bn=paper normalises per 64 examples as its 2 GPUs did; bn=global, the default, over the batch
+(configs/cifar.py says why).
 `--config.model.block_order=post` gives the "original" units of the same tables.
 
 Shortcuts: ResNet-110 keeps option A (zero-padding, no parameters), so that it differs from the
@@ -32,15 +33,17 @@ NETWORKS = {110: ("basic", "A"), 164: ("bottleneck", "B"), 1001: ("bottleneck", 
 
 
 def get_config(arg: str | None = None):
-    args = arguments.parse(arg, dict(depth="164", val="False"), FILE)
+    args = arguments.parse(arg, dict(depth="164", val="False", bn="global"), FILE)
     depth = arguments.integer(args, "depth", FILE)
     arguments.boolean(args, "val", FILE)  # checked here, so that an error names this file
+    arguments.choice(args, "bn", cifar.BN_GROUPS, FILE)
     if depth not in NETWORKS:
         raise ValueError(f"configs/preact_cifar.py: depth must be one of "
                          f"{', '.join(map(str, NETWORKS))}; got {depth}")
     block, shortcut = NETWORKS[depth]
 
-    config = cifar.get_config(f"depth=20,val={args['val']}")  # the CIFAR recipe; model set below
+    # The CIFAR recipe; the model is set below.
+    config = cifar.get_config(f"depth=20,val={args['val']},bn={args['bn']}")
     config.model.update(dict(name=f"cifar_resnet{depth}", block=block, shortcut=shortcut,
                              block_order="pre"))
     # He et al. 2016 warm up every CIFAR network for 400 iterations at lr 0.01.

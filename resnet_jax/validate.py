@@ -69,6 +69,26 @@ def check_numbers(config: Any) -> None:
     _require(_number(smoothing) and 0 <= smoothing < 1, "train.label_smoothing", smoothing, "in [0, 1)")
 
 
+def check_bn_groups(group: Any, batch_size: int, devices: int) -> None:
+    """Ghost BN (model.bn_group_size) normalises each group on its own device, with no
+    collective: every device's part of the batch must hold whole groups. train.batch_size must
+    already divide by the device count."""
+    if group is None:
+        return
+    _require(_int(group) and group >= 1, "model.bn_group_size", group, "a positive integer or unset")
+    per_device = batch_size // devices
+    if per_device % group == 0:
+        return
+    where = f"{devices} device{'s' if devices > 1 else ''}"
+    counts = (f"train on a device count dividing {batch_size // group} (the batch's groups), "
+              if batch_size % group == 0 else "")
+    raise SetupError(
+        f"model.bn_group_size={group} must divide the per-device batch {per_device} "
+        f"(train.batch_size {batch_size} on {where}), since each device normalises whole groups "
+        f"of its own: {counts}set --config.model.bn_group_size to a divisor of {per_device}, or "
+        f"leave it unset for BN over the whole batch (configs/cifar.py: bn=global)")
+
+
 def check_image_size(image_size: int, total_stride: int, model_name: str) -> None:
     """The image must cover the network's total stride, so that its last maps are not all padding."""
     _require(image_size >= total_stride, "data.image_size", image_size,

@@ -15,10 +15,22 @@ def test_arguments_set_the_network():
     assert (config.model.name, config.model.block_order) == ("cifar_resnet110", "pre")
 
 
+def test_bn_paper_normalises_groups_of_64_as_the_two_gpus_did():
+    # Sec. 4.2: batch 128 on two GPUs, Caffe's BN over each GPU's 64. The default: the batch.
+    assert cifar.get_config().model.bn_group_size is None
+    assert cifar.get_config("bn=global").model.bn_group_size is None
+    paper = cifar.get_config("depth=110,bn=paper")
+    assert (paper.model.bn_group_size, paper.train.batch_size) == (64, 128)
+    assert preact_cifar.get_config("depth=164,bn=paper").model.bn_group_size == 64
+    assert preact_cifar.get_config("depth=164").model.bn_group_size is None
+
+
 @pytest.mark.parametrize("module, arg, message", [
     (cifar, "plain=true", "configs/cifar.py: plain must be True or False; got 'true'"),
     (cifar, "depth=abc", "configs/cifar.py: depth must be an integer; got 'abc'"),
-    (cifar, "width=3", "configs/cifar.py takes depth, plain, shortcut, val; got 'width'"),
+    (cifar, "width=3", "configs/cifar.py takes depth, plain, shortcut, val, bn; got 'width'"),
+    (cifar, "bn=ghost", "configs/cifar.py: bn must be one of global, paper; got 'ghost'"),
+    (preact_cifar, "bn=64", "configs/preact_cifar.py: bn must be one of global, paper; got '64'"),
     (vgg, "bn=yes", "configs/vgg.py: bn must be True or False; got 'yes'"),
     (preact_cifar, "val=1", "configs/preact_cifar.py: val must be True or False; got '1'"),
     (preact_cifar, "depth=56", "configs/preact_cifar.py: depth must be one of 110, 164, 1001; got 56"),

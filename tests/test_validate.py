@@ -32,6 +32,26 @@ def test_bad_numbers_are_refused_in_one_line(field, value, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("devices", [1, 2])
+def test_bn_groups_of_64_fit_one_or_two_devices_at_batch_128(devices):
+    validate.check_bn_groups(64, 128, devices)
+    validate.check_bn_groups(None, 128, 8)  # BN over the whole batch: any device count
+
+
+def test_bn_groups_that_span_devices_are_refused_saying_what_to_set():
+    # configs/cifar.py:bn=paper on 8 devices: 16 examples each, groups of 64.
+    with pytest.raises(validate.SetupError) as error:
+        validate.check_bn_groups(64, 128, 8)
+    assert str(error.value) == (
+        "model.bn_group_size=64 must divide the per-device batch 16 (train.batch_size 128 on 8 "
+        "devices), since each device normalises whole groups of its own: train on a device "
+        "count dividing 2 (the batch's groups), set --config.model.bn_group_size to a divisor "
+        "of 16, or leave it unset for BN over the whole batch (configs/cifar.py: bn=global)")
+    with pytest.raises(validate.SetupError, match="^model.bn_group_size must be a positive "
+                                                  "integer or unset; got 0$"):
+        validate.check_bn_groups(0, 128, 1)
+
+
 def test_the_defaults_and_a_fixed_step_count_pass():
     config = default.get_config()
     validate.check_numbers(config)
