@@ -1,17 +1,22 @@
 """Reports runs as the paper does: a results table, training curves, layer responses.
 
     python -m resnet_jax.report table WORKDIR... [--markdown FILE] [--csv FILE]
-    python -m resnet_jax.report curves WORKDIR... --out FILE.png
-    python -m resnet_jax.report responses WORKDIR... --out FILE.png [--images N] [--json FILE]
-    python -m resnet_jax.report lesion --checkpoint WORKDIR [--checkpoint ...] --out-dir DIR
+    python -m resnet_jax.report curves WORKDIR... --out FILE.png [--pdf]
+    python -m resnet_jax.report responses WORKDIR... --out FILE.png [--images N] [--json FILE] [--pdf]
+    python -m resnet_jax.report lesion --checkpoint WORKDIR [--checkpoint ...] --out-dir DIR [--pdf]
 
-`table`: one row per run (final and best eval error, parameters, multiply-adds, training
-images/s) beside the paper's error where the paper has one (Tables 2, 3, 6). `curves`: Fig. 4
-and 6, training error thin and dashed, eval error bold, one colour per network, plain nets and
-ResNets in two panels. `responses`: Fig. 7, the standard deviation of each 3x3 layer's response,
-in depth order and sorted by magnitude. `lesion`: Veit, Wilber and Belongie 2016, the eval
-error with each single block deleted and with k random blocks deleted (lesion.md, lesion.json,
-lesion_blocks.png, lesion_count.png).
+`table`: one row per run: its data set, eval split and test protocol, steps done of its
+schedule, final eval error (the headline) and best, parameters, multiply-adds, training
+images/s; the paper's error beside it only where the paper measured the same network on the
+same data, split and protocol and the run has finished its schedule (`paper_results.py`).
+`curves`: Fig. 4 and 6, training error thin and dashed, eval error bold, one colour per
+network, plain nets and ResNets in two panels. `responses`: Fig. 7, the standard deviation of
+each 3x3 layer's response, in depth order and sorted by magnitude. `lesion`: Veit, Wilber and
+Belongie 2016, the eval error with each single block deleted and with k random blocks deleted
+(lesion.md, lesion.json, lesion_blocks.png, lesion_count.png).
+
+Figures are PNGs at 200 dpi, with a PDF beside each with --pdf. Every command prints one line
+per file it writes. A run without metrics is skipped by `table` and `curves`, with a warning.
 """
 
 import argparse
@@ -28,31 +33,23 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a pod or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from etils import epath  # noqa: E402
+from flax import nnx  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from resnet_jax import analysis, flops, metrics  # noqa: E402
+from resnet_jax import analysis, flops, metrics, paper_results, train  # noqa: E402
 
-# Top-1 error (%) the paper reports. ImageNet: validation, 10-crop testing (Table 2: plain and
-# option A ResNets; Table 3: options A/B/C and the bottleneck nets, B). CIFAR-10: test (Table 6).
-PAPER_ERRORS = {
-    ("plain18", None): 27.94, ("plain34", None): 28.54,
-    ("resnet18", "A"): 27.88, ("resnet34", "A"): 25.03, ("resnet34", "B"): 24.52,
-    ("resnet34", "C"): 24.19, ("resnet50", "B"): 22.85, ("resnet101", "B"): 21.75,
-    ("resnet152", "B"): 21.43,
-    ("cifar_resnet20", "A"): 8.75, ("cifar_resnet32", "A"): 7.51, ("cifar_resnet44", "A"): 7.17,
-    ("cifar_resnet56", "A"): 6.97, ("cifar_resnet110", "A"): 6.43, ("cifar_resnet1202", "A"): 7.93,
-}
+COLUMNS = ("run", "model", "shortcut", "data", "eval_split", "eval_protocol", "steps",
+           "scheduled_steps", "final_error", "final_top5_error", "best_error", "best_chosen_on",
+           "paper_error", "paper_top5_error", "paper_mean", "paper_std", "paper_runs",
+           "paper_table", "note", "parameters", "multiply_adds", "images_per_second")
 
-COLUMNS = ("run", "model", "shortcut", "steps", "final_error", "best_error", "paper_error",
-           "parameters", "multiply_adds", "images_per_second")
+# Training examples of the splits the paper trained on, for runs whose length is given in epochs:
+# the report may run where the data set is not.
+TRAIN_EXAMPLES = {("imagenet2012", "train"): 1_281_167, ("cifar10", "train"): 50_000,
+                  ("cifar10", "train[:45000]"): 45_000}
 
-
-def paper_error(model_name: str, shortcut: str | None, block_order: str = "post",
-                gate: str = "none") -> float | None:
-    """The paper's error for the network it trained: post-activation blocks, no gates."""
-    if block_order != "post" or gate != "none":
-        return None
-    plain = "plain" in model_name
-    return PAPER_ERRORS.get((model_name, None if plain else shortcut))
+DPI = 200
 
 
 def display_name(model_name: str) -> str:
@@ -68,24 +65,56 @@ def _error(accuracy: float) -> float:
     return 100.0 * (1.0 - accuracy)
 
 
-def table_row(workdir: str) -> dict[str, Any]:
-    """A run's results from its workdir: metrics.jsonl, config.json and the model it names."""
-    config, model, _ = analysis.load_model(workdir)
-    rows = metrics.read_rows(workdir)
+def scheduled_steps(config: Any) -> int | None:
+    """The steps the run's schedule has, as train.py counts them; None where it is set in epochs
+    of a split whose size is not known here."""
+    if config.train.num_steps > 0:
+        return config.train.num_steps
+    examples = TRAIN_EXAMPLES.get((config.data.name, config.data.train_split))
+    if examples is None:
+        return None
+    return train.total_steps(config, examples // config.train.batch_size)
+
+
+def _model(workdir: str, config: Any) -> Any:
+    """The run's network as shapes, all that counting needs; from the checkpoint where the
+    config leaves the class count to the data."""
+    num_classes = config.data.get("num_classes")
+    if num_classes is None:
+        return analysis.load_model(workdir)[1]
+    return nnx.eval_shape(lambda: analysis.build_model(config, num_classes))
+
+
+def table_row(workdir: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's results from its config.json and metrics.jsonl `rows`."""
+    config = analysis.load_config(workdir)
     evals = [row for row in rows if "eval_accuracy" in row]
+    top5 = [row for row in evals if "eval_top5_accuracy" in row]
     speeds = [row["images_per_second"] for row in rows if "images_per_second" in row]
+    steps, scheduled = max((row["step"] for row in rows), default=0), scheduled_steps(config)
+    paper, note = paper_results.match(config)
+    if paper is not None and steps != scheduled:
+        # A few hundred iterations of a 64k schedule are not the paper's experiment.
+        done = f"{steps:,} of {scheduled:,} steps" if scheduled else "its length is not known"
+        paper, note = None, f"{paper.table}: shown once the schedule is finished ({done})"
+    shown = dataclasses.asdict(paper) if paper else {}
     name, shortcut = config.model.name, config.model.get("shortcut")
-    # The paper's errors are on the test set (CIFAR) and the validation set (ImageNet), not on a
-    # split held out of the training set.
-    held_out = config.data.eval_split.startswith("train")
+    model = _model(workdir, config)
     return {
         "run": epath.Path(workdir).name, "model": display_name(name),
         "shortcut": "-" if "plain" in name or shortcut is None else shortcut,
-        "steps": max((row["step"] for row in rows), default=0),
+        "data": config.data.name, "eval_split": config.data.eval_split,
+        "eval_protocol": config.data.eval_preprocess,
+        "steps": steps, "scheduled_steps": scheduled,
         "final_error": _error(evals[-1]["eval_accuracy"]) if evals else None,
+        "final_top5_error": _error(top5[-1]["eval_top5_accuracy"]) if top5 else None,
         "best_error": min(_error(row["eval_accuracy"]) for row in evals) if evals else None,
-        "paper_error": None if held_out else paper_error(
-            name, shortcut, config.model.get("block_order", "post"), config.model.get("gate", "none")),
+        # The best of many evals on the split it reports is biased low; on a split held out of
+        # the training set (CIFAR val=True) it is model selection on a validation split.
+        "best_chosen_on": "validation" if config.data.eval_split.startswith("train") else "eval",
+        "paper_error": shown.get("top1"), "paper_top5_error": shown.get("top5"),
+        "paper_mean": shown.get("mean"), "paper_std": shown.get("std"),
+        "paper_runs": shown.get("runs"), "paper_table": shown.get("table"), "note": note,
         "parameters": flops.count_params(model),
         "multiply_adds": flops.count_macs(model, config.data.image_size),
         "images_per_second": statistics.median(speeds) if speeds else None,
@@ -102,11 +131,38 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _paper_cell(row: dict[str, Any]) -> str:
+    if row["paper_error"] is None:
+        return ""
+    text = f"{row['paper_error']:.2f}"
+    if row["paper_runs"]:
+        text += f" best of {row['paper_runs']}, mean {row['paper_mean']:.2f} ± {row['paper_std']:.2f}"
+    if row["paper_top5_error"] is not None:
+        text += f", top-5 {row['paper_top5_error']:.2f}"
+    return f"{text} ({row['paper_table']})"
+
+
+def _markdown_cells(row: dict[str, Any]) -> list[str]:
+    scheduled = _cell(row["scheduled_steps"]) or "?"
+    best = _cell(row["best_error"])
+    return [row["run"], row["model"], row["shortcut"], row["data"], row["eval_split"],
+            row["eval_protocol"], f"{row['steps']:,} of {scheduled}", _cell(row["final_error"]),
+            _cell(row["final_top5_error"]),
+            f"{best} †" if best and row["best_chosen_on"] == "eval" else best,
+            _paper_cell(row), row["note"], _cell(row["parameters"]), _cell(row["multiply_adds"]),
+            _cell(row["images_per_second"])]
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    header = ("run", "model", "shortcut", "steps", "final error (%)", "best error (%)",
-              "paper error (%)", "parameters", "multiply-adds", "train images/s")
+    header = ("run", "network", "shortcut", "data set", "eval split", "eval protocol", "steps",
+              "final error (%)", "final top-5 error (%)", "best error (%)", "paper error (%)",
+              "note", "parameters", "multiply-adds", "train images/s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(_markdown_cells(row)) + " |" for row in rows]
+    lines += ["", "Final error: the last eval, the result to quote. † Best error: the lowest eval "
+              "error of the run, chosen on the split it reports, so biased low (unmarked: chosen "
+              "on a validation split held out of the training set). The paper's error is shown "
+              "for the same network, data set, split and protocol, once the schedule is finished."]
     return "\n".join(lines) + "\n"
 
 
@@ -118,6 +174,28 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+def _warn(message: str) -> None:
+    print(f"resnet_jax.report: warning: {message}", file=sys.stderr)
+
+
+def runs_with_metrics(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """{workdir: its metrics rows}, without the runs that have none: each is named in a warning,
+    so that one unstarted or broken run does not stop a report of many."""
+    found = {}
+    for workdir in workdirs:
+        path = epath.Path(workdir) / metrics.JSONL
+        try:
+            rows = metrics.read_rows(workdir) if path.exists() else None
+        except ValueError as error:
+            _warn(f"skipping {workdir}: {error}")
+            continue
+        if rows:
+            found[workdir] = rows
+        else:
+            _warn(f"skipping {workdir}: {'metrics.jsonl is empty' if rows == [] else 'no metrics.jsonl'}")
+    return found
+
+
 def _labels(workdirs: list[str]) -> list[str]:
     """The paper's name of each run's network; with the workdir's name where two runs share one."""
     names = [display_name(analysis.load_config(w).model.name) for w in workdirs]
@@ -125,41 +203,72 @@ def _labels(workdirs: list[str]) -> list[str]:
             for w, name in zip(workdirs, names)]
 
 
-def _save(fig: Any, axes: list[Any], path: str) -> None:
-    """Legend and grid on each of `axes`, then the figure to `path` (PNG)."""
-    for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
+def _values(workdirs: list[str], field: str, split: str | None = None) -> str:
+    """A data field of the runs ("cifar10"; "cifar10, digits" where they differ); `split`
+    replaces each run's eval split where given."""
+    configs = [analysis.load_config(w).data for w in workdirs]
+    values = [split if split and field == "eval_split" else c[field] for c in configs]
+    return ", ".join(dict.fromkeys(values))
+
+
+def _where(workdirs: list[str], split: str | None = None) -> str:
+    """What a figure is measured on, for its title."""
+    return f"{_values(workdirs, 'name')}, {_values(workdirs, 'eval_split', split)} split"
+
+
+def save(fig: Any, path: epath.PathLike, pdf: bool = False) -> list[str]:
+    """`fig` to `path` as a PNG, and beside it as a PDF with `pdf`; the paths written."""
     fig.tight_layout()
-    with epath.Path(path).open("wb") as f:  # local or a bucket
-        fig.savefig(f, format="png", dpi=120)
+    path = epath.Path(path)
+    written = []
+    for target, kind in [(path, "png")] + ([(path.with_suffix(".pdf"), "pdf")] if pdf else []):
+        with target.open("wb") as f:  # local or a bucket
+            fig.savefig(f, format=kind, dpi=DPI)
+        written.append(str(target))
     plt.close(fig)
+    return written
 
 
-def plot_curves(workdirs: list[str], out: str) -> None:
-    """Fig. 4 and 6: training error (thin, dashed) and eval error (bold) against iterations;
-    plain networks on the left, residual ones on the right, when both are present."""
+def _integer_ticks(axis: Any) -> None:
+    """Ticks on whole numbers only: the axis counts layers, blocks or iterations."""
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_curves(runs: dict[str, list[dict[str, Any]]]) -> Any:
+    """Fig. 4 and 6 from {workdir: metrics rows}: training error (thin, dashed) and eval error
+    (bold) against iterations; plain networks on the left, residual ones on the right."""
+    workdirs = list(runs)
     labels = _labels(workdirs)
     # Networks without shortcuts (plain, VGG) on the left, as in Fig. 4 and 6.
     sides = ["plain" if label.startswith(("plain", "vgg")) else "ResNet" for label in labels]
     panels = [p for p in ("plain", "ResNet") if p in sides]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), sharey=True,
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4), sharey=True,
                              squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        runs = [i for i, side in enumerate(sides) if side == panel]
-        for colour, i in enumerate(runs):
-            rows = metrics.read_rows(workdirs[i])
-            train = [(r["step"], _error(r["train_accuracy"])) for r in rows if "train_accuracy" in r]
+        runs_here = [i for i, side in enumerate(sides) if side == panel]
+        for colour, i in enumerate(runs_here):
+            rows = runs[workdirs[i]]
+            trained = [(r["step"], _error(r["train_accuracy"])) for r in rows if "train_accuracy" in r]
             evals = [(r["step"], _error(r["eval_accuracy"])) for r in rows if "eval_accuracy" in r]
             style = dict(color=f"C{colour}")
-            if train:
-                ax.plot(*zip(*train), linestyle="--", linewidth=0.8, **style)
+            if trained:
+                ax.plot(*zip(*trained), linestyle="--", linewidth=0.8, **style)
             if evals:
-                ax.plot(*zip(*evals), linewidth=2.5, label=labels[i], **style)
-        ax.set_xlabel("iteration")
-        ax.set_title(panel)
-    axes[0][0].set_ylabel("error (%)   (dashed: training, bold: eval)")
-    _save(fig, axes[0], out)
+                ax.plot(*zip(*evals), linewidth=2.5, **style)
+            ax.plot([], [], linewidth=6, label=labels[i], **style)  # the colour's key
+        # The line styles' key, in black: one colour means one network in both styles.
+        ax.plot([], [], "k--", linewidth=0.8, label=f"training error ({_values(workdirs, 'train_split')})")
+        ax.plot([], [], "k-", linewidth=2.5, label=f"eval error ({_values(workdirs, 'eval_split')})")
+        ax.set_xlabel("iterations")
+        _integer_ticks(ax.xaxis)
+        ax.set_title("plain networks" if panel == "plain" else "ResNets")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("top-1 error (%)")
+    data = _values(workdirs, "name")
+    fig.suptitle(f"{data}: training error on the {_values(workdirs, 'train_split')} split, eval "
+                 f"error on the {_values(workdirs, 'eval_split')} split")
+    return fig
 
 
 def _eval_images(config, images: int, split: str | None):
@@ -168,42 +277,51 @@ def _eval_images(config, images: int, split: str | None):
     return analysis.eval_images(config, images)
 
 
-def responses(workdirs: list[str], images: int, split: str | None = None) -> dict[str, list[float]]:
+def responses(workdirs: list[str], images: int,
+              split: str | None = None) -> tuple[dict[str, list[float]], int]:
     """Fig. 7's numbers: each run's 3x3-layer response stds, on the first `images` images of
-    `split` (default: the run's eval split)."""
-    result = {}
+    `split` (default: the run's eval split); and the images there were (a split may hold fewer)."""
+    result, counts = {}, []
     for workdir, label in zip(workdirs, _labels(workdirs)):
         config, model, _ = analysis.load_model(workdir)
         batch, _ = _eval_images(config, images, split)
         result[label] = analysis.layer_responses(model, batch).tolist()
-    return result
+        counts.append(len(batch))
+    return result, min(counts)
 
 
-def plot_responses(stds: dict[str, list[float]], out: str) -> None:
-    """Fig. 7: std against layer index (top) and sorted by magnitude (bottom)."""
+def plot_responses(stds: dict[str, list[float]], where: str) -> Any:
+    """Fig. 7: std against layer index (top) and sorted by magnitude (bottom); `where`: the
+    data set, split and images measured on, for the title."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5))
     for colour, (label, values) in enumerate(stds.items()):
-        top.plot(range(1, len(values) + 1), values, color=f"C{colour}", label=label)
-        bottom.plot(range(1, len(values) + 1), sorted(values, reverse=True), color=f"C{colour}",
-                    label=label)
-    top.set_xlabel("layer index (original)")
-    bottom.set_xlabel("layer index (sorted by magnitude)")
+        layers = range(1, len(values) + 1)
+        top.plot(layers, values, color=f"C{colour}", label=label)
+        bottom.plot(layers, sorted(values, reverse=True), color=f"C{colour}", label=label)
+    top.set_xlabel("3x3 layer index (from the input)")
+    bottom.set_xlabel("3x3 layer index (sorted by std, largest first)")
     for ax in (top, bottom):
-        ax.set_ylabel("std")
-    _save(fig, [top, bottom], out)
+        # The inputs are normalised, so the responses have no physical unit.
+        ax.set_ylabel("std of response\n(after BN, before addition, ReLU)")
+        _integer_ticks(ax.xaxis)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    top.set_title(f"Layer responses: {where}")
+    return fig
 
 
 def lesion(workdirs: list[str], images: int, max_deleted: int, draws: int, seed: int,
-           split: str | None = None) -> dict[str, analysis.LesionStudy]:
+           split: str | None = None) -> tuple[dict[str, analysis.LesionStudy], int]:
     """The lesion study of each run's latest checkpoint on the first `images` images of `split`
-    (default: the run's eval split)."""
-    studies = {}
+    (default: the run's eval split); and the images there were."""
+    studies, counts = {}, []
     for workdir, label in zip(workdirs, _labels(workdirs)):
         config, model, _ = analysis.load_model(workdir)
         batch, labels = _eval_images(config, images, split)
         studies[label] = analysis.lesion_study(model, batch, labels, max_deleted=max_deleted,
                                                draws=draws, seed=seed)
-    return studies
+        counts.append(len(batch))
+    return studies, min(counts)
 
 
 def lesion_markdown(studies: dict[str, analysis.LesionStudy]) -> str:
@@ -221,32 +339,47 @@ def lesion_markdown(studies: dict[str, analysis.LesionStudy]) -> str:
     return "\n".join(lines)
 
 
-def plot_lesion(studies: dict[str, analysis.LesionStudy], out_dir: str) -> None:
-    """Veit et al.'s two figures: error against the deleted block's index (down-sampling blocks
+def plot_lesion(studies: dict[str, analysis.LesionStudy], where: str) -> tuple[Any, Any]:
+    """Veit et al.'s two figures: error against the deleted block, named (down-sampling blocks
     marked with a square, the undeleted network dotted), and error against blocks deleted."""
-    fig, ax = plt.subplots(figsize=(8, 4))
+    blocks_fig, ax = plt.subplots(figsize=(9.5, 4.4))
+    names = max((study.names for study in studies.values()), key=len)
     for colour, (label, study) in enumerate(studies.items()):
         style = dict(color=f"C{colour}")
-        points = [(i, e) for i, e in enumerate(study.single, 1) if e is not None]
-        ax.plot(*zip(*points), marker=".", label=label, **style)
-        down = [(i, e) for i, e in enumerate(study.single, 1) if e is not None and study.downsamples[i - 1]]
+        # A plain block that changes the shape cannot be deleted: a gap in its line.
+        ax.plot(range(len(study.single)), [e if e is not None else float("nan") for e in study.single],
+                marker=".", label=label, **style)
+        down = [(i, e) for i, (e, d) in enumerate(zip(study.single, study.downsamples))
+                if e is not None and d]
         if down:
             ax.plot(*zip(*down), linestyle="", marker="s", markersize=8, fillstyle="none", **style)
         ax.axhline(study.baseline, linestyle=":", linewidth=1, **style)
-    ax.set_xlabel("deleted block (squares: down-sampling)")
-    ax.set_ylabel("eval error (%)")
-    _save(fig, [ax], epath.Path(out_dir) / "lesion_blocks.png")
+    ax.plot([], [], "ks", fillstyle="none", markersize=8, label="down-sampling block")
+    ax.plot([], [], "k:", linewidth=1, label="no block deleted")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    ax.set_xlabel("block deleted")
+    ax.set_ylabel("top-1 eval error (%)")
+    ax.set_title(f"One block deleted: {where}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the lines fill the axes
+    ax.grid(alpha=0.3)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    count_fig, ax = plt.subplots(figsize=(6, 4.4))
     for colour, (label, study) in enumerate(studies.items()):
         ks = list(study.random)
         means = [statistics.mean(study.random[k]) for k in ks]
         spread = [statistics.pstdev(study.random[k]) for k in ks]
         ax.errorbar([0, *ks], [study.baseline, *means], yerr=[0, *spread], marker="o",
                     capsize=3, color=f"C{colour}", label=label)
+    draws = sorted({len(errors) for study in studies.values() for errors in study.random.values()})
+    ax.errorbar([], [], yerr=[], color="k", capsize=3, linestyle="",
+                label=f"mean ± std over {'/'.join(map(str, draws))} random draws")
     ax.set_xlabel("blocks deleted at random")
-    ax.set_ylabel("eval error (%)")
-    _save(fig, [ax], epath.Path(out_dir) / "lesion_count.png")
+    _integer_ticks(ax.xaxis)
+    ax.set_ylabel("top-1 eval error (%)")
+    ax.set_title(f"Random blocks deleted: {where}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return blocks_fig, count_fig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -274,6 +407,8 @@ def _parser() -> argparse.ArgumentParser:
     les.add_argument("--draws", type=int, default=5, help="random draws for each count")
     les.add_argument("--seed", type=int, default=0)
     les.add_argument("--split", help="the data split to measure on (default: the run's eval split)")
+    for figures in (curves, resp, les):
+        figures.add_argument("--pdf", action="store_true", help="also write each figure as a PDF")
     return parser
 
 
@@ -285,9 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "images", 1) < 1:
         return _fail(f"--images must be a positive number of images; got {args.images}")
     try:
-        _run(args)
+        written = _run(args)
     except (ValueError, FileNotFoundError) as error:
         return _fail(str(error).splitlines()[0])
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
@@ -296,31 +433,42 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _run(args: argparse.Namespace) -> None:
+def _write(path: epath.PathLike, text: str) -> str:
+    epath.Path(path).write_text(text)
+    return str(path)
+
+
+def _run(args: argparse.Namespace) -> list[str]:
+    """Runs the command; the paths of the files it wrote."""
+    if args.command in ("table", "curves"):
+        runs = runs_with_metrics(args.workdirs)
+        if not runs:
+            raise ValueError("none of the runs has metrics to report")
     if args.command == "table":
-        rows = [table_row(w) for w in args.workdirs]
-        if args.csv:
-            epath.Path(args.csv).write_text(csv_text(rows))
+        rows = [table_row(w, r) for w, r in runs.items()]
+        written = [_write(args.csv, csv_text(rows))] if args.csv else []
         if args.markdown:
-            epath.Path(args.markdown).write_text(markdown(rows))
-        else:
-            print(markdown(rows), end="")
-    elif args.command == "curves":
-        plot_curves(args.workdirs, args.out)
-    elif args.command == "responses":
-        stds = responses(args.workdirs, args.images, args.split)
-        plot_responses(stds, args.out)
-        if args.json:
-            epath.Path(args.json).write_text(json.dumps(stds, indent=1))
-    elif args.command == "lesion":
-        studies = lesion(args.workdirs, args.images, args.max_deleted, args.draws, args.seed,
-                         args.split)
-        out_dir = epath.Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "lesion.json").write_text(
-            json.dumps({k: dataclasses.asdict(v) for k, v in studies.items()}, indent=1))
-        (out_dir / "lesion.md").write_text(lesion_markdown(studies))
-        plot_lesion(studies, args.out_dir)
+            return [*written, _write(args.markdown, markdown(rows))]
+        print(markdown(rows), end="")
+        return written
+    if args.command == "curves":
+        return save(plot_curves(runs), args.out, args.pdf)
+    if args.command == "responses":
+        stds, images = responses(args.workdirs, args.images, args.split)
+        where = f"{_where(args.workdirs, args.split)}, first {images} images"
+        written = save(plot_responses(stds, where), args.out, args.pdf)
+        return written + ([_write(args.json, json.dumps(stds, indent=1))] if args.json else [])
+    studies, images = lesion(args.workdirs, args.images, args.max_deleted, args.draws, args.seed,
+                             args.split)
+    out_dir = epath.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [_write(out_dir / "lesion.json",
+                      json.dumps({k: dataclasses.asdict(v) for k, v in studies.items()}, indent=1)),
+               _write(out_dir / "lesion.md", lesion_markdown(studies))]
+    blocks_fig, count_fig = plot_lesion(studies, f"{_where(args.workdirs, args.split)}, first "
+                                                 f"{images} images")
+    return (written + save(blocks_fig, out_dir / "lesion_blocks.png", args.pdf)
+            + save(count_fig, out_dir / "lesion_count.png", args.pdf))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""The report on small runs made here: table, curves, layer responses and the lesion study."""
+"""The report: the table against the paper's figures, the figures' axes, on runs made here
+(small trainings for what needs a checkpoint; config.json and metrics.jsonl written by hand for
+the table and the curves)."""
 
 import csv
+import dataclasses
 import io
 import json
 import subprocess
@@ -12,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resnet_jax import analysis, flops, metrics, models, report
+from configs import cifar, plain34, resnet34
+from resnet_jax import analysis, flops, metrics, models, paper_results, report
 import runs
 
 
@@ -38,39 +42,205 @@ def _assert_png(path):
     assert image.std() > 0  # something is drawn
 
 
-def test_table_has_a_row_per_run_with_its_numbers(workdirs, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "resnet_jax.report", "table", *workdirs, "--csv", str(tmp_path / "t.csv"),
-         "--markdown", str(tmp_path / "t.md")], cwd=runs.REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+# Eval accuracies of a written run: the best (0.93) is not the last (0.925).
+EVAL_ACCURACIES = (0.80, 0.92, 0.93, 0.925)
+
+
+def _written_run(workdir, config, last_step, rows=True):
+    """A workdir as a run leaves it, without training: config.json, and metrics.jsonl with a log
+    line and an eval at 4 steps up to `last_step` (rows=False: no metrics.jsonl; []: empty)."""
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if rows is True:
+        rows = [{"step": last_step * (i + 1) // 4, "train_accuracy": 0.5 + 0.1 * i,
+                 "images_per_second": 100.0 + i, "eval_accuracy": accuracy,
+                 "eval_top5_accuracy": min(1.0, accuracy + 0.05)}
+                for i, accuracy in enumerate(EVAL_ACCURACIES)]
+    if rows is not False:
+        (workdir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(workdir)
+
+
+def _digits(**changes):
+    """The quickstart's network and data (digits, not CIFAR-10), as small as the runs here."""
+    return runs.small_config(**changes)
+
+
+def _imagenet(get_config, shortcut, protocol):
+    config = get_config()
+    config.model.shortcut, config.data.eval_preprocess = shortcut, protocol
+    return config
+
+
+def _table(tmp_path, *workdirs):
+    assert _report("table", *workdirs, "--csv", str(tmp_path / "t.csv"),
+                   "--markdown", str(tmp_path / "t.md")) == 0
     rows = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))
+    return {row["run"]: row for row in rows}, (tmp_path / "t.md").read_text()
+
+
+def test_table_has_a_row_per_run_with_its_numbers(workdirs, tmp_path):
+    table, md = tmp_path / "t.csv", tmp_path / "t.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "resnet_jax.report", "table", *workdirs, "--csv", str(table),
+         "--markdown", str(md)], cwd=runs.REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [f"wrote {table}", f"wrote {md}"]
+    rows = list(csv.DictReader(io.StringIO(table.read_text())))
     assert [r["model"] for r in rows] == ["plain-8", "ResNet-8"]
     for row, workdir, name in zip(rows, workdirs, ("cifar_plain8", "cifar_resnet8")):
         evals = [r for r in metrics.read_rows(workdir) if "eval_accuracy" in r]
         assert float(row["final_error"]) == pytest.approx(100 * (1 - evals[-1]["eval_accuracy"]))
+        assert float(row["final_top5_error"]) == pytest.approx(100 * (1 - evals[-1]["eval_top5_accuracy"]))
         assert float(row["best_error"]) == pytest.approx(min(100 * (1 - r["eval_accuracy"]) for r in evals))
         model = models.create(name, num_classes=10, rngs=nnx.Rngs(0))
         assert int(row["parameters"]) == flops.count_params(model)
         assert int(row["multiply_adds"]) == flops.count_macs(model, 8)
-        assert int(row["steps"]) == runs.SMALL["train.num_steps"]
-        assert float(row["images_per_second"]) > 0
-    lines = (tmp_path / "t.md").read_text().splitlines()
-    assert len(lines) == 4 and "plain-8" in lines[2] and "ResNet-8" in lines[3]
-
-
-def test_paper_errors_and_names():
-    assert report.paper_error("cifar_resnet56", "A") == 6.97
-    assert report.paper_error("resnet34", "C") == 24.19
-    assert report.paper_error("plain34", "B") == 28.54  # a plain net has no shortcut to match
-    assert report.paper_error("cifar_resnet8", "A") is None
+        assert int(row["steps"]) == int(row["scheduled_steps"]) == runs.SMALL["train.num_steps"]
+        assert (row["data"], row["eval_split"], row["eval_protocol"]) == ("digits", "test", "none")
+        assert row["paper_error"] == "" and float(row["images_per_second"]) > 0
+    lines = md.read_text().splitlines()
+    assert "plain-8" in lines[2] and "ResNet-8" in lines[3] and lines[4] == ""
+    assert "| 6 of 6 |" in lines[3]
     assert report.display_name("cifar_plain20") == "plain-20"
     assert report.display_name("resnet152") == "ResNet-152"
 
 
-def test_curves_are_drawn(workdirs, tmp_path):
+def test_table_shows_the_paper_only_for_the_same_network_data_split_and_protocol(tmp_path):
+    made = tmp_path / "runs"
+    workdirs = [
+        _written_run(made / "resnet110", cifar.get_config("depth=110"), 64_000),
+        _written_run(made / "resnet110_half", cifar.get_config("depth=110"), 32_000),
+        _written_run(made / "resnet110_val", cifar.get_config("depth=110,val=True"), 64_000),
+        _written_run(made / "digits", _digits(**{"model.name": "cifar_resnet20"}), 6),
+        # 120 epochs of ImageNet at batch 256: 600,480 steps (train.total_steps).
+        _written_run(made / "resnet34_10crop", _imagenet(resnet34.get_config, "A", "ten_crop"), 600_480),
+        _written_run(made / "resnet34_center", _imagenet(resnet34.get_config, "A", "center"), 600_480),
+        _written_run(made / "plain34", _imagenet(plain34.get_config, "B", "ten_crop"), 600_480),
+    ]
+    rows, md = _table(tmp_path, *workdirs)
+    protocols = {run: (r["data"], r["eval_split"], r["eval_protocol"]) for run, r in rows.items()}
+    assert protocols == {
+        "resnet110": ("cifar10", "test", "none"), "resnet110_half": ("cifar10", "test", "none"),
+        "resnet110_val": ("cifar10", "train[45000:]", "none"), "digits": ("digits", "test", "none"),
+        "resnet34_10crop": ("imagenet2012", "validation", "ten_crop"),
+        "resnet34_center": ("imagenet2012", "validation", "center"),
+        "plain34": ("imagenet2012", "validation", "ten_crop")}
+    best = rows["resnet110"]
+    # Table 6's "best (mean +- std)" of 5 runs.
+    assert (best["paper_error"], best["paper_mean"], best["paper_std"], best["paper_runs"],
+            best["paper_table"]) == ("6.43", "6.61", "0.16", "5", "Table 6")
+    assert "6.43 best of 5, mean 6.61 ± 0.16 (Table 6)" in md
+    assert (rows["resnet34_10crop"]["paper_error"], rows["plain34"]["paper_error"]) == ("25.03", "28.54")
+    for run in ("resnet110_half", "resnet110_val", "digits", "resnet34_center"):
+        assert rows[run]["paper_error"] == rows[run]["paper_mean"] == "", run
+    assert rows["resnet110_half"]["note"] == ("Table 6: shown once the schedule is finished "
+                                              "(32,000 of 64,000 steps)")
+    assert "train[45000:]" in rows["resnet110_val"]["note"]
+    assert "ten_crop" in rows["resnet34_center"]["note"] and "center" in rows["resnet34_center"]["note"]
+    assert rows["digits"]["note"] == ""  # the paper has nothing on digits to point to
+    # The last eval is the headline; the best is marked where it was chosen on the split it reports.
+    assert float(best["final_error"]) == pytest.approx(7.5)
+    assert float(best["best_error"]) == pytest.approx(7.0)
+    assert (best["best_chosen_on"], rows["resnet110_val"]["best_chosen_on"]) == ("eval", "validation")
+    lines = {line.split(" | ")[0].strip("| "): line for line in md.splitlines()}
+    assert "| 7.00 † |" in lines["resnet110"] and "| 7.00 |" in lines["resnet110_val"]
+    assert "| 32,000 of 64,000 |" in lines["resnet110_half"]
+    assert int(best["parameters"]) == 1_727_962  # DESIGN.md's ResNet-110, option A
+
+
+def test_paper_match_needs_the_paper_network_and_input():
+    assert paper_results.match(cifar.get_config("depth=56"))[0].top1 == 6.97
+    assert paper_results.match(cifar.get_config("depth=8")) == (None, "")
+    config = _imagenet(resnet34.get_config, "C", "ten_crop")
+    assert paper_results.match(config)[0].top1 == 24.19
+    config.model.stride_on = "3x3"  # torchvision's v1.5 is another network
+    result, why = paper_results.match(config)
+    assert result is None and "stride_on=3x3" in why
+    fifty = _imagenet(resnet34.get_config, "B", "ten_crop")
+    fifty.model.name = "resnet50"
+    assert (paper_results.match(fifty)[0].top1, paper_results.match(fifty)[0].top5) == (22.85, 6.71)
+    fifty.data.image_size = 160
+    assert paper_results.match(fifty)[0] is None
+    pre = cifar.get_config("depth=110")
+    pre.model.block_order = "pre"  # He et al. 2016's blocks, not this paper's
+    assert paper_results.match(pre)[0] is None
+    # One figure per condition in the table.
+    keys = [(r.data, r.protocol, r.model, r.shortcut) for r in paper_results.PAPER]
+    assert len(keys) == len(set(keys))
+
+
+def test_runs_without_metrics_are_skipped_with_a_warning(tmp_path, capsys):
+    good = _written_run(tmp_path / "good", _digits(), 6)
+    missing = _written_run(tmp_path / "missing", _digits(), 6, rows=False)
+    empty = _written_run(tmp_path / "empty", _digits(), 6, rows=[])
+    rows, _ = _table(tmp_path, good, missing, empty)
+    assert list(rows) == ["good"]
+    out, err = capsys.readouterr()
+    assert err == (f"resnet_jax.report: warning: skipping {missing}: no metrics.jsonl\n"
+                   f"resnet_jax.report: warning: skipping {empty}: metrics.jsonl is empty\n")
+    assert out == f"wrote {tmp_path / 't.csv'}\nwrote {tmp_path / 't.md'}\n"
+    assert _report("curves", good, missing, "--out", str(tmp_path / "c.png")) == 0
+    assert f"skipping {missing}" in capsys.readouterr().err
+    _assert_png(tmp_path / "c.png")
+    assert _report("table", missing, empty) == 2
+    assert capsys.readouterr().err.endswith("error: none of the runs has metrics to report\n")
+
+
+def _integers(ticks):
+    return all(float(t).is_integer() for t in ticks)
+
+
+def test_curves_ticks_labels_and_files(tmp_path, capsys):
+    runs_here = {w: metrics.read_rows(w) for w in (
+        _written_run(tmp_path / "plain", _digits(**{"model.name": "cifar_plain8"}), 6),
+        _written_run(tmp_path / "resnet", _digits(), 6))}
+    fig = report.plot_curves(runs_here)
+    plain, resnet = fig.axes
+    assert (plain.get_title(), resnet.get_title()) == ("plain networks", "ResNets")
+    assert "digits" in fig.get_suptitle() and "test split" in fig.get_suptitle()
+    for ax in (plain, resnet):
+        assert _integers(ax.get_xticks()) and ax.get_xlabel() == "iterations"
+        keys = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert keys[-2:] == ["training error (train)", "eval error (test)"]
+    assert plain.get_ylabel() == "top-1 error (%)"
     out = tmp_path / "curves.png"
-    result = _report("curves", *workdirs, "--out", str(out))
-    assert result == 0
+    written = report.save(fig, out, pdf=True)
+    assert written == [str(out), str(tmp_path / "curves.pdf")]
+    height, width = matplotlib.image.imread(str(out)).shape[:2]
+    assert (width, height) == tuple(round(s * report.DPI) for s in fig.get_size_inches())
+    assert report.DPI >= 150 and (tmp_path / "curves.pdf").read_bytes().startswith(b"%PDF")
+    assert _report("curves", *runs_here, "--out", str(out), "--pdf") == 0
+    assert capsys.readouterr().out == f"wrote {out}\nwrote {tmp_path / 'curves.pdf'}\n"
+
+
+def test_response_and_lesion_figures_count_in_integers_and_name_blocks():
+    fig = report.plot_responses({"plain-8": [1.0, 0.8, 0.9, 0.7, 0.75, 0.6, 0.5],
+                                 "ResNet-8": [1.0, 0.5, 0.4, 0.3, 0.35, 0.2, 0.25]},
+                                "digits, test split, first 40 images")
+    for ax in fig.axes:
+        assert _integers(ax.get_xticks()) and ax.get_xlabel().startswith("3x3 layer")
+        assert "std" in ax.get_ylabel() and ax.get_legend() is not None
+    assert fig.axes[0].get_title() == "Layer responses: digits, test split, first 40 images"
+    study = analysis.LesionStudy(
+        baseline=10.0, names=["stage1.0", "stage2.0", "stage3.0"], downsamples=[False, True, True],
+        single=[12.0, 30.0, 25.0], random={1: [12.0, 30.0], 2: [40.0, 35.0], 3: [60.0, 60.0]})
+    plain = dataclasses.replace(study, single=[15.0, None, None])
+    blocks, count = report.plot_lesion({"ResNet-8": study, "plain-8": plain}, "digits, test split")
+    (ax,) = blocks.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["stage1.0", "stage2.0", "stage3.0"]
+    assert ax.get_ylabel() == "top-1 eval error (%)" and "digits, test split" in ax.get_title()
+    keys = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert keys == ["ResNet-8", "plain-8", "down-sampling block", "no block deleted"]
+    (ax,) = count.axes
+    assert _integers(ax.get_xticks()) and ax.get_xlabel() == "blocks deleted at random"
+    assert [t.get_text() for t in ax.get_legend().get_texts()][-1] == "mean ± std over 2 random draws"
+
+
+def test_curves_are_drawn(workdirs, tmp_path, capsys):
+    out = tmp_path / "curves.png"
+    assert _report("curves", *workdirs, "--out", str(out)) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
     _assert_png(out)
 
 
@@ -88,10 +258,11 @@ def _direct_responses(model, images):
     return [float(np.std(np.asarray(o), axis=(0, 1, 2)).mean()) for o in outputs]
 
 
-def test_layer_responses_equal_a_direct_computation(workdirs, tmp_path):
+def test_layer_responses_equal_a_direct_computation(workdirs, tmp_path, capsys):
     out, numbers = tmp_path / "responses.png", tmp_path / "responses.json"
     result = _report("responses", *workdirs, "--out", str(out), "--images", "40", "--json", str(numbers))
     assert result == 0
+    assert capsys.readouterr().out == f"wrote {out}\nwrote {numbers}\n"
     _assert_png(out)
     reported = json.loads(numbers.read_text())
     assert list(reported) == ["plain-8", "ResNet-8"]
@@ -130,10 +301,14 @@ def test_lesion_equals_zeroed_branch_weights(workdirs):
     assert study.random[3] == [analysis.error_rate(zeroed, images, labels)] * 2
 
 
-def test_lesion_command_marks_what_a_plain_net_cannot_lose(workdirs, tmp_path):
+def test_lesion_command_marks_what_a_plain_net_cannot_lose(workdirs, tmp_path, capsys):
     result = _report("lesion", "--checkpoint", workdirs[0], "--checkpoint", workdirs[1],
-                     "--out-dir", str(tmp_path), "--images", "32", "--max-deleted", "1", "--draws", "1")
+                     "--out-dir", str(tmp_path), "--images", "32", "--max-deleted", "1", "--draws", "1",
+                     "--pdf")
     assert result == 0
+    files = ("lesion.json", "lesion.md", "lesion_blocks.png", "lesion_blocks.pdf",
+             "lesion_count.png", "lesion_count.pdf")
+    assert capsys.readouterr().out == "".join(f"wrote {tmp_path / f}\n" for f in files)
     studies = json.loads((tmp_path / "lesion.json").read_text())
     # plain-8: only the first block keeps its input's shape, so only it can be deleted.
     assert [e is None for e in studies["plain-8"]["single"]] == [False, True, True]
