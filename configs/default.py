@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
         scan_blocks=False,          # one scanned block per stage: faster compiles on accelerators
         remat=False,                # recompute each block's activations: less memory, more compute
         conv_weight_grad="auto",    # kernel gradients as matrix products on CPU, where XLA's are slow
+        init_from="",               # fine-tuning: a torchvision .pth or .safetensors file of
+                                    # weights to start from (a new classifier if classes differ)
     ))
 
     config.data = ml_collections.ConfigDict(dict(

@@ -172,16 +172,26 @@ def _check_torchvision_layout(model: models.ResNet | vgg.VGG) -> None:
                              "model with stride_on='3x3'")
 
 
-def from_torchvision(model: models.ResNet | vgg.VGG, state_dict: Mapping[str, Any]) -> None:
+def from_torchvision(model: models.ResNet | vgg.VGG, state_dict: Mapping[str, Any],
+                     fine_tune: bool = False) -> list[str]:
     """Loads a torchvision ResNet's or VGG's state dict (torch tensors or numpy arrays) into `model`.
 
     `model` must be `create("resnetN", stride_on="3x3", shortcut="B")` of the same depth and
     class count, or `create("vgg16")` (and so on) of the same name and class count. Every
     parameter and BN running statistic is loaded; a missing, unexpected or misshapen key raises
-    a ValueError that names it. Nothing is changed unless all keys fit.
+    a ValueError that names it and both shapes. Nothing is changed unless all keys fit.
+
+    `fine_tune=True` starts a new task from the weights: a `module.` prefix (torch's
+    DistributedDataParallel) is dropped, and where the classifier's class count differs from the
+    model's, the model keeps its own freshly initialised classifier. Returns what it changed so,
+    for the log.
     """
     _check_torchvision_layout(model)
     expected = list(_tensors(model))
+    changes = []
+    if fine_tune:
+        state_dict, changes, replaced = _for_fine_tuning(state_dict, expected)
+        expected = [t for t in expected if t[0] not in replaced]
     known = {key for key, _, _, _ in expected}
     for key in state_dict:
         if key not in known and not key.endswith(_COUNTER):
@@ -197,6 +207,50 @@ def from_torchvision(model: models.ResNet | vgg.VGG, state_dict: Mapping[str, An
             raise ValueError(f"{key!r} has shape {value.shape} in the state dict; this model needs {needed}")
         loaded.append((variable, index, _from_torch_layout(value, layout)))
     _write(loaded)
+    return changes
+
+
+def _for_fine_tuning(state_dict: Mapping[str, Any],
+                     expected: list[Tensor]) -> tuple[dict, list[str], tuple[str, ...]]:
+    """(the state dict to load, what was changed, the model's keys left as they are)."""
+    changes, replaced = [], ()
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
+        changes.append("dropped the 'module.' prefix of DistributedDataParallel")
+    state_dict = dict(state_dict)
+    last_weight, last_bias = expected[-2][0], expected[-1][0]  # the classifier comes last
+    ours = _shape(expected[-1][1], expected[-1][2])[0]
+    theirs = np.shape(state_dict.get(last_bias, ()))
+    if theirs and theirs[0] != ours:
+        del state_dict[last_weight], state_dict[last_bias]
+        replaced = (last_weight, last_bias)
+        changes.append(f"the classifier ({theirs[0]} classes in the weights) is replaced by a new "
+                       f"one of {ours} classes")
+    return state_dict, changes, replaced
+
+
+def read_weights(path: str) -> dict[str, Any]:
+    """A state dict from a file: torch's `.pth`/`.pt` (torch.save of a state dict, loaded with
+    weights_only) or `.safetensors`."""
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    name = epath.Path(path).name
+    if not name.endswith((".safetensors", ".pth", ".pt")):
+        raise ValueError(f"{path}: weights are read from .pth, .pt or .safetensors files")
+    with epath.Path(path).open("rb") as f:
+        data = f.read()
+    if name.endswith(".safetensors"):
+        try:
+            from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+        except ImportError:
+            raise ValueError(f"{path}: reading safetensors needs `pip install safetensors`") from None
+        return load(data)
+    import io  # pylint: disable=import-outside-toplevel
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        raise ValueError(f"{path}: reading torch files needs `pip install torch`") from None
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return state.get("state_dict", state)  # a training script's {"state_dict": ...} too
 
 
 def to_torchvision(model: models.ResNet | vgg.VGG) -> dict[str, np.ndarray]:

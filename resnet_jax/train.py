@@ -27,8 +27,9 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from resnet_jax import (checkpoint, console, data, device_data, device_inputs, flops, lock, metrics,
-                        models, optim, running_stats, sharding, validate, workdir as workdirs)
+from resnet_jax import (checkpoint, console, convert, data, device_data, device_inputs, flops,
+                        lock, metrics, models, optim, running_stats, sharding, validate,
+                        workdir as workdirs)
 
 
 @flax.struct.dataclass
@@ -45,7 +46,7 @@ class TrainState:
 
 def model_options(config: Any) -> dict[str, Any]:
     """The `model` section less the name: the overrides `models.create` takes."""
-    return {k: v for k, v in config.model.items() if k != "name"}
+    return {k: v for k, v in config.model.items() if k not in ("name", "init_from")}
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -282,6 +283,16 @@ class Setup:
     model: nnx.Module  # models.ResNet or vgg.VGG
 
 
+def _start_from(model: nnx.Module, path: str) -> None:
+    """Fine-tuning: the weights of a torchvision `.pth` or a `.safetensors` file in `model`
+    (`convert.from_torchvision(fine_tune=True)`); a checkpoint restored later replaces them."""
+    try:
+        changes = convert.from_torchvision(model, convert.read_weights(path), fine_tune=True)
+    except (ValueError, OSError) as error:
+        raise validate.SetupError(f"model.init_from: {validate.one_line(error)}") from error
+    logging.info("Starting from the weights of %s%s", path, "".join(f"; {c}" for c in changes))
+
+
 def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup:
     """Checks the config and workdir and builds the run's parts; writes nothing but the workdir
     itself. Any problem raises `validate.SetupError`, one line, on every process alike."""
@@ -323,6 +334,8 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
             model = create_model(config, info.num_classes)
         except (ValueError, TypeError) as error:  # its messages name the field inside `model`
             raise validate.SetupError(f"model: {validate.one_line(error)}") from error
+        if config.model.get("init_from"):
+            _start_from(model, config.model.init_from)
         validate.check_image_size(info.image_shape[0], model.total_stride, config.model.name)
         path = workdirs.resolve(workdir)
         validate.check_workdir(path, config.to_json_best_effort(), allow_config_change)

@@ -121,3 +121,29 @@ def test_train_mode_gradients_equal_torchvision():
         theirs = parameter.grad.numpy()
         np.testing.assert_allclose(ours[key], theirs, rtol=0, atol=1e-4 * np.abs(theirs).max() + 1e-7,
                                    err_msg=key)
+
+
+def test_fine_tuning_from_another_class_count_and_a_ddp_prefix(tmp_path):
+    net = torchvision_net("resnet18", seed=2)
+    state = {f"module.{key}": value for key, value in net.state_dict().items()}
+    torch.save(state, tmp_path / "weights.pth")
+    model = models.create("resnet18", num_classes=10, rngs=nnx.Rngs(0), stride_on="3x3")
+    fresh = np.asarray(model.fc.kernel[...]).copy()
+    changes = convert.from_torchvision(model, convert.read_weights(str(tmp_path / "weights.pth")),
+                                       fine_tune=True)
+    assert len(changes) == 2 and "module." in changes[0] and "1000 classes" in changes[1]
+    np.testing.assert_array_equal(np.asarray(model.fc.kernel[...]), fresh)  # a new classifier
+    np.testing.assert_array_equal(np.asarray(model.conv1.kernel[...]),
+                                  net.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(convert.to_torchvision(model)["layer4.1.bn2.running_mean"],
+                                  net.layer4[1].bn2.running_mean.numpy())
+    # Anything else that does not fit is still named, with both shapes; nothing is loaded.
+    bad = {**net.state_dict(), "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}
+    with pytest.raises(ValueError, match=r"'layer1\.0\.conv1\.weight' has shape \(64, 64, 1, 1\).*"
+                                         r"\(64, 64, 3, 3\)"):
+        convert.from_torchvision(model, bad, fine_tune=True)
+    with pytest.raises(ValueError, match=r"lacks 'layer2\.0\.conv1\.weight'"):
+        convert.from_torchvision(model, {k: v for k, v in net.state_dict().items()
+                                         if k != "layer2.0.conv1.weight"}, fine_tune=True)
+    with pytest.raises(ValueError, match=r"\.pth, \.pt or \.safetensors"):
+        convert.read_weights(str(tmp_path / "weights.npz"))
