@@ -39,7 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
         eval_split="validation",
         image_size=224,
         train_preprocess="paper",    # shorter side in [256, 480], 224 crop, flip (Sec. 3.4)
-        eval_preprocess="center",    # "ten_crop" for the paper's 10-crop testing
+        eval_preprocess="center",    # "ten_crop": the paper's 10-crop testing; "multi_scale": its
+                                     # fully convolutional testing at eval_scales (Sec. 3.4)
+        eval_scales=(224, 256, 384, 480, 640),  # multi_scale: the shorter sides, each with its flip
         resize_size=256,
         scale_range=(256, 480),
         pca_lighting=0.1,            # the standard colour augmentation (Krizhevsky et al. 2012)
@@ -69,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
         skip_nonfinite=False,        # True: a step with a non-finite loss or gradient changes nothing
     ))
     config.optimizer = ml_collections.ConfigDict(dict(
+        name="sgd",                  # the paper; "lars" for batches of 8k and more (You et al. 2017)
         momentum=0.9,
         nesterov=False,
         weight_decay=1e-4,
@@ -77,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
         # the modern exemption, kernels only (Goyal et al. 2017 spare BN's scale and bias; later
         # recipes the classifier's bias too).
         decay_bn_and_bias=True,
+        # LARS only: each kernel's step is scaled by trust x ||w|| / ||g + weight_decay w||.
+        lars_trust_coefficient=0.001,  # You et al. 2017's eta
+        lars_eps=0.0,                # added to that denominator
+        lars_adapt_bn_and_bias=False,  # as MLPerf's ResNet-50: BN and biases unscaled
     ))
     config.schedule = ml_collections.ConfigDict(dict(
         name="step",
@@ -86,7 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
         boundaries_steps=(32_000, 48_000),
         warmup_lr=0.01,
         warmup_steps=0,
-        warmup_epochs=5.0,
+        warmup_epochs=0.0,           # step and cosine: a linear warm-up; none in the paper,
+                                     # 5 for large batches (Goyal et al. 2017)
     ))
     config.eval = ml_collections.ConfigDict(dict(batch_size=256, every_steps=5_000))
     config.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, keep_best=True))

@@ -3,7 +3,8 @@
 The paper (Sec. 3.4): SGD, momentum 0.9, weight decay 1e-4, batch 256, learning rate 0.1
 divided by 10 when the error plateaus. CIFAR (Sec. 4.2): batch 128, 0.1 divided by 10 at 32k and
 48k iterations, stopped at 64k; ResNet-110 warms up at 0.01 for about 400 iterations. For large
-batches: the linear scaling rule and a gradual warm-up (Goyal et al. 2017), and cosine decay.
+batches: the linear scaling rule and a gradual warm-up (Goyal et al. 2017), LARS (You et al.
+2017), and cosine decay.
 """
 
 from typing import Any
@@ -14,15 +15,18 @@ import optax
 
 SCHEDULES = ("step", "paper_cifar", "cosine", "constant")
 WEIGHT_DECAY_MODES = ("l2", "decoupled")
+OPTIMIZERS = ("sgd", "lars")
 
 
 def learning_rate_schedule(config: Any, steps_per_epoch: int, batch_size: int,
                            total_steps: int) -> optax.Schedule:
     """config: the `schedule` section. The rate is base_lr x batch / 256 where `scale_by_batch`.
 
-    step: divided by 10 at each epoch of `boundaries_epochs`. paper_cifar: divided by 10 at each
-    step of `boundaries_steps`, with `warmup_lr` for the first `warmup_steps` (the paper's
-    ResNet-110 warm-up; 0 steps for none). cosine: linear warm-up over `warmup_epochs` from 0,
+    step: divided by 10 at each epoch of `boundaries_epochs`; with `warmup_epochs` > 0, the
+    gradual warm-up of Goyal et al. 2017 (Sec. 2.2) first: from base_lr, the rate of batch 256,
+    up by the same amount each step to the scaled rate, reached at the warm-up's end (none in
+    the paper). paper_cifar: divided by 10 at each step of `boundaries_steps`, with `warmup_lr`
+    for the first `warmup_steps` (the paper's ResNet-110 warm-up; 0 steps for none). cosine: linear warm-up over `warmup_epochs` from 0,
     then cosine decay to 0 at the run's last step. constant: base_lr throughout.
     """
     if config.name not in SCHEDULES:
@@ -31,8 +35,15 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int, batch_size: int,
     if config.name == "constant":
         return optax.constant_schedule(peak)
     if config.name == "step":
-        return optax.piecewise_constant_schedule(
+        drops = optax.piecewise_constant_schedule(
             peak, {int(e * steps_per_epoch): 0.1 for e in config.boundaries_epochs})
+        warmup = int(config.warmup_epochs * steps_per_epoch)
+        if not warmup:
+            return drops
+        # min: a batch under 256 has nothing to warm up to; it starts at its own rate.
+        ramp = optax.linear_schedule(min(config.base_lr, peak), peak, warmup)
+        # As paper_cifar's: the boundaries count from step 0, not from the warm-up's end.
+        return lambda step: jnp.where(step < warmup, ramp(step), drops(step))
     if config.name == "paper_cifar":
         drops = optax.piecewise_constant_schedule(peak, {int(s): 0.1 for s in config.boundaries_steps})
         if not config.warmup_steps:
@@ -57,17 +68,42 @@ def decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
 
 
 def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """config: the `optimizer` section (momentum, nesterov, weight_decay, weight_decay_mode,
-    decay_bn_and_bias).
+    """config: the `optimizer` section (name, momentum, nesterov, weight_decay, weight_decay_mode,
+    decay_bn_and_bias, lars_trust_coefficient, lars_eps, lars_adapt_bn_and_bias).
 
-    "l2" (the paper): weight_decay x w is added to the gradient, so it passes through momentum.
-    "decoupled" (Loshchilov and Hutter 2019): it is added after momentum, scaled by the rate.
+    "sgd" (the paper, Sec. 3.4): momentum SGD. weight_decay_mode "l2" (the paper): weight_decay x
+    w is added to the gradient, so it passes through momentum. "decoupled" (Loshchilov and
+    Hutter 2019): it is added after momentum, scaled by the rate.
+
+    "lars" (You et al. 2017, "Large Batch Training of Convolutional Networks"; `optax.lars`), for
+    batches of 8k and more, as MLPerf's ResNet-50 uses it: each parameter array's step, its
+    gradient plus weight_decay x w, is scaled by lars_trust_coefficient x ||w|| / (||step|| +
+    lars_eps) and by the rate, then goes through momentum. The arrays the trust ratio leaves out
+    (BN's scales and biases and the biases, unless lars_adapt_bn_and_bias) take plain momentum
+    steps at the global rate, as MLPerf's reference does. The ratio is one per array, so a
+    scanned stage (its blocks stacked in one array) cannot take it; `validate` refuses that.
     """
+    if config.name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name must be one of {', '.join(map(repr, OPTIMIZERS))}; "
+                         f"got {config.name!r}")
     if config.weight_decay_mode not in WEIGHT_DECAY_MODES:
         raise ValueError(f"optimizer.weight_decay_mode must be one of "
                          f"{', '.join(map(repr, WEIGHT_DECAY_MODES))}; got {config.weight_decay_mode!r}")
-    decay = optax.add_decayed_weights(
-        config.weight_decay, lambda p: decay_mask(p, config.decay_bn_and_bias))
+    def decayed(params):
+        return decay_mask(params, config.decay_bn_and_bias)
+
+    if config.name == "lars":
+        if config.weight_decay_mode != "l2":
+            raise ValueError(f"optimizer.weight_decay_mode must be 'l2' with optimizer.name='lars' "
+                             f"(its trust ratio measures the decayed step); got "
+                             f"{config.weight_decay_mode!r}")
+        # The same split as weight decay's: kernels, and BN and biases only if asked.
+        return optax.lars(
+            schedule, weight_decay=config.weight_decay, weight_decay_mask=decayed,
+            trust_coefficient=config.lars_trust_coefficient, eps=config.lars_eps,
+            trust_ratio_mask=lambda p: decay_mask(p, config.lars_adapt_bn_and_bias),
+            momentum=config.momentum, nesterov=config.nesterov)
+    decay = optax.add_decayed_weights(config.weight_decay, decayed)
     momentum = optax.trace(decay=config.momentum, nesterov=config.nesterov)
     steps = [decay, momentum] if config.weight_decay_mode == "l2" else [momentum, decay]
     return optax.chain(*steps, optax.scale_by_learning_rate(schedule))

@@ -65,6 +65,14 @@ def check_numbers(config: Any) -> None:
     _require(_number(o.momentum) and 0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "in [0, 1)")
     _require(_number(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay",
              o.weight_decay, "a number >= 0")
+    _require(_number(o.lars_trust_coefficient) and o.lars_trust_coefficient > 0,
+             "optimizer.lars_trust_coefficient", o.lars_trust_coefficient, "a positive number")
+    _require(_number(o.lars_eps) and o.lars_eps >= 0, "optimizer.lars_eps", o.lars_eps, "a number >= 0")
+    # LARS takes one trust ratio per parameter array; a scanned stage stacks its blocks' kernels
+    # in one, which would give them one ratio together.
+    _require(o.name != "lars" or not config.model.get("scan_blocks", False), "model.scan_blocks",
+             config.model.get("scan_blocks"), "False with optimizer.name='lars' (one trust ratio "
+             "per layer)")
     smoothing = config.train.label_smoothing
     _require(_number(smoothing) and 0 <= smoothing < 1, "train.label_smoothing", smoothing, "in [0, 1)")
 

@@ -1,4 +1,6 @@
-"""Schedules, weight decay and the eval step's exact, masked, 10-crop scoring."""
+"""Schedules, weight decay, LARS and the eval step's exact, masked, 10-crop scoring."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ from flax import nnx
 
 from configs import (cifar, default, plain18, plain34, preact_cifar, resnet18, resnet34, resnet50,
                      resnet101, resnet152, resnet200)
-from resnet_jax import models, optim, train
+from resnet_jax import metrics, models, optim, train
 
 
 def test_step_schedule_divides_by_ten_at_epochs_and_scales_with_batch():
@@ -21,6 +23,24 @@ def test_step_schedule_divides_by_ten_at_epochs_and_scales_with_batch():
     assert schedule(3_000) == pytest.approx(0.04)
     assert schedule(6_000) == pytest.approx(0.004)
     assert schedule(9_000) == pytest.approx(0.0004)
+
+
+def test_step_schedule_warms_up_linearly_then_divides_at_the_same_epochs():
+    # Goyal et al. 2017: batch 8k = 32 x 256, lr from 0.1 to 3.2 over 5 epochs, then the drops.
+    # float32 rates; optax's ramp is end + (start - end)(1 - t), a few ulps off at t = 0.
+    approx = functools.partial(pytest.approx, rel=1e-5)
+    config = default.get_config().schedule
+    config.warmup_epochs = 5
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch=100, batch_size=8192, total_steps=12_000)
+    assert schedule(0) == approx(0.1)
+    assert schedule(250) == approx(0.1 + (3.2 - 0.1) / 2)
+    assert schedule(499) == approx(0.1 + (3.2 - 0.1) * 499 / 500)
+    assert schedule(500) == approx(3.2) and schedule(2_999) == approx(3.2)
+    assert schedule(3_000) == approx(0.32)  # epoch 30, counted from step 0
+    assert schedule(6_000) == approx(0.032)
+    # Under batch 256 there is nothing to warm up to: the batch's own rate from the start.
+    small = optim.learning_rate_schedule(config, steps_per_epoch=100, batch_size=128, total_steps=12_000)
+    assert small(0) == approx(0.05) and small(250) == approx(0.05)
 
 
 @pytest.mark.parametrize("depth, first", [(56, 0.1), (110, 0.01)])
@@ -51,8 +71,10 @@ def test_unknown_schedule_is_named():
 
 
 def optimizer_config(**changes):
-    config = ml_collections.ConfigDict(dict(momentum=0.9, nesterov=False, weight_decay=0.1,
-                                            weight_decay_mode="l2", decay_bn_and_bias=False))
+    config = ml_collections.ConfigDict(dict(
+        name="sgd", momentum=0.9, nesterov=False, weight_decay=0.1, weight_decay_mode="l2",
+        decay_bn_and_bias=False, lars_trust_coefficient=0.001, lars_eps=0.0,
+        lars_adapt_bn_and_bias=False))
     config.update(changes)
     return config
 
@@ -114,6 +136,74 @@ def test_decoupled_weight_decay_skips_momentum():
     np.testing.assert_allclose(params["kernel"], 0.95 * 0.95, rtol=1e-6)
     with pytest.raises(ValueError, match="weight_decay_mode must be one of 'l2', 'decoupled'"):
         optim.create_optimizer(optimizer_config(weight_decay_mode="adamw"), optax.constant_schedule(0.1))
+
+
+def one_step(config, lr=0.5):
+    """The first update of a conv kernel and a BN's scale and bias from given gradients."""
+    params = {"conv": {"kernel": jnp.full((3, 3, 2, 4), 2.0)},
+              "bn": {"scale": jnp.ones((4,)), "bias": jnp.full((4,), 0.5)}}
+    grads = {"conv": {"kernel": jnp.full((3, 3, 2, 4), 0.3)},
+             "bn": {"scale": jnp.full((4,), 0.2), "bias": jnp.full((4,), -0.1)}}
+    tx = optim.create_optimizer(config, optax.constant_schedule(lr))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return params, grads, updates
+
+
+def test_lars_scales_kernel_steps_by_the_trust_ratio_and_spares_bn():
+    config = optimizer_config(name="lars", weight_decay=1e-4, decay_bn_and_bias=True)
+    params, grads, lars = one_step(config)
+    _, _, sgd = one_step(optimizer_config(weight_decay=1e-4, decay_bn_and_bias=True))
+    w, g = params["conv"]["kernel"], grads["conv"]["kernel"]
+    step = g + 1e-4 * w
+    ratio = 0.001 * jnp.linalg.norm(w) / jnp.linalg.norm(step)  # about 0.0067
+    np.testing.assert_allclose(lars["conv"]["kernel"], -0.5 * ratio * step, rtol=1e-5)
+    assert not np.allclose(lars["conv"]["kernel"], sgd["conv"]["kernel"])
+    # The mask (MLPerf's): BN's scale and bias take SGD's step, decayed, not adapted.
+    for name in ("scale", "bias"):
+        np.testing.assert_allclose(lars["bn"][name], sgd["bn"][name], rtol=1e-6)
+    _, _, adapted = one_step(optimizer_config(name="lars", lars_adapt_bn_and_bias=True))
+    assert not np.allclose(adapted["bn"]["scale"], sgd["bn"]["scale"])
+
+
+def network_step(optimizer: str):
+    """The parameter updates of one train step of CIFAR ResNet-8 from He init."""
+    model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    config = default.get_config().optimizer
+    config.name = optimizer
+    schedule = optax.constant_schedule(0.1)
+    tx = optim.create_optimizer(config, schedule)
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                             opt_state=tx.init(params), train_metrics=metrics.TrainMetrics.empty(),
+                             skipped=jnp.zeros((), jnp.int32))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.standard_normal((8, 8, 8, 3), np.float32),
+             "label": rng.integers(0, 10, 8).astype(np.int32)}
+    after, health = jax.jit(functools.partial(train.train_step, graphdef, tx, schedule, 0.0, False))(
+        state, batch)
+    assert bool(health["loss"])
+    return {jax.tree_util.keystr(path): np.asarray(new) - np.asarray(old) for (path, new), old
+            in zip(jax.tree_util.tree_leaves_with_path(after.params), jax.tree.leaves(params))}
+
+
+def test_lars_in_the_train_step_adapts_kernels_only():
+    sgd, lars = network_step("sgd"), network_step("lars")
+    kernels = [name for name in sgd if "kernel" in name]
+    assert kernels and len(kernels) < len(sgd)
+    for name, update in sgd.items():
+        if name in kernels:  # trust ratio 0.001 ||w|| / ||g + wd w||: far smaller steps here
+            assert np.linalg.norm(lars[name]) < 0.05 * np.linalg.norm(update), name
+        else:  # BN and the classifier bias: the first momentum step is SGD's
+            np.testing.assert_allclose(lars[name], update, rtol=1e-5, atol=1e-9, err_msg=name)
+
+
+def test_bad_optimizer_choices_are_named():
+    with pytest.raises(ValueError, match="^optimizer.name must be one of 'sgd', 'lars'; got 'adam'$"):
+        optim.create_optimizer(optimizer_config(name="adam"), optax.constant_schedule(0.1))
+    with pytest.raises(ValueError, match="^optimizer.weight_decay_mode must be 'l2' with "
+                                         "optimizer.name='lars'.*; got 'decoupled'$"):
+        optim.create_optimizer(optimizer_config(name="lars", weight_decay_mode="decoupled"),
+                               optax.constant_schedule(0.1))
 
 
 def test_eval_step_counts_unmasked_examples_and_averages_crops():

@@ -21,6 +21,9 @@ from resnet_jax import validate
     ("train.num_epochs", -1.0, "train.num_epochs must be a positive number"),
     ("optimizer.weight_decay", float("inf"), "optimizer.weight_decay must be a number >= 0; got inf"),
     ("optimizer.momentum", float("nan"), "optimizer.momentum must be in \\[0, 1\\); got nan"),
+    ("optimizer.lars_trust_coefficient", -0.001,
+     "optimizer.lars_trust_coefficient must be a positive number; got -0.001"),
+    ("optimizer.lars_eps", float("inf"), "optimizer.lars_eps must be a number >= 0; got inf"),
     ("checkpoint.keep", 0, "checkpoint.keep must be a positive integer; got 0"),
 ])
 def test_bad_numbers_are_refused_in_one_line(field, value, message):
@@ -50,6 +53,17 @@ def test_bn_groups_that_span_devices_are_refused_saying_what_to_set():
     with pytest.raises(validate.SetupError, match="^model.bn_group_size must be a positive "
                                                   "integer or unset; got 0$"):
         validate.check_bn_groups(0, 128, 1)
+
+
+def test_lars_refuses_scanned_stages():
+    config = default.get_config()
+    config.optimizer.name = "lars"
+    validate.check_numbers(config)
+    config.model.scan_blocks = True
+    with pytest.raises(validate.SetupError, match=r"^model.scan_blocks must be False with "
+                                                  r"optimizer.name='lars' \(one trust ratio per "
+                                                  r"layer\); got True$"):
+        validate.check_numbers(config)
 
 
 def test_the_defaults_and_a_fixed_step_count_pass():
