@@ -26,8 +26,9 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int, batch_size: int,
     gradual warm-up of Goyal et al. 2017 (Sec. 2.2) first: from base_lr, the rate of batch 256,
     up by the same amount each step to the scaled rate, reached at the warm-up's end (none in
     the paper). paper_cifar: divided by 10 at each step of `boundaries_steps`, with `warmup_lr`
-    for the first `warmup_steps` (the paper's ResNet-110 warm-up; 0 steps for none). cosine: linear warm-up over `warmup_epochs` from 0,
-    then cosine decay to 0 at the run's last step. constant: base_lr throughout.
+    for the first `warmup_steps` (the paper's ResNet-110 warm-up; 0 steps for none). cosine:
+    linear warm-up over `warmup_epochs` from 0, then cosine decay to 0 at the run's last step.
+    constant: base_lr throughout.
     """
     if config.name not in SCHEDULES:
         raise ValueError(f"schedule.name must be one of {', '.join(map(repr, SCHEDULES))}; got {config.name!r}")
