@@ -24,11 +24,11 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int, batch_size: int,
 
     step: divided by 10 at each epoch of `boundaries_epochs`; with `warmup_epochs` > 0, the
     gradual warm-up of Goyal et al. 2017 (Sec. 2.2) first: from base_lr, the rate of batch 256,
-    up by the same amount each step to the scaled rate, reached at the warm-up's end (none in
-    the paper). paper_cifar: divided by 10 at each step of `boundaries_steps`, with `warmup_lr`
-    for the first `warmup_steps` (the paper's ResNet-110 warm-up; 0 steps for none). cosine:
-    linear warm-up over `warmup_epochs` from 0, then cosine decay to 0 at the run's last step.
-    constant: base_lr throughout.
+    up by the same amount each step to the scaled rate, reached at the warm-up's end (from 0
+    where the rate is not above base_lr; none in the paper). paper_cifar: divided by 10 at each
+    step of `boundaries_steps`, with `warmup_lr` for the first `warmup_steps` (the paper's
+    ResNet-110 warm-up; 0 steps for none). cosine: linear warm-up over `warmup_epochs` from 0,
+    then cosine decay to 0 at the run's last step. constant: base_lr throughout.
     """
     if config.name not in SCHEDULES:
         raise ValueError(f"schedule.name must be one of {', '.join(map(repr, SCHEDULES))}; got {config.name!r}")
@@ -41,8 +41,10 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int, batch_size: int,
         warmup = int(config.warmup_epochs * steps_per_epoch)
         if not warmup:
             return drops
-        # min: a batch under 256 has nothing to warm up to; it starts at its own rate.
-        ramp = optax.linear_schedule(min(config.base_lr, peak), peak, warmup)
+        # Goyal et al. start at the rate of batch 256; where the peak is no higher (unscaled rates,
+        # as LARS takes them; batches up to 256) the ramp starts at 0, as cosine's does.
+        start = config.base_lr if peak > config.base_lr else 0.0
+        ramp = optax.linear_schedule(start, peak, warmup)
         # As paper_cifar's: the boundaries count from step 0, not from the warm-up's end.
         return lambda step: jnp.where(step < warmup, ramp(step), drops(step))
     if config.name == "paper_cifar":

@@ -38,9 +38,14 @@ def test_step_schedule_warms_up_linearly_then_divides_at_the_same_epochs():
     assert schedule(500) == approx(3.2) and schedule(2_999) == approx(3.2)
     assert schedule(3_000) == approx(0.32)  # epoch 30, counted from step 0
     assert schedule(6_000) == approx(0.032)
-    # Under batch 256 there is nothing to warm up to: the batch's own rate from the start.
+    # Where the rate is not above base_lr (unscaled, as LARS takes it; a batch under 256), the
+    # ramp starts at 0.
+    config.scale_by_batch = False
+    unscaled = optim.learning_rate_schedule(config, steps_per_epoch=100, batch_size=8192, total_steps=12_000)
+    assert unscaled(0) == 0 and unscaled(250) == approx(0.05) and unscaled(500) == approx(0.1)
+    config.scale_by_batch = True
     small = optim.learning_rate_schedule(config, steps_per_epoch=100, batch_size=128, total_steps=12_000)
-    assert small(0) == approx(0.05) and small(250) == approx(0.05)
+    assert small(0) == 0 and small(250) == approx(0.025) and small(500) == approx(0.05)
 
 
 @pytest.mark.parametrize("depth, first", [(56, 0.1), (110, 0.01)])
