@@ -5,12 +5,17 @@ The workdir is an `etils.epath.Path`, local or in a bucket: orbax and tensorstor
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a save
 cut short never replaces the previous good checkpoint. Every process calls save and restore; the
 arrays are global and orbax writes each shard once.
+
+Each checkpoint carries a checksum of every array it holds, in its step metadata, and a restore
+compares them (`_digest`): orbax 0.12.8 and tensorstore verify no array data (zarr3's crc32c
+covers only the shard index, and orbax fixes the codecs), so a flipped byte restored silently.
 """
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -53,7 +58,7 @@ def _unreadable_metrics(directory: epath.Path) -> list[tuple[int, str]]:
             try:
                 json.loads(metrics.read_text())
             except ValueError as error:
-                failed.append(_unreadable(directory, int(step_dir.name), error))
+                failed.append(_corrupt(directory, int(step_dir.name), error))
     return failed
 
 
@@ -65,24 +70,73 @@ class CheckpointError(RuntimeError):
     """A save failed (a full disk, a lost bucket); the latest complete checkpoint is intact."""
 
 
-def _failed(manager: ocp.CheckpointManager, what: str, error: Exception) -> CheckpointError:
+def _settle(manager: ocp.CheckpointManager) -> None:
+    """Waits for the save in flight, whatever its outcome (an error being reported already)."""
+    try:
+        manager.wait_until_finished()
+    except Exception:  # a failed save is not complete, which is all the callers need to know
+        pass
+
+
+def last_complete(manager: ocp.CheckpointManager) -> str:
+    """What an error says is left: 'the latest complete checkpoint, of step S, is intact in DIR',
+    or that none was written."""
+    _settle(manager)  # the save in flight may complete
     manager.reload()
-    return CheckpointError(f"{what} failed ({' '.join(str(error).split())}); the latest complete "
-                           f"checkpoint, of step {manager.latest_step()}, is intact in {manager.directory}")
+    step = manager.latest_step()
+    if step is None:
+        return f"no checkpoint is complete: none was written to {manager.directory}"
+    return f"the latest complete checkpoint, of step {step}, is intact in {manager.directory}"
+
+
+def _failed(manager: ocp.CheckpointManager, error: Exception, step: int | None = None) -> CheckpointError:
+    """The one line for a failed save. `step`: the save that raised; else the steps whose
+    half-written directories the failure left (an asynchronous save's)."""
+    left = _remove_temporary(manager)
+    steps = [step] if step is not None else left
+    what = f"of step {', '.join(map(str, steps))}" if steps else "in flight"
+    return CheckpointError(f"saving the checkpoint {what} failed ({' '.join(str(error).split())}); "
+                           f"{last_complete(manager)}")
+
+
+def _remove_temporary(manager: ocp.CheckpointManager) -> list[int]:
+    """Removes what failed saves left (process 0) and returns their steps: a step's temporary
+    directory on a local disk, an uncommitted step in a bucket (orbax's test of either), so that a
+    full disk leaves no half checkpoint. No barrier: the other processes may not have failed."""
+    _settle(manager)
+    steps = []
+    try:
+        for path in epath.Path(manager.directory).iterdir():
+            name = path.name.split(".")[0]
+            if name.isdigit() and ocp.step.is_path_temporary(path):
+                steps.append(int(name))
+                if jax.process_index() == 0:
+                    path.rmtree()
+                    logging.info("Removed %s, left by the failed save.", path)
+    except Exception as error:  # a disk that fails even this: the save's error is the one to see
+        logging.warning("Could not remove the temporary directories in %s (%s)", manager.directory, error)
+    return sorted(steps)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          metrics: dict[str, float] | None = None, force: bool = False) -> None:
-    """Starts an asynchronous save of `state` at `step` if the interval (or `force`) says so.
+    """Starts an asynchronous save of `state` at `step` if the interval (or `force`) says so,
+    with the checksums of its arrays.
 
-    An earlier asynchronous save's failure surfaces here or in `wait`.
+    An earlier asynchronous save's failure surfaces here, named as its own, or in `wait`.
     """
+    if not (force or manager.should_save(step)):
+        return
+    wait(manager)  # orbax waits for the save in flight anyway; its failure is not this step's
     if metrics is not None:  # written as JSON with the checkpoint: Python numbers, not numpy's
         metrics = {name: float(value) for name, value in metrics.items()}
+    # In the step's metadata, which orbax writes into the step's directory before it commits it.
+    checksums = dict(zip(_leaf_names(state), map(int, jax.device_get(_digest(state)[0]))))
     try:
-        manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force)
+        manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force,
+                     custom_metadata={CHECKSUMS: checksums})
     except Exception as error:
-        raise _failed(manager, f"saving the checkpoint of step {step}", error) from error
+        raise _failed(manager, error, step) from error
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -91,7 +145,100 @@ def wait(manager: ocp.CheckpointManager) -> None:
         manager.wait_until_finished()
         manager.check_for_errors()
     except Exception as error:
-        raise _failed(manager, "saving a checkpoint", error) from error
+        raise _failed(manager, error) from error
+
+
+CHECKSUMS = "checksums"  # the key of the step metadata's custom_metadata that holds them
+
+
+def _mix(x: jax.Array) -> jax.Array:
+    """MurmurHash3's finaliser: a bijection of uint32 that spreads each input bit over all 32."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _words(leaf: jax.Array) -> jax.Array:
+    """The leaf's bits as uint32 words, shape leaf.shape + (words per element,)."""
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(leaf).astype(jnp.uint32)
+    if leaf.dtype == jnp.bool_:
+        return leaf.astype(jnp.uint32)[..., None]
+    size = leaf.dtype.itemsize
+    if size >= 4:  # 64-bit elements become two words: bitcast adds the trailing axis
+        words = jax.lax.bitcast_convert_type(leaf, jnp.uint32)
+        return words if size > 4 else words[..., None]
+    unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
+    return jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32)[..., None]
+
+
+def _checksum(leaf: jax.Array) -> jax.Array:
+    """Sum mod 2**32 of mix(word + mix(position)). Each term is a bijection of its word, so any
+    change of one element changes the sum; the position in it makes moved elements count too.
+    Elementwise and one reduction: each device sums its own shards, then one all-reduce."""
+    words = _words(jnp.asarray(leaf))
+    position = jnp.zeros(words.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(words.ndim)):  # the row-major index, from iotas: no reshape of shards
+        position = position + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride)
+        stride = stride * words.shape[axis] % 2**32
+    return jnp.sum(_mix(words + _mix(position)), dtype=jnp.uint32)
+
+
+@jax.jit
+def _digest(tree: Any) -> tuple[jax.Array, jax.Array]:
+    """(checksum, all finite) of each leaf, in the order of jax.tree.leaves; global reductions, so
+    every process gets the same values. On the devices, from the main thread."""
+    leaves = jax.tree.leaves(tree)
+    checksums = jnp.stack([_checksum(leaf) for leaf in leaves])
+    finite = jnp.stack([jnp.isfinite(leaf).all() if jnp.issubdtype(leaf.dtype, jnp.inexact)
+                        else jnp.bool_(True) for leaf in leaves])
+    return checksums, finite
+
+
+def _leaf_names(tree: Any) -> list[str]:
+    """'params.stages.0.0.conv1.kernel' for each leaf, in the order of jax.tree.leaves."""
+    return [jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
+            for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint that restored, but not with what was saved (or with non-finite values)."""
+
+
+def _saved_checksums(step_dir: epath.Path) -> dict[str, int] | None:
+    """The checksums in a step's metadata; None for a step saved before there were any. A missing
+    or unreadable metadata file is corruption: orbax would read it as empty."""
+    path = step_dir / "_CHECKPOINT_METADATA"
+    if not path.exists():
+        raise CorruptCheckpoint(f"its step metadata {path.name} is missing")
+    try:
+        metadata = json.loads(path.read_text())
+    except ValueError as error:
+        raise CorruptCheckpoint(f"its step metadata {path.name} is not JSON ({error})") from None
+    return (metadata.get("custom_metadata") or {}).get(CHECKSUMS)
+
+
+def _verify(restored: Any, saved: dict[str, int] | None, step: int) -> None:
+    """Raises CorruptCheckpoint unless each restored array has its saved checksum and is finite."""
+    checksums, finite = jax.device_get(_digest(restored))
+    names = _leaf_names(restored)
+    if saved is None:
+        logging.warning("The checkpoint of step %d has no checksums (saved before they were "
+                        "written): restored without verifying it.", step)
+    elif sorted(saved) != sorted(names):
+        raise CorruptCheckpoint("its checksums name other arrays than it holds")
+    else:
+        for name, checksum in zip(names, checksums):
+            if int(checksum) != saved[name]:
+                raise CorruptCheckpoint(f"{name} has checksum {int(checksum):08x}, "
+                                        f"saved {saved[name]:08x}")
+    bad = [name for name, ok in zip(names, finite) if not ok]
+    if bad:
+        more = f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else ""
+        raise CorruptCheckpoint(f"{bad[0]} holds non-finite values{more}")
 
 
 def _shapes(tree: Any) -> list[tuple[int, ...]]:
@@ -110,12 +257,13 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, workdir: epath.P
     """The latest readable checkpoint restored onto `target`'s structure and shardings, or None
     where there is none.
 
-    A checkpoint that cannot be read (truncated, corrupted or missing files, unreadable
-    metadata) is named in the log and the one before it is tried; once one restores, the
-    unreadable newer ones are moved to WORKDIR/corrupt_checkpoints/STEP, so that the run may
-    write those steps again. If none restores, UnrestorableError names them all, unless
-    `restart`: then they are moved aside and the run starts from step 0. A readable checkpoint
-    of another model (a changed config) is an error, not corruption: it stays where it is.
+    A corrupt checkpoint (truncated, changed or missing files, unreadable metadata, an array
+    whose checksum is not the saved one, a non-finite value) is named in the log and the one
+    before it is tried; once one restores, the corrupt newer ones are moved to
+    WORKDIR/corrupt_checkpoints/STEP, so that the run may write those steps again. If none
+    restores, UnrestorableError names them all, unless `restart`: then they are moved aside and
+    the run starts from step 0. A readable checkpoint of another model (a changed config) is an
+    error, not corruption: it stays where it is.
     """
     failed = []
     for step in sorted(manager.all_steps(), reverse=True):
@@ -123,8 +271,9 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, workdir: epath.P
             metadata = manager.item_metadata(step)
             if metadata is None:  # orbax's answer when the item's _METADATA is missing
                 raise FileNotFoundError("its metadata is missing")
+            saved = _saved_checksums(epath.Path(manager.directory) / str(step))
         except Exception as error:  # orbax and tensorstore raise many kinds
-            failed.append(_unreadable(manager.directory, step, error))
+            failed.append(_corrupt(manager.directory, step, error))
             continue
         if _shapes(metadata) != _shapes(target):
             raise CheckpointError(f"the checkpoint of step {step} in {manager.directory} holds arrays of "
@@ -132,8 +281,9 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, workdir: epath.P
                                   f"--workdir for another model")
         try:
             restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+            _verify(restored, saved, step)
         except Exception as error:
-            failed.append(_unreadable(manager.directory, step, error))
+            failed.append(_corrupt(manager.directory, step, error))
             continue
         _set_aside(manager.directory, failed, workdir)
         manager.reload()
@@ -148,15 +298,31 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, workdir: epath.P
     return None
 
 
-def _unreadable(directory: epath.Path, step: int, error: Exception) -> tuple[int, str]:
-    reason = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
-    logging.warning("The checkpoint of step %d in %s is unreadable (%s); trying the one before.",
-                    step, directory, reason)
+def quiet_closed_loop(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A sys.unraisablehook for the main job. After a failed restore, tensorstore completes the
+    reads still in flight into the event loop orbax has closed: each raises 'Event loop is
+    closed' there (131 after one truncated checkpoint), which Python's hook prints from their
+    threads, in pieces, through the one-line error. Those go to the log (debug); others on."""
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            logging.debug("A read of a failed restore finished after orbax's event loop closed.")
+        else:
+            previous(unraisable)
+    return hook
+
+
+def _corrupt(directory: epath.Path, step: int, error: Exception) -> tuple[int, str]:
+    reason = ' '.join(str(error).split())[:300]
+    if not isinstance(error, CorruptCheckpoint):
+        reason = f"{type(error).__name__}: {reason}"
+    logging.warning("The checkpoint of step %d in %s is corrupt or unreadable (%s); trying the "
+                    "one before.", step, directory, reason)
     return step, reason
 
 
 def _set_aside(directory: epath.Path, failed: list[tuple[int, str]], workdir: epath.Path) -> None:
-    """Moves the unreadable steps to WORKDIR/corrupt_checkpoints (process 0; the others wait).
+    """Moves the corrupt steps to WORKDIR/corrupt_checkpoints (process 0; the others wait).
     A step that cannot be moved (no permission) is left where it is, said in the log."""
     if not failed:
         return
@@ -166,9 +332,9 @@ def _set_aside(directory: epath.Path, failed: list[tuple[int, str]], workdir: ep
             try:
                 aside.parent.mkdir(parents=True, exist_ok=True)
                 (epath.Path(directory) / str(step)).rename(aside)
-                logging.warning("Moved the unreadable checkpoint of step %d to %s.", step, aside)
+                logging.warning("Moved the corrupt checkpoint of step %d to %s.", step, aside)
             except OSError as error:
-                logging.warning("Could not move the unreadable checkpoint of step %d to %s (%s); "
+                logging.warning("Could not move the corrupt checkpoint of step %d to %s (%s); "
                                 "it stays where it is.", step, aside, error)
     sync_global_devices(f"corrupt checkpoints {[step for step, _ in failed]} set aside")
 

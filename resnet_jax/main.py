@@ -128,6 +128,7 @@ def main(argv):
 
     from resnet_jax import checkpoint, train, validate  # pylint: disable=import-outside-toplevel
 
+    sys.unraisablehook = checkpoint.quiet_closed_loop(sys.unraisablehook)
     logging.info("Started by %s: process %d of %d, %d of the %d devices", launch, jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     config = FLAGS.config

@@ -269,6 +269,19 @@ def _check_health(pending: list, names: list[tuple[str, int]], skip_nonfinite: b
     pending.clear()
 
 
+def _write(writer, step: int, scalars: dict[str, float] | None, manager) -> None:
+    """Writes a row of scalars (None: flushes); a failure (a full disk: an OSError, TensorFlow's
+    ResourceExhaustedError, which is none) is a TrainingError naming what is left."""
+    try:
+        if scalars is None:
+            writer.flush()
+        else:
+            writer.write_scalars(step, scalars)
+    except Exception as error:
+        raise TrainingError(f"writing the metrics of step {step} failed ({type(error).__name__}: "
+                            f"{validate.one_line(error)}); {checkpoint.last_complete(manager)}") from error
+
+
 @dataclasses.dataclass
 class Setup:
     """What a run needs before its first step, made from a config that has passed every check."""
@@ -461,7 +474,7 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
                 with window.paused():  # the speed counts training time only
                     scalars.update(evaluate(eval_fn, settled, config, mesh))
             if scalars:
-                writer.write_scalars(step, scalars)
+                _write(writer, step, scalars, manager)
             if saving:
                 checkpoint.save(manager, step, settled,
                                 metrics=scalars if "eval_accuracy" in scalars else None, force=True)
@@ -473,9 +486,11 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
                                 "command resumes.", step)
                 raise Preempted(step, preemption.exit_status())
         checkpoint.wait(manager)
+        _write(writer, num_steps, None, manager)
     finally:
         preemption.restore()
-        writer.flush()
+        with contextlib.suppress(Exception):  # after an error: the first error is the one to see
+            writer.flush()
         with contextlib.suppress(Exception):  # after an error: let the saves in flight finish
             manager.wait_until_finished()
     return for_evaluation(state, mesh, group)

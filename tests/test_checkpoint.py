@@ -1,8 +1,12 @@
 """Which checkpoints the manager keeps across restarts (the last `keep` and the best by eval),
-and what a restart does with unreadable ones."""
+what a restart does with corrupt ones (checksums, non-finite values, unreadable parts), and what a
+full disk leaves."""
 
+import errno
 import os
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -49,6 +53,11 @@ def _saved(workdir, steps):
 def _break(step_dir, how):
     if how == "metadata":  # the item's _METADATA deleted
         (step_dir / "default" / "_METADATA").unlink()
+    elif how == "step metadata":  # the step's _CHECKPOINT_METADATA, with its checksums, deleted
+        (step_dir / "_CHECKPOINT_METADATA").unlink()
+    elif how == "torn step metadata":  # orbax reads it as empty metadata, without a word
+        path = step_dir / "_CHECKPOINT_METADATA"
+        path.write_text(path.read_text()[:40])
     else:  # every data file truncated to nothing
         for root, _, names in os.walk(step_dir / "default"):
             for name in names:
@@ -56,7 +65,7 @@ def _break(step_dir, how):
                     open(os.path.join(root, name), "wb").close()
 
 
-@pytest.mark.parametrize("how", ["metadata", "data"])
+@pytest.mark.parametrize("how", ["metadata", "data", "step metadata", "torn step metadata"])
 def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, how):
     checkpoints = _saved(tmp_path, [10, 20])
     _break(checkpoints / "20", how)
@@ -94,4 +103,134 @@ def test_an_unmovable_unreadable_checkpoint_is_skipped(tmp_path, monkeypatch, ca
     manager = _manager(tmp_path, keep=5)
     restored = checkpoint.restore_latest(manager, {"w": np.zeros(3, np.float32)}, epath.Path(tmp_path))
     np.testing.assert_array_equal(restored["w"], np.full(3, 10))
-    assert "Could not move the unreadable checkpoint of step 20" in caplog.text
+    assert "Could not move the corrupt checkpoint of step 20" in caplog.text
+
+
+def _random(step):
+    """Random bits as float32 (none non-finite): incompressible, so that the data file holds
+    their bytes as they are and a test can find them."""
+    bits = np.random.default_rng(step).integers(0, 2**32, (64, 64), dtype=np.uint32).view(np.float32)
+    return {"w": np.where(np.isfinite(bits), bits, 0).astype(np.float32), "count": np.asarray(step, np.int32)}
+
+
+def _largest_file(step_dir):
+    files = [os.path.join(root, name) for root, _, names in os.walk(step_dir) for name in names]
+    return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("how", ["one bit", "eight bytes"])
+def test_a_changed_byte_fails_its_checksum_and_the_one_before_is_restored(tmp_path, how, caplog):
+    # Issue 24, failure 2: one byte xor 1 in the newest step's largest data file, or eight bytes
+    # of 0xff over its values (two NaNs), were restored without a word.
+    manager = _manager(tmp_path, keep=5)
+    for step in (10, 20):
+        checkpoint.save(manager, step, _random(step), force=True)
+        checkpoint.wait(manager)
+    manager.close()
+    path = _largest_file(tmp_path / "checkpoints" / "20")
+    data = bytearray(open(path, "rb").read())
+    if how == "one bit":
+        data[len(data) // 2] ^= 1
+    else:
+        at = data.find(_random(20)["w"].tobytes()[4000:4016])
+        assert at >= 0, "the values are not stored as they are"
+        data[at:at + 8] = b"\xff" * 8
+    open(path, "wb").write(data)
+    target = jax.tree.map(np.zeros_like, _random(0))
+    silent = _manager(tmp_path, keep=5).restore(20, args=checkpoint.ocp.args.StandardRestore(target))
+    assert not np.array_equal(silent["w"], _random(20)["w"])  # orbax alone: no error
+    assert how == "one bit" or np.isnan(silent["w"]).sum() == 2
+    manager = _manager(tmp_path, keep=5)
+    restored = checkpoint.restore_latest(manager, target, epath.Path(tmp_path))
+    np.testing.assert_array_equal(restored["w"], _random(10)["w"])
+    [line] = [r.getMessage() for r in caplog.records if "step 20" in r.getMessage() and "is corrupt" in r.getMessage()]
+    assert "(w has checksum" in line and "\n" not in line, line
+    assert manager.all_steps() == [10] and (tmp_path / "corrupt_checkpoints" / "20").exists()
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_a_checkpoint_with_non_finite_values_is_corrupt(tmp_path, checksums, caplog):
+    # Saved so (checksums that match), or from before checksums: the finite check names the array.
+    manager = _manager(tmp_path, keep=5)
+    checkpoint.save(manager, 10, {"w": np.ones(3, np.float32), "n": np.ones((), np.int32)}, force=True)
+    poisoned = {"w": np.asarray([1, np.nan, 1], np.float32), "n": np.full((), 2, np.int32)}
+    if checksums:
+        checkpoint.save(manager, 20, poisoned, force=True)
+    else:
+        manager.save(20, args=checkpoint.ocp.args.StandardSave(poisoned), force=True)
+    checkpoint.wait(manager)
+    target = {"w": np.zeros(3, np.float32), "n": np.zeros((), np.int32)}
+    restored = checkpoint.restore_latest(manager, target, epath.Path(tmp_path))
+    assert int(restored["n"]) == 1
+    assert "The checkpoint of step 20" in caplog.text and "(w holds non-finite values)" in caplog.text
+    assert ("restored without verifying it" in caplog.text) != checksums
+
+
+def test_a_checkpoint_from_before_checksums_is_restored_with_a_warning(tmp_path, caplog):
+    manager = _manager(tmp_path, keep=5)
+    manager.save(10, args=checkpoint.ocp.args.StandardSave({"w": np.ones(3, np.float32)}), force=True)
+    checkpoint.wait(manager)
+    restored = checkpoint.restore_latest(manager, {"w": np.zeros(3, np.float32)}, epath.Path(tmp_path))
+    np.testing.assert_array_equal(restored["w"], np.ones(3))
+    assert "step 10 has no checksums" in caplog.text
+
+
+KINDS = [np.float32, jnp.bfloat16, np.float16, np.int32, np.uint8, np.int8, np.bool_]
+
+
+@pytest.mark.parametrize("dtype", KINDS, ids=[np.dtype(k).name for k in KINDS])
+def test_any_flipped_bit_or_swap_changes_the_checksum(dtype):
+    raw = np.random.default_rng(0).integers(0, 256, (3, 8), dtype=np.uint8)
+    if dtype == np.bool_:  # a bool's one bit
+        values = raw % 2 == 1
+        changed = [values ^ (np.arange(values.size) == i).reshape(values.shape) for i in range(values.size)]
+    else:
+        values = raw.view(dtype)
+        changed = []
+        for byte in range(raw.size):  # every bit of every element
+            for bit in range(8):
+                flipped = raw.copy().reshape(-1)
+                flipped[byte] ^= 1 << bit
+                changed.append(flipped.reshape(raw.shape).view(dtype))
+    bits = values.view(np.uint8).reshape(values.size, -1)
+    other = next(i for i in range(values.size) if (bits[i] != bits[0]).any())
+    swapped = values.reshape(-1).copy()
+    swapped[[0, other]] = swapped[[other, 0]]
+    changed.append(swapped.reshape(values.shape))
+    original = checksum_of(values)
+    assert all(checksum_of(other) != original for other in changed)
+
+
+def checksum_of(leaf):
+    return int(checkpoint._digest([leaf])[0][0])
+
+
+def test_the_checksum_of_a_key_array_is_its_key_data():
+    # The dropout streams of VGG's state are PRNG keys.
+    assert checksum_of(jax.random.key(1)) != checksum_of(jax.random.key(2))
+
+
+@pytest.mark.parametrize("full_from, left", [
+    (10, "no checkpoint is complete: none was written to"),
+    (20, "the latest complete checkpoint, of step 10, is intact in")])
+def test_a_full_disk_names_what_is_left_and_leaves_no_temporary_directory(tmp_path, monkeypatch,
+                                                                        full_from, left):
+    # The disk fills while a save of step `full_from` completes in the background, its data in
+    # its temporary directory. (As root, no small file system can be made here: injected.)
+    finalize = checkpoint.ocp.StandardCheckpointHandler.finalize
+
+    def full(self, directory):
+        if int(epath.Path(directory).parent.name.split(".")[0]) >= full_from:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return finalize(self, directory)
+
+    monkeypatch.setattr(checkpoint.ocp.StandardCheckpointHandler, "finalize", full)
+    manager = _manager(tmp_path, keep=5)
+    with pytest.raises(checkpoint.CheckpointError) as raised:
+        for step in (10, 20, 30):
+            checkpoint.save(manager, step, {"w": np.full(3, step, np.float32)}, force=True)
+        checkpoint.wait(manager)
+    assert str(raised.value).startswith(f"saving the checkpoint of step {full_from} failed ([Errno 28] "
+                                        f"No space left on device); {left}")
+    assert "\n" not in str(raised.value)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [str(s) for s in (10, 20) if s < full_from]
