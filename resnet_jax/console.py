@@ -108,6 +108,9 @@ def keep_log(workdir: epath.Path, process_index: int) -> None:
 
 
 def close() -> None:
+    """The log file complete (copied to a bucket workdir); later runs in this process keep none."""
+    global _log_file
     if _log_file is not None:
         pylogging.getLogger().removeHandler(_log_file)
         _log_file.close()
+        _log_file = None
