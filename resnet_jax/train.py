@@ -334,11 +334,8 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
                                       f"examples; got {config.train.batch_size}")
         if info.num_eval < 1:
             raise validate.SetupError(f"data.eval_split={config.data.eval_split!r} has no examples")
-        group = config.model.bn_group_size
-        per_device = config.train.batch_size // jax.device_count()
-        if group is not None and per_device % group:
-            raise validate.SetupError(f"model.bn_group_size must divide the per-device batch "
-                                      f"{per_device} (so that no group spans two devices); got {group}")
+        validate.check_bn_groups(config.model.bn_group_size, config.train.batch_size,
+                                 jax.device_count())
         num_steps = total_steps(config, steps_per_epoch)
         schedule = optim.learning_rate_schedule(config.schedule, steps_per_epoch,
                                                 config.train.batch_size, num_steps)
