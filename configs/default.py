@@ -39,7 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
         eval_split="validation",
         image_size=224,
         train_preprocess="paper",    # shorter side in [256, 480], 224 crop, flip (Sec. 3.4)
-        eval_preprocess="center",    # "ten_crop" for the paper's 10-crop testing
+        eval_preprocess="center",    # "ten_crop": the paper's 10-crop testing; "multi_scale": its
+                                     # fully convolutional testing at eval_scales (Sec. 3.4)
+        eval_scales=(224, 256, 384, 480, 640),  # multi_scale: the shorter sides, each with its flip
         resize_size=256,
         scale_range=(256, 480),
         pca_lighting=0.1,            # the standard colour augmentation (Krizhevsky et al. 2012)

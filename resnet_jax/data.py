@@ -675,18 +675,22 @@ def train_iterator(config, *, batch_size: int, seed: int, start_step: int = 0,
                    what=f"train data {_get(config, 'name')}")
 
 
+def _eval_records(source: _Source, process_index: int, process_count: int):
+    """(kind, n, dataset of (position, record, label)) of this process's slice of the eval split, in order."""
+    kind, n, lookup, subsplit = source.records(source.split(train=False), process_index,
+                                               process_count, index=False)
+    if lookup is not None:
+        return kind, n, tf.data.Dataset.range(n).map(lambda i: (i, *lookup(i)))
+    return kind, n, tf.data.Dataset.zip(tf.data.Dataset.counter(), source.in_order(subsplit)).map(
+        lambda position, example: (position, *example))
+
+
 def eval_dataset(config, *, batch_size: int, process_index: int = 0, process_count: int = 1,
                  repeat: bool = False) -> tf.data.Dataset:
     """The unpadded tf.data pipeline of `eval_iterator` (repeat=True for benchmarks)."""
     _check_processes(batch_size, process_index, process_count)
     source, s = _open(config)
-    kind, n, lookup, subsplit = source.records(source.split(train=False), process_index,
-                                               process_count, index=False)
-    if lookup is not None:
-        ds = tf.data.Dataset.range(n).map(lambda i: (i, *lookup(i)))
-    else:
-        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), source.in_order(subsplit)).map(
-            lambda position, example: (position, *example))
+    kind, _, ds = _eval_records(source, process_index, process_count)
     fn = preprocess.eval_fn(s, kind, pixel_mean(config))
 
     def prepare(position, record, label):
@@ -714,3 +718,55 @@ def eval_iterator(config, *, batch_size: int, process_index: int = 0,
                    num_batches=num_batches, what=f"eval data {_get(config, 'name')}",
                    image_shape=preprocess.output_shape(s, train=False),
                    dtype=s.tf_dtype.as_numpy_dtype)
+
+
+def multi_scale_iterator(config, *, batch_sizes, process_index: int = 0,
+                         process_count: int = 1) -> Iterator[dict]:
+    """One pass over this process's slice of the eval split for multi-scale testing (Sec. 3.4,
+    `preprocess.multi_scale_fn`): batches of images of one shape class, `batch_sizes[aspect +
+    MAX_ASPECT_STEP]` of them (`preprocess.multi_scale_batch_sizes`), {"aspect": the class,
+    "views": one (batch, h, w, 3) array per scale, "label", "mask"}, each class's last batch
+    padded (mask False). Batches come by class, not in the split's order; every image of the
+    slice is in exactly one batch. Processes yield different numbers of batches (their classes
+    fill differently), so the steps run on each process's own devices (`train.evaluate`).
+
+    Memory: tf.data holds up to one batch less one image of each of the 25 shape classes while
+    the class fills, beside the batches in flight.
+    """
+    batch_sizes = tuple(int(b) for b in batch_sizes)
+    if len(batch_sizes) != 2 * preprocess.MAX_ASPECT_STEP + 1:
+        raise ValueError(f"batch_sizes must give {2 * preprocess.MAX_ASPECT_STEP + 1} sizes, one "
+                         f"per shape class; got {len(batch_sizes)}")
+    _check_processes(min(batch_sizes), process_index, process_count)
+    source, s = _open(config)
+    if s.eval_preprocess != "multi_scale":
+        raise ValueError(f"multi_scale_iterator needs data.eval_preprocess='multi_scale'; got "
+                         f"{s.eval_preprocess!r}")
+    kind, n, ds = _eval_records(source, process_index, process_count)
+    fn = preprocess.multi_scale_fn(s, kind, pixel_mean(config))
+
+    def prepare(position, record, label):
+        aspect, views = fn(record)
+        return {"aspect": aspect, "views": views, "label": tf.cast(label, tf.int32)}
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=False)
+    sizes = tf.constant(batch_sizes, tf.int64)
+    ds = ds.group_by_window(
+        key_func=lambda example: tf.cast(example["aspect"], tf.int64) + preprocess.MAX_ASPECT_STEP,
+        reduce_func=lambda key, window: window.batch(tf.gather(sizes, key)),
+        window_size_func=lambda key: tf.gather(sizes, key))
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic=True))
+    seen = 0
+    for batch in ds.as_numpy_iterator():
+        real = len(batch["label"])
+        seen += real
+        batch_size = batch_sizes[int(batch["aspect"][0]) + preprocess.MAX_ASPECT_STEP]
+        pad = batch_size - real
+        yield {"aspect": int(batch["aspect"][0]),
+               "views": tuple(np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
+                              for v in batch["views"]),
+               "label": np.concatenate([batch["label"], np.zeros((pad,), np.int32)]),
+               "mask": np.arange(batch_size) < real}
+    if seen < n:
+        logging.warning("eval data %s: skipped %d images that did not decode", _get(config, "name"),
+                        n - seen)

@@ -13,7 +13,7 @@ JPEG crops decode only the crop window (`tf.image.decode_and_crop_jpeg`).
 Train: `inception` (random-resized crop), `paper` (He et al. Sec. 3.4: shorter side to a random
 length in `scale_range`, random crop, flip, optional PCA lighting), `cifar` (Sec. 4.2: 4-pixel zero
 padding, random crop, flip), `none`. Eval: `center`, `ten_crop` (Sec. 3.4's 10-crop testing),
-`none`. All end normalised, `(x - mean) / std` in 0-255 units, in the configured dtype; or, with
+`multi_scale` (Sec. 3.4's fully convolutional multi-scale testing, `multi_scale_fn`), `none`. All end normalised, `(x - mean) / std` in 0-255 units, in the configured dtype; or, with
 `dtype="uint8"`, as the rounded pixels, normalised on the devices by `device_inputs.normaliser` (a
 quarter of the bytes to make, batch and copy to the devices; about 1.5x the images per second on
 two cores, benchmarks/README.md). PCA lighting then travels beside the pixels as a per-image RGB
@@ -37,7 +37,7 @@ except ModuleNotFoundError as error:  # data.on_device=True needs only `settings
     tf = None
 
 TRAIN_PREPROCESS = ("inception", "paper", "cifar", "none")
-EVAL_PREPROCESS = ("center", "ten_crop", "none")
+EVAL_PREPROCESS = ("center", "ten_crop", "multi_scale", "none")
 # "uint8": pixels, normalised on the devices (`device_inputs.normaliser`).
 DTYPES = ({"float32": tf.float32, "bfloat16": tf.bfloat16, "uint8": tf.uint8} if tf is not None
           else dict.fromkeys(("float32", "bfloat16", "uint8")))
@@ -58,6 +58,16 @@ PCA_EIGVEC = (
     (-0.5808, -0.0045, -0.8140),
     (-0.5836, -0.6948, 0.4203),
 )
+
+# Sec. 3.4: "the images are resized such that the shorter side is in {224, 256, 384, 480, 640}".
+EVAL_SCALES = (224, 256, 384, 480, 640)
+# Multi-scale testing batches images of one shape. Each image's aspect ratio (longer over shorter
+# side) is rounded on a log scale to twelve steps per doubling, 2^(k/12) for k = 0..12: every
+# ratio from 1:1 to 2:1 moves by at most 2.9% (4:3 and 3:2, the commonest in ImageNet, by 0.1%;
+# 5:4 by 0.8%), and, portrait or landscape, there are 25 shapes at each scale, so at most 25
+# compiled programs. Ratios beyond 2:1 are squeezed to 2:1.
+ASPECT_STEPS = 12
+MAX_ASPECT_STEP = 12  # 2^(12/12) = 2:1
 
 # The inception crop's ranges (Szegedy et al. 2015, as torchvision's RandomResizedCrop).
 INCEPTION_AREA = (0.08, 1.0)
@@ -93,6 +103,7 @@ class Settings:
     cifar_padding: int
     resize_method: str
     antialias: bool
+    eval_scales: tuple[int, ...] = EVAL_SCALES  # multi_scale: the shorter sides tested
     # data.on_device: the train split decoded once into device memory, each step's batch
     # gathered and augmented inside the jitted step (device_data.py). Not `on_device` below.
     in_device_memory: bool = False
@@ -136,6 +147,12 @@ def settings(config) -> Settings:
         raise ValueError(
             "data.subtract_pixel_mean=True needs train_preprocess 'cifar' or 'none' and "
             f"eval_preprocess 'none' (images of one size), not {train!r} and {evaluation!r}")
+    eval_scales = _get(config, "eval_scales", EVAL_SCALES)
+    if (not isinstance(eval_scales, (tuple, list)) or not eval_scales
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                       for v in eval_scales)):
+        raise ValueError(f"data.eval_scales={eval_scales!r} must be a tuple of positive ints "
+                         f"(shorter sides in pixels, e.g. {EVAL_SCALES})")
     dtype = _choice("dtype", _get(config, "dtype", "float32"), tuple(DTYPES))
     in_device_memory = bool(_get(config, "on_device", False))
     resize_method = _choice("resize_method", _get(config, "resize_method", "bilinear"),
@@ -169,6 +186,7 @@ def settings(config) -> Settings:
         cifar_padding=int(_get(config, "cifar_padding", 4)),
         resize_method=resize_method,
         antialias=antialias,
+        eval_scales=tuple(eval_scales),
         in_device_memory=in_device_memory,
     )
 
@@ -324,14 +342,19 @@ def lighting_offset(s: Settings, key) -> tf.Tensor:
     return tf.linalg.matvec(tf.constant(PCA_EIGVEC), alpha * tf.constant(PCA_EIGVAL)) * 255.0
 
 
+def _pixels(image, s: Settings):
+    """The rounded uint8 pixels, for dtype uint8 (normalised on the devices)."""
+    if s.resize_method == "bicubic":  # may overshoot 0-255
+        return tf.saturate_cast(tf.round(image), tf.uint8)
+    # Bilinear, area and nearest stay within the pixels' range: adding 0.5 and truncating
+    # rounds, in one pass fewer (5% more images per second for `inception`, two runs each).
+    return tf.cast(image + 0.5, tf.uint8)
+
+
 def _finish(image, s: Settings, pixel_mean):
     """Normalised, in the configured dtype; for dtype uint8 the pixels, rounded."""
     if s.on_device:
-        if s.resize_method == "bicubic":  # may overshoot 0-255
-            return tf.saturate_cast(tf.round(image), tf.uint8)
-        # Bilinear, area and nearest stay within the pixels' range: adding 0.5 and truncating
-        # rounds, in one pass fewer (5% more images per second for `inception`, two runs each).
-        return tf.cast(image + 0.5, tf.uint8)
+        return _pixels(image, s)
     # Constants of the image's full shape: TensorFlow broadcasts a 3-vector over HxWx3 about ten
     # times slower than it subtracts two arrays of one shape (1.3 ms of 3 per ImageNet image).
     full = (s.image_size, s.image_size, 3)
@@ -390,6 +413,10 @@ def eval_fn(s: Settings, kind: str, pixel_mean=None):
     size = s.image_size
     name = s.eval_preprocess
 
+    if name == "multi_scale":
+        raise ValueError("data.eval_preprocess='multi_scale' makes views of several sizes: "
+                         "preprocess.multi_scale_fn")
+
     def fn(record):
         if name == "center":
             image = decode_window(record, kind,
@@ -403,6 +430,77 @@ def eval_fn(s: Settings, kind: str, pixel_mean=None):
         else:
             image = _resize_square(decode(record, kind), s)
         return tf.ensure_shape(_finish(image, s, pixel_mean), output_shape(s, train=False))
+
+    return fn
+
+
+def aspect_class(height, width) -> tf.Tensor:
+    """The shape class of an image for multi-scale testing, int32: the steps of its aspect ratio
+    (`ASPECT_STEPS` per doubling, at most `MAX_ASPECT_STEP`), negative when it is taller than wide."""
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    steps = tf.round(ASPECT_STEPS * tf.math.log(tf.maximum(h, w) / tf.minimum(h, w)) / math.log(2.0))
+    steps = tf.minimum(tf.cast(steps, tf.int32), MAX_ASPECT_STEP)
+    return tf.where(h > w, -steps, steps)
+
+
+def class_shape(aspect: int, scale: int) -> tuple[int, int]:
+    """(height, width) of the shape class `aspect` at `scale`: the shorter side `scale`, the longer
+    side scale * 2^(|aspect| / ASPECT_STEPS), rounded."""
+    longer = round(scale * 2 ** (abs(aspect) / ASPECT_STEPS))
+    return (longer, scale) if aspect < 0 else (scale, longer)
+
+
+def multi_scale_inputs(s: Settings, aspect: int) -> float:
+    """What one image of shape class `aspect` costs a multi-scale eval step, in network inputs of
+    image_size^2 pixels: its view and the view's flip at every scale."""
+    return sum(2 * math.prod(class_shape(aspect, scale)) for scale in s.eval_scales) / s.image_size ** 2
+
+
+def multi_scale_batch_sizes(s: Settings, inputs: float, multiple: int) -> tuple[int, ...]:
+    """Images per multi-scale batch of each shape class (index aspect + MAX_ASPECT_STEP): as many
+    as `inputs` network inputs of image_size^2 hold, at least one, rounded up to a multiple of
+    `multiple` (the devices). Each class is a program of its own, so each has its own size: a step
+    holds about as many pixels whatever the images' shape."""
+    sizes = []
+    for aspect in range(-MAX_ASPECT_STEP, MAX_ASPECT_STEP + 1):
+        images = max(1, math.floor(inputs / multi_scale_inputs(s, aspect)))
+        sizes.append(-(-images // multiple) * multiple)
+    return tuple(sizes)
+
+
+def multi_scale_fn(s: Settings, kind: str, pixel_mean=None):
+    """`fn(record) -> (shape class, views)`: Sec. 3.4's multi-scale testing on the host side. The
+    whole image, resized so that its shorter side is each of `eval_scales` in turn and its aspect
+    ratio is its shape class's (`aspect_class`, `class_shape`), one view per scale; the eval step
+    adds each view's horizontal flip and averages the softmax over them all. The network sees the
+    whole image (global average pooling makes it fully convolutional), so views of one shape
+    class batch together. Normalised as the other modes; the per-pixel mean (an image_size
+    square) is resized to each view.
+
+    Differs from the paper in the aspect-ratio rounding alone (at most 2.9% up to 2:1, `ASPECT_STEPS`).
+    """
+    # The longer side of each class at each scale, from `class_shape`, so that the graph and the
+    # Python side round alike.
+    longer = {scale: tf.constant([class_shape(k, scale)[1] for k in range(MAX_ASPECT_STEP + 1)])
+              for scale in s.eval_scales}
+
+    def fn(record):
+        image = decode(record, kind)
+        aspect = aspect_class(tf.shape(image)[0], tf.shape(image)[1])
+        views = []
+        for scale in s.eval_scales:
+            side = tf.gather(longer[scale], tf.abs(aspect))
+            size = tf.where(aspect < 0, tf.stack([side, scale]), tf.stack([scale, side]))
+            view = _resize(image, size, s)
+            if s.on_device:
+                view = _pixels(view, s)
+            else:
+                mean = tf.constant(np.float32(s.mean)) if pixel_mean is None else _resize(
+                    tf.constant(pixel_mean, tf.float32), size, s)
+                scale_ = tf.constant(np.float32(1.0) / np.float32(s.std))
+                view = tf.cast((view - mean) * scale_, s.tf_dtype)
+            views.append(tf.ensure_shape(view, (None, None, 3)))
+        return aspect, tuple(views)
 
     return fn
 

@@ -21,6 +21,7 @@ import flax
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import multihost_utils
 import numpy as np
 import optax
 from absl import logging
@@ -28,8 +29,8 @@ from etils import epath
 from flax import nnx
 
 from resnet_jax import (checkpoint, console, convert, data, device_data, device_inputs, flops,
-                        lock, metrics, models, optim, running_stats, sharding, validate,
-                        workdir as workdirs)
+                        lock, metrics, models, optim, preprocess, running_stats, sharding,
+                        validate, workdir as workdirs)
 
 
 @flax.struct.dataclass
@@ -100,6 +101,17 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
                              skipped=state.skipped + (~finite).astype(jnp.int32)), health
 
 
+def _scores(probs: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Per example: the loss of the (averaged) softmax, its top-1 and top-5 hits."""
+    mine = jnp.take_along_axis(probs, labels[:, None], -1)
+    # The label's rank, ties going to the lower class as in lax.top_k: the top-5 hits without a
+    # sort, which XLA partitions by gathering the whole batch onto every device.
+    lower = jnp.arange(probs.shape[-1]) < labels[:, None]
+    rank = ((probs > mine) | ((probs == mine) & lower)).sum(-1)
+    return dict(loss=-jnp.log(mine[:, 0] + 1e-12), accuracy=jnp.argmax(probs, -1) == labels,
+                top5_accuracy=rank < 5)
+
+
 def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: dict[str, jax.Array]):
     """Loss and top-1/top-5 accuracy of the unmasked examples.
 
@@ -113,12 +125,27 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: dict[str, jax.Ar
         probs = jax.nn.softmax(logits).reshape(images.shape[:2] + logits.shape[-1:]).mean(1)
     else:
         probs = jax.nn.softmax(model(images))
-    labels = batch["label"]
-    loss = -jnp.log(jnp.take_along_axis(probs, labels[:, None], -1)[:, 0] + 1e-12)
-    top5 = jax.lax.top_k(probs, min(5, probs.shape[-1]))[1]
-    return metrics.EvalMetrics.single_from_model_output(
-        loss=loss, accuracy=jnp.argmax(probs, -1) == labels,
-        top5_accuracy=(top5 == labels[:, None]).any(-1), mask=batch["mask"])
+    return metrics.EvalMetrics.single_from_model_output(**_scores(probs, batch["label"]),
+                                                        mask=batch["mask"])
+
+
+def multi_scale_step(graphdef: nnx.GraphDef, variables, batch: dict[str, Any]) -> dict[str, jax.Array]:
+    """Sec. 3.4's multi-scale testing: "we adopt the fully-convolutional form ... and average the
+    scores at multiple scales". `batch["views"]` holds one (batch, h, w, C) array per scale, the
+    whole images resized (`preprocess.multi_scale_fn`); each view and its horizontal flip go
+    through the network, whose global average pooling takes any size, and each image's softmax
+    is averaged over its 2 x scales views. `variables` is (params, batch_stats).
+
+    Returns per-example scores, nothing reduced over the batch: the step has no collective, so
+    that it can run on one process's devices alone (`evaluate`).
+    """
+    model = nnx.merge(graphdef, *variables)
+    probs = 0.0
+    for view in batch["views"]:
+        # (batch, 2, h, w, C) flattened: each image's flip stays on its device.
+        both = jnp.stack([view, jnp.flip(view, 2)], 1).reshape((-1,) + view.shape[1:])
+        probs = probs + jax.nn.softmax(model(both)).reshape(view.shape[0], 2, -1).sum(1)
+    return _scores(probs / (2 * len(batch["views"])), batch["label"])
 
 
 def with_inputs(step: Callable, data_config: Any) -> Callable:
@@ -154,10 +181,103 @@ def on_device(config: Any) -> bool:
     return bool(config.data.get("on_device", False))
 
 
+def multi_scale(config: Any) -> bool:
+    return preprocess.settings(config.data).eval_preprocess == "multi_scale"
+
+
+def eval_batch_size(config: Any, log: bool = False):
+    """Images per process in an eval step; for multi_scale, one size per shape class.
+    `eval.batch_size` counts network inputs of image_size^2 pixels, so that a step of any
+    protocol holds about as much memory: `center` and `none` take that many images, `ten_crop` a
+    tenth as many (10 crops each), `multi_scale` as many as fit in them with their views at every
+    scale and flips (`preprocess.multi_scale_batch_sizes`), at least one per device. Then rounded
+    up to a multiple of the devices and processes (multi_scale: of this process's devices, where
+    its steps run): the padding is masked, so any positive size works on any device count.
+    log=True says so in the log (once, at the start)."""
+    size = config.eval.batch_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"eval.batch_size must be a positive integer; got {size!r}")
+    s, processes = preprocess.settings(config.data), jax.process_count()
+    if s.eval_preprocess == "multi_scale":
+        devices = jax.local_device_count()
+        sizes = preprocess.multi_scale_batch_sizes(s, size / processes, devices)
+        if log:  # first_n: setup runs more than once (finished_step)
+            logging.log_first_n(
+                logging.INFO, "Eval steps of multi_scale hold %d to %d images per process (2:1 "
+                "to square; a multiple of its %d devices) for eval.batch_size=%d, each image %.3g "
+                "to %.3g inputs at its %d scales and flips; the padding is masked out of the "
+                "metrics", 1, min(sizes), max(sizes), devices, size,
+                preprocess.multi_scale_inputs(s, 0),
+                preprocess.multi_scale_inputs(s, preprocess.MAX_ASPECT_STEP), len(s.eval_scales))
+        return sizes
+    crops = 10 if s.eval_preprocess == "ten_crop" else 1
+    images, multiple = -(-size // crops), math.lcm(jax.device_count(), processes)
+    per_process = -(-images // multiple) * multiple // processes
+    if log and per_process * processes * crops != size:
+        logging.log_first_n(
+            logging.INFO, "Eval steps hold %d images%s for eval.batch_size=%d (a multiple of the "
+            "%d devices and %d processes); the padding is masked out of the metrics", 1,
+            per_process * processes, f" of {crops} crops" if crops > 1 else "", size,
+            jax.device_count(), processes)
+    return per_process
+
+
+def eval_function(graphdef: nnx.GraphDef, data_config: Any, mesh) -> Callable:
+    """The jitted eval step of the host pipeline: `eval_step` over the mesh, or for multi_scale
+    `multi_scale_step` over this process's devices (`local_mesh`)."""
+    if preprocess.settings(data_config).eval_preprocess != "multi_scale":
+        return jax.jit(with_inputs(functools.partial(eval_step, graphdef), data_config),
+                       in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                       out_shardings=sharding.replicated(mesh))
+    normalise, local = device_inputs.normaliser(data_config), local_mesh()
+
+    def step(variables, batch):
+        views = tuple(normalise({"image": view})["image"] for view in batch["views"])
+        return multi_scale_step(graphdef, variables, {**batch, "views": views})
+
+    return jax.jit(step, in_shardings=(sharding.replicated(local), sharding.batch_sharding(local)),
+                   out_shardings=sharding.batch_sharding(local))
+
+
+def local_mesh():
+    """This process's devices: where multi-scale steps run."""
+    return jax.sharding.Mesh(np.asarray(jax.local_devices()), (sharding.DATA_AXIS,))
+
+
+def _evaluate_multi_scale(eval_fn, state: TrainState, config: Any) -> dict[str, float]:
+    """Multi-scale testing (Sec. 3.4). Images are batched by shape class as they come, which
+    differs from process to process, so each process runs its steps on its own devices: the steps
+    hold no collective, and nothing another process waits for. The sums are added over the
+    processes once at the end, in the same place on every process; each example counts once."""
+    local = local_mesh()
+    variables = jax.tree.map(  # this process's copy of the replicated parameters
+        lambda x: jax.device_put(x.addressable_data(0), sharding.replicated(local)),
+        (state.params, state.batch_stats))
+    outputs = []
+    for batch in data.multi_scale_iterator(config.data, batch_sizes=eval_batch_size(config),
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count()):
+        mask = batch.pop("mask")
+        del batch["aspect"]
+        outputs.append((eval_fn(variables, jax.device_put(batch, sharding.batch_sharding(local))),
+                        mask))
+    sums = np.zeros(4)  # loss, top-1 hits, top-5 hits, examples
+    for scores, mask in outputs:
+        scores = jax.device_get(scores)
+        sums += [scores["loss"][mask].sum(), scores["accuracy"][mask].sum(),
+                 scores["top5_accuracy"][mask].sum(), mask.sum()]
+    if jax.process_count() > 1:
+        sums = np.asarray(multihost_utils.process_allgather(sums.astype(np.float32))).sum(0)
+    return metrics.prefixed("eval", dict(loss=sums[0] / sums[3], accuracy=sums[1] / sums[3],
+                                         top5_accuracy=sums[2] / sums[3]))
+
+
 def evaluate(eval_fn, state: TrainState, config: Any, mesh) -> dict[str, float]:
+    if multi_scale(config):
+        return _evaluate_multi_scale(eval_fn, state, config)
     source = device_data if on_device(config) else data
     batches = source.eval_iterator(
-        config.data, batch_size=sharding.per_process_batch(config.eval.batch_size, "eval.batch_size"),
+        config.data, batch_size=eval_batch_size(config),
         process_index=jax.process_index(), process_count=jax.process_count())
     total = None
     for batch in sharding.prefetch(batches, mesh):
@@ -318,7 +438,7 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
         validate.check_numbers(config)
         mesh = sharding.make_mesh()
         batch_size = sharding.per_process_batch(config.train.batch_size, "train.batch_size")
-        sharding.per_process_batch(config.eval.batch_size, "eval.batch_size")
+        eval_batch_size(config, log=True)
         if on_device(config):
             info = device_data.info(config.data)
         elif data.tf is None or data.tfds is None:
@@ -436,8 +556,7 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
         train_fn = jax.jit(with_inputs(step_fn, config.data),
                            in_shardings=(state_shardings, batch_spec),
                            out_shardings=(state_shardings, replicated), donate_argnums=0)
-        eval_fn = jax.jit(with_inputs(functools.partial(eval_step, eval_graphdef), config.data),
-                          in_shardings=(replicated, batch_spec), out_shardings=replicated)
+        eval_fn = eval_function(eval_graphdef, config.data, mesh)
         batches = sharding.prefetch(data.train_iterator(
             config.data, batch_size=run.batch_size, seed=config.seed, start_step=start,
             process_index=jax.process_index(), process_count=jax.process_count()), mesh)

@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from resnet_jax import data
+from resnet_jax import data, preprocess
 
 CLASSES = ("ant", "bee", "cat")
 
@@ -516,7 +516,7 @@ def test_missing_tfds_data_set_says_how_to_prepare_it(tmp_path):
 @pytest.mark.parametrize("fields,words", [
     (dict(name="no_such_data_set_xyz"), ["data.name", "no_such_data_set_xyz", "imagefolder"]),
     (dict(name="fake", train_preprocess="alexnet"), ["data.train_preprocess", "alexnet", "paper"]),
-    (dict(name="fake", eval_preprocess="multi_scale"), ["data.eval_preprocess", "ten_crop"]),
+    (dict(name="fake", eval_preprocess="full"), ["data.eval_preprocess", "multi_scale"]),
     (dict(name="fake", dtype="float16"), ["data.dtype", "bfloat16"]),
     (dict(name="digits", num_classes=100), ["data.num_classes=100", "'digits'", "10"]),
     (dict(name="imagefolder:/no/such/dir"), ["/no/such/dir"]),
@@ -573,3 +573,70 @@ def test_restart_after_a_corrupt_file_does_not_read_it(corrupt):
     restarted = data.train_iterator(config, batch_size=1, seed=0, start_step=bad + 1)
     _take(restarted, 39 - bad)  # to the end of epoch 0, past the skipped start
     assert restarted.num_skipped == 0
+
+
+# ---- multi-scale testing (Sec. 3.4) --------------------------------------
+
+SHAPES = ((20, 40), (30, 20), (16, 16), (21, 28), (28, 21), (18, 27), (40, 12), (24, 30), (15, 45))
+
+
+@pytest.fixture(scope="module")
+def shaped(tmp_path_factory):
+    """PNGs of one colour each, (i, 7, 9) saying which file it is, of the assorted SHAPES (ImageNet's
+    variety of aspect ratios, small): 9 train, 27 test."""
+    root = tmp_path_factory.mktemp("shaped")
+    for split, n in (("train", 9), ("test", 27)):
+        for i in range(n):
+            directory = root / split / CLASSES[i % 3]
+            os.makedirs(directory, exist_ok=True)
+            _save(directory / f"{i}.png", np.full((*SHAPES[i % len(SHAPES)], 3), (i, 7, 9), np.uint8),
+                  fmt="PNG")
+    return root
+
+
+def _multi_scale(**fields):
+    fields.setdefault("eval_preprocess", "multi_scale")
+    fields.setdefault("image_size", 8)
+    fields.setdefault("eval_scales", (8, 12))
+    return _config(**fields)
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_multi_scale_batches_of_each_source(source, folder, tiny_tfds):
+    config = _multi_scale(**SOURCES[source](folder, tiny_tfds))
+    info = data.info(config)
+    sizes = tuple(range(3, 28))  # a size of its own for each class, to see that each is used
+    batches = list(data.multi_scale_iterator(config, batch_sizes=sizes))
+    for batch in batches:
+        aspect = batch["aspect"]
+        assert set(batch) == {"aspect", "views", "label", "mask"}
+        assert [v.shape for v in batch["views"]] == [
+            (sizes[aspect + 12], *preprocess.class_shape(aspect, scale), 3) for scale in (8, 12)]
+        assert batch["label"].shape == batch["mask"].shape == (sizes[aspect + 12],)
+        assert np.all((0 <= batch["label"]) & (batch["label"] < info.num_classes))
+        assert all(not v[~batch["mask"]].any() for v in batch["views"])  # padding is zeros
+    assert sum(int(b["mask"].sum()) for b in batches) == info.num_eval
+    part_filled = [b["aspect"] for b in batches if not b["mask"].all()]
+    assert len(set(part_filled)) == len(part_filled)  # at most one a class: its last
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_multi_scale_counts_each_image_once_in_the_class_of_its_shape(shaped, processes):
+    config = _multi_scale(name=f"imagefolder:{shaped}", dtype="uint8")
+    seen = []
+    for k in range(processes):
+        for batch in data.multi_scale_iterator(config, batch_sizes=(2,) * 25, process_index=k,
+                                               process_count=processes):
+            ids = batch["views"][0][:, 0, 0, 0][batch["mask"]].astype(int)
+            for i, label in zip(ids, batch["label"][batch["mask"]]):
+                h, w = SHAPES[i % len(SHAPES)]
+                ratio = max(h, w) / min(h, w)
+                steps = min(round(12 * np.log2(ratio)), 12)
+                assert batch["aspect"] == (-steps if h > w else steps) and label == i % 3
+            seen.extend(ids)
+    assert sorted(seen) == list(range(27))
+
+
+def test_multi_scale_needs_its_preprocessing(shaped):
+    with pytest.raises(ValueError, match="multi_scale"):
+        next(data.multi_scale_iterator(_config(name=f"imagefolder:{shaped}"), batch_sizes=(2,) * 25))
