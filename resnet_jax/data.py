@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 
@@ -449,38 +451,66 @@ def info(config) -> DataInfo:
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _pixel_mean_cached(source_key, config_items):
-    config = _FrozenConfig(dict(config_items))
-    source, s = _open(config)
-    kind, n, lookup, subsplit = source.records(source.split(train=True), 0, 1)
+# What the mean image depends on: its file name in the workdir is made from them (`pixel_mean_file`).
+PIXEL_MEAN_FIELDS = ("name", "data_dir", "train_split", "image_size", "resize_method", "antialias",
+                     "fake_num_train")
+_PIXEL_MEANS: dict[tuple, np.ndarray] = {}  # per process: the mean images made or read so far
+
+
+def _mean_key(config) -> tuple:
+    return tuple((f, _hashable(_get(config, f))) for f in PIXEL_MEAN_FIELDS)
+
+
+def pixel_mean_sums(config, process_index: int = 0, process_count: int = 1) -> tuple[np.ndarray, int]:
+    """The sum (float64) and count of this process's slice of the training images, each resized
+    whole to image_size x image_size (`preprocess.mean_image_fn`): the per-pixel mean of
+    Sec. 3.4 and 4.2 is the sum over every slice divided by the count over every slice."""
+    source, s = _open(_FrozenConfig(dict(_mean_key(config))))
+    kind, n, lookup, subsplit = source.records(source.split(train=True), process_index,
+                                               process_count)
     ds = source.in_order(subsplit) if lookup is None else tf.data.Dataset.range(n).map(lookup)
     fn = preprocess.mean_image_fn(s, kind)
     ds = ds.map(lambda record, label: fn(record), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.ignore_errors(log_warning=False).batch(256)
+    ds = ds.ignore_errors(log_warning=False).batch(256).prefetch(tf.data.AUTOTUNE)
     total, count = np.zeros((s.image_size, s.image_size, 3), np.float64), 0
     for batch in ds.as_numpy_iterator():
         total += batch.sum(axis=0, dtype=np.float64)
         count += len(batch)
-    logging.info("Per-pixel mean image of %s computed from %d training images", source_key, count)
-    return (total / max(count, 1)).astype(np.float32)
+    return total, count
+
+
+def pixel_mean_file(config) -> str:
+    """The mean image's file name, `pixel_mean_<digest>.npy`, the digest of `PIXEL_MEAN_FIELDS`:
+    another data set, split or size gets another file."""
+    digest = hashlib.sha256(json.dumps(_mean_key(config)).encode()).hexdigest()[:12]
+    return f"pixel_mean_{digest}.npy"
+
+
+def use_pixel_mean(config, mean: np.ndarray) -> None:
+    """`pixel_mean(config)` returns `mean` from now on (in this process): the run's mean image,
+    made once and the same on every process (`train.load_pixel_mean`)."""
+    _PIXEL_MEANS[_mean_key(config)] = np.asarray(mean, np.float32)
 
 
 class _FrozenConfig(dict):
     def get(self, name, default=None):
-        return super().get(name, default)
+        value = super().get(name, default)
+        return default if value is None else value
 
 
 def pixel_mean(config) -> np.ndarray | None:
-    """The per-pixel mean image of the training split (Sec. 4.2), computed once per process and
-    cached; None unless `data.subtract_pixel_mean`."""
+    """The per-pixel mean image of the training split (Sec. 3.4, 4.2), image_size square, float32;
+    None unless `data.subtract_pixel_mean`. The one `use_pixel_mean` gave, else computed here from
+    the whole split once per process (the CIFAR recipe's 50k small images take seconds)."""
     if not _get(config, "subtract_pixel_mean", False):
         return None
-    fields = ("name", "data_dir", "train_split", "image_size", "resize_method", "antialias",
-              "num_classes", "fake_num_train", "fake_num_eval", "in_memory_bytes",
-              "train_preprocess", "eval_preprocess", "subtract_pixel_mean")
-    items = tuple((f, _hashable(_get(config, f))) for f in fields)
-    return _pixel_mean_cached(_get(config, "name"), items)
+    key = _mean_key(config)
+    if key not in _PIXEL_MEANS:
+        total, count = pixel_mean_sums(config)
+        logging.info("Per-pixel mean image of %s computed from %d training images",
+                     _get(config, "name"), count)
+        _PIXEL_MEANS[key] = (total / max(count, 1)).astype(np.float32)
+    return _PIXEL_MEANS[key]
 
 
 def _hashable(value):

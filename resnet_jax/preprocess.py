@@ -143,10 +143,6 @@ def settings(config) -> Settings:
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ValueError(f"data.mean={mean} and data.std={std} must be 3 values each, std > 0")
     subtract_pixel_mean = bool(_get(config, "subtract_pixel_mean", False))
-    if subtract_pixel_mean and (train not in ("cifar", "none") or evaluation != "none"):
-        raise ValueError(
-            "data.subtract_pixel_mean=True needs train_preprocess 'cifar' or 'none' and "
-            f"eval_preprocess 'none' (images of one size), not {train!r} and {evaluation!r}")
     eval_scales = _get(config, "eval_scales", EVAL_SCALES)
     if (not isinstance(eval_scales, (tuple, list)) or not eval_scales
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0

@@ -62,12 +62,17 @@ def _first_line(error: BaseException) -> str:
 def write_text(path: epath.Path, text: str) -> None:
     """Writes `text` whole: on a local disk through a temporary file renamed over `path`, so a
     reader never sees half of it; an object store replaces an object in one put already."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: epath.Path, data: bytes) -> None:
+    """`write_text` for bytes."""
     if _scheme(str(path)) is None:
         temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(text)
+        temporary.write_bytes(data)
         temporary.replace(path)
     else:
-        path.write_text(text)
+        path.write_bytes(data)
 
 
 def create_new(path: epath.Path, text: str) -> bool:

@@ -575,7 +575,7 @@ def test_restart_after_a_corrupt_file_does_not_read_it(corrupt):
     assert restarted.num_skipped == 0
 
 
-# ---- multi-scale testing (Sec. 3.4) --------------------------------------
+# ---- multi-scale testing and the per-pixel mean (Sec. 3.4) --------------------------------------
 
 SHAPES = ((20, 40), (30, 20), (16, 16), (21, 28), (28, 21), (18, 27), (40, 12), (24, 30), (15, 45))
 
@@ -590,6 +590,20 @@ def shaped(tmp_path_factory):
             directory = root / split / CLASSES[i % 3]
             os.makedirs(directory, exist_ok=True)
             _save(directory / f"{i}.png", np.full((*SHAPES[i % len(SHAPES)], 3), (i, 7, 9), np.uint8),
+                  fmt="PNG")
+    return root
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Smooth random PNGs of the assorted SHAPES, lossless so that PIL reads what TensorFlow does:
+    9 train, 9 test."""
+    root = tmp_path_factory.mktemp("photos")
+    for split in ("train", "test"):
+        for i, shape in enumerate(SHAPES):
+            directory = root / split / CLASSES[i % 3]
+            os.makedirs(directory, exist_ok=True)
+            _save(directory / f"{i}.png", _smooth(*shape, seed=i + 100 * (split == "test")),
                   fmt="PNG")
     return root
 
@@ -640,3 +654,41 @@ def test_multi_scale_counts_each_image_once_in_the_class_of_its_shape(shaped, pr
 def test_multi_scale_needs_its_preprocessing(shaped):
     with pytest.raises(ValueError, match="multi_scale"):
         next(data.multi_scale_iterator(_config(name=f"imagefolder:{shaped}"), batch_sizes=(2,) * 25))
+
+
+def test_pixel_mean_is_the_mean_of_the_resized_training_images(photos):
+    config = _config(name=f"imagefolder:{photos}", image_size=8, subtract_pixel_mean=True,
+                     dtype="float32")
+    resized = [tf.image.resize(np.asarray(Image.open(path)), (8, 8)).numpy()
+               for path in sorted((photos / "train").glob("*/*.png"))]
+    assert len(resized) == len(SHAPES)
+    np.testing.assert_allclose(data.pixel_mean(config), np.mean(resized, axis=0), atol=1e-4)
+    total, count = data.pixel_mean_sums(config, 1, 2)  # one process's share
+    assert count == len(SHAPES) - len(SHAPES) // 2 and total.shape == (8, 8, 3)
+
+
+def test_train_and_eval_subtract_the_pixel_mean(photos):
+    fields = dict(name=f"imagefolder:{photos}", image_size=8, dtype="float32", scale_range=(10, 16),
+                  eval_scales=(8, 12), resize_size=10)
+    mean = data.pixel_mean(_config(subtract_pixel_mean=True, **fields))
+    assert mean.std() > 1
+    for train in ("paper", "inception"):
+        plain, subtracted = (next(data.train_iterator(_config(
+            train_preprocess=train, subtract_pixel_mean=on, **fields), batch_size=4, seed=3))
+            for on in (False, True))
+        # The mean is subtracted before the flip (as Caffe does), where the pixels were.
+        for a, b in zip(plain["image"], subtracted["image"]):
+            assert min(np.abs(a - b - m).max() for m in (mean, mean[:, ::-1])) < 1e-3
+        assert not np.allclose(mean, mean[:, ::-1], atol=1)
+    for evaluation in ("center", "ten_crop"):
+        plain, subtracted = (next(data.eval_iterator(_config(
+            eval_preprocess=evaluation, subtract_pixel_mean=on, **fields), batch_size=4))
+            for on in (False, True))
+        np.testing.assert_allclose(subtracted["image"], plain["image"] - mean, atol=1e-3)
+    plain, subtracted = (list(data.multi_scale_iterator(_config(
+        eval_preprocess="multi_scale", subtract_pixel_mean=on, **fields), batch_sizes=(4,) * 25))
+        for on in (False, True))
+    for a, b in zip(plain, subtracted):
+        for view_a, view_b in zip(a["views"], b["views"]):
+            resized = tf.image.resize(mean, view_a.shape[1:3]).numpy()
+            np.testing.assert_allclose(view_b[a["mask"]], view_a[a["mask"]] - resized, atol=1e-3)

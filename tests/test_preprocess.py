@@ -246,11 +246,13 @@ def test_bad_values_name_field_value_and_choices(field, value, allowed):
     assert "\n" not in message
 
 
-def test_pixel_mean_needs_fixed_size_preprocessing():
-    with pytest.raises(ValueError, match="subtract_pixel_mean"):
-        preprocess.settings(_config(subtract_pixel_mean=True, train_preprocess="inception"))
-    preprocess.settings(_config(subtract_pixel_mean=True, train_preprocess="cifar",
-                                eval_preprocess="none"))
+def test_pixel_mean_goes_with_every_preprocessing_normalised_on_the_host():
+    for train, evaluation in (("paper", "center"), ("inception", "ten_crop"),
+                              ("paper", "multi_scale"), ("cifar", "none")):
+        preprocess.settings(_config(subtract_pixel_mean=True, train_preprocess=train,
+                                    eval_preprocess=evaluation, dtype="float32"))
+    with pytest.raises(ValueError, match="subtract_pixel_mean.*float32"):
+        preprocess.settings(_config(subtract_pixel_mean=True, dtype="uint8"))
 
 
 # ---- multi-scale testing (Sec. 3.4) ----------------------------------------------------------
