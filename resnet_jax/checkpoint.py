@@ -354,13 +354,3 @@ def read_latest(workdir) -> tuple[int, Any]:
     target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
                           manager.item_metadata(step))
     return step, manager.restore(step, args=ocp.args.StandardRestore(target))
-
-
-def latest_step(workdir: epath.Path) -> int | None:
-    """The newest committed step in WORKDIR/checkpoints (None: none), read without writing
-    anything and without verifying it."""
-    directory = workdir / DIRECTORY
-    if not directory.exists():
-        return None
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True)).latest_step()

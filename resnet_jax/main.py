@@ -137,9 +137,6 @@ def main(argv):
     try:
         # A multi-process JAX operation issued off the main thread is an error, not a hang.
         with jax.thread_guard(True):
-            if train.finished_step(config, FLAGS.workdir, FLAGS.allow_config_change) is not None:
-                logging.info("This run has finished; nothing to do. %s", _result(FLAGS.workdir))
-                return
             train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change,
                                      restart=FLAGS.restart)
         logging.info("%s", _result(FLAGS.workdir))

@@ -516,13 +516,6 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
     return Setup(path, mesh, batch_size, info, steps_per_epoch, num_steps, schedule, tx, model)
 
 
-def finished_step(config: Any, workdir: str, allow_config_change: bool = False) -> int | None:
-    """The last step of `config`'s run where `workdir` already holds its final checkpoint, else
-    None; checks the config and workdir as a run does and writes nothing."""
-    run = setup(config, workdir, allow_config_change)
-    return run.num_steps if checkpoint.latest_step(run.workdir) == run.num_steps else None
-
-
 def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = False,
                        restart: bool = False) -> TrainState:
     """Trains `config`'s model, evaluates and checkpoints it in `workdir`; resumes what is there.

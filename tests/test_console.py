@@ -53,13 +53,3 @@ def test_bad_input_writes_no_log(tmp_path):
     result = subprocess.run(command, cwd=runs.REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert not workdir.exists()
-
-
-def test_the_same_command_on_a_finished_run_says_so_and_writes_nothing(run):
-    workdir, _ = run
-    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
-    again = runs.run_main(workdir, **{"log_every_steps": 3})
-    last = again.stderr.splitlines()[-1]
-    assert "This run has finished; nothing to do. Finished step 6: " in last, again.stderr[-2000:]
-    assert "Saving the checkpoint" not in again.stderr and "Restored" not in again.stderr
-    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
