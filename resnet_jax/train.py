@@ -243,7 +243,7 @@ def eval_batch_size(config: Any, log: bool = False):
     if s.eval_preprocess == "multi_scale":
         devices = jax.local_device_count()
         sizes = preprocess.multi_scale_batch_sizes(s, size / processes, devices)
-        if log:  # first_n: setup runs more than once (finished_step)
+        if log:  # first_n: setup may run more than once in a process
             logging.log_first_n(
                 logging.INFO, "Eval steps of multi_scale hold %d to %d images per process (2:1 "
                 "to square; a multiple of its %d devices) for eval.batch_size=%d, each image %.3g "
