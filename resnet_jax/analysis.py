@@ -14,32 +14,15 @@ plain network fails when any layer is taken out.
 
 import contextlib
 import dataclasses
-import json
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 from flax import nnx
 
-from resnet_jax import checkpoint, convert, data, device_inputs, models, train
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run was trained with (WORKDIR/config.json)."""
-    return ml_collections.ConfigDict(json.loads((epath.Path(workdir) / "config.json").read_text()))
-
-
-def _pure(tree: Any) -> Any:
-    """A checkpoint's nested dicts as `nnx.State.replace_by_pure_dict` takes them: list indices
-    back to integers, and each variable's {"value": array} to the array."""
-    if not isinstance(tree, dict):
-        return tree
-    if tree.keys() == {"value"}:
-        return tree["value"]
-    return {int(k) if k.isdigit() else k: _pure(v) for k, v in tree.items()}
+from resnet_jax import checkpoint, config_files, convert, data, device_inputs, models, train
 
 
 def build_model(config: Any, num_classes: int, **changes: Any) -> models.ResNet:
@@ -54,17 +37,12 @@ def load_model(workdir: str) -> tuple[ml_collections.ConfigDict, models.ResNet, 
     A ResNet is built unrolled and without remat whatever the run used, so that each block can
     be looked at and changed on its own.
     """
-    config = load_config(workdir)
+    config = config_files.of_run(workdir)
     step, state = checkpoint.read_latest(workdir)
-    state = _pure(state)
+    state = checkpoint.pure(state)
     classifier = state["params"]["fc" if "fc" in state["params"] else "fc3"]  # ResNet or VGG
     num_classes = classifier["kernel"].shape[-1]
-    model = build_model(config, num_classes)
-    # The checkpoint's "batch_stats" holds all state that is not a parameter (train.py).
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    nnx.replace_by_pure_dict(params, state["params"])
-    nnx.replace_by_pure_dict(rest, state["batch_stats"])
-    model = nnx.merge(graphdef, params, rest)
+    model = with_weights(build_model(config, num_classes), state)
     if isinstance(model, models.ResNet) and (model.scan_blocks or model.remat):
         # Each block on its own, computed eagerly: what the analyses here look at and change.
         unrolled = build_model(config, num_classes, scan_blocks=False, remat=False)
@@ -72,6 +50,15 @@ def load_model(workdir: str) -> tuple[ml_collections.ConfigDict, models.ResNet, 
         model = unrolled
     model.eval()
     return config, model, step
+
+
+def with_weights(model: nnx.Module, state: dict[str, Any]) -> nnx.Module:
+    """`model` holding a checkpoint's weights (`checkpoint.pure`'s dicts). Its "batch_stats"
+    hold all the state that is not a parameter (train.py)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    nnx.replace_by_pure_dict(params, state["params"])
+    nnx.replace_by_pure_dict(rest, state["batch_stats"])
+    return nnx.merge(graphdef, params, rest)
 
 
 def eval_images(config: Any, count: int) -> tuple[np.ndarray, np.ndarray]:

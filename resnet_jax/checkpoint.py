@@ -119,9 +119,9 @@ def _remove_temporary(manager: ocp.CheckpointManager) -> list[int]:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         metrics: dict[str, float] | None = None, force: bool = False) -> None:
+         metrics: dict[str, float] | None = None, force: bool = False, final: bool = False) -> None:
     """Starts an asynchronous save of `state` at `step` if the interval (or `force`) says so,
-    with the checksums of its arrays.
+    with the checksums of its arrays; `final` marks the run's last step (`is_final`).
 
     An earlier asynchronous save's failure surfaces here, named as its own, or in `wait`.
     """
@@ -134,7 +134,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
     checksums = dict(zip(_leaf_names(state), map(int, jax.device_get(_digest(state)[0]))))
     try:
         manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force,
-                     custom_metadata={CHECKSUMS: checksums})
+                     custom_metadata={CHECKSUMS: checksums, FINAL: final})
     except Exception as error:
         raise _failed(manager, error, step) from error
 
@@ -148,7 +148,8 @@ def wait(manager: ocp.CheckpointManager) -> None:
         raise _failed(manager, error) from error
 
 
-CHECKSUMS = "checksums"  # the key of the step metadata's custom_metadata that holds them
+# Keys of the step metadata's custom_metadata: the arrays' checksums; whether it is the last step.
+CHECKSUMS, FINAL = "checksums", "final"
 
 
 def _mix(x: jax.Array) -> jax.Array:
@@ -339,14 +340,50 @@ def _set_aside(directory: epath.Path, failed: list[tuple[int, str]], workdir: ep
     sync_global_devices(f"corrupt checkpoints {[step for step, _ in failed]} set aside")
 
 
+def reader(workdir: epath.Path) -> ocp.CheckpointManager:
+    """A manager that only reads a run's checkpoints (and knows its best by eval accuracy)."""
+    return ocp.CheckpointManager(
+        workdir / DIRECTORY, item_handlers=ocp.StandardCheckpointHandler(),
+        options=ocp.CheckpointManagerOptions(read_only=True, best_fn=_eval_accuracy, best_mode="max"))
+
+
+def read(manager: ocp.CheckpointManager, step: int, sharding: jax.sharding.Sharding) -> Any:
+    """The checkpoint of `step` as nested dicts of arrays placed with `sharding`, verified against
+    its checksums and finite; raises CorruptCheckpoint (or orbax's error for unreadable files).
+    Writes nothing: whatever is wrong stays where it is."""
+    saved = _saved_checksums(epath.Path(manager.directory) / str(step))
+    metadata = manager.item_metadata(step)
+    if metadata is None:  # orbax's answer when the item's _METADATA is missing
+        raise CorruptCheckpoint("its metadata is missing")
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                          metadata)
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    _verify(restored, saved, step)
+    return restored
+
+
+def is_final(manager: ocp.CheckpointManager, step: int) -> bool:
+    """Whether the checkpoint of `step` was saved as its run's last step (`save(final=True)`)."""
+    metadata = json.loads((epath.Path(manager.directory) / str(step) / "_CHECKPOINT_METADATA").read_text())
+    return bool((metadata.get("custom_metadata") or {}).get(FINAL))
+
+
+def pure(tree: Any) -> Any:
+    """A checkpoint's nested dicts as `nnx.State.replace_by_pure_dict` takes them: list indices
+    back to integers, and each variable's {"value": array} to the array."""
+    if not isinstance(tree, dict):
+        return tree
+    if tree.keys() == {"value"}:
+        return tree["value"]
+    return {int(k) if k.isdigit() else k: pure(v) for k, v in tree.items()}
+
+
 def read_latest(workdir) -> tuple[int, Any]:
     """(step, state as nested dicts) of a run's latest checkpoint, on this process's first device.
 
     For reading a run from any machine: the topology that saved it does not matter.
     """
-    manager = ocp.CheckpointManager(
-        workdirs.resolve(str(workdir)) / DIRECTORY, item_handlers=ocp.StandardCheckpointHandler(),
-        options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = reader(workdirs.resolve(str(workdir)))
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")

@@ -9,7 +9,12 @@ files on the machine that starts the run (unlike workdirs, never a bucket).
 """
 
 import importlib.util
+import json
 import os
+
+import ml_collections
+
+from resnet_jax import workdir as workdirs
 
 NOT_CONFIGS = ("__init__", "arguments")  # modules of the package that are not configs
 
@@ -40,3 +45,35 @@ def resolve(spec: str) -> str:
         return os.path.join(directory(), f"{name}.py") + colon + arg
     raise ValueError(f"{spec!r} is neither a file nor the name of a shipped config "
                      f"({', '.join(shipped())})")
+
+
+def of_run(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was trained with (WORKDIR/config.json), on configs/default.py's fields, so
+    that each keeps its type (tuples, placeholders) and takes --config.FIELD overrides."""
+    from configs import default  # pylint: disable=import-outside-toplevel  (its package)
+
+    def merge(config, values):
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+                merge(config[key], value)
+            else:  # JSON has lists where the configs have tuples
+                config[key] = tuple(value) if isinstance(value, list) else value
+
+    config = default.get_config()
+    merge(config, json.loads((workdirs.resolve(str(workdir)) / "config.json").read_text()))
+    return config
+
+
+def unknown_field(config: ml_collections.ConfigDict, argv: list[str]) -> str | None:
+    """The one line for the first --config.FIELD override that names no field of `config`."""
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0].split(".")
+        node = config
+        for depth, key in enumerate(path):
+            if not hasattr(node, "keys") or key not in node:
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+                return f"config field {'.'.join(path[:depth + 1])!r} does not exist (fields there: {known})"
+            node = node[key]
+    return None

@@ -255,6 +255,10 @@ def info(config) -> data.DataInfo:
     if wanted is not None and int(wanted) != num_classes:
         raise ValueError(f"data.num_classes={wanted} but data set {source.name!r} has "
                          f"{num_classes} classes")
+    if s.eval_preprocess in ("ten_crop", "multi_scale"):
+        raise ValueError(f"data.eval_preprocess={s.eval_preprocess!r} needs data.on_device=False: "
+                         f"on the devices each eval image is taken whole at data.image_size "
+                         f"(data.eval_preprocess 'none' or 'center')")
     num_train = source.size(source.split(train=True))
     decoded = num_train * s.image_size**2 * 3
     if decoded > MAX_BYTES:

@@ -47,17 +47,7 @@ def _describe_bad_override(argv: list[str], error: Exception) -> str:
         config = _base_config(argv)
     except Exception as load_error:
         return f"--config: {' '.join(str(load_error).split())}"
-    for arg in argv[1:]:
-        if not arg.startswith("--config."):
-            continue
-        path = arg[len("--config."):].split("=", 1)[0].split(".")
-        node = config
-        for depth, key in enumerate(path):
-            if not hasattr(node, "keys") or key not in node:
-                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
-                return f"config field {'.'.join(path[:depth + 1])!r} does not exist (fields there: {known})"
-            node = node[key]
-    return " ".join(str(error).split())
+    return config_files.unknown_field(config, argv) or " ".join(str(error).split())
 
 
 def _resolve_config_names(argv: list[str]) -> None:
@@ -83,10 +73,7 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard eve
 flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose run had another config.")
 flags.DEFINE_bool("restart", False, "Start from step 0 when no checkpoint of the workdir can be "
                   "restored (they are moved to WORKDIR/corrupt_checkpoints).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs "
-                    "that no cluster environment (TPU pod, SLURM, MPI) describes.")
-flags.DEFINE_integer("num_processes", None, "Processes in all, with --coordinator_address.")
-flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
+sharding.define_flags()
 FLAGS = flags.FLAGS
 
 
@@ -121,12 +108,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
     del argv
     console.setup()
-    launch = sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                             FLAGS.process_id)
+    launch = sharding.initialize_from_flags()
     # After distributed start-up: these import TensorFlow and touch devices.
     import jax  # pylint: disable=import-outside-toplevel
 
-    from resnet_jax import checkpoint, train, validate  # pylint: disable=import-outside-toplevel
+    from resnet_jax import checkpoint, finished  # pylint: disable=import-outside-toplevel
 
     sys.unraisablehook = checkpoint.quiet_closed_loop(sys.unraisablehook)
     logging.info("Started by %s: process %d of %d, %d of the %d devices", launch, jax.process_index(),
@@ -134,6 +120,12 @@ def main(argv):
     config = FLAGS.config
     logging.info("Config %s; differs from configs/default.py in %s (all of it: WORKDIR/config.json)",
                  _config_spec(sys.argv), _differences(config) or "nothing")
+    if finished.final_step(config, FLAGS.workdir) is not None:
+        logging.info("This run has finished; nothing to do. %s", _result(FLAGS.workdir))
+        console.close()
+        return
+    from resnet_jax import train, validate  # pylint: disable=import-outside-toplevel  (TensorFlow)
+
     try:
         # A multi-process JAX operation issued off the main thread is an error, not a hang.
         with jax.thread_guard(True):
@@ -169,14 +161,14 @@ def _differences(config) -> str:
 
 def _result(workdir: str) -> str:
     """The last line: the final metrics and where the run's files are."""
-    from resnet_jax import metrics, workdir as workdirs  # pylint: disable=import-outside-toplevel
+    from resnet_jax import rows as jsonl, workdir as workdirs  # pylint: disable=import-outside-toplevel
     path = workdirs.resolve(workdir)
-    rows = metrics.read_rows(path)
+    rows = jsonl.read_rows(path)
     last_eval = next((row for row in reversed(rows) if "eval_accuracy" in row), {})
     shown = {k: v for k, v in last_eval.items() if k.startswith(("eval_", "train_"))}
     figures = ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
     return (f"Finished step {last_eval.get('step', rows[-1]['step'] if rows else 0)}: "
-            f"{figures or 'no eval'}; metrics in {path / metrics.JSONL}, checkpoints in "
+            f"{figures or 'no eval'}; metrics in {path / jsonl.JSONL}, checkpoints in "
             f"{path / 'checkpoints'}, the whole log in {path / 'log.txt'}")
 
 

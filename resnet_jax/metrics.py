@@ -22,6 +22,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from resnet_jax import flops, workdir as workdirs
+from resnet_jax.rows import JSONL, read_rows  # noqa: F401  (also metrics.read_rows)
 
 # clu's writers and periodic actions import TensorFlow. Without it (data.on_device=True needs
 # none) the small equivalents below log the same things and write metrics.jsonl, and
@@ -35,7 +36,6 @@ else:
     metric_writers = periodic_actions = None
     _WriterBase = object
 
-JSONL = "metrics.jsonl"
 # What `Window` reports: timings, which differ from run to run.
 SPEED = ("images_per_second", "images_per_second_per_device", "step_seconds", "data_wait_seconds",
          "data_wait_host", "mfu")
@@ -53,27 +53,6 @@ class EvalMetrics(clu_metrics.Collection):
     loss: clu_metrics.Average.from_output("loss")
     accuracy: clu_metrics.Average.from_output("accuracy")
     top5_accuracy: clu_metrics.Average.from_output("top5_accuracy")
-
-
-def _parse(lines: list[str], path: epath.Path) -> list[dict[str, float]]:
-    rows = []
-    for number, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines) - 1:
-                raise ValueError(f"{path}: line {number + 1} is not JSON") from None
-            # The last line cut short by a write that did not finish (a full disk).
-            logging.warning("%s: dropped its last line, which is incomplete: %r", path, line[:80])
-    return rows
-
-
-def read_rows(workdir) -> list[dict[str, float]]:
-    """The rows of WORKDIR/metrics.jsonl, local or in a bucket."""
-    path = epath.Path(workdir) / JSONL
-    return _parse(path.read_text().splitlines(), path)
 
 
 class JsonlWriter(_WriterBase):

@@ -37,7 +37,7 @@ from flax import nnx  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from resnet_jax import analysis, flops, metrics, paper_results, train  # noqa: E402
+from resnet_jax import analysis, config_files, flops, metrics, paper_results, train  # noqa: E402
 
 COLUMNS = ("run", "model", "shortcut", "data", "eval_split", "eval_protocol", "steps",
            "scheduled_steps", "final_error", "final_top5_error", "best_error", "best_chosen_on",
@@ -87,7 +87,7 @@ def _model(workdir: str, config: Any) -> Any:
 
 def table_row(workdir: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """A run's results from its config.json and metrics.jsonl `rows`."""
-    config = analysis.load_config(workdir)
+    config = config_files.of_run(workdir)
     evals = [row for row in rows if "eval_accuracy" in row]
     top5 = [row for row in evals if "eval_top5_accuracy" in row]
     speeds = [row["images_per_second"] for row in rows if "images_per_second" in row]
@@ -198,7 +198,7 @@ def runs_with_metrics(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
 
 def _labels(workdirs: list[str]) -> list[str]:
     """The paper's name of each run's network; with the workdir's name where two runs share one."""
-    names = [display_name(analysis.load_config(w).model.name) for w in workdirs]
+    names = [display_name(config_files.of_run(w).model.name) for w in workdirs]
     return [name if names.count(name) == 1 else f"{name} ({epath.Path(w).name})"
             for w, name in zip(workdirs, names)]
 
@@ -206,7 +206,7 @@ def _labels(workdirs: list[str]) -> list[str]:
 def _values(workdirs: list[str], field: str, split: str | None = None) -> str:
     """A data field of the runs ("cifar10"; "cifar10, digits" where they differ); `split`
     replaces each run's eval split where given."""
-    configs = [analysis.load_config(w).data for w in workdirs]
+    configs = [config_files.of_run(w).data for w in workdirs]
     values = [split if split and field == "eval_split" else c[field] for c in configs]
     return ", ".join(dict.fromkeys(values))
 

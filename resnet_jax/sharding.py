@@ -56,6 +56,25 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     return _CLUSTERS.get(cluster, cluster)
 
 
+def define_flags() -> None:
+    """The flags of a multi-process launch that no cluster environment describes, read by
+    `initialize_from_flags`."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process "
+                        "runs that no cluster environment (TPU pod, SLURM, MPI) describes.")
+    flags.DEFINE_integer("num_processes", None, "Processes in all, with --coordinator_address.")
+    flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
+
+
+def initialize_from_flags() -> str:
+    """`initialize_distributed` with the flags of `define_flags`."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    f = flags.FLAGS
+    return initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+
+
 def same_on_every_process(text: str) -> bool:
     """Whether every process passed the same `text` (one small all-gather, main thread)."""
     if jax.process_count() == 1:

@@ -182,13 +182,14 @@ def on_device(config: Any) -> bool:
     return bool(config.data.get("on_device", False))
 
 
-def load_pixel_mean(config: Any, workdir: epath.Path) -> None:
+def load_pixel_mean(config: Any, workdir: epath.Path | None) -> None:
     """The per-pixel mean image of Sec. 3.4 ("the per-pixel mean subtracted", from AlexNet) and
     4.2, made once per workdir and the same on every process, for `data` to subtract
     (`data.use_pixel_mean`). Process 0 looks for WORKDIR/pixel_mean_<digest>.npy and broadcasts
     what it finds, so every process takes the same branch and holds the same image; where there
     is none, each process sums its own slice of the training split, the sums are all-gathered and
     combined alike on every process, and process 0 writes the file (whole: `workdir.write_bytes`).
+    workdir=None: made, and kept nowhere.
 
     The mean is of the whole training images each resized to image_size x image_size, and is
     subtracted from every crop (train and eval, whatever the preprocessing) and, resized, from
@@ -197,9 +198,9 @@ def load_pixel_mean(config: Any, workdir: epath.Path) -> None:
     """
     if not config.data.get("subtract_pixel_mean", False) or on_device(config):
         return  # data.on_device makes its own (device_data.pixel_mean)
-    path = workdir / data.pixel_mean_file(config.data)
+    path = workdir / data.pixel_mean_file(config.data) if workdir else None
     size = preprocess.settings(config.data).image_size
-    first = jax.process_index() == 0
+    first = jax.process_index() == 0 and path is not None
     stored = first and path.exists()
     mean = np.load(io.BytesIO(path.read_bytes())) if stored else np.zeros((size, size, 3), np.float32)
     several = jax.process_count() > 1
@@ -218,8 +219,8 @@ def load_pixel_mean(config: Any, workdir: epath.Path) -> None:
             buffer = io.BytesIO()
             np.save(buffer, mean)
             workdirs.write_bytes(path, buffer.getvalue())
-        logging.info("Per-pixel mean image made from %d training images (process 0 writes %s)",
-                     int(counts.sum()), path)
+        logging.info("Per-pixel mean image made from %d training images%s", int(counts.sum()),
+                     f" (process 0 writes {path})" if path else "")
     data.use_pixel_mean(config.data, mean)
 
 
@@ -264,11 +265,14 @@ def eval_batch_size(config: Any, log: bool = False):
     return per_process
 
 
-def eval_function(graphdef: nnx.GraphDef, data_config: Any, mesh) -> Callable:
-    """The jitted eval step of the host pipeline: `eval_step` over the mesh, or for multi_scale
+def eval_function(graphdef: nnx.GraphDef, config: Any, mesh) -> Callable:
+    """The jitted eval step for `config`'s data: `eval_step` over the mesh, or for multi_scale
     `multi_scale_step` over this process's devices (`local_mesh`)."""
-    if preprocess.settings(data_config).eval_preprocess != "multi_scale":
-        return jax.jit(with_inputs(functools.partial(eval_step, graphdef), data_config),
+    data_config = config.data
+    if on_device(config) or not multi_scale(config):
+        normalise = (device_data.eval_normaliser(data_config) if on_device(config)
+                     else device_inputs.normaliser(data_config))
+        return jax.jit(lambda state, batch: eval_step(graphdef, state, normalise(batch)),
                        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                        out_shardings=sharding.replicated(mesh))
     normalise, local = device_inputs.normaliser(data_config), local_mesh()
@@ -584,19 +588,16 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
         train_fn = jax.jit(lambda state, arrays: step_fn(state, make_batch(arrays, state.step)),
                            in_shardings=(state_shardings, resident.shardings),
                            out_shardings=(state_shardings, replicated), donate_argnums=0)
-        eval_normalise = device_data.eval_normaliser(config.data)
-        eval_fn = jax.jit(lambda state, batch: eval_step(eval_graphdef, state, eval_normalise(batch)),
-                          in_shardings=(replicated, batch_spec), out_shardings=replicated)
         batches = itertools.repeat(resident.arrays)
     else:
         train_fn = jax.jit(with_inputs(step_fn, config.data),
                            in_shardings=(state_shardings, batch_spec),
                            out_shardings=(state_shardings, replicated), donate_argnums=0)
-        eval_fn = eval_function(eval_graphdef, config.data, mesh)
         batches = sharding.prefetch(data.train_iterator(
             config.data, batch_size=run.batch_size, seed=config.seed, start_step=start,
             process_index=jax.process_index(), process_count=jax.process_count()), mesh)
     # Progress with ETA goes to the log only: metrics.jsonl holds the named scalars alone.
+    eval_fn = eval_function(eval_graphdef, config, mesh)
     hooks = metrics.progress_hooks(num_steps, config.log_every_steps, config.profile_steps,
                                    str(workdir))
     names = _parameter_names(params)
@@ -636,7 +637,8 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
                 _write(writer, step, scalars, manager)
             if saving:
                 checkpoint.save(manager, step, settled,
-                                metrics=scalars if "eval_accuracy" in scalars else None, force=True)
+                                metrics=scalars if "eval_accuracy" in scalars else None, force=True,
+                                final=step == num_steps)
                 logging.info("Saving the checkpoint of step %d", step)
                 last_saved = step
             if preempted:
