@@ -13,6 +13,10 @@ at start in one line saying what to set). bn=global, the default, normalises ove
 batch of 128: the paper states the batch and its GPUs but not BN's span, and the global batch
 gives the same run on any device count, where bn=paper refuses 4 or 8. Use bn=paper to
 reproduce Table 6 and Fig. 6 as they were run.
+Depth 110 and more warm up at lr 0.01 until the training error of a log window (the
+log_every_steps steps before a log line) is below 80%, as Sec. 4.2 says, then take 0.1
+(schedule.warmup_until_error=0.8; --config.schedule.warmup_until_error=0
+--config.schedule.warmup_steps=400 warms up for a fixed 400 steps instead).
 --config.data.on_device=True holds the decoded train split on the devices and pads, crops and
 flips inside the train step (resnet_jax/device_data.py); with
 --config.data.name=imagefolder:PATH (train/CLASS/*.png, test/CLASS/*.png) it needs no TensorFlow.
@@ -47,9 +51,9 @@ def get_config(arg: str | None = None):
     config.train.num_steps = 64_000          # "terminate training at 64k iterations"
     config.schedule.update(dict(
         name="paper_cifar", base_lr=0.1, scale_by_batch=False, boundaries_steps=(32_000, 48_000),
-        # ResNet-110 (and deeper) start at 0.01 until the training error is below 80%, about 400
-        # iterations, then go back to 0.1.
-        warmup_lr=0.01, warmup_steps=400 if depth >= 110 else 0))
+        # ResNet-110 (and deeper) start at 0.01 "until the training error is below 80% (about 400
+        # iterations), and then go back to 0.1": the error of each log window is tested.
+        warmup_lr=0.01, warmup_steps=0, warmup_until_error=0.8 if depth >= 110 else 0.0))
     config.eval.update(dict(batch_size=500, every_steps=1_000))
     config.checkpoint.every_steps = 1_000
     return config

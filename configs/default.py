@@ -5,10 +5,12 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    # Initialisation, data order and augmentation.
     config.seed = 0
 
     config.model = ml_collections.ConfigDict(dict(
-        name="resnet50",
+        name="resnet50",            # resnet{18,34,50,101,152,200}, plain..., cifar_resnet{6n+2},
+                                    # cifar_plain{6n+2}, vgg16, vgg19, vgg16_bn, vgg19_bn
         block=ml_collections.config_dict.placeholder(str),  # None: the name's; CIFAR: "bottleneck"
                                     # gives the 9n+2 networks of He et al. 2016
         shortcut="B",               # Sec. 3.3: projections only where the shape changes
@@ -17,47 +19,49 @@ def get_config() -> ml_collections.ConfigDict:
                                     # "bn_after_add" (Gross and Wilber 2016)
         gate="none",                # "highway": T F(x) + (1 - T) shortcut(x) (Srivastava et al. 2015)
         gate_bias=-2.0,             # the gates' initial bias: a new block mostly carries
-        zero_init_residual=False,
-        bn_momentum=0.9,
-        bn_epsilon=1e-5,
+        zero_init_residual=False,   # True: each block's last BN scale starts at 0 (Goyal et al. 2017)
+        bn_momentum=0.9,            # running statistics: kept x momentum + batch x (1 - momentum)
+        bn_epsilon=1e-5,            # added to the variance
         bn_group_size=ml_collections.config_dict.placeholder(int),  # e.g. 32: the paper's per-GPU BN
         dtype="auto",               # bfloat16 on GPUs and TPUs, float32 on the CPU (mixed precision)
-        param_dtype="float32",
-        width=64,
-        init_fan="fan_in",
+        param_dtype="float32",      # parameters, optimizer state and BN statistics
+        width=64,                   # the first stage's channels (CIFAR nets: 16)
+        init_fan="fan_in",          # He et al. 2015's normal init over fan_in (Caffe's MSRA
+                                    # filler); "fan_out": torchvision's
         scan_blocks=False,          # one scanned block per stage: faster compiles on accelerators
         remat=False,                # recompute each block's activations: less memory, more compute
         conv_weight_grad="auto",    # kernel gradients as matrix products on CPU, where XLA's are slow
-        init_from="",               # fine-tuning: a torchvision .pth or .safetensors file of
-                                    # weights to start from (a new classifier if classes differ)
+        init_from="",               # fine-tuning: a torchvision .pth, a .safetensors file or a
+                                    # run's workdir to start from (a new classifier if classes differ)
     ))
 
     config.data = ml_collections.ConfigDict(dict(
-        name="imagenet2012",
-        data_dir=ml_collections.config_dict.placeholder(str),
-        train_split="train",
-        eval_split="validation",
-        image_size=224,
+        name="imagenet2012",        # a TFDS name, "digits", "fake" or "imagefolder:PATH"
+        data_dir=ml_collections.config_dict.placeholder(str),  # TFDS data_dir (local or gs://)
+        train_split="train",         # a TFDS split, slices too ("train[:90%]")
+        eval_split="validation",     # the split each eval reports on
+        image_size=224,              # the crop the network sees, in pixels
         train_preprocess="paper",    # shorter side in [256, 480], 224 crop, flip (Sec. 3.4)
         eval_preprocess="center",    # "ten_crop": the paper's 10-crop testing; "multi_scale": its
                                      # fully convolutional testing at eval_scales (Sec. 3.4)
         eval_scales=(224, 256, 384, 480, 640),  # multi_scale: the shorter sides, each with its flip
-        resize_size=256,
-        scale_range=(256, 480),
+        resize_size=256,             # center eval: the shorter side before the central crop
+        scale_range=(256, 480),      # paper: the shorter side's random range before the crop
         pca_lighting=0.1,            # the standard colour augmentation (Krizhevsky et al. 2012)
-        mean=(123.675, 116.28, 103.53),
-        std=(58.395, 57.12, 57.375),
-        subtract_pixel_mean=False,
+        mean=(123.675, 116.28, 103.53),  # per-channel pixel mean, subtracted (0-255 scale)
+        std=(58.395, 57.12, 57.375),  # per-channel pixel std, divided by
+        subtract_pixel_mean=False,   # True: the training split's per-pixel mean image instead
+                                     # of `mean` (Sec. 3.4, 4.2)
         dtype="uint8",               # pixels to the devices, normalised there (a quarter of the
                                      # bytes; "float32"/"bfloat16": normalised on the host)
-        num_classes=1000,
-        shuffle_buffer=16_384,
-        resize_method="bilinear",
+        num_classes=1000,            # checked against the data set's (fake: its class count)
+        shuffle_buffer=16_384,       # tf.data shuffle buffer of large TFDS splits, in examples
+        resize_method="bilinear",    # tf.image resize method for every resize
         antialias=False,             # True: torchvision's eval resize, about half the throughput
         cifar_padding=4,             # Sec. 4.2
         in_memory_bytes=2**30,       # TFDS train slices up to this size are shuffled exactly in memory
-        fake_num_train=10_000,
-        fake_num_eval=1_000,
+        fake_num_train=10_000,       # fake: random images in the train split
+        fake_num_eval=1_000,         # fake: and in the eval split
         on_device=False,             # True: a small train split (digits, image folders, CIFAR)
                                      # decoded once into device memory, batches gathered and
                                      # augmented inside the train step; needs no TensorFlow
@@ -67,14 +71,14 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=256,              # global: across all devices and processes
         num_epochs=120.0,            # about 60e4 iterations at batch 256 (Sec. 3.4)
         num_steps=-1,                # > 0 overrides num_epochs
-        label_smoothing=0.0,
+        label_smoothing=0.0,         # none in the paper; 0.1 is a modern option (Szegedy et al. 2016)
         skip_nonfinite=False,        # True: a step with a non-finite loss or gradient changes nothing
     ))
     config.optimizer = ml_collections.ConfigDict(dict(
         name="sgd",                  # the paper; "lars" for batches of 8k and more (You et al. 2017)
-        momentum=0.9,
-        nesterov=False,
-        weight_decay=1e-4,
+        momentum=0.9,                # Sec. 3.4
+        nesterov=False,              # the paper: plain momentum
+        weight_decay=1e-4,           # Sec. 3.4 (0.0001)
         weight_decay_mode="l2",      # the paper; "decoupled" adds it after momentum
         # The paper decays every parameter (Sec. 3.4; Caffe and fb.resnet.torch alike). False:
         # the modern exemption, kernels only (Goyal et al. 2017 spare BN's scale and bias; later
@@ -86,19 +90,29 @@ def get_config() -> ml_collections.ConfigDict:
         lars_adapt_bn_and_bias=False,  # as MLPerf's ResNet-50: BN and biases unscaled
     ))
     config.schedule = ml_collections.ConfigDict(dict(
-        name="step",
-        base_lr=0.1,
+        name="step",                 # "step", "paper_cifar", "cosine" or "constant"
+        base_lr=0.1,                 # Sec. 3.4: "starts from 0.1"
         scale_by_batch=True,         # base_lr x batch / 256 (Goyal et al. 2017)
         boundaries_epochs=(30, 60, 90),  # the paper divides by 10 "when the error plateaus"
-        boundaries_steps=(32_000, 48_000),
-        warmup_lr=0.01,
-        warmup_steps=0,
+        boundaries_steps=(32_000, 48_000),  # paper_cifar: divided by 10 at these steps (Sec. 4.2)
+        warmup_lr=0.01,              # the rate of the warm-up of warmup_steps or warmup_until_error
+        warmup_steps=0,              # paper_cifar: warmup_lr for this many first steps
+        warmup_until_error=0.0,      # > 0: warmup_lr until the training error is below it (Sec. 4.2: 0.8)
         warmup_epochs=0.0,           # step and cosine: a linear warm-up; none in the paper,
                                      # 5 for large batches (Goyal et al. 2017)
     ))
-    config.eval = ml_collections.ConfigDict(dict(batch_size=256, every_steps=5_000))
-    config.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, keep_best=True))
+    config.eval = ml_collections.ConfigDict(dict(
+        batch_size=256,              # global; padded up to a multiple of the devices, masked
+        every_steps=5_000,           # steps between evals; also at the last step
+    ))
+    config.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=5_000,           # steps between saves; also at the last step and on a stop
+        keep=3,                      # the latest checkpoints kept
+        keep_best=True,              # also keep the best by eval accuracy, across restarts
+    ))
+    # A log line (and a metrics.jsonl row) of the train metrics every this many steps.
     config.log_every_steps = 100
+    # > 0: a JAX profiler trace of this many steps, into the TensorBoard directory (process 0).
     config.profile_steps = 0
     # JAX's persistent compilation cache: a restart skips most of the compile. "{workdir}" is replaced.
     config.compilation_cache_dir = "{workdir}/compilation_cache"

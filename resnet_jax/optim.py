@@ -2,7 +2,8 @@
 
 The paper (Sec. 3.4): SGD, momentum 0.9, weight decay 1e-4, batch 256, learning rate 0.1
 divided by 10 when the error plateaus. CIFAR (Sec. 4.2): batch 128, 0.1 divided by 10 at 32k and
-48k iterations, stopped at 64k; ResNet-110 warms up at 0.01 for about 400 iterations. For large
+48k iterations, stopped at 64k; ResNet-110 warms up at 0.01 "until the training error is below 80%
+(about 400 iterations)" (`rate_in_use`; or for a fixed number of steps). For large
 batches: the linear scaling rule and a gradual warm-up (Goyal et al. 2017), LARS (You et al.
 2017), and cosine decay.
 """
@@ -26,9 +27,11 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int, batch_size: int,
     gradual warm-up of Goyal et al. 2017 (Sec. 2.2) first: from base_lr, the rate of batch 256,
     up by the same amount each step to the scaled rate, reached at the warm-up's end (from 0
     where the rate is not above base_lr; none in the paper). paper_cifar: divided by 10 at each
-    step of `boundaries_steps`, with `warmup_lr` for the first `warmup_steps` (the paper's
-    ResNet-110 warm-up; 0 steps for none). cosine: linear warm-up over `warmup_epochs` from 0,
-    then cosine decay to 0 at the run's last step. constant: base_lr throughout.
+    step of `boundaries_steps`, with `warmup_lr` for the first `warmup_steps` (a fixed-length
+    ResNet-110 warm-up; 0 steps for none); with `warmup_until_error` instead, the schedule is the
+    rate after the warm-up and `rate_in_use` the rate of each step. cosine: linear warm-up over
+    `warmup_epochs` from 0, then cosine decay to 0 at the run's last step. constant: base_lr
+    throughout.
     """
     if config.name not in SCHEDULES:
         raise ValueError(f"schedule.name must be one of {', '.join(map(repr, SCHEDULES))}; got {config.name!r}")
@@ -55,6 +58,16 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int, batch_size: int,
         return lambda step: jnp.where(step < config.warmup_steps, config.warmup_lr, drops(step))
     warmup = int(config.warmup_epochs * steps_per_epoch)
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
+
+
+def rate_in_use(schedule: optax.Schedule, step: jax.Array, warmed_up: jax.Array,
+                warmup_lr: float) -> jax.Array:
+    """The rate of `step` under He et al. 2015's warm-up of Sec. 4.2 ("we use 0.01 to warm up the
+    training until the training error is below 80% (about 400 iterations), and then go back to
+    0.1"), `schedule.warmup_until_error`: `warmup_lr` until `warmed_up` (TrainState's switch, set
+    by the loop at the first log window whose training error is below the threshold), then the
+    schedule's rate, paper_cifar's drops counted from step 0 as with `warmup_steps`."""
+    return jnp.where(warmed_up, schedule(step), warmup_lr)
 
 
 def decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:

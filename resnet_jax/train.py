@@ -29,7 +29,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from resnet_jax import (checkpoint, console, convert, data, device_data, device_inputs, flops,
+from resnet_jax import (checkpoint, console, data, device_data, device_inputs, fine_tune, flops,
                         lock, metrics, models, optim, preprocess, running_stats, sharding,
                         validate, workdir as workdirs)
 
@@ -44,6 +44,10 @@ class TrainState:
     # that a resumed run writes the rows an uninterrupted one would.
     train_metrics: metrics.TrainMetrics
     skipped: jax.Array
+    # Whether the warm-up of schedule.warmup_until_error is over (Sec. 4.2: lr 0.01 until the
+    # training error is below 80%): in the state, so that a resumed run keeps the rate it had.
+    # True where there is no such warm-up; the default, for states made outside the loop.
+    warmed_up: jax.Array = True
 
 
 def model_options(config: Any) -> dict[str, Any]:
@@ -63,10 +67,11 @@ HEALTH = ("loss", "gradients", "labels")
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                label_smoothing: float, skip_nonfinite: bool, state: TrainState,
-               batch: dict[str, jax.Array]):
+               batch: dict[str, jax.Array], *, warmup_lr: float | None = None):
     """One SGD step. Also returns its health: is the loss finite, is each gradient, are the labels
     in range. With `skip_nonfinite` a step whose loss or gradients are not finite changes nothing
-    but the step counter."""
+    but the step counter. `warmup_lr`: the rate until `state.warmed_up`, the warm-up of
+    schedule.warmup_until_error (Sec. 4.2; `optim.rate_in_use`); None where there is none."""
     def loss_fn(params, batch_stats):
         # A fresh copy inside the differentiated function, so that BN may update its statistics.
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
@@ -77,6 +82,14 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
     (loss, (losses, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    rate = schedule(state.step)
+    if warmup_lr is not None:
+        # The SGD chain applies the schedule's rate last, after momentum (as Caffe's SGD does),
+        # so its update scaled by used / rate is the step at the rate used (validate allows no
+        # other optimizer with this warm-up).
+        used = optim.rate_in_use(schedule, state.step, state.warmed_up, warmup_lr)
+        updates = jax.tree.map(lambda u: u * (used / rate).astype(u.dtype), updates)
+        rate = used
     new_state = state.replace(params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
     # The first non-finite gradient element over all leaves, in one reduction (-1 if none); the
@@ -96,7 +109,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
     # A skipped step counts in no average.
     step_metrics = metrics.TrainMetrics.single_from_model_output(
         loss=losses, accuracy=jnp.argmax(logits, -1) == batch["label"],
-        learning_rate=jnp.full(losses.shape, schedule(state.step)),
+        learning_rate=jnp.full(losses.shape, rate),
         mask=jnp.broadcast_to(finite, losses.shape))
     return new_state.replace(step=state.step + 1, train_metrics=state.train_metrics.merge(step_metrics),
                              skipped=state.skipped + (~finite).astype(jnp.int32)), health
@@ -463,11 +476,11 @@ class Setup:
 
 
 def _start_from(model: nnx.Module, path: str) -> None:
-    """Fine-tuning: the weights of a torchvision `.pth` or a `.safetensors` file in `model`
-    (`convert.from_torchvision(fine_tune=True)`); a checkpoint restored later replaces them."""
+    """Fine-tuning: the weights of a torchvision `.pth`, a `.safetensors` file or another run's
+    workdir in `model` (fine_tune.py); a checkpoint of this run restored later replaces them."""
     try:
-        changes = convert.from_torchvision(model, convert.read_weights(path), fine_tune=True)
-    except (ValueError, OSError) as error:
+        changes = fine_tune.start_from(model, workdirs.resolve(path))
+    except (ValueError, OSError) as error:  # WorkdirError is a ValueError
         raise validate.SetupError(f"model.init_from: {validate.one_line(error)}") from error
     logging.info("Starting from the weights of %s%s", path, "".join(f"; {c}" for c in changes))
 
@@ -546,13 +559,14 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
     model.eval()
     eval_graphdef = nnx.graphdef(model)
     replicated = sharding.replicated(mesh)
+    until_error = config.schedule.warmup_until_error  # Sec. 4.2's warm-up; 0 for none
     # The metrics window starts (and restarts after each log line) inside jit, so that its
     # arrays are global ones on every process, as orbax needs them.
     empty_window = jax.jit(metrics.TrainMetrics.empty, out_shardings=replicated)
     state = jax.device_put(TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
         opt_state=tx.init(params), train_metrics=empty_window(),
-        skipped=jnp.zeros((), jnp.int32)), replicated)
+        skipped=jnp.zeros((), jnp.int32), warmed_up=jnp.asarray(not until_error)), replicated)
 
     manager = checkpoint.create_manager(workdir, config.checkpoint)
     restored = checkpoint.restore_latest(manager, state, workdir, restart)
@@ -560,6 +574,7 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
     if restored is not None:
         state, start = restored, int(restored.step)
         logging.info("Restored the checkpoint of step %d from %s", start, manager.directory)
+    warmed_up = bool(state.warmed_up)  # the host's copy, to test each log window while False
     # The rows of metrics.jsonl after `start` were written by a run that stopped before saving
     # them; this run writes them again.
     writer = metrics.create_writer(workdir, _in_workdir(config.tensorboard_dir, workdir), start)
@@ -579,7 +594,8 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
     load_pixel_mean(config, workdir)
     batch_spec = sharding.batch_sharding(mesh)
     step_fn = functools.partial(train_step, graphdef, tx, schedule, config.train.label_smoothing,
-                                config.train.skip_nonfinite)
+                                config.train.skip_nonfinite,
+                                warmup_lr=config.schedule.warmup_lr if until_error else None)
     if on_device(config):
         # The train split in device memory; the step gathers and augments its own batch, a
         # function of (seed, step) alone (device_data.py).
@@ -627,6 +643,16 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
                 if int(state.skipped):
                     scalars["skipped_steps"] = int(state.skipped)
                 state = state.replace(train_metrics=empty_window())
+                # Sec. 4.2: the warm-up ends at the first window whose training error is below
+                # the threshold. The window's metrics are the same on every process, and so is
+                # this test; the next step takes the schedule's rate.
+                error = 1 - scalars["train_accuracy"]
+                if not warmed_up and error < until_error:
+                    warmed_up = True
+                    state = state.replace(warmed_up=jax.device_put(jnp.asarray(True), replicated))
+                    logging.info("Warm-up over at step %d: training error %.4f below "
+                                 "schedule.warmup_until_error=%g; learning rate now %g", step,
+                                 error, until_error, float(schedule(step)))
             evaluating = step % config.eval.every_steps == 0 or step == num_steps
             # The per-device BN statistics averaged once for the evaluation and the save alike.
             settled = for_evaluation(state, mesh, group) if evaluating or saving else None

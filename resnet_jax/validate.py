@@ -52,7 +52,21 @@ def check_numbers(config: Any) -> None:
     _require(_number(s.base_lr) and s.base_lr > 0, "schedule.base_lr", s.base_lr, "a positive number")
     _require(_int(s.warmup_steps) and s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps,
              "an integer >= 0")
-    if s.warmup_steps:
+    until = s.warmup_until_error
+    _require(_number(until) and 0 <= until <= 1, "schedule.warmup_until_error", until,
+             "in [0, 1]: the training error below which the warm-up ends (Sec. 4.2: 0.8), or 0 "
+             "for none")
+    if until:
+        # One warm-up or the other: a fixed length, or until the training error is below it.
+        _require(s.warmup_steps == 0, "schedule.warmup_steps", s.warmup_steps,
+                 f"0 with schedule.warmup_until_error={until!r} (set one of the two to 0)")
+        _require(s.name == "paper_cifar", "schedule.name", s.name,
+                 f"'paper_cifar' with schedule.warmup_until_error={until!r} (Sec. 4.2's warm-up)")
+        # train_step scales the update, which is the step at warmup_lr where the rate is applied
+        # last (sgd); LARS applies it before momentum.
+        _require(config.optimizer.name == "sgd", "optimizer.name", config.optimizer.name,
+                 f"'sgd' with schedule.warmup_until_error={until!r}")
+    if s.warmup_steps or until:
         _require(_number(s.warmup_lr) and s.warmup_lr > 0, "schedule.warmup_lr", s.warmup_lr,
                  "a positive number")
     _require(_number(s.warmup_epochs) and s.warmup_epochs >= 0, "schedule.warmup_epochs",

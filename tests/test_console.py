@@ -53,3 +53,19 @@ def test_bad_input_writes_no_log(tmp_path):
     result = subprocess.run(command, cwd=runs.REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert not workdir.exists()
+
+
+def _files(workdir):
+    return {path: (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in workdir.rglob("*") if path.is_file()}
+
+
+def test_the_same_command_on_the_finished_run_says_so_and_writes_nothing(run):
+    workdir, _ = run
+    before = _files(workdir)
+    result = runs.run_main(workdir, **{"log_every_steps": 3})
+    last = result.stderr.splitlines()[-1]
+    assert " This run has finished; nothing to do. Finished step 6: " in last, result.stderr
+    assert "eval_accuracy=" in last and str(workdir / "metrics.jsonl") in last
+    assert "Restored" not in result.stderr and "Saving" not in result.stderr
+    assert _files(workdir) == before

@@ -93,7 +93,7 @@ graphdef, state = state_of(run.model)
 mesh = sharding.make_mesh()
 out["batch"] = dict(per_process=train.eval_batch_size(config),
                     said=[l for l in lines if l.startswith("Eval steps")],
-                    got=train.evaluate(train.eval_function(graphdef, config.data, mesh), state,
+                    got=train.evaluate(train.eval_function(graphdef, config, mesh), state,
                                        config, mesh))
 (batch,) = data.eval_iterator(config.data, batch_size=300)
 model = nnx.merge(graphdef, state.params, state.batch_stats)
@@ -104,7 +104,7 @@ config.data.update(name=f"imagefolder:{sys.argv[1]}", image_size=8, eval_preproc
                    std=(60.0, 50.0, 40.0), dtype="uint8", num_classes=3, train_preprocess="none")
 config.eval.batch_size = 40  # 40 inputs: 2 images of 2:1 (2 x (8 x 16 + 12 x 24) / 64 = 13 each)
 graphdef, state = state_of(train.create_model(config, 3))
-eval_fn = train.eval_function(graphdef, config.data, mesh)
+eval_fn = train.eval_function(graphdef, config, mesh)
 out["multi"] = dict(sizes=train.eval_batch_size(config),
                     got=train.evaluate(eval_fn, state, config, mesh))
 model = nnx.merge(graphdef, state.params, state.batch_stats)

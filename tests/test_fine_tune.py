@@ -1,12 +1,75 @@
-"""model.init_from: a run that starts from torchvision weights with another class count."""
+"""model.init_from: a run that starts from torchvision weights with another class count, or
+from another run's checkpoint."""
 
 import subprocess
 
 import numpy as np
+import pytest
 import torch
 import torchvision
+from etils import epath
+from flax import nnx
 
 import runs
+from resnet_jax import analysis, checkpoint, fine_tune, models, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run of 3 steps (its weights no longer the initial ones) to start from."""
+    workdir = tmp_path_factory.mktemp("trained")
+    train.train_and_evaluate(runs.small_config(**{"train.num_steps": 3}), str(workdir))
+    return workdir
+
+
+def saved_weights(workdir):
+    _, state = checkpoint.read_latest(str(workdir))
+    return analysis.with_weights(models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0)),
+                                 checkpoint.pure(state))
+
+
+def test_a_run_starts_from_another_runs_checkpoint(trained, tmp_path, caplog):
+    # A learning rate of 1e-9: the checkpoint after one step holds the loaded weights.
+    caplog.set_level("INFO")
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(runs.small_config(**{
+        "model.init_from": str(trained), "schedule.base_lr": 1e-9, "train.num_steps": 1,
+        "eval.every_steps": 1, "checkpoint.every_steps": 1}), str(workdir))
+    assert f"Starting from the weights of {trained}; the checkpoint of step 3" in caplog.text
+    runs.assert_trees_close(runs.latest_params(workdir)[1], runs.latest_params(trained)[1],
+                            rtol=0, atol=1e-6)
+
+
+def test_another_class_count_gets_a_new_classifier_and_keeps_the_rest(trained):
+    saved = saved_weights(trained)
+    model = models.create("cifar_resnet8", num_classes=4, rngs=nnx.Rngs(1))
+    fresh_fc = np.asarray(model.fc.kernel[...])
+    changes = fine_tune.start_from(model, epath.Path(trained))
+    assert changes == ["the checkpoint of step 3", "the classifier (10 classes in the weights) is "
+                       "replaced by a new one of 4 classes"]
+    np.testing.assert_array_equal(model.fc.kernel[...], fresh_fc)
+    np.testing.assert_array_equal(model.conv1.kernel[...], saved.conv1.kernel[...])
+    ours, theirs = (nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)) for m in (model, saved))
+    runs.assert_trees_close(ours, theirs, rtol=0, atol=0)  # BN statistics too
+
+
+def test_another_network_is_refused_naming_the_key_and_both_shapes(trained):
+    model = models.create("cifar_resnet8", num_classes=10, width=32, rngs=nnx.Rngs(0))
+    before = np.asarray(model.conv1.kernel[...])
+    with pytest.raises(ValueError, match=r"^'params\.bn1\.bias' has shape \(16,\) in the "
+                       r"checkpoint of step 3; this model needs \(32,\)$"):
+        fine_tune.start_from(model, epath.Path(trained))
+    np.testing.assert_array_equal(model.conv1.kernel[...], before)  # nothing changed
+    deeper = models.create("cifar_resnet14", num_classes=10, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"^the checkpoint of step 3 lacks 'params\.stages\."):
+        fine_tune.start_from(deeper, epath.Path(trained))
+
+
+def test_a_directory_that_holds_no_run_is_refused(tmp_path):
+    model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"is a directory without checkpoints/: give a \.pth, \.pt "
+                       r"or \.safetensors file, or the workdir of a run of this project$"):
+        fine_tune.start_from(model, epath.Path(tmp_path))
 
 
 def test_a_run_starts_from_torchvision_weights_with_a_new_classifier(tmp_path):

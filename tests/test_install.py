@@ -45,7 +45,7 @@ def test_help_lists_every_field_with_its_value_and_comment(python, tmp_path):
     done = _run(python, tmp_path, "-m", "resnet_jax.main", "--config=cifar:depth=110", "--help")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert _shows(lines, "  name = 'cifar_resnet110'") and _shows(lines, "  warmup_steps = 400")
+    assert _shows(lines, "  name = 'cifar_resnet110'") and _shows(lines, "  warmup_until_error = 0.8")
     # The line about a field is its comment in configs/default.py.
     assert any(line.startswith("  on_device = False") and "device memory" in line for line in lines)
     assert "model:" in lines and "schedule:" in lines and "--workdir" in done.stdout

@@ -48,11 +48,16 @@ def test_step_schedule_warms_up_linearly_then_divides_at_the_same_epochs():
     assert small(0) == 0 and small(250) == approx(0.025) and small(500) == approx(0.05)
 
 
-@pytest.mark.parametrize("depth, first", [(56, 0.1), (110, 0.01)])
-def test_paper_cifar_schedule(depth, first):
-    config = cifar.get_config(f"depth={depth}")
+# cifar.py's ResNet-110 warms up until a training error (optim.rate_in_use,
+# tests/test_warmup_until_error.py), outside the schedule; preact_cifar's for a fixed 400 steps.
+@pytest.mark.parametrize("get_config, depth, first", [(cifar.get_config, 56, 0.1),
+                                                      (cifar.get_config, 110, 0.1),
+                                                      (preact_cifar.get_config, 110, 0.01)])
+def test_paper_cifar_schedule(get_config, depth, first):
+    config = get_config(f"depth={depth}")
     schedule = optim.learning_rate_schedule(config.schedule, 390, config.train.batch_size, 64_000)
-    assert schedule(0) == pytest.approx(first)  # ResNet-110 warms up at 0.01
+    assert schedule(0) == pytest.approx(first)
+    assert schedule(399) == pytest.approx(first)
     assert schedule(400) == pytest.approx(0.1)
     assert schedule(31_999) == pytest.approx(0.1)
     assert schedule(32_000) == pytest.approx(0.01)

@@ -90,7 +90,7 @@ def evaluate(config, mesh):
     state = train.jax.device_put(train.TrainState(step=0, params=params, batch_stats=stats,
                                                   opt_state=(), train_metrics=None, skipped=0),
                                  train.sharding.replicated(mesh))
-    return train.evaluate(train.eval_function(graphdef, config.data, mesh), state, config, mesh)
+    return train.evaluate(train.eval_function(graphdef, config, mesh), state, config, mesh)
 
 
 def test_two_processes_make_the_same_mean_and_counts_as_one(photos, tmp_path):
