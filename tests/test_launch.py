@@ -43,7 +43,8 @@ def effective_config(run):
     return config
 
 
-CIFAR_WARMUP = {20: 0, 32: 0, 44: 0, 56: 0, 110: 400, 1202: 400}
+# Sec. 4.2: ResNet-110 and deeper warm up until the training error is below 80%.
+CIFAR_WARMUP = {20: 0.0, 32: 0.0, 44: 0.0, 56: 0.0, 110: 0.8, 1202: 0.8}
 
 # sweep -> [(run name, --config, overrides, model trained)]
 PAPER_SWEEPS = {
@@ -82,7 +83,7 @@ def test_paper_sweeps_expand_to_one_run_per_model(sweep_file):
             assert config.model.shortcut == run.name[-1]
         if "cifar" in run.config:
             depth = int(re.search(r"depth=(\d+)", run.config).group(1))
-            assert config.schedule.warmup_steps == CIFAR_WARMUP[depth]
+            assert config.schedule.warmup_until_error == CIFAR_WARMUP[depth]
             assert (config.model.shortcut, config.train.num_steps, config.data.eval_split) == ("A", 64_000, "test")
 
 
