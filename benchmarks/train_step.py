@@ -253,7 +253,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_fn = jax.jit(_bind_train_step({
         "graphdef": graphdef, "tx": tx, "schedule": schedule,
         "label_smoothing": config.train.label_smoothing,
-        "skip_nonfinite": config.train.get("skip_nonfinite", False)}),
+        "skip_nonfinite": config.train.get("skip_nonfinite", False),
+        "warmup_lr": None}),  # the schedule's rate: the step after any warm-up
         in_shardings=(state_shardings, batch_spec), out_shardings=(state_shardings, replicated),
         donate_argnums=0)
     compiled, compile_times = compile_timer.timed_compile(train_fn, state, batch)
