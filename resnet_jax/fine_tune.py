@@ -53,11 +53,12 @@ def from_run(model: nnx.Module, workdir: epath.Path) -> list[str]:
         saved = checkpoint.pure(checkpoint.read(manager, step, device))
     except checkpoint.CorruptCheckpoint as error:
         raise ValueError(f"the checkpoint of step {step} in {manager.directory}: {error}") from None
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
     ours = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(rest)}
     theirs = _flat({part: saved[part] for part in ours})
     wanted = _flat(ours)
-    changes = [f"the checkpoint of step {step}"]
+    where = f"the checkpoint of step {step}"
+    changes = [where]
     bias = next(f"params.{name}.bias" for name in CLASSIFIERS if f"params.{name}.bias" in wanted)
     classes, their_classes = wanted[bias].shape[0], np.shape(theirs.get(bias, ()))
     if their_classes and their_classes[0] != classes:
@@ -66,7 +67,6 @@ def from_run(model: nnx.Module, workdir: epath.Path) -> list[str]:
         wanted = {key: value for key, value in wanted.items() if not key.startswith(layer)}
         changes.append(f"the classifier ({their_classes[0]} classes in the weights) is replaced "
                        f"by a new one of {classes} classes")
-    where = f"the checkpoint of step {step}"
     for key in theirs:
         if key not in wanted:
             raise ValueError(f"unexpected key {key!r} in {where}: this model has no such array")
