@@ -6,23 +6,21 @@ Orbax writes each checkpoint into a temporary directory and renames it when comp
 cut short never replaces the previous good checkpoint. Every process calls save and restore; the
 arrays are global and orbax writes each shard once.
 
-Each checkpoint carries a checksum of every array it holds, in its step metadata, and a restore
-compares them (`_digest`): orbax 0.12.8 and tensorstore verify no array data (zarr3's crc32c
-covers only the shard index, and orbax fixes the codecs), so a flipped byte restored silently.
+Each checkpoint carries a checksum of every array it holds (checksums.py), in its step metadata,
+and a restore compares them.
 """
 
 import json
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental.multihost_utils import sync_global_devices
 from orbax.checkpoint import checkpoint_managers
 
-from resnet_jax import workdir as workdirs
+from resnet_jax import checksums, workdir as workdirs
 
 DIRECTORY = "checkpoints"
 
@@ -131,10 +129,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
     if metrics is not None:  # written as JSON with the checkpoint: Python numbers, not numpy's
         metrics = {name: float(value) for name, value in metrics.items()}
     # In the step's metadata, which orbax writes into the step's directory before it commits it.
-    checksums = dict(zip(_leaf_names(state), map(int, jax.device_get(_digest(state)[0]))))
+    sums = jax.device_get(checksums.on_devices(state)[0])
+    sums = dict(zip(checksums.leaf_names(state), map(int, sums)))
     try:
         manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force,
-                     custom_metadata={CHECKSUMS: checksums, FINAL: final})
+                     custom_metadata={CHECKSUMS: sums, FINAL: final})
     except Exception as error:
         raise _failed(manager, error, step) from error
 
@@ -150,59 +149,6 @@ def wait(manager: ocp.CheckpointManager) -> None:
 
 # Keys of the step metadata's custom_metadata: the arrays' checksums; whether it is the last step.
 CHECKSUMS, FINAL = "checksums", "final"
-
-
-def _mix(x: jax.Array) -> jax.Array:
-    """MurmurHash3's finaliser: a bijection of uint32 that spreads each input bit over all 32."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def _words(leaf: jax.Array) -> jax.Array:
-    """The leaf's bits as uint32 words, shape leaf.shape + (words per element,)."""
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(leaf).astype(jnp.uint32)
-    if leaf.dtype == jnp.bool_:
-        return leaf.astype(jnp.uint32)[..., None]
-    size = leaf.dtype.itemsize
-    if size >= 4:  # 64-bit elements become two words: bitcast adds the trailing axis
-        words = jax.lax.bitcast_convert_type(leaf, jnp.uint32)
-        return words if size > 4 else words[..., None]
-    unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
-    return jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32)[..., None]
-
-
-def _checksum(leaf: jax.Array) -> jax.Array:
-    """Sum mod 2**32 of mix(word + mix(position)). Each term is a bijection of its word, so any
-    change of one element changes the sum; the position in it makes moved elements count too.
-    Elementwise and one reduction: each device sums its own shards, then one all-reduce."""
-    words = _words(jnp.asarray(leaf))
-    position = jnp.zeros(words.shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(words.ndim)):  # the row-major index, from iotas: no reshape of shards
-        position = position + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride)
-        stride = stride * words.shape[axis] % 2**32
-    return jnp.sum(_mix(words + _mix(position)), dtype=jnp.uint32)
-
-
-@jax.jit
-def _digest(tree: Any) -> tuple[jax.Array, jax.Array]:
-    """(checksum, all finite) of each leaf, in the order of jax.tree.leaves; global reductions, so
-    every process gets the same values. On the devices, from the main thread."""
-    leaves = jax.tree.leaves(tree)
-    checksums = jnp.stack([_checksum(leaf) for leaf in leaves])
-    finite = jnp.stack([jnp.isfinite(leaf).all() if jnp.issubdtype(leaf.dtype, jnp.inexact)
-                        else jnp.bool_(True) for leaf in leaves])
-    return checksums, finite
-
-
-def _leaf_names(tree: Any) -> list[str]:
-    """'params.stages.0.0.conv1.kernel' for each leaf, in the order of jax.tree.leaves."""
-    return [jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
-            for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 class CorruptCheckpoint(ValueError):
@@ -222,17 +168,18 @@ def _saved_checksums(step_dir: epath.Path) -> dict[str, int] | None:
     return (metadata.get("custom_metadata") or {}).get(CHECKSUMS)
 
 
-def _verify(restored: Any, saved: dict[str, int] | None, step: int) -> None:
+def _verify(restored: Any, saved: dict[str, int] | None, step: int,
+            digest: Callable[[Any], Any] = checksums.on_devices) -> None:
     """Raises CorruptCheckpoint unless each restored array has its saved checksum and is finite."""
-    checksums, finite = jax.device_get(_digest(restored))
-    names = _leaf_names(restored)
+    sums, finite = jax.device_get(digest(restored))
+    names = checksums.leaf_names(restored)
     if saved is None:
         logging.warning("The checkpoint of step %d has no checksums (saved before they were "
                         "written): restored without verifying it.", step)
     elif sorted(saved) != sorted(names):
         raise CorruptCheckpoint("its checksums name other arrays than it holds")
     else:
-        for name, checksum in zip(names, checksums):
+        for name, checksum in zip(names, sums):
             if int(checksum) != saved[name]:
                 raise CorruptCheckpoint(f"{name} has checksum {int(checksum):08x}, "
                                         f"saved {saved[name]:08x}")
@@ -358,7 +305,7 @@ def read(manager: ocp.CheckpointManager, step: int, sharding: jax.sharding.Shard
     target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                           metadata)
     restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-    _verify(restored, saved, step)
+    _verify(restored, saved, step, checksums.on_host)  # whole arrays: numpy, no compile
     return restored
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, checksums
 
 
 def _manager(workdir, keep):
@@ -178,8 +178,9 @@ def test_a_checkpoint_from_before_checksums_is_restored_with_a_warning(tmp_path,
 KINDS = [np.float32, jnp.bfloat16, np.float16, np.int32, np.uint8, np.int8, np.bool_]
 
 
+@pytest.mark.parametrize("digest", [checksums.on_devices, checksums.on_host], ids=["devices", "host"])
 @pytest.mark.parametrize("dtype", KINDS, ids=[np.dtype(k).name for k in KINDS])
-def test_any_flipped_bit_or_swap_changes_the_checksum(dtype):
+def test_any_flipped_bit_or_swap_changes_the_checksum(dtype, digest):
     raw = np.random.default_rng(0).integers(0, 256, (3, 8), dtype=np.uint8)
     if dtype == np.bool_:  # a bool's one bit
         values = raw % 2 == 1
@@ -197,17 +198,28 @@ def test_any_flipped_bit_or_swap_changes_the_checksum(dtype):
     swapped = values.reshape(-1).copy()
     swapped[[0, other]] = swapped[[other, 0]]
     changed.append(swapped.reshape(values.shape))
-    original = checksum_of(values)
-    assert all(checksum_of(other) != original for other in changed)
+    sums, _ = jax.device_get(digest([values, *changed]))
+    assert len(set(sums.tolist())) == len(sums)  # all differ, and differ from the original
 
 
-def checksum_of(leaf):
-    return int(checkpoint._digest([leaf])[0][0])
+def test_the_host_computes_the_checksums_of_the_devices():
+    # Training saves with on_devices; checkpoint.read verifies with on_host: the same numbers.
+    rng = np.random.default_rng(1)
+    leaves = [rng.integers(0, 256, shape + (np.dtype(kind).itemsize,), dtype=np.uint8).view(kind).reshape(shape)
+              for kind in KINDS if kind != np.bool_ for shape in [(), (7,), (3, 1, 5), (2, 3, 3, 4)]]
+    leaves += [rng.integers(0, 2, (4, 3)) == 1, np.array([1.0, np.inf], np.float32),
+               np.array([np.nan], jnp.bfloat16), jax.random.split(jax.random.key(3), 4)]
+    on_devices, on_host = jax.device_get(checksums.on_devices(leaves)), checksums.on_host(leaves)
+    np.testing.assert_array_equal(on_host[0], on_devices[0])
+    np.testing.assert_array_equal(on_host[1], on_devices[1])
+    assert on_host[1][-4:].tolist() == [True, False, False, True]  # bools, inf, nan, keys
 
 
-def test_the_checksum_of_a_key_array_is_its_key_data():
+@pytest.mark.parametrize("digest", [checksums.on_devices, checksums.on_host], ids=["devices", "host"])
+def test_the_checksum_of_a_key_array_is_its_key_data(digest):
     # The dropout streams of VGG's state are PRNG keys.
-    assert checksum_of(jax.random.key(1)) != checksum_of(jax.random.key(2))
+    sums, _ = jax.device_get(digest([jax.random.key(1), jax.random.key(2)]))
+    assert sums[0] != sums[1]
 
 
 @pytest.mark.parametrize("full_from, left", [
