@@ -61,12 +61,20 @@ def with_weights(model: nnx.Module, state: dict[str, Any]) -> nnx.Module:
     return nnx.merge(graphdef, params, rest)
 
 
+# Eval protocols that make several views of each image; the analyses take its centre crop, one
+# of the ten crops.
+MANY_VIEWS = ("ten_crop", "multi_scale")
+
+
 def eval_images(config: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `count` (or fewer) images and labels of the run's eval split, preprocessed as in
-    its evaluation."""
+    its evaluation: one image each, so the centre crop where the run tests with `MANY_VIEWS`."""
     images, labels = [], []
-    normalise = device_inputs.normaliser(config.data)
-    for batch in data.eval_iterator(config.data, batch_size=min(count, 256)):
+    data_config = config.data
+    if data_config.eval_preprocess in MANY_VIEWS:
+        data_config = ml_collections.ConfigDict({**data_config.to_dict(), "eval_preprocess": "center"})
+    normalise = device_inputs.normaliser(data_config)
+    for batch in data.eval_iterator(data_config, batch_size=min(count, 256)):
         batch = jax.device_get(normalise(batch))
         keep = batch["mask"]
         images.append(batch["image"][keep])

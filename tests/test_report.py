@@ -322,3 +322,15 @@ def test_not_a_workdir_is_one_line_and_exit_2(tmp_path, capsys):
     assert _report("curves", str(tmp_path), "--out", str(tmp_path / "x.png")) == 2
     error = capsys.readouterr().err
     assert error.strip().count("\n") == 0 and "not a run's workdir" in error
+
+
+@pytest.mark.parametrize("protocol", analysis.MANY_VIEWS)
+def test_runs_tested_on_many_views_are_analysed_on_their_centre_crops(protocol):
+    config = runs.small_config(**{"data.image_size": 12, "data.resize_size": 16,
+                                  "data.eval_scales": (12, 16), "data.eval_preprocess": "center"})
+    centre, centre_labels = analysis.eval_images(config, 20)
+    config.data.eval_preprocess = protocol
+    images, labels = analysis.eval_images(config, 20)
+    assert images.shape == (20, 12, 12, 3)
+    np.testing.assert_array_equal(images, centre)
+    np.testing.assert_array_equal(labels, centre_labels)
