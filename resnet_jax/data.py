@@ -46,7 +46,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from absl import logging
@@ -317,7 +317,7 @@ class _Source:
         ds = self.builder.as_dataset(split=subsplit, shuffle_files=False,
                                      decoders=self._tfds_decoders(),
                                      read_config=tfds.ReadConfig(add_tfds_id=False))
-        return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64)))
+        return ds.map(_plain(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64))))
 
     def parse(self, serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(record, int64 label) of one serialized TFDS example, as `in_order` gives it."""
@@ -468,9 +468,9 @@ def pixel_mean_sums(config, process_index: int = 0, process_count: int = 1) -> t
     source, s = _open(_FrozenConfig(dict(_mean_key(config))))
     kind, n, lookup, subsplit = source.records(source.split(train=True), process_index,
                                                process_count)
-    ds = source.in_order(subsplit) if lookup is None else tf.data.Dataset.range(n).map(lookup)
+    ds = source.in_order(subsplit) if lookup is None else tf.data.Dataset.range(n).map(_plain(lookup))
     fn = preprocess.mean_image_fn(s, kind)
-    ds = ds.map(lambda record, label: fn(record), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(_plain(lambda record, label: fn(record)), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors(log_warning=False).batch(256).prefetch(tf.data.AUTOTUNE)
     total, count = np.zeros((s.image_size, s.image_size, 3), np.float64), 0
     for batch in ds.as_numpy_iterator():
@@ -576,6 +576,13 @@ class Batches(Iterator):
         return batch
 
 
+def _plain(fn: Callable) -> Callable:
+    """`fn` for tf.data's map as it is written: the pipeline's functions are plain graph code (no
+    Python control flow on tensors), and autograph's conversion of them took seconds at each
+    start of a small run here, most of the pipeline's set-up."""
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
 def _options(deterministic: bool) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = deterministic
@@ -619,19 +626,17 @@ def _streamed(chunks: _Chunks, key, first: int) -> tf.data.Dataset:
                            tf.constant(chunks.takes))
     largest = int(chunks.sizes.max())
 
-    # The functions below are plain graph code: autograph's conversion of them (about 0.2 s at
-    # each start) is not needed.
-    @tf.autograph.experimental.do_not_convert
+    @_plain
     def visits(epoch):
         order = tf.data.Dataset.from_tensor_slices(_chunk_order(key, epoch, num_chunks))
         return order.map(lambda chunk: (epoch, chunk))
 
-    @tf.autograph.experimental.do_not_convert
+    @_plain
     def read_piece(k):
         records = tf.data.TFRecordDataset(files[k], buffer_size=READ_BUFFER_BYTES)
         return records.skip(skips[k]).take(takes[k])
 
-    @tf.autograph.experimental.do_not_convert
+    @_plain
     def read(epoch, chunk):  # one element: all the chunk's records, in the order served
         pieces = tf.data.Dataset.range(firsts[chunk], firsts[chunk + 1])
         # Files read in parallel; a fixed cycle length keeps the order the same on any machine.
@@ -667,7 +672,7 @@ def train_dataset(config, *, batch_size: int, seed: int, start_step: int = 0,
             record, label = lookup(j)
             return position, record, label
 
-        ds = tf.data.Dataset.counter(start=first).map(fetch)
+        ds = tf.data.Dataset.counter(start=first).map(_plain(fetch))
     else:
         buffer = _get(config, "shuffle_buffer", SHUFFLE_BUFFER)
         if isinstance(buffer, bool) or not isinstance(buffer, (int, np.integer)) or buffer < 1:
@@ -676,7 +681,7 @@ def train_dataset(config, *, batch_size: int, seed: int, start_step: int = 0,
         # Chunks of half the buffer: the one served and the one read ahead hold at most it.
         records = _streamed(source.chunks(subsplit, max(buffer // 2, 1)), key, first)
         ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start=first), records).map(
-            lambda position, serialized: (position, *source.parse(serialized)),
+            _plain(lambda position, serialized: (position, *source.parse(serialized))),
             num_parallel_calls=tf.data.AUTOTUNE)
     fn = preprocess.train_fn(s, kind, pixel_mean(config))
 
@@ -688,7 +693,7 @@ def train_dataset(config, *, batch_size: int, seed: int, start_step: int = 0,
             out["lighting"] = preprocess.lighting_offset(s, example_key)
         return out
 
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(_plain(prepare), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors(log_warning=False)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(deterministic=True))
@@ -710,9 +715,9 @@ def _eval_records(source: _Source, process_index: int, process_count: int):
     kind, n, lookup, subsplit = source.records(source.split(train=False), process_index,
                                                process_count, index=False)
     if lookup is not None:
-        return kind, n, tf.data.Dataset.range(n).map(lambda i: (i, *lookup(i)))
+        return kind, n, tf.data.Dataset.range(n).map(_plain(lambda i: (i, *lookup(i))))
     return kind, n, tf.data.Dataset.zip(tf.data.Dataset.counter(), source.in_order(subsplit)).map(
-        lambda position, example: (position, *example))
+        _plain(lambda position, example: (position, *example)))
 
 
 def eval_dataset(config, *, batch_size: int, process_index: int = 0, process_count: int = 1,
@@ -728,7 +733,7 @@ def eval_dataset(config, *, batch_size: int, process_index: int = 0, process_cou
 
     if repeat:
         ds = ds.repeat()
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(_plain(prepare), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors(log_warning=False)
     ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(deterministic=True))
@@ -779,7 +784,7 @@ def multi_scale_iterator(config, *, batch_sizes, process_index: int = 0,
         aspect, views = fn(record)
         return {"aspect": aspect, "views": views, "label": tf.cast(label, tf.int32)}
 
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=False)
+    ds = ds.map(_plain(prepare), num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=False)
     sizes = tf.constant(batch_sizes, tf.int64)
     ds = ds.group_by_window(
         key_func=lambda example: tf.cast(example["aspect"], tf.int64) + preprocess.MAX_ASPECT_STEP,

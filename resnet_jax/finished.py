@@ -2,16 +2,17 @@
 
 from typing import Any
 
+import jax
+
 from resnet_jax import checkpoint, sharding, workdir as workdirs
 
 
 def final_step(config: Any, workdir: str) -> int | None:
     """The last step of the run in `workdir` where that run has finished with this very config:
-    its config.json is `config`'s, and its latest checkpoint was saved as the run's last step
-    with readable metadata. Else None, and the run goes on as any resumed run, which names what
-    is wrong. Reads no array: those are verified where they are read (a resume, evaluate,
-    init_from), and reading a large model's state from a bucket would take minutes. Reads
-    only; the same answer on every process."""
+    its config.json is `config`'s, and its latest checkpoint was saved as the run's last step and
+    is intact (checksums and finite values, verified with numpy: `checkpoint.read`). Else None,
+    and the run goes on as any resumed run, which names what is wrong and sets a corrupt
+    checkpoint aside. Reads only; the same answer on every process."""
     try:
         path = workdirs.resolve(workdir)
         saved = path / "config.json"
@@ -19,8 +20,8 @@ def final_step(config: Any, workdir: str) -> int | None:
         if saved.exists() and saved.read_text() == config.to_json_best_effort(indent=2):
             manager = checkpoint.reader(path)
             step = manager.latest_step()
-            if (step is not None and checkpoint.is_final(manager, step)
-                    and manager.item_metadata(step) is not None):
+            if step is not None and checkpoint.is_final(manager, step):
+                checkpoint.read(manager, step, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
                 found = step
     except Exception:  # unreadable or corrupt: the run's restore says what and moves it aside
         found = None

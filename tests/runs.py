@@ -12,10 +12,11 @@ from resnet_jax import checkpoint, metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A small quickstart: the smallest CIFAR net on the 8x8 digits, a few steps.
+# A small quickstart: the smallest CIFAR net on the 8x8 digits, a few steps; compiled programs
+# in the tests' shared cache (conftest.py).
 SMALL = {"model.name": "cifar_resnet8", "data.image_size": 8, "train.batch_size": 32,
          "train.num_steps": 6, "eval.every_steps": 3, "eval.batch_size": 64,
-         "checkpoint.every_steps": 3, "log_every_steps": 1}
+         "checkpoint.every_steps": 3, "log_every_steps": 1, "compilation_cache_dir": ""}
 
 
 def small_config(**changes):
@@ -33,11 +34,20 @@ def main_command(workdir, *flags, **changes):
             f"--workdir={workdir}", *overrides, *flags]
 
 
-def run_main(workdir, *flags, env=None, **changes):
-    """The real command in a subprocess; it must succeed."""
+def environment(devices: int | None = None, **variables: str) -> dict[str, str]:
+    """os.environ for a subprocess, on `devices` simulated CPU devices (else one), with
+    `variables`."""
+    flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+             if "force_host_platform_device_count" not in flag]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return {**os.environ, "XLA_FLAGS": " ".join(flags), **variables}
+
+
+def run_main(workdir, *flags, devices=None, **changes):
+    """The real command in a subprocess on `devices` simulated CPU devices; it must succeed."""
     command = main_command(workdir, *flags, **changes)
-    environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run(command, cwd=REPO, env={**environment, **(env or {})},
+    result = subprocess.run(command, cwd=REPO, env=environment(devices),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result

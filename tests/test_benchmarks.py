@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from benchmarks import train_step
+from runs import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("compile_seconds", "step_seconds", "images_per_second", "tflops_per_second",
@@ -59,7 +60,7 @@ for name, options, accelerator in [("global", [], False), ("global_remat", ["--r
                                    ("ghost_remat", ["--bn-group-size", "2", "--remat"], False),
                                    ("ghost_remat_accelerator", ["--bn-group-size", "2", "--remat"], True)]:
     cpu.in_use = (lambda: False) if accelerator else on_cpu
-    result = train_step.main(["--model", "cifar_resnet20", "--batch-size", "16", "--image-size", "8",
+    result = train_step.main(["--model", "cifar_resnet8", "--batch-size", "16", "--image-size", "8",
                               "--steps", "0", "--devices", "8", *options])
     counts[name] = result["all_reduce_count"]
 print(json.dumps(counts))
@@ -67,16 +68,16 @@ print(json.dumps(counts))
 
 
 def test_bn_all_reduces_once_each_way_and_remat_adds_none():
-    # CIFAR ResNet-20 has 19 BNs. Over the whole batch, each reduces its statistics in one
+    # CIFAR ResNet-8 has 7 BNs (the stem's, two in each of 3 blocks). Over the whole batch, each reduces its statistics in one
     # all-reduce in the forward pass and its two gradient sums in one in the backward pass,
     # beside what ghost BN's step has (the gradients, loss and metrics). Remat recomputes
     # from the kept statistics: no collective more.
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = environment(devices=8)
     out = subprocess.run([sys.executable, "-c", _ALL_REDUCES], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     counts = json.loads(out.stdout.strip().splitlines()[-1])
-    assert counts["global"] == counts["ghost"] + 2 * 19, counts
+    assert counts["global"] == counts["ghost"] + 2 * 7, counts
     assert counts["global_remat"] == counts["global"], counts
     assert counts["ghost_remat"] == counts["ghost_remat_accelerator"] == counts["ghost"], counts
 
@@ -196,3 +197,13 @@ def test_host_metrics_times_the_gather_of_each_log_line_on_two_processes():
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["processes"] == 2 and 0 < result["seconds_median"] <= result["seconds_max"]
+
+
+def test_finished_run_times_the_same_command_on_a_finished_workdir(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.finished_run", "--tries", "2", "--steps", "2",
+                          "--workdir", str(tmp_path), "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["tries"] == 2 and 0 < result["seconds_min"] <= result["seconds_median"] <= result["seconds_max"]
+    assert (tmp_path / "checkpoints" / "2").is_dir()  # the run it timed, in the given workdir

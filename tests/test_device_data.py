@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from resnet_jax import data, device_data, metrics, preprocess, train, validate
-from runs import REPO, assert_trees_close, latest_params, rows_without_speed, small_config
+from runs import REPO, assert_trees_close, environment, latest_params, rows_without_speed, small_config
 
 ON_DEVICE = {"data.on_device": True}
 
@@ -190,8 +190,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 
 
 def test_eight_devices_replicated_or_sharded_gather_the_batches_of_one():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    env = environment(devices=8, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
     result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -228,7 +227,7 @@ WITHOUT_TENSORFLOW = textwrap.dedent("""
 
 def test_runs_without_tensorflow(tmp_path, folder):
     quickstart, cifar_run = tmp_path / "quickstart", tmp_path / "cifar"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = environment()
     result = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, str(quickstart),
                              str(cifar_run), str(folder)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)

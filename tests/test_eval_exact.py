@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runs import REPO
+from runs import REPO, environment
 
 PROGRAM = r"""
 import functools, jax, ml_collections, numpy as np
@@ -45,7 +45,7 @@ print("COUNT", int(total.accuracy.count), "CORRECT", round(float(total.accuracy.
 
 
 def test_eight_devices_count_each_eval_example_once():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = environment(devices=8)
     result = subprocess.run([sys.executable, "-c", PROGRAM], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -147,7 +147,7 @@ def eight_devices(tmp_path_factory):
                                                                                 Image.BILINEAR))
             Image.fromarray(pixels).save(path)
             labels.write(f"{path} {i % 3}\n")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = environment(devices=8)
     result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(root),
                              str(tmp_path_factory.mktemp("workdir"))], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)

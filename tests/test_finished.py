@@ -1,5 +1,5 @@
-"""Which workdirs count as a finished run of a config (finished.final_step), read without JAX
-compiling or restoring anything."""
+"""Which workdirs count as a finished run of a config (finished.final_step); the final
+checkpoint is verified on the host, nothing compiled. (A corrupt one: test_robust.)"""
 
 import ml_collections
 import numpy as np

@@ -13,7 +13,8 @@ from resnet_jax import metrics
 from runs import REPO, SMALL
 
 RUN = {**SMALL, "train.num_steps": 40, "checkpoint.every_steps": 5, "eval.every_steps": 20,
-       "log_every_steps": 10, "tensorboard_dir": ""}  # TensorFlow's gs:// cannot reach an emulator
+       "log_every_steps": 10, "tensorboard_dir": "",  # TensorFlow's gs:// cannot reach an emulator
+       "compilation_cache_dir": "{workdir}/compilation_cache"}  # the default: in the bucket
 
 
 def command(workdir):
@@ -22,8 +23,10 @@ def command(workdir):
 
 
 def environment(bucket):
-    # Started elsewhere than the repository: every file it wrote locally would show there.
-    return {**bucket.env, "PYTHONPATH": str(REPO)}
+    # Started elsewhere than the repository: every file it wrote locally would show there. Not
+    # the tests' shared compilation cache (conftest.py): the run's own, in the bucket.
+    return {**{k: v for k, v in bucket.env.items() if k != "JAX_COMPILATION_CACHE_DIR"},
+            "PYTHONPATH": str(REPO)}
 
 
 def committed_steps(bucket):

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from launch import sweep, tpu_pod
-from runs import REPO, SMALL
+from runs import REPO, SMALL, environment
 
 PYTHON = sys.executable
 SAFE_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
@@ -234,10 +234,10 @@ def test_local_sweep_trains_each_point_in_its_own_workdir(tmp_path):
     sweep_file = write_sweep(tmp_path, [{"seed": 1}, {"seed": 2}])
     short = {**SMALL, "train.num_steps": 2, "eval.every_steps": 2, "checkpoint.every_steps": 2,
              "compilation_cache_dir": str(tmp_path / "cache")}
-    environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    own_cache = {k: v for k, v in environment().items() if k != "JAX_COMPILATION_CACHE_DIR"}
     result = subprocess.run([PYTHON, "-m", "launch.sweep", f"--sweep={sweep_file}", f"--workdir={tmp_path}/runs",
                              *(f"--config.{k}={v}" for k, v in short.items())],
-                            cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+                            cwd=REPO, env=own_cache, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "runs")) == ["seed-1", "seed-2"]
     for seed in (1, 2):

@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from resnet_jax import data, metrics, train
-from runs import REPO, small_config
+from runs import REPO, environment, small_config
 
 # ImageNet's variety of aspect ratios, small: 4:3, 3:4, 1:1, 2:1 and beyond.
 SHAPES = ((15, 20), (20, 15), (16, 16), (12, 24), (30, 10), (18, 27))
@@ -96,7 +96,7 @@ def evaluate(config, mesh):
 def test_two_processes_make_the_same_mean_and_counts_as_one(photos, tmp_path):
     port = 20000 + os.getpid() % 20000
     (tmp_path / "pod").mkdir()  # the workdir, as a run makes it before its first step
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = environment(devices=2)
     processes = [subprocess.Popen(
         [sys.executable, "-c", TWO_PROCESSES, f"localhost:{port}", str(i), str(photos),
          str(tmp_path / "pod")], cwd=REPO, env=env, stdout=subprocess.PIPE,

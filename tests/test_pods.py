@@ -10,13 +10,12 @@ import time
 import pytest
 
 from resnet_jax import metrics
-from runs import REPO, assert_trees_close, latest_params, main_command
+from runs import REPO, assert_trees_close, environment, latest_params, main_command
 
 # Long enough that a signal sent after the first checkpoints lands mid-run.
 RUN = {"train.num_steps": 30, "checkpoint.every_steps": 5, "eval.every_steps": 30,
        "log_every_steps": 10}
-ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-       "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+ENV = environment(devices=4)
 
 
 def _free_port():

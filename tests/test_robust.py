@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from benchmarks import train_step as train_step_harness
 from resnet_jax import checkpoint, data, main, train, validate
-from runs import REPO, assert_trees_close, latest_params, main_command, run_main, small_config
+from runs import REPO, assert_trees_close, environment, latest_params, main_command, run_main, small_config
 
 LONG = {"train.num_steps": 40, "checkpoint.every_steps": 5, "eval.every_steps": 20}
 
@@ -159,7 +159,7 @@ BAD_CONFIGS = [
 
 
 def test_bad_configs_fail_in_one_line_before_writing(tmp_path):
-    eight = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    eight = environment(devices=8)
     runs = []
     for i, (flags, _) in enumerate(BAD_CONFIGS):
         workdir = tmp_path / str(i)

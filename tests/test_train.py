@@ -57,7 +57,7 @@ def test_eight_devices_train_like_one(tmp_path, group):
     # per device on eight and averaged for the checkpoint: they must equal one device's.
     options = {} if group is None else {"model.bn_group_size": group}
     run_main(tmp_path / "one", **options)
-    run_main(tmp_path / "eight", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, **options)
+    run_main(tmp_path / "eight", devices=8, **options)
     eight, one = (checkpoint.read_latest(str(tmp_path / name))[1] for name in ("eight", "one"))
     # Within float32 rounding of sums taken in another order, grown over 6 steps. With global
     # BN's one-pass statistics (layers.py) two runs differed by up to 1.6e-5 and 7.4e-5 (a
@@ -65,8 +65,7 @@ def test_eight_devices_train_like_one(tmp_path, group):
     for part in ("params", "batch_stats"):
         assert_trees_close(eight[part], one[part], rtol=1e-4, atol=1e-5 if group else 2e-4)
     if group is not None:  # the averaged statistics restore into per-device ones and train on
-        result = run_main(tmp_path / "eight", "--allow_config_change",
-                          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        result = run_main(tmp_path / "eight", "--allow_config_change", devices=8,
                           **options, **{"train.num_steps": 9})
         assert "Restored the checkpoint of step 6" in result.stderr
         assert latest_params(tmp_path / "eight")[0] == 9
