@@ -16,6 +16,7 @@ import time
 
 from benchmarks import cli
 
+
 def _run(workdir: str, steps: int) -> float:
     began = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "resnet_jax.main", "--config=quickstart",

@@ -22,7 +22,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from resnet_jax import checkpoint, config_files, convert, data, device_inputs, models, train
+from resnet_jax import (checkpoint, config_files, convert, data, device_inputs, models, preprocess,
+                        train)
 
 
 def build_model(config: Any, num_classes: int, **changes: Any) -> models.ResNet:
@@ -61,17 +62,13 @@ def with_weights(model: nnx.Module, state: dict[str, Any]) -> nnx.Module:
     return nnx.merge(graphdef, params, rest)
 
 
-# Eval protocols that make several views of each image; the analyses take its centre crop, one
-# of the ten crops.
-MANY_VIEWS = ("ten_crop", "multi_scale")
-
-
 def eval_images(config: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `count` (or fewer) images and labels of the run's eval split, preprocessed as in
-    its evaluation: one image each, so the centre crop where the run tests with `MANY_VIEWS`."""
+    its evaluation: one image each, so the centre crop (one of the ten crops) where the run tests
+    with several views of each (`preprocess.MANY_VIEWS`)."""
     images, labels = [], []
     data_config = config.data
-    if data_config.eval_preprocess in MANY_VIEWS:
+    if data_config.eval_preprocess in preprocess.MANY_VIEWS:
         data_config = ml_collections.ConfigDict({**data_config.to_dict(), "eval_preprocess": "center"})
     normalise = device_inputs.normaliser(data_config)
     for batch in data.eval_iterator(data_config, batch_size=min(count, 256)):

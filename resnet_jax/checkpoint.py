@@ -129,8 +129,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
     if metrics is not None:  # written as JSON with the checkpoint: Python numbers, not numpy's
         metrics = {name: float(value) for name, value in metrics.items()}
     # In the step's metadata, which orbax writes into the step's directory before it commits it.
-    sums = jax.device_get(checksums.on_devices(state)[0])
-    sums = dict(zip(checksums.leaf_names(state), map(int, sums)))
+    values = jax.device_get(checksums.on_devices(state)[0])
+    sums = dict(zip(checksums.leaf_names(state), map(int, values)))
     try:
         manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force,
                      custom_metadata={CHECKSUMS: sums, FINAL: final})

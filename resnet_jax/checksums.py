@@ -26,7 +26,10 @@ def _mix(x):
 
 
 def _words(leaf, xp):
-    """The leaf's bits as uint32 words, shape leaf.shape + (words per element,)."""
+    """The leaf's bits as uint32 words, shape leaf.shape + (words per element,); a key array's
+    are its key data."""
+    if _is_key(leaf):
+        return xp.asarray(jax.random.key_data(leaf))
     if leaf.dtype == np.bool_:
         return leaf.astype(xp.uint32)[..., None]
     size = leaf.dtype.itemsize
@@ -58,8 +61,7 @@ def on_devices(tree: Any) -> tuple[jax.Array, jax.Array]:
     """(checksum, all finite) of each leaf, in the order of jax.tree.leaves; global reductions, so
     every process gets the same values. From the main thread."""
     leaves = jax.tree.leaves(tree)
-    checksums = jnp.stack([_checksum(jax.random.key_data(leaf) if _is_key(leaf) else _words(leaf, jnp), jnp)
-                           for leaf in leaves])
+    checksums = jnp.stack([_checksum(_words(leaf, jnp), jnp) for leaf in leaves])
     finite = jnp.stack([jnp.isfinite(leaf).all() if jnp.issubdtype(leaf.dtype, jnp.inexact)
                         else jnp.bool_(True) for leaf in leaves])
     return checksums, finite
@@ -70,14 +72,9 @@ def on_host(tree: Any) -> tuple[np.ndarray, np.ndarray]:
     process holds whole, or fully replicated)."""
     checksums, finite = [], []
     for leaf in jax.tree.leaves(tree):
-        if _is_key(leaf):
-            words, finite_leaf = np.asarray(jax.random.key_data(leaf)), True
-        else:
-            value = np.asarray(leaf)
-            words = _words(value, np)
-            finite_leaf = not jnp.issubdtype(value.dtype, jnp.inexact) or bool(np.isfinite(value).all())
-        checksums.append(_checksum(words, np))
-        finite.append(finite_leaf)
+        value = leaf if _is_key(leaf) else np.asarray(leaf)
+        checksums.append(_checksum(_words(value, np), np))
+        finite.append(not jnp.issubdtype(value.dtype, jnp.inexact) or bool(np.isfinite(value).all()))
     return np.array(checksums, np.uint32), np.array(finite, bool)
 
 

@@ -255,7 +255,7 @@ def info(config) -> data.DataInfo:
     if wanted is not None and int(wanted) != num_classes:
         raise ValueError(f"data.num_classes={wanted} but data set {source.name!r} has "
                          f"{num_classes} classes")
-    if s.eval_preprocess in ("ten_crop", "multi_scale"):
+    if s.eval_preprocess in preprocess.MANY_VIEWS:
         raise ValueError(f"data.eval_preprocess={s.eval_preprocess!r} needs data.on_device=False: "
                          f"on the devices each eval image is taken whole at data.image_size "
                          f"(data.eval_preprocess 'none' or 'center')")

@@ -38,6 +38,7 @@ except ModuleNotFoundError as error:  # data.on_device=True needs only `settings
 
 TRAIN_PREPROCESS = ("inception", "paper", "cifar", "none")
 EVAL_PREPROCESS = ("center", "ten_crop", "multi_scale", "none")
+MANY_VIEWS = ("ten_crop", "multi_scale")  # several views of each eval image, not one
 # "uint8": pixels, normalised on the devices (`device_inputs.normaliser`).
 DTYPES = ({"float32": tf.float32, "bfloat16": tf.bfloat16, "uint8": tf.uint8} if tf is not None
           else dict.fromkeys(("float32", "bfloat16", "uint8")))

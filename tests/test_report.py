@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from configs import cifar, plain34, resnet34
-from resnet_jax import analysis, flops, metrics, models, paper_results, report
+from resnet_jax import analysis, flops, metrics, models, paper_results, preprocess, report
 import runs
 
 
@@ -324,7 +324,7 @@ def test_not_a_workdir_is_one_line_and_exit_2(tmp_path, capsys):
     assert error.strip().count("\n") == 0 and "not a run's workdir" in error
 
 
-@pytest.mark.parametrize("protocol", analysis.MANY_VIEWS)
+@pytest.mark.parametrize("protocol", preprocess.MANY_VIEWS)
 def test_runs_tested_on_many_views_are_analysed_on_their_centre_crops(protocol):
     config = runs.small_config(**{"data.image_size": 12, "data.resize_size": 16,
                                   "data.eval_scales": (12, 16), "data.eval_preprocess": "center"})
