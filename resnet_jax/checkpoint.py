@@ -203,7 +203,8 @@ RESTART_FLAG = "--restart"
 def restore_latest(manager: ocp.CheckpointManager, target: Any, workdir: epath.Path,
                    restart: bool = False) -> Any | None:
     """The latest readable checkpoint restored onto `target`'s structure and shardings, or None
-    where there is none.
+    where there is none. `target` may also be a function of a step's metadata (its tree of
+    nested dicts) that returns the target for that step.
 
     A corrupt checkpoint (truncated, changed or missing files, unreadable metadata, an array
     whose checksum is not the saved one, a non-finite value) is named in the log and the one
@@ -223,12 +224,13 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, workdir: epath.P
         except Exception as error:  # orbax and tensorstore raise many kinds
             failed.append(_corrupt(manager.directory, step, error))
             continue
-        if _shapes(metadata) != _shapes(target):
+        step_target = target(metadata.tree) if callable(target) else target
+        if _shapes(metadata) != _shapes(step_target):
             raise CheckpointError(f"the checkpoint of step {step} in {manager.directory} holds arrays of "
                                   f"other shapes than this config's model and optimizer; use another "
                                   f"--workdir for another model")
         try:
-            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+            restored = manager.restore(step, args=ocp.args.StandardRestore(step_target))
             _verify(restored, saved, step)
         except Exception as error:
             failed.append(_corrupt(manager.directory, step, error))

@@ -47,6 +47,27 @@ def spread(batch_stats: nnx.State, mesh: Mesh) -> nnx.State:
     return jax.jit(copies, out_shardings=placement)(batch_stats)
 
 
+def per_device(batch_stats: nnx.State) -> nnx.State:
+    """The BN statistics of a spread state, (..., devices, channels), as a checkpoint keeps them."""
+    return batch_stats.filter(nnx.BatchStat)
+
+
+def resume(batch_stats: nnx.State, saved: dict | None, mesh: Mesh) -> nnx.State:
+    """`spread`, with the per-device statistics a checkpoint saved (`per_device`, as the nested
+    dicts of `checkpoint.pure`) in place of the copies where they were saved on as many devices
+    as `mesh` has: the resumed run continues as if never stopped. Saved on another device count
+    (or not saved), the copies of their average, which continue the same running average."""
+    spread_stats = spread(batch_stats, mesh)
+    stats = per_device(spread_stats)
+    mine = stats.to_pure_dict()
+    if saved is None or jax.tree.structure(saved) != jax.tree.structure(mine) or any(
+            a.shape != b.shape for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(mine))):
+        return spread_stats
+    placement = jax.tree.map(lambda leaf: leaf.sharding, spread_stats)
+    stats.replace_by_pure_dict(saved)  # new variables: spread_stats keeps its own
+    return jax.jit(lambda tree: tree, out_shardings=placement)(nnx.merge_state(spread_stats, stats))
+
+
 def gather(batch_stats: nnx.State, mesh: Mesh) -> nnx.State:
     """The per-device statistics averaged over the devices: (..., channels), replicated."""
     return _averager(mesh)(batch_stats)

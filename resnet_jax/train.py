@@ -48,6 +48,9 @@ class TrainState:
     # training error is below 80%): in the state, so that a resumed run keeps the rate it had.
     # True where there is no such warm-up; the default, for states made outside the loop.
     warmed_up: jax.Array = True
+    # Ghost BN's per-device running statistics (`running_stats.per_device`), in checkpoints only:
+    # a resumed run takes them back and continues bit-exactly (`for_training`). None otherwise.
+    device_stats: Any = None
 
 
 def model_options(config: Any) -> dict[str, Any]:
@@ -176,18 +179,45 @@ def create_model(config: Any, num_classes: int) -> nnx.Module:
 
 def for_training(state: TrainState, mesh, bn_group_size: int | None) -> TrainState:
     """The state as the train step takes it: with ghost BN (`bn_group_size`), the running
-    statistics kept per device, so that the step needs no collective for them (`running_stats`)."""
+    statistics kept per device, so that the step needs no collective for them (`running_stats`);
+    those a checkpoint saved where it was saved on as many devices."""
     if bn_group_size is None:
         return state
-    return state.replace(batch_stats=running_stats.spread(state.batch_stats, mesh))
+    saved = None if state.device_stats is None else checkpoint.pure(state.device_stats)
+    return state.replace(batch_stats=running_stats.resume(state.batch_stats, saved, mesh),
+                         device_stats=None)
 
 
 def for_evaluation(state: TrainState, mesh, bn_group_size: int | None) -> TrainState:
-    """The state as evaluation and checkpoints take it: `for_training` undone, the per-device
-    running statistics averaged."""
+    """The state as evaluation takes it: `for_training` undone, the per-device running
+    statistics averaged."""
     if bn_group_size is None:
         return state
     return state.replace(batch_stats=running_stats.gather(state.batch_stats, mesh))
+
+
+def for_checkpoint(settled: TrainState, state: TrainState, bn_group_size: int | None) -> TrainState:
+    """What a checkpoint holds: the state as evaluation takes it (`settled`), and with ghost BN
+    also the per-device statistics of the training `state`, for `for_training` to take back."""
+    if bn_group_size is None:
+        return settled
+    return settled.replace(device_stats=running_stats.per_device(state.batch_stats))
+
+
+def restore_target(state: TrainState, mesh) -> Callable[[dict], dict]:
+    """What `checkpoint.restore_latest` restores a step onto, from the step's metadata: `state`'s
+    fields as a dict, with `device_stats` in the shapes the checkpoint holds (saved on any device
+    count, replicated: they are small), or without it where the checkpoint predates the field."""
+    def target(saved: dict) -> dict:
+        fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
+        del fields["device_stats"]
+        if "device_stats" in saved:
+            fields["device_stats"] = jax.tree.map(
+                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                  sharding=sharding.replicated(mesh)),
+                saved["device_stats"])
+        return fields
+    return target
 
 
 def on_device(config: Any) -> bool:
@@ -569,10 +599,11 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
         skipped=jnp.zeros((), jnp.int32), warmed_up=jnp.asarray(not until_error)), replicated)
 
     manager = checkpoint.create_manager(workdir, config.checkpoint)
-    restored = checkpoint.restore_latest(manager, state, workdir, restart)
+    restored = checkpoint.restore_latest(manager, restore_target(state, mesh), workdir, restart)
     start = 0
     if restored is not None:
-        state, start = restored, int(restored.step)
+        state = TrainState(**restored)
+        start = int(state.step)
         logging.info("Restored the checkpoint of step %d from %s", start, manager.directory)
     warmed_up = bool(state.warmed_up)  # the host's copy, to test each log window while False
     # The rows of metrics.jsonl after `start` were written by a run that stopped before saving
@@ -662,7 +693,7 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
             if scalars:
                 _write(writer, step, scalars, manager)
             if saving:
-                checkpoint.save(manager, step, settled,
+                checkpoint.save(manager, step, for_checkpoint(settled, state, group),
                                 metrics=scalars if "eval_accuracy" in scalars else None, force=True,
                                 final=step == num_steps)
                 logging.info("Saving the checkpoint of step %d", step)
