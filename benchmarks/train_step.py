@@ -192,7 +192,8 @@ def _initial_state(params, batch_stats, tx) -> train.TrainState:
         "step": lambda: jnp.zeros((), jnp.int32), "params": lambda: params,
         "batch_stats": lambda: batch_stats, "opt_state": lambda: tx.init(params),
         "train_metrics": lambda: metrics.TrainMetrics.empty(),
-        "skipped": lambda: jnp.zeros((), jnp.int32), "warmed_up": lambda: jnp.asarray(True)}
+        "skipped": lambda: jnp.zeros((), jnp.int32), "warmed_up": lambda: jnp.asarray(True),
+        "device_stats": lambda: None}
     fields = [f.name for f in dataclasses.fields(train.TrainState)]
     unknown = [name for name in fields if name not in known]
     if unknown:
