@@ -2,25 +2,29 @@
 without clu or TensorFlow, so that quick commands (a finished run's) need neither."""
 
 import json
+import numbers
 
-from absl import logging
 from etils import epath
 
 JSONL = "metrics.jsonl"
 
 
 def parse(lines: list[str], path: epath.Path) -> list[dict[str, float]]:
+    """The rows of `lines`, each a JSON object with a step. The file is always written whole
+    (`workdir.write_text`), so any other line, the last one too, is corruption: ValueError
+    naming the path and the line."""
     rows = []
-    for number, line in enumerate(lines):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            if number < len(lines) - 1:
-                raise ValueError(f"{path}: line {number + 1} is not JSON") from None
-            # The last line cut short by a write that did not finish (a full disk).
-            logging.warning("%s: dropped its last line, which is incomplete: %r", path, line[:80])
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), numbers.Integral)):
+            raise ValueError(f"{path}: line {number} is not a row of metrics (a JSON object with a "
+                             f"step), so the file is corrupt: {line[:60]!r}")
+        rows.append(row)
     return rows
 
 

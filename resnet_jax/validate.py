@@ -9,8 +9,12 @@ import os
 import socket
 from typing import Any
 
+import numpy as np
 from absl import logging
 from etils import epath
+
+from resnet_jax import rows as jsonl
+from resnet_jax.checkpoint import DIRECTORY as CHECKPOINTS
 
 
 class SetupError(ValueError):
@@ -35,6 +39,15 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_rate(field: str, value: float) -> None:
+    """A learning rate float32 (the parameters' dtype) holds as a normal number: a smaller one
+    becomes 0 or a subnormal there and trains nothing, without a word."""
+    smallest, largest = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+    _require(smallest <= value <= largest, field, value,
+             f"between {smallest:.4g} and {largest:.4g}, the normal numbers of float32 (the "
+             f"parameters' dtype, in which a smaller rate is 0 or subnormal)")
+
+
 def check_numbers(config: Any) -> None:
     """The fields that no other part checks: lengths, intervals, rates; all finite."""
     positive_ints = {"log_every_steps": config.log_every_steps, "eval.every_steps": config.eval.every_steps,
@@ -50,6 +63,7 @@ def check_numbers(config: Any) -> None:
                  config.train.num_epochs, "a positive number (or train.num_steps > 0)")
     s = config.schedule
     _require(_number(s.base_lr) and s.base_lr > 0, "schedule.base_lr", s.base_lr, "a positive number")
+    _check_rate("schedule.base_lr", s.base_lr)
     _require(_int(s.warmup_steps) and s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps,
              "an integer >= 0")
     until = s.warmup_until_error
@@ -69,6 +83,7 @@ def check_numbers(config: Any) -> None:
     if s.warmup_steps or until:
         _require(_number(s.warmup_lr) and s.warmup_lr > 0, "schedule.warmup_lr", s.warmup_lr,
                  "a positive number")
+        _check_rate("schedule.warmup_lr", s.warmup_lr)
     _require(_number(s.warmup_epochs) and s.warmup_epochs >= 0, "schedule.warmup_epochs",
              s.warmup_epochs, "a number >= 0")
     for field in ("boundaries_epochs", "boundaries_steps"):
@@ -129,7 +144,9 @@ NOT_COMPARED = ("compilation_cache_dir", "tensorboard_dir", "compiled_step_dir")
 
 
 def check_workdir(workdir: epath.Path, config_json: str, allow_config_change: bool) -> None:
-    """The workdir is writable and holds no run of another config (unless allowed)."""
+    """The workdir's layout is intact (`check_layout`), it is writable, and it holds no run of
+    another config (unless allowed)."""
+    before = check_layout(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / f".write_probe.{os.getpid()}.{socket.gethostname()}"
@@ -137,10 +154,9 @@ def check_workdir(workdir: epath.Path, config_json: str, allow_config_change: bo
         probe.unlink()
     except Exception as error:  # OSError locally; a bucket's client raises its own kinds
         raise SetupError(f"workdir {str(workdir)!r} is not writable: {one_line(error)}") from None
-    saved = workdir / "config.json"
-    if allow_config_change or not saved.exists():
+    if allow_config_change or before is None:
         return
-    before = _flatten(json.loads(saved.read_text()))
+    before = _flatten(before)
     if "compiled_step_dir" in before:
         logging.info("This workdir's config names compiled_step_dir, no longer used: restarts "
                      "rely on JAX's persistent compilation cache (compilation_cache_dir).")
@@ -157,3 +173,64 @@ def check_workdir(workdir: epath.Path, config_json: str, allow_config_change: bo
         raise SetupError(f"workdir {str(workdir)!r} holds a run with a different config ({shown}"
                          f"{', ...' if len(changed) > 5 else ''}); use another --workdir, or pass "
                          f"--allow_config_change to resume it with the new config")
+
+
+def check_layout(workdir: epath.Path) -> dict | None:
+    """Reads the workdir, writing nothing: its checkpoints/ a listable directory, every line of
+    metrics.jsonl a row (the file is written whole, so a bad line is corruption, the last one
+    too), config.json a readable JSON object, which it returns (None where there is none).
+    Warns where a resume loses rows: checkpoints without metrics.jsonl, or rows without a
+    checkpoint (the run starts from step 0 and replaces them). Every process checks alike."""
+    steps = _steps(workdir / CHECKPOINTS)
+    rows = _rows(workdir / jsonl.JSONL)
+    if steps and rows is None:
+        logging.warning("%s holds checkpoints up to step %d but there is no %s: the rows up to step "
+                        "%d are gone, and only the rows after the checkpoint restored will be "
+                        "written", workdir / CHECKPOINTS, max(steps), jsonl.JSONL, max(steps))
+    if rows and not steps:
+        logging.warning("%s holds %d row%s but %s holds no checkpoint: the run starts from step 0 "
+                        "and replaces those rows", workdir / jsonl.JSONL, len(rows),
+                        "s" if len(rows) > 1 else "", workdir / CHECKPOINTS)
+    return _saved_config(workdir / "config.json")
+
+
+def _steps(directory: epath.Path) -> list[int]:
+    """The steps saved in `directory` (orbax names each step's directory by its number)."""
+    try:
+        if not directory.exists():
+            return []
+        if not directory.is_dir():
+            raise SetupError(f"{directory} is not a directory, where the run keeps its checkpoints: "
+                             f"move it away to resume (the run then starts from step 0)")
+        return [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+    except OSError as error:
+        raise SetupError(f"{directory} cannot be listed: {one_line(error)}") from None
+
+
+def _rows(path: epath.Path) -> list[dict] | None:
+    """The rows of metrics.jsonl, None if there is none."""
+    try:
+        if not path.exists():
+            return None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SetupError(f"{path} cannot be read: {one_line(error)}") from None
+    try:
+        return jsonl.parse(text.splitlines(), path)
+    except ValueError as error:
+        raise SetupError(f"{one_line(error)}; mend or delete that line to resume") from None
+
+
+def _saved_config(path: epath.Path) -> dict | None:
+    """The config of the workdir's run, None if it has none."""
+    try:
+        if not path.exists():
+            return None
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+    except (OSError, ValueError) as error:  # unreadable, or cut short
+        raise SetupError(f"{path}, the config of this workdir's run, is not a readable JSON object: "
+                         f"{one_line(error)}; restore it, or delete it to resume with this "
+                         f"command's config") from None
+    return saved
