@@ -26,13 +26,24 @@ chunk that holds its position (plus, when a file was cut, the records before it 
 file), however far into the epoch it is.
 The chunks follow the files, so the stream of a streamed split is fixed by the files as written.
 
-Images that do not decode are dropped and counted (`iterator.num_skipped`, and a log line): a
-corrupt file never stops a run. A drop shifts the rest of the stream by one example, so exact
-restarts hold on data sets without undecodable files.
+Images that do not decode (an empty or truncated file, text named .jpg, a JPEG too large for
+TensorFlow's decoder) are named in the log the first time each is met: an image folder's file by
+its path, a TFDS record by its key (`FILE__INDEX`, TFDS's `tfds_id`). In training they are then
+dropped and counted (`iterator.num_skipped`): a corrupt file never stops a run. A drop shifts the
+rest of the stream by one example, so exact restarts hold on data sets without undecodable files.
 
 Eval. One pass, in order; the last batch is padded and `mask` is False on padding. Every process
 yields the same number of batches, enough for the largest slice, so multi-host eval steps stay in
-lockstep; over all processes each example is unmasked exactly once.
+lockstep; over all processes each example is unmasked exactly once. An eval image that does not
+decode is an error, not a drop: the pass yields all its batches, then raises `BadImageError`
+naming every such image of the process's slice (one line), because an eval that counted fewer
+examples than its split holds would report on another split. (The eval images are not read at
+set-up: that would be a whole eval pass at every start.)
+
+Classes. `info` refuses a source whose train split leaves a class without images (an empty class
+directory, a class present only in the eval split, or outside the train part of a sliced split):
+a ValueError naming the classes and the split. Checked where the labels are held in memory (image
+folders, digits); a TFDS data set's classes are its builder's, not counted from its records.
 
 Digits are scaled from 0-16 to 0-255, resized (bilinear) from 8x8 to image_size x image_size and
 given 3 equal channels, so the CIFAR networks take them unchanged; the split is a fixed seeded,
@@ -47,6 +58,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 from absl import logging
@@ -93,6 +105,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """A TFDS data set that is not prepared in the data_dir: the message says how to prepare it."""
 
 
+class BadImageError(ValueError):
+    """Eval images that do not decode: the message names them. Raised by the eval iterators once
+    the pass has yielded all its batches (see the module's docstring)."""
+
+
 def _get(config, name, default=None):
     value = config.get(name, None)
     return default if value is None else value
@@ -113,6 +130,11 @@ class _Table:
     num_classes: int
     splits: dict[str, int]  # split name -> rows
     lookup: dict  # split name -> fn(int64 row) -> (record, int64 label)
+    # What log lines call a row: fn(split name, row) -> its file's path, say.
+    name: Callable[[str, int], str] = lambda split, row: f"row {row} of split {split!r}"
+    # Each split's labels and the classes' names, for `_check_classes`; None: not checked.
+    labels: dict[str, np.ndarray] | None = None
+    class_names: tuple[str, ...] = ()
 
 
 def _rows(spec: str, splits: dict[str, int]) -> list[tuple[str, int, int]]:
@@ -130,6 +152,16 @@ def _rows(spec: str, splits: dict[str, int]) -> list[tuple[str, int, int]]:
 @dataclasses.dataclass(frozen=True)
 class _SplitSize:
     num_examples: int
+
+
+class _Slice(NamedTuple):
+    """One process's slice of a split, as `_Source.records` gives it."""
+
+    kind: str  # of the records: "bytes", "path" or "pixels" (`_Table`)
+    n: int  # records
+    lookup: Callable | None  # fn(int64 i) -> (record, int64 label) where held as an index
+    subsplit: str | None  # else the TFDS sub-split to stream
+    names: Callable[[list[int]], list[str]]  # what log lines call records i of the slice
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,7 +183,9 @@ def _digits_table(image_size: int) -> _Table:
         return lambda i: (tf.gather(images_t, i), tf.gather(labels_t, i))
 
     return _Table("pixels", 10, {k: len(v) for k, v in parts.items()},
-                  {k: lookup(v) for k, v in parts.items()})
+                  {k: lookup(v) for k, v in parts.items()},
+                  labels={k: labels[v] for k, v in parts.items()},
+                  class_names=tuple(map(str, range(10))))
 
 
 def _fake_table(image_size: int, num_classes: int, num_train: int, num_eval: int) -> _Table:
@@ -183,13 +217,16 @@ def _folder_table(root: str) -> _Table:
     if not examples:
         raise ValueError(f"data.name='imagefolder:{root}': no SPLIT/CLASS/*.jpg|jpeg|png files")
 
+    paths = {k: [e.image_path for e in v] for k, v in examples.items()}
+    labels = {k: np.array([names.index(e.label) for e in v], np.int64) for k, v in examples.items()}
+
     def lookup(split):
-        paths = tf.constant([e.image_path for e in examples[split]])
-        labels = tf.constant([names.index(e.label) for e in examples[split]], tf.int64)
-        return lambda i: (tf.gather(paths, i), tf.gather(labels, i))
+        paths_t, labels_t = tf.constant(paths[split]), tf.constant(labels[split])
+        return lambda i: (tf.gather(paths_t, i), tf.gather(labels_t, i))
 
     return _Table("path", len(names), {k: len(v) for k, v in examples.items()},
-                  {k: lookup(k) for k in examples})
+                  {k: lookup(k) for k in examples}, name=lambda split, row: paths[split][row],
+                  labels=labels, class_names=tuple(names))
 
 
 def _prepare_help(name: str, builder) -> str:
@@ -279,10 +316,11 @@ class _Source:
         return [self.builder.info.splits[s].num_examples
                 for s in tfds.even_splits(split, n=process_count)]
 
-    def records(self, split: str, process_index: int, process_count: int, index: bool = True):
-        """One process's slice: (kind, n, lookup or None, TFDS sub-split or None). A lookup when
-        the slice is held as an index; otherwise the sub-split to stream (`in_order`, `chunks`).
-        index=False streams a TFDS split however small (eval reads in order, once)."""
+    def records(self, split: str, process_index: int, process_count: int,
+                index: bool = True) -> _Slice:
+        """One process's slice (`_Slice`): a lookup when the slice is held as an index;
+        otherwise the sub-split to stream (`in_order`, `chunks`). index=False streams a TFDS
+        split however small (eval reads in order, once)."""
         if self.table is not None:
             return self._table_records(split, process_index, process_count)
         subsplit = tfds.even_splits(split, n=process_count)[process_index]
@@ -291,14 +329,27 @@ class _Source:
         limit = int(_get(self.config, "in_memory_bytes", IN_MEMORY_BYTES))
         if index and info.num_bytes and info.num_bytes <= limit:
             # Small enough to hold undecoded: index it, for exact shuffles and free restarts.
-            records, labels = [], []
-            for record, label in self.in_order(subsplit).batch(4096).as_numpy_iterator():
+            records, labels, keys = [], [], []
+            for record, label, key in self.in_order(subsplit, keys=True).batch(
+                    4096).as_numpy_iterator():
                 records.extend(record)
                 labels.extend(label)
+                keys.extend(key)
             records_t = tf.constant(np.stack(records) if kind == "pixels" else records)
             labels_t = tf.constant(labels, tf.int64)
-            return kind, n, lambda i: (tf.gather(records_t, i), tf.gather(labels_t, i)), None
-        return kind, n, None, subsplit
+            return _Slice(kind, n, lambda i: (tf.gather(records_t, i), tf.gather(labels_t, i)),
+                          None, lambda rows: [keys[i].decode() for i in rows])
+        return _Slice(kind, n, None, subsplit, functools.partial(self._keys, subsplit))
+
+    def _keys(self, subsplit, rows: list[int]) -> list[str]:
+        """The TFDS keys of records `rows` of `in_order(subsplit)`. Read again, up to the last of
+        them: only an error path needs them, and TFDS's own ids are the ones to trust."""
+        wanted, found = set(rows), {}
+        keys = self.in_order(subsplit, keys=True).map(_plain(lambda record, label, key: key))
+        for row, key in enumerate(keys.take(max(rows, default=-1) + 1).as_numpy_iterator()):
+            if row in wanted:
+                found[row] = key.decode()
+        return [found[row] for row in rows]
 
     @functools.cached_property
     def _tfds_kind(self) -> str:
@@ -311,13 +362,15 @@ class _Source:
         image_key = _tfds_keys(self.builder)[0]
         return {image_key: tfds.decode.SkipDecoding()} if self._tfds_kind == "bytes" else None
 
-    def in_order(self, subsplit) -> tf.data.Dataset:
-        """(record, int64 label) of a TFDS sub-split, in the order TFDS reads it."""
+    def in_order(self, subsplit, keys: bool = False) -> tf.data.Dataset:
+        """(record, int64 label) of a TFDS sub-split, in the order TFDS reads it; keys=True adds
+        each record's key (TFDS's `tfds_id`, FILE__INDEX) third."""
         image_key, label_key = _tfds_keys(self.builder)
         ds = self.builder.as_dataset(split=subsplit, shuffle_files=False,
                                      decoders=self._tfds_decoders(),
-                                     read_config=tfds.ReadConfig(add_tfds_id=False))
-        return ds.map(_plain(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64))))
+                                     read_config=tfds.ReadConfig(add_tfds_id=keys))
+        return ds.map(_plain(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64))
+                             + ((ex["tfds_id"],) if keys else ())))
 
     def parse(self, serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(record, int64 label) of one serialized TFDS example, as `in_order` gives it."""
@@ -363,20 +416,35 @@ class _Source:
             if a < b:
                 pieces.append((name, start + a, start + b))
             offset += end - start
+        starts = np.cumsum([0] + [b - a for _, a, b in pieces])[:-1]
+
+        def names(rows):  # the table's names of rows of the slice
+            out = []
+            for i in rows:
+                (name, start, _), first = _piece_of(pieces, starts, i)
+                out.append(table.name(name, start + i - first))
+            return out
+
         if len(pieces) == 1:
             name, start, _ = pieces[0]
             fn = table.lookup[name]
-            return table.kind, hi - lo, lambda i: fn(start + i), None
+            return _Slice(table.kind, hi - lo, lambda i: fn(start + i), None, names)
         # Several splits: look up in the piece that holds row i.
-        firsts = tf.constant(np.cumsum([0] + [b - a for _, a, b in pieces])[:-1], tf.int64)
+        firsts = tf.constant(starts, tf.int64)
 
         def lookup(i):
             piece = tf.cast(tf.reduce_sum(tf.cast(firsts <= i, tf.int32)) - 1, tf.int32)
             branches = [functools.partial(_piece_lookup, table.lookup[name], start, first, i)
-                        for (name, start, _), first in zip(pieces, firsts.numpy())]
+                        for (name, start, _), first in zip(pieces, starts)]
             return tf.switch_case(piece, branches)
 
-        return table.kind, hi - lo, lookup, None
+        return _Slice(table.kind, hi - lo, lookup, None, names)
+
+
+def _piece_of(pieces, starts, i):
+    """(piece, its first row in the slice) of the piece that holds row i of the slice."""
+    k = int(np.searchsorted(starts, i, side="right")) - 1
+    return pieces[k], int(starts[k])
 
 
 def _piece_lookup(fn, start, first, i):
@@ -442,13 +510,47 @@ def _check_processes(batch_size, process_index, process_count):
 
 
 def info(config) -> DataInfo:
+    """The data's sizes, with every check that needs no image read; ValueError (one line) for a
+    bad split, class count, or a class without training images (`_check_classes`)."""
     source, s = _open(config)
-    return DataInfo(
+    result = DataInfo(
         num_classes=source.num_classes,
         num_train=source.size(source.split(train=True)),
         num_eval=source.size(source.split(train=False)),
         image_shape=(s.image_size, s.image_size, 3),
     )
+    _check_classes(source, source.split(train=True))
+    return result
+
+
+def _check_classes(source: _Source, split: str) -> None:
+    """Every class has images in the train split `split`: a class the model never sees it can
+    never predict, and its eval images would lower the accuracy unnoticed. Checked where the
+    labels are held (image folders, digits); a TFDS data set's classes are its builder's."""
+    table = source.table
+    if table is None or table.labels is None:
+        return
+    present = np.zeros(table.num_classes, bool)
+    for name, start, end in _rows(split, table.splits):
+        present[table.labels[name][start:end]] = True
+    missing = np.flatnonzero(~present).tolist()
+    if not missing:
+        return
+    names = [table.class_names[c] for c in missing]
+    shown = ", ".join(map(repr, names[:10])) + (f" and {len(names) - 10} more" if len(names) > 10
+                                                 else "")
+    where = "; ".join(f"{names[k]!r} has {_images_by_split(table, c)}"
+                      for k, c in enumerate(missing[:3]))
+    one = len(missing) == 1
+    raise ValueError(f"data.name={source.name!r}: {'class' if one else 'classes'} {shown} "
+                     f"{'has' if one else 'have'} no images in data.train_split={split!r} "
+                     f"({where}); every class needs training images")
+
+
+def _images_by_split(table: _Table, label: int) -> str:
+    counts = {name: int((labels == label).sum()) for name, labels in table.labels.items()}
+    found = [f"{count} in split {name!r}" for name, count in sorted(counts.items()) if count]
+    return ", ".join(found) if found else "none in any split"
 
 
 # What the mean image depends on: its file name in the workdir is made from them (`pixel_mean_file`).
@@ -466,8 +568,8 @@ def pixel_mean_sums(config, process_index: int = 0, process_count: int = 1) -> t
     whole to image_size x image_size (`preprocess.mean_image_fn`): the per-pixel mean of
     Sec. 3.4 and 4.2 is the sum over every slice divided by the count over every slice."""
     source, s = _open(_FrozenConfig(dict(_mean_key(config))))
-    kind, n, lookup, subsplit = source.records(source.split(train=True), process_index,
-                                               process_count)
+    kind, n, lookup, subsplit, _ = source.records(source.split(train=True), process_index,
+                                                  process_count)
     ds = source.in_order(subsplit) if lookup is None else tf.data.Dataset.range(n).map(_plain(lookup))
     fn = preprocess.mean_image_fn(s, kind)
     ds = ds.map(_plain(lambda record, label: fn(record)), num_parallel_calls=tf.data.AUTOTUNE)
@@ -520,32 +622,74 @@ def _hashable(value):
 # ---- iterators -----------------------------------------------------------------------------------
 
 
-class Batches(Iterator):
-    """Numpy batches of a tf.data pipeline; counts the images that failed to decode."""
+class _BadImages:
+    """The images of a stream that did not decode: each named in the log the first time it is
+    met, all counted; an eval pass that met any ends with `BadImageError` (`check_pass`)."""
 
-    def __init__(self, ds: tf.data.Dataset, *, start: int, end: int | None = None,
-                 batch_size: int, num_batches: int | None = None, what: str,
-                 image_shape: tuple[int, ...] = (), dtype=np.float32):
+    SHOWN = 5  # names in an error's one line; the log has them all
+
+    def __init__(self, what: str, names: Callable[[list[int]], list[str]]):
+        self._what, self._names = what, names
+        self.count = 0  # skips, a file met in each of two epochs counting twice
+        self._named: set[str] = set()
+        self._in_pass: list[str] = []
+
+    def skip(self, positions: list[int]) -> None:
+        """The records at these stream positions did not decode."""
+        if not positions:
+            return
+        self.count += len(positions)
+        names = self._names(positions)
+        self._in_pass.extend(names)
+        new = [name for name in dict.fromkeys(names) if name not in self._named]
+        self._named.update(new)
+        if new:
+            logging.warning("%s: %d image%s that do%s not decode, skipped (%d skips so far): %s",
+                            self._what, len(new), "s" * (len(new) > 1), "es" * (len(new) == 1),
+                            self.count, ", ".join(new))
+
+    def check_pass(self) -> None:
+        """Eval: an image that did not decode is an error (each example counts once)."""
+        if not self._in_pass:
+            return
+        k, shown = len(self._in_pass), ", ".join(self._in_pass[:self.SHOWN])
+        more = f" and {k - self.SHOWN} more (the log names them all)" if k > self.SHOWN else ""
+        raise BadImageError(
+            f"{self._what}: {k} image{'s' * (k > 1)} that do{'es' * (k == 1)} not decode: "
+            f"{shown}{more}; an eval counts every example of its split, so replace or remove "
+            f"{'it' if k == 1 else 'them'}")
+
+
+class Batches(Iterator):
+    """Numpy batches of a tf.data pipeline; names and counts the images that failed to decode
+    (`_BadImages`). Eval (`num_batches` given): after its last batch, raises `BadImageError`
+    instead of StopIteration where any did."""
+
+    def __init__(self, ds: tf.data.Dataset, names: Callable[[list[int]], list[str]], *,
+                 start: int, end: int | None = None, batch_size: int,
+                 num_batches: int | None = None, what: str, image_shape: tuple[int, ...] = (),
+                 dtype=np.float32):
         self._image_shape, self._dtype = image_shape, dtype
         self._iterator = ds.as_numpy_iterator()
         self._next = start  # the stream position the next image should have
         self._end = end  # eval: one past the last position
         self._batch_size = batch_size
         self._left = num_batches
-        self._what = what
-        self.num_skipped = 0
+        self._bad = _BadImages(what, names)
+
+    @property
+    def num_skipped(self) -> int:
+        return self._bad.count
 
     def _count(self, positions):
-        skipped = int(positions[-1]) + 1 - self._next - len(positions) if len(positions) else 0
-        self._note(skipped)
         if len(positions):
-            self._next = int(positions[-1]) + 1
+            self._skip_to(int(positions[-1]) + 1, positions)
 
-    def _note(self, skipped):
-        if skipped > 0:
-            self.num_skipped += skipped
-            logging.warning("%s: skipped %d images that did not decode (%d in all so far)",
-                            self._what, skipped, self.num_skipped)
+    def _skip_to(self, end: int, present=()):
+        """The positions from the next expected one to `end` that are not `present` were
+        dropped: they did not decode."""
+        self._bad.skip(np.setdiff1d(np.arange(self._next, end), present).tolist())
+        self._next = max(self._next, end)
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._left is None:  # train: infinite
@@ -553,13 +697,13 @@ class Batches(Iterator):
             self._count(batch.pop("position"))
             return batch
         if self._left <= 0:
+            self._bad.check_pass()
             raise StopIteration
         self._left -= 1
         batch = next(self._iterator, None)
         if batch is None:  # eval: padding batches so that every process yields as many
             if self._end is not None:
-                self._note(self._end - self._next)
-                self._next = self._end
+                self._skip_to(self._end)
             batch = {"image": np.zeros((0, *self._image_shape), self._dtype),
                      "label": np.zeros((0,), np.int32), "position": np.zeros((0,), np.int64)}
         self._count(batch.pop("position"))
@@ -571,8 +715,7 @@ class Batches(Iterator):
                 [batch["image"], np.zeros((pad, *batch["image"].shape[1:]), batch["image"].dtype)])
             batch["label"] = np.concatenate([batch["label"], np.zeros((pad,), np.int32)])
         if self._left == 0 and self._end is not None:
-            self._note(self._end - self._next)
-            self._next = self._end
+            self._skip_to(self._end)
         return batch
 
 
@@ -611,10 +754,14 @@ def _chunk_order(key, epoch, num_chunks: int) -> tf.Tensor:
         num_chunks - 1)
 
 
-def _streamed(chunks: _Chunks, key, first: int) -> tf.data.Dataset:
+def _streamed(chunks: _Chunks, key, first: int, where: bool = False) -> tf.data.Dataset:
     """Serialized records from stream position `first` on. Each epoch visits the chunks in a
     seeded order and serves each one whole, fully shuffled with a seed of its own; the next chunk
-    is read while one is served. Reads nothing of the epoch before the chunk that holds `first`."""
+    is read while one is served. Reads nothing of the epoch before the chunk that holds `first`.
+
+    where=True: instead of each record, where it is, (piece, index in its file), in the same
+    order, reading no file: a shuffle's order depends on its seed and the number of elements,
+    not on what they hold."""
     num_chunks, n = len(chunks.sizes), int(chunks.sizes.sum())
     epoch, offset = divmod(first, n)
     # Where `first` falls: the visit (slot) of its epoch and how far into that chunk.
@@ -634,6 +781,8 @@ def _streamed(chunks: _Chunks, key, first: int) -> tf.data.Dataset:
 
     @_plain
     def read_piece(k):
+        if where:
+            return tf.data.Dataset.range(skips[k], skips[k] + takes[k]).map(lambda i: (k, i))
         records = tf.data.TFRecordDataset(files[k], buffer_size=READ_BUFFER_BYTES)
         return records.skip(skips[k]).take(takes[k])
 
@@ -655,35 +804,59 @@ def _streamed(chunks: _Chunks, key, first: int) -> tf.data.Dataset:
     return ds.prefetch(1).unbatch().skip(skip)
 
 
-def train_dataset(config, *, batch_size: int, seed: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
-    """The tf.data pipeline of `train_iterator`, with a "position" entry in each batch."""
-    _check_processes(batch_size, process_index, process_count)
-    source, s = _open(config)
-    kind, n, lookup, subsplit = source.records(source.split(train=True), process_index,
-                                               process_count)
+def _train_records(config, seed: int, first: int, process_index: int, process_count: int):
+    """(dataset of (position, record, label) from stream position `first` on, the records' kind,
+    fn(positions) -> what log lines call the records there) of this process's train stream."""
+    source, _ = _open(config)
+    kind, n, lookup, subsplit, names = source.records(source.split(train=True), process_index,
+                                                      process_count)
     if n == 0:
         raise ValueError(f"process {process_index} of {process_count} has no training examples")
     key = _stream_key(seed, process_index)
-    first = start_step * batch_size
     if lookup is not None:
-        def fetch(position):
+        def row(position):
             epoch, i = position // n, position % n
-            j = tf.random.experimental.index_shuffle(i, _epoch_key(key, epoch), n - 1)
-            record, label = lookup(j)
-            return position, record, label
+            return tf.random.experimental.index_shuffle(i, _epoch_key(key, epoch), n - 1)
 
-        ds = tf.data.Dataset.counter(start=first).map(_plain(fetch))
-    else:
-        buffer = _get(config, "shuffle_buffer", SHUFFLE_BUFFER)
-        if isinstance(buffer, bool) or not isinstance(buffer, (int, np.integer)) or buffer < 1:
-            raise ValueError(f"data.shuffle_buffer={buffer!r} must be a positive number of "
-                             f"records")
-        # Chunks of half the buffer: the one served and the one read ahead hold at most it.
-        records = _streamed(source.chunks(subsplit, max(buffer // 2, 1)), key, first)
-        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start=first), records).map(
-            _plain(lambda position, serialized: (position, *source.parse(serialized))),
-            num_parallel_calls=tf.data.AUTOTUNE)
+        def fetch(position):
+            return position, *lookup(row(position))
+
+        def stream_names(positions):
+            return names([int(row(tf.constant(p, tf.int64))) for p in positions])
+
+        return tf.data.Dataset.counter(start=first).map(_plain(fetch)), kind, stream_names
+    buffer = _get(config, "shuffle_buffer", SHUFFLE_BUFFER)
+    if isinstance(buffer, bool) or not isinstance(buffer, (int, np.integer)) or buffer < 1:
+        raise ValueError(f"data.shuffle_buffer={buffer!r} must be a positive number of records")
+    # Chunks of half the buffer: the one served and the one read ahead hold at most it.
+    chunks = source.chunks(subsplit, max(buffer // 2, 1))
+    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start=first), _streamed(chunks, key, first))
+    ds = ds.map(_plain(lambda position, serialized: (position, *source.parse(serialized))),
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+    def stream_names(positions):  # TFDS's key of each record: FILE__INDEX
+        out = []
+        for position in positions:
+            piece, index = next(_streamed(chunks, key, position, where=True).as_numpy_iterator())
+            out.append(f"{os.path.basename(chunks.files[piece])}__{index}")
+        return out
+
+    return ds, kind, stream_names
+
+
+def train_dataset(config, *, batch_size: int, seed: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    """The tf.data pipeline of `train_iterator`, with a "position" entry in each batch."""
+    return _train_pipeline(config, batch_size, seed, start_step, process_index, process_count)[0]
+
+
+def _train_pipeline(config, batch_size, seed, start_step, process_index, process_count):
+    """(`train_dataset`, fn(stream positions) -> what log lines call the records there)."""
+    _check_processes(batch_size, process_index, process_count)
+    ds, kind, names = _train_records(config, seed, start_step * batch_size, process_index,
+                                     process_count)
+    s = preprocess.settings(config)
+    key = _stream_key(seed, process_index)
     fn = preprocess.train_fn(s, kind, pixel_mean(config))
 
     def prepare(position, record, label):
@@ -695,9 +868,9 @@ def train_dataset(config, *, batch_size: int, seed: int, start_step: int = 0,
         return out
 
     ds = ds.map(_plain(prepare), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.ignore_errors(log_warning=False)
+    ds = ds.ignore_errors(log_warning=False)  # `Batches` names and counts what it drops
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_options(deterministic=True))
+    return ds.with_options(_options(deterministic=True)), names
 
 
 def train_iterator(config, *, batch_size: int, seed: int, start_step: int = 0,
@@ -705,28 +878,34 @@ def train_iterator(config, *, batch_size: int, seed: int, start_step: int = 0,
     """Infinite {"image": (batch_size, H, W, C), "label": (batch_size,) int32} batches of this
     process (batch_size is per process); the same for the same (seed, process_index,
     process_count), and from `start_step` on the same as an iterator started at 0."""
-    ds = train_dataset(config, batch_size=batch_size, seed=seed, start_step=start_step,
-                       process_index=process_index, process_count=process_count)
-    return Batches(ds, start=start_step * batch_size, batch_size=batch_size,
+    ds, names = _train_pipeline(config, batch_size, seed, start_step, process_index,
+                                process_count)
+    return Batches(ds, names, start=start_step * batch_size, batch_size=batch_size,
                    what=f"train data {_get(config, 'name')}")
 
 
 def _eval_records(source: _Source, process_index: int, process_count: int):
-    """(kind, n, dataset of (position, record, label)) of this process's slice of the eval split, in order."""
-    kind, n, lookup, subsplit = source.records(source.split(train=False), process_index,
-                                               process_count, index=False)
-    if lookup is not None:
-        return kind, n, tf.data.Dataset.range(n).map(_plain(lambda i: (i, *lookup(i))))
-    return kind, n, tf.data.Dataset.zip(tf.data.Dataset.counter(), source.in_order(subsplit)).map(
-        _plain(lambda position, example: (position, *example)))
+    """(this process's slice of the eval split (`_Slice`), its dataset of (position, record,
+    label) in order)."""
+    part = source.records(source.split(train=False), process_index, process_count, index=False)
+    if part.lookup is not None:
+        return part, tf.data.Dataset.range(part.n).map(_plain(lambda i: (i, *part.lookup(i))))
+    return part, tf.data.Dataset.zip(tf.data.Dataset.counter(), source.in_order(
+        part.subsplit)).map(_plain(lambda position, example: (position, *example)))
 
 
 def eval_dataset(config, *, batch_size: int, process_index: int = 0, process_count: int = 1,
                  repeat: bool = False) -> tf.data.Dataset:
     """The unpadded tf.data pipeline of `eval_iterator` (repeat=True for benchmarks)."""
+    return _eval_pipeline(config, batch_size, process_index, process_count, repeat)[0]
+
+
+def _eval_pipeline(config, batch_size, process_index, process_count, repeat=False):
+    """(`eval_dataset`, fn(positions) -> what log lines call the records there)."""
     _check_processes(batch_size, process_index, process_count)
     source, s = _open(config)
-    kind, _, ds = _eval_records(source, process_index, process_count)
+    part, ds = _eval_records(source, process_index, process_count)
+    kind = part.kind
     fn = preprocess.eval_fn(s, kind, pixel_mean(config))
 
     def prepare(position, record, label):
@@ -735,23 +914,24 @@ def eval_dataset(config, *, batch_size: int, process_index: int = 0, process_cou
     if repeat:
         ds = ds.repeat()
     ds = ds.map(_plain(prepare), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.ignore_errors(log_warning=False)
+    ds = ds.ignore_errors(log_warning=False)  # `Batches` names them and raises BadImageError
     ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_options(deterministic=True))
+    return ds.with_options(_options(deterministic=True)), part.names
 
 
 def eval_iterator(config, *, batch_size: int, process_index: int = 0,
                   process_count: int = 1) -> Batches:
     """One pass over this process's slice of the eval split: {"image", "label", "mask"} with the
-    last batch padded (mask False); every process yields the same number of batches."""
+    last batch padded (mask False); every process yields the same number of batches. Then, where
+    images of the slice did not decode, raises `BadImageError` naming them."""
     source, s = _open(config)
     split = source.split(train=False)
     sizes = source.slice_sizes(split, process_count)
     num_batches = -(-max(sizes) // batch_size) if sizes else 0
-    ds = eval_dataset(config, batch_size=batch_size, process_index=process_index,
-                      process_count=process_count)
-    return Batches(ds, start=0, end=sizes[process_index], batch_size=batch_size,
-                   num_batches=num_batches, what=f"eval data {_get(config, 'name')}",
+    ds, names = _eval_pipeline(config, batch_size, process_index, process_count)
+    return Batches(ds, names, start=0, end=sizes[process_index], batch_size=batch_size,
+                   num_batches=num_batches,
+                   what=f"eval data {_get(config, 'name')} (data.eval_split={split!r})",
                    image_shape=preprocess.output_shape(s, train=False),
                    dtype=s.tf_dtype.as_numpy_dtype)
 
@@ -778,12 +958,13 @@ def multi_scale_iterator(config, *, batch_sizes, process_index: int = 0,
     if s.eval_preprocess != "multi_scale":
         raise ValueError(f"multi_scale_iterator needs data.eval_preprocess='multi_scale'; got "
                          f"{s.eval_preprocess!r}")
-    kind, n, ds = _eval_records(source, process_index, process_count)
-    fn = preprocess.multi_scale_fn(s, kind, pixel_mean(config))
+    part, ds = _eval_records(source, process_index, process_count)
+    fn = preprocess.multi_scale_fn(s, part.kind, pixel_mean(config))
 
     def prepare(position, record, label):
         aspect, views = fn(record)
-        return {"aspect": aspect, "views": views, "label": tf.cast(label, tf.int32)}
+        return {"aspect": aspect, "views": views, "label": tf.cast(label, tf.int32),
+                "position": position}
 
     ds = ds.map(_plain(prepare), num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=False)
     sizes = tf.constant(batch_sizes, tf.int64)
@@ -792,10 +973,10 @@ def multi_scale_iterator(config, *, batch_sizes, process_index: int = 0,
         reduce_func=lambda key, window: window.batch(tf.gather(sizes, key)),
         window_size_func=lambda key: tf.gather(sizes, key))
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic=True))
-    seen = 0
+    seen = np.zeros(part.n, bool)
     for batch in ds.as_numpy_iterator():
         real = len(batch["label"])
-        seen += real
+        seen[batch["position"]] = True
         batch_size = batch_sizes[int(batch["aspect"][0]) + preprocess.MAX_ASPECT_STEP]
         pad = batch_size - real
         yield {"aspect": int(batch["aspect"][0]),
@@ -803,6 +984,7 @@ def multi_scale_iterator(config, *, batch_sizes, process_index: int = 0,
                               for v in batch["views"]),
                "label": np.concatenate([batch["label"], np.zeros((pad,), np.int32)]),
                "mask": np.arange(batch_size) < real}
-    if seen < n:
-        logging.warning("eval data %s: skipped %d images that did not decode", _get(config, "name"),
-                        n - seen)
+    what = f"eval data {_get(config, 'name')} (data.eval_split={source.split(train=False)!r})"
+    bad = _BadImages(what, part.names)
+    bad.skip(np.flatnonzero(~seen).tolist())
+    bad.check_pass()

@@ -424,6 +424,29 @@ def test_streamed_corrupt_image_is_skipped_and_counted(corrupt_tfds):
     assert sorted(shades[:23]) == sorted(set(range(24)) - {7}) and it.num_skipped == 1
 
 
+def _key_of_7(six_files):
+    """TFDS's key (FILE__INDEX) of example 7 in six_files' train files."""
+    for f, shades in enumerate(_file_shades(six_files)):
+        if 7 in shades:
+            return f"tiny_jpeg_images-train.tfrecord-{f:05d}-of-00006__{shades.index(7)}"
+
+
+@pytest.mark.parametrize("in_memory_bytes", [0, 2**30])
+def test_a_corrupt_tfds_record_is_named_by_its_key(six_files, corrupt_tfds, caplog,
+                                                   in_memory_bytes):
+    key = _key_of_7(six_files)
+    config = _streamed(corrupt_tfds, shuffle_buffer=8, eval_split="train",
+                       eval_preprocess="none")
+    config.in_memory_bytes = in_memory_bytes  # 0: streamed; else held as an index
+    it = data.train_iterator(config, batch_size=2, seed=5, start_step=7)  # from inside epoch 0
+    with caplog.at_level(logging.WARNING):
+        _take(it, 12)  # to the middle of epoch 1: past the record in each epoch
+    named = [r.getMessage() for r in caplog.records if key in r.getMessage()]
+    assert it.num_skipped == 2 and len(named) == 1, [r.getMessage() for r in caplog.records]
+    with pytest.raises(data.BadImageError, match=f"1 image .*: {key};"):
+        list(data.eval_iterator(config, batch_size=5))
+
+
 def test_cut_keeps_files_whole_where_they_fit():
     pieces = [("a", 2, 3), ("b", 0, 4), ("c", 0, 9), ("d", 0, 1)]
     assert data._cut(pieces, 4) == [[("a", 2, 3)], [("b", 0, 4)], [("c", 0, 4)], [("c", 4, 4)],
@@ -548,16 +571,18 @@ def corrupt(ident, tmp_path):
     return root
 
 
-def test_corrupt_image_is_skipped_and_counted(corrupt, caplog):
+def test_corrupt_image_is_named_and_skipped_in_training_an_error_in_eval(corrupt, caplog):
     config = _config(name=f"imagefolder:{corrupt}", image_size=4, train_preprocess="none",
                      eval_preprocess="none", eval_split="train")
     it = data.eval_iterator(config, batch_size=16)
-    with caplog.at_level(logging.WARNING):
-        batches = list(it)
+    batches = []
+    with caplog.at_level(logging.WARNING), pytest.raises(data.BadImageError, match="7.png"):
+        for batch in it:  # every batch, then the error
+            batches.append(batch)
     ids = np.concatenate([_ids(b, b["mask"]) for b in batches])
     assert len(batches) == 3 and sorted(ids) == sorted(set(range(40)) - {7})
     assert it.num_skipped == 1
-    assert any("skipped 1 images" in r.getMessage() for r in caplog.records)
+    assert any("7.png" in r.getMessage() for r in caplog.records)
     train = data.train_iterator(config, batch_size=13, seed=0)
     ids = np.concatenate([_ids(b) for b in _take(train, 3)])  # 39 of the first epoch
     assert sorted(ids) == sorted(set(range(40)) - {7}) and train.num_skipped == 1

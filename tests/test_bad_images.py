@@ -1,0 +1,162 @@
+"""Image folders with files that do not decode, and with classes that have no training images.
+
+Each image that does not decode is named in the log (once); an eval image that does not decode
+stops the evaluation naming it (`data.BadImageError`), so that no eval counts fewer examples than
+its split holds; a class with no training images is refused by `data.info`, and so by the command
+(exit 2, nothing written).
+"""
+
+import logging
+import os
+import subprocess
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax import data
+from runs import REPO, environment, main_command
+
+
+def _config(root, **fields):
+    fields = {"name": f"imagefolder:{root}", "image_size": 8, "train_preprocess": "none",
+              "eval_preprocess": "none", "mean": (0.0,) * 3, "std": (1.0,) * 3, **fields}
+    return ml_collections.ConfigDict(fields)
+
+
+def _folder(root, layout):
+    """root/SPLIT/CLASS/i.jpg: `layout` maps each split to {class: number of 8x8 JPEGs}."""
+    rng = np.random.default_rng(0)
+    for split, classes in layout.items():
+        for name, count in classes.items():
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg", "JPEG")
+    return root
+
+
+def _too_large_jpeg() -> bytes:
+    """A JPEG whose header says 16000 x 16000: TensorFlow refuses to decode it ("Image too
+    large"), as it refuses a real one, without the test making 768 MB of pixels."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 99, np.uint8)).save(buffer, "JPEG")
+    jpeg = bytearray(buffer.getvalue())
+    frame = jpeg.find(b"\xff\xc0") + 5  # baseline frame header: precision, then height, width
+    jpeg[frame:frame + 4] = (16000).to_bytes(2, "big") * 2
+    return bytes(jpeg)
+
+
+def _add_bad_files(directory):
+    """A file of zero bytes, a text file named .jpg and a JPEG too large to decode; their paths."""
+    bad = {"empty.jpg": b"", "notes.jpg": b"not an image, just text\n",
+           "huge.jpg": _too_large_jpeg()}
+    for name, content in bad.items():
+        (directory / name).write_bytes(content)
+    return sorted(str(directory / name) for name in bad)
+
+
+def _messages(caplog):
+    return [record.getMessage() for record in caplog.records]
+
+
+# ---- images that do not decode ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preprocessing", ["none", "inception"])
+def test_each_train_image_that_does_not_decode_is_named_once(tmp_path, caplog, preprocessing):
+    root = _folder(tmp_path, {"train": {"ant": 3, "bee": 3}, "test": {"ant": 1, "bee": 1}})
+    bad = _add_bad_files(root / "train" / "bee")
+    it = data.train_iterator(_config(root, train_preprocess=preprocessing), batch_size=3, seed=0)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):  # 15 of the 6 good images an epoch: two epochs and more
+            next(it)
+    assert it.num_skipped >= 6  # each bad file, in each of two epochs
+    for path in bad:
+        assert sum(path in message for message in _messages(caplog)) == 1, (path, _messages(caplog))
+    good = str(root / "train" / "bee" / "0.jpg")
+    assert not any(good in message for message in _messages(caplog))
+
+
+@pytest.mark.parametrize("preprocessing", ["none", "center"])
+def test_an_eval_image_that_does_not_decode_stops_the_eval_naming_it(tmp_path, preprocessing):
+    root = _folder(tmp_path, {"train": {"ant": 2, "bee": 2}, "test": {"ant": 5, "bee": 4}})
+    bad = _add_bad_files(root / "test" / "ant")
+    it = data.eval_iterator(_config(root, eval_preprocess=preprocessing), batch_size=4)
+    batches = []
+    with pytest.raises(ValueError) as raised:
+        for batch in it:
+            batches.append(batch)
+    assert isinstance(raised.value, data.BadImageError)
+    message = str(raised.value)
+    assert "\n" not in message and all(path in message for path in bad), message
+    # Every batch came before the error, as many as the whole split makes: multi-host eval steps
+    # stay in lockstep up to it.
+    assert len(batches) == -(-12 // 4) and sum(int(b["mask"].sum()) for b in batches) == 9
+
+
+def test_a_multi_scale_eval_image_that_does_not_decode_stops_it_naming_it(tmp_path):
+    root = _folder(tmp_path, {"train": {"ant": 2, "bee": 2}, "test": {"ant": 3, "bee": 3}})
+    bad = _add_bad_files(root / "test" / "bee")
+    config = _config(root, eval_preprocess="multi_scale", eval_scales=(8,))
+    with pytest.raises(data.BadImageError) as raised:
+        list(data.multi_scale_iterator(config, batch_sizes=(4,) * 25))
+    assert all(path in str(raised.value) for path in bad)
+
+
+# ---- classes without training images ------------------------------------------------------------
+
+
+def test_an_empty_class_directory_is_refused_naming_it(tmp_path):
+    root = _folder(tmp_path, {"train": {"ant": 2, "bee": 2, "cat": 0}, "test": {"ant": 1, "bee": 1}})
+    with pytest.raises(ValueError, match=r"'cat'.*'train'") as raised:
+        data.info(_config(root, eval_split="test"))
+    assert "\n" not in str(raised.value) and "'ant'" not in str(raised.value)
+
+
+def test_a_class_only_in_the_eval_split_is_refused_naming_it(tmp_path):
+    root = _folder(tmp_path, {"train": {"ant": 2, "bee": 2},
+                              "val": {"ant": 1, "bee": 1, "cat": 1, "dog": 1}})
+    with pytest.raises(ValueError, match=r"'cat', 'dog'.*'train'.*val"):
+        data.info(_config(root, eval_split="val"))
+
+
+def test_a_class_outside_the_train_part_of_a_split_is_refused(tmp_path):
+    """One split cut in two by a slice: a class whose only image falls in the eval part."""
+    root = _folder(tmp_path, {"train": {"ant": 4, "bee": 4, "cat": 1}})
+    rows = [os.path.basename(os.path.dirname(e.image_path))
+            for e in data.tfds.ImageFolder(str(root))._split_examples["train"]]
+    cat = rows.index("cat")  # ImageFolder shuffles each split's files with a fixed seed
+    config = _config(root, train_split=f"train[{cat + 1}:]", eval_split=f"train[:{cat + 1}]")
+    with pytest.raises(ValueError, match=rf"'cat'.*'train\[{cat + 1}:\]'"):
+        data.info(config)
+    config.train_split, config.eval_split = f"train[{cat}:]+train[:{cat}]", f"train[:{cat}]"
+    assert data.info(config).num_classes == 3
+
+
+def test_digits_with_too_few_training_rows_are_refused():
+    config = ml_collections.ConfigDict(dict(name="digits", image_size=8, train_split="train[:5]"))
+    with pytest.raises(ValueError, match=r"'5', .* no images in data.train_split='train\[:5\]'"):
+        data.info(config)
+
+
+def test_folders_whose_classes_all_have_training_images_pass(tmp_path):
+    root = _folder(tmp_path, {"train": {"ant": 2, "bee": 1}, "test": {"ant": 1}})
+    assert data.info(_config(root, eval_split="test")) == data.DataInfo(2, 3, 1, (8, 8, 3))
+
+
+def test_the_command_refuses_an_empty_class_and_writes_nothing(tmp_path):
+    root = _folder(tmp_path / "images", {"train": {"ant": 4, "bee": 4, "cat": 0},
+                                         "test": {"ant": 2, "bee": 2}})
+    workdir = tmp_path / "run"
+    command = main_command(workdir, **{"data.name": f"imagefolder:{root}", "data.num_classes": 3,
+                                       "train.batch_size": 4, "eval.batch_size": 4})
+    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True,
+                            timeout=300)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert last.startswith("resnet_jax: error: ") and "'cat'" in last and "'train'" in last, last
+    assert not workdir.exists() or not any(workdir.iterdir())
