@@ -4,9 +4,10 @@ Two runs on one workdir (a relaunch while the old job still runs, a copied comma
 write its checkpoints and metrics.jsonl. The lock is created atomically (`workdir.create_new`:
 O_EXCL on a local disk, a create-only put in a bucket) and names its holder's host, pid and
 start time. A thread refreshes its time every `REFRESH_SECONDS` (file writes only, no JAX
-operation). A second run refuses in one line naming the holder. A lock whose holder is gone is
-taken over, said in the log: one not refreshed for `STALE_SECONDS`, or one of this host whose
-process no longer exists.
+operation). A second run refuses in one line naming the holder. A lock is taken over, said in
+the log, only on evidence that its holder is gone: not refreshed for `STALE_SECONDS` (an
+unreadable lock: its file not written for as long), or of this host and its process no longer
+exists. An unreadable lock written recently may have a live holder: refused.
 """
 
 import contextlib
@@ -32,7 +33,7 @@ STALE_SECONDS = 600.0
 
 
 class WorkdirLocked(validate.SetupError):
-    """Another run holds the workdir; nothing has been written."""
+    """Another run may hold the workdir, or its lock cannot be created; nothing has been written."""
 
 
 def _alive(pid: int) -> bool:
@@ -45,39 +46,84 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# What a lock holds: anything else is unreadable (cut short by a full disk, overwritten).
+_FIELDS = {"host": str, "pid": int, "started": (int, float), "refreshed": (int, float), "token": str}
+
+
 def _holder(path: epath.Path) -> dict | None:
+    """The lock's holder, or None where the lock is gone or unreadable."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):  # gone meanwhile, or cut short by a full disk
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
+    ok = isinstance(holder, dict) and all(isinstance(holder.get(k), t) for k, t in _FIELDS.items())
+    return holder if ok else None
 
 
-def _gone(holder: dict | None, stale_seconds: float) -> str:
-    """Why the holder is gone, or "" if it may still run."""
+def _judge(path: epath.Path, holder: dict | None, stale_seconds: float) -> tuple[str, str]:
+    """(why the holder is gone, "") where the lock may be taken over, ("", why not) where its
+    holder may run, ("", "") where it was removed meanwhile.
+    Taken over only on evidence: no refresh for `stale_seconds`, or a dead process of this host."""
     if holder is None:
-        return "the lock is unreadable"
-    age = time.time() - float(holder.get("refreshed", 0))
+        return _judge_unreadable(path, stale_seconds)
+    age = time.time() - holder["refreshed"]
     if age > stale_seconds:
-        return f"it was not refreshed for {age:.0f} s"
-    if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))):
-        return f"its process {holder.get('pid')} no longer exists"
-    return ""
+        return f"it was not refreshed for {age:.0f} s", ""
+    if holder["host"] == socket.gethostname() and not _alive(holder["pid"]):
+        return f"its process {holder['pid']} no longer exists", ""
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder["started"]))
+    return "", (f"another run holds the workdir: host {holder['host']}, pid {holder['pid']}, "
+                f"started {started} ({path}); stop it or use another --workdir")
+
+
+def _judge_unreadable(path: epath.Path, stale_seconds: float) -> tuple[str, str]:
+    """`_judge` for a lock whose holder cannot be read, by the file's modification time: a live
+    holder rewrites it every refresh. (epath gives whole seconds: os.stat locally, the object's
+    update time in a bucket; 0 where a store keeps none.)"""
+    try:
+        modified = path.stat().mtime
+    except FileNotFoundError:  # removed meanwhile: nothing to take over, created again
+        return "", ""
+    except OSError:
+        modified = 0
+    remove = "remove it if sure that no run holds the workdir"
+    if not modified:
+        return "", f"the lock {path} is unreadable and its age unknown: {remove}"
+    age = time.time() - modified
+    if age > stale_seconds:
+        return f"it is unreadable and was not written for {age:.0f} s", ""
+    return "", (f"the lock {path} is unreadable but was written {age:.0f} s ago, so a run may hold "
+                f"it: wait {stale_seconds:.0f} s (it is then taken over), or {remove}")
+
+
+def _create(path: epath.Path, text: str) -> bool:
+    """`workdirs.create_new`; where it fails (a full disk), what it wrote of `text` is removed,
+    lest it keep the next run out: no other run writes this run's text."""
+    try:
+        return workdirs.create_new(path, text)
+    except OSError:
+        with contextlib.suppress(OSError):
+            if text.startswith(path.read_text()):
+                path.unlink()
+        raise
 
 
 def _take(path: epath.Path, mine: dict, stale_seconds: float) -> str:
     """Takes the lock; returns "" once held, else the one-line reason it is not."""
-    for _ in range(3):  # another run may take over a gone holder's lock at the same moment
-        if workdirs.create_new(path, json.dumps(mine)):
-            return ""
-        holder = _holder(path)
-        reason = _gone(holder, stale_seconds)
-        if not reason:
-            started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder["started"]))
-            return (f"another run holds the workdir: host {holder['host']}, pid {holder['pid']}, "
-                    f"started {started} ({path}); stop it or use another --workdir")
-        logging.warning("Taking over %s from host %s, pid %s: %s.", path,
-                        (holder or {}).get("host"), (holder or {}).get("pid"), reason)
-        path.unlink(missing_ok=True)
+    try:
+        for _ in range(3):  # another run may take over a gone holder's lock at the same moment
+            if _create(path, json.dumps(mine)):
+                return ""
+            holder = _holder(path)
+            gone, refusal = _judge(path, holder, stale_seconds)
+            if refusal:
+                return refusal
+            if gone:
+                logging.warning("Taking over %s%s: %s.", path, f" from host {holder['host']}, pid "
+                                f"{holder['pid']}" if holder else "", gone)
+                path.unlink(missing_ok=True)
+    except OSError as error:  # a full disk, no permission
+        return f"could not create the lock {path}: {validate.one_line(error)}"
     return f"could not take {path}: other runs keep taking it"
 
 

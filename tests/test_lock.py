@@ -1,5 +1,6 @@
 """One run per workdir: the lock refuses a second run, and is taken over from one that is gone."""
 
+import errno
 import json
 import os
 import socket
@@ -10,7 +11,7 @@ import time
 import pytest
 from etils import epath
 
-from resnet_jax import lock
+from resnet_jax import lock, validate
 from runs import REPO, main_command
 
 
@@ -63,3 +64,44 @@ def test_the_main_job_refuses_a_held_workdir_in_one_line(tmp_path):
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
     assert f"pid {os.getpid()}" in errors[0], errors
     assert sorted(p.name for p in tmp_path.iterdir()) == [lock.NAME]  # nothing written
+
+
+def _garble(workdir, text, age):
+    """A lock that is no holder's JSON (cut short, overwritten), last written `age` s ago."""
+    path = workdir / lock.NAME
+    path.write_text(text)
+    os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+@pytest.mark.parametrize("text", ['{"host": "elsewhere", "pid": 1', "", "{}", '["not", "a", "holder"]'])
+def test_an_unreadable_lock_written_recently_is_refused_as_maybe_held(tmp_path, text):
+    # Its holder may be alive and refreshing it: nothing but its age tells.
+    path = _garble(tmp_path, text, age=30)
+    with pytest.raises(lock.WorkdirLocked, match=rf"^the lock {path} is unreadable but was written "
+                       rf"\d+ s ago.*wait {lock.STALE_SECONDS:.0f} s.*or remove it"):
+        with lock.held(epath.Path(tmp_path)):
+            pass
+    assert path.read_text() == text  # left as it was
+
+
+@pytest.mark.parametrize("text", ['{"host": "elsewhere", "pid": 1', "{}"])
+def test_an_unreadable_lock_not_written_for_long_is_taken_over(tmp_path, caplog, text):
+    _garble(tmp_path, text, age=lock.STALE_SECONDS + 60)
+    with lock.held(epath.Path(tmp_path)):
+        assert json.loads((tmp_path / lock.NAME).read_text())["pid"] == os.getpid()
+    assert "Taking over" in caplog.text and "unreadable and was not written for" in caplog.text
+    assert not (tmp_path / lock.NAME).exists()
+
+
+def test_a_lock_that_cannot_be_created_is_one_line_naming_it(tmp_path, monkeypatch):
+    def full_disk(path, text):  # as a full disk does: the file created, its text cut short
+        path.write_text(text[:7])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lock.workdirs, "create_new", full_disk)
+    path = tmp_path / lock.NAME
+    with pytest.raises(validate.SetupError, match=rf"^could not create the lock {path}: .*No space left"):
+        with lock.held(epath.Path(tmp_path)):
+            pass
+    assert not path.exists()  # what the failed write left would keep the next run out
