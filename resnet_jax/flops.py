@@ -84,15 +84,27 @@ def train_flops_per_image(macs: int) -> int:
     return 6 * macs
 
 
-# Dense bfloat16 peak FLOP/s of one device, by the start of `jax.Device.device_kind`, from the
-# vendors' data sheets: the denominator of model FLOP utilisation (MFU). Longest prefix first.
-PEAK_FLOPS = {
-    "TPU v6 lite": 918e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v4": 275e12, "TPU v3": 123e12,
-    "NVIDIA H200": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
+# Dense bfloat16 peak FLOP/s of one JAX device, by the start of `jax.Device.device_kind`: the
+# denominator of model FLOP utilisation (MFU), which multiplies it by `jax.device_count()`.
+# Data sheets give it per chip. A JAX device is one TensorCore on TPU v2 and v3 (two per chip:
+# half the chip's peak), one chip on v4 and v5p (their two TensorCores run as one "megacore"
+# device; v5p's kind reads "TPU v5") and on v5e and v6e (one TensorCore per chip). Per chip:
+# v2 180 TFLOPS per four-chip board (Google's Cloud TPU v2 announcement); "peak compute per
+# chip (bf16)" of Cloud TPU's pages: v3 123, v4 275, v5e 197, v5p 459, v6e 918 TFLOPS. GPUs:
+# NVIDIA's bf16 Tensor Core figures without sparsity: H100 and H200 SXM 989.4 (Hopper
+# whitepaper), H100 PCIe 756, A100 312 TFLOPS. None: NVL cards, whose peak differs from the
+# SXM one their shorter prefix would give; unknown (no MFU) rather than wrong.
+PEAK_FLOPS: dict[str, float | None] = {
+    "TPU v2": 180e12 / 4 / 2, "TPU v3": 123e12 / 2,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
+    "NVIDIA H200 NVL": None, "NVIDIA H200": 989.4e12,
+    "NVIDIA H100 NVL": None, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100": 989.4e12,
+    "NVIDIA A100": 312e12,
 }
 
 
 def peak_flops(device_kind: str) -> float | None:
-    """The dense bfloat16 peak of a device of this kind, or None where not known (CPUs)."""
-    return next((peak for prefix, peak in PEAK_FLOPS.items() if device_kind.startswith(prefix)), None)
+    """The dense bfloat16 peak FLOP/s of one device of this kind (the longest prefix of
+    `PEAK_FLOPS` it starts with), or None where not known (CPUs, kinds not listed)."""
+    prefixes = [prefix for prefix in PEAK_FLOPS if device_kind.startswith(prefix)]
+    return PEAK_FLOPS[max(prefixes, key=len)] if prefixes else None

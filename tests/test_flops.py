@@ -108,3 +108,30 @@ def test_macs_agree_with_xla_cost_analysis_of_the_network(name):
     image = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
     ratio = xla_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, image) / (2 * flops.count_macs(model))
     assert 0.92 < ratio < 1.0
+
+
+@pytest.mark.parametrize("device_kind, per_device", [
+    ("TPU v2", 22.5e12), ("TPU v3", 61.5e12),  # a device is one of the chip's two TensorCores
+    ("TPU v4", 275e12), ("TPU v5", 459e12), ("TPU v5p", 459e12),  # megacore: a device is a chip
+    ("TPU v5 lite", 197e12), ("TPU v6 lite", 918e12),  # one TensorCore per chip
+    ("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989.4e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA H100 NVL", None), ("NVIDIA H200 NVL", None), ("cpu", None), ("TPU v7x", None)])
+def test_peak_flops_is_per_device(device_kind, per_device):
+    assert flops.peak_flops(device_kind) == per_device
+
+
+@pytest.mark.parametrize("devices, chips, kind", [(8, 4, "TPU v3"), (32, 16, "TPU v2"), (16, 16, "TPU v4"),
+                                                  (4, 4, "TPU v5")])
+def test_a_slices_peak_is_its_chips_peak(devices, chips, kind):
+    """MFU divides by the per-device peak times jax.device_count(): a v3-8 (4 chips, 8 devices)
+    peaks at 4 x 123 TFLOPS, a v4-32 (16 chips, 16 devices) at 16 x 275 (Cloud TPU's pages)."""
+    per_chip = {"TPU v2": 45e12, "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5": 459e12}[kind]
+    assert devices * flops.peak_flops(kind) == pytest.approx(chips * per_chip)
+
+
+def test_every_listed_kind_reads_its_own_peak():
+    # The longest prefix wins whatever the table's order: "TPU v5 lite" is not a v5p.
+    for kind, peak in flops.PEAK_FLOPS.items():
+        assert flops.peak_flops(kind) == peak
+        assert flops.peak_flops(kind + " (any suffix)") == peak
