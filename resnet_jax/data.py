@@ -524,32 +524,40 @@ def info(config) -> DataInfo:
 
 
 def _check_classes(source: _Source, split: str) -> None:
-    """Every class has images in the train split `split`: a class the model never sees it can
-    never predict, and its eval images would lower the accuracy unnoticed. Checked where the
-    labels are held (image folders, digits); a TFDS data set's classes are its builder's."""
+    """`check_classes` where the labels are held (image folders, digits); a TFDS data set's
+    classes are its builder's, and counting them would read the split (ImageNet's: minutes)."""
     table = source.table
-    if table is None or table.labels is None:
-        return
-    present = np.zeros(table.num_classes, bool)
-    for name, start, end in _rows(split, table.splits):
-        present[table.labels[name][start:end]] = True
+    if table is not None and table.labels is not None:
+        check_classes(source.name, table.class_names, table.labels, _rows(split, table.splits),
+                      split)
+
+
+def check_classes(name: str, class_names, labels: dict[str, np.ndarray],
+                  rows: list[tuple[str, int, int]], split: str) -> None:
+    """Raises ValueError (one line) unless every class has images in the train split `split`,
+    rows `rows` ((split name, start, end), as `_rows` gives) of the splits' `labels`: a class
+    the model never sees it can never predict, and its eval images would lower the accuracy
+    unnoticed. The line names the classes and where their images are."""
+    present = np.zeros(len(class_names), bool)
+    for part, start, end in rows:
+        present[labels[part][start:end]] = True
     missing = np.flatnonzero(~present).tolist()
     if not missing:
         return
-    names = [table.class_names[c] for c in missing]
+    names = [class_names[c] for c in missing]
     shown = ", ".join(map(repr, names[:10])) + (f" and {len(names) - 10} more" if len(names) > 10
                                                  else "")
-    where = "; ".join(f"{names[k]!r} has {_images_by_split(table, c)}"
+    where = "; ".join(f"{names[k]!r} has {_images_by_split(labels, c)}"
                       for k, c in enumerate(missing[:3]))
     one = len(missing) == 1
-    raise ValueError(f"data.name={source.name!r}: {'class' if one else 'classes'} {shown} "
+    raise ValueError(f"data.name={name!r}: {'class' if one else 'classes'} {shown} "
                      f"{'has' if one else 'have'} no images in data.train_split={split!r} "
                      f"({where}); every class needs training images")
 
 
-def _images_by_split(table: _Table, label: int) -> str:
-    counts = {name: int((labels == label).sum()) for name, labels in table.labels.items()}
-    found = [f"{count} in split {name!r}" for name, count in sorted(counts.items()) if count]
+def _images_by_split(labels: dict[str, np.ndarray], label: int) -> str:
+    counts = {part: int((values == label).sum()) for part, values in sorted(labels.items())}
+    found = [f"{count} in split {part!r}" for part, count in counts.items() if count]
     return ", ".join(found) if found else "none in any split"
 
 
@@ -688,7 +696,8 @@ class Batches(Iterator):
     def _skip_to(self, end: int, present=()):
         """The positions from the next expected one to `end` that are not `present` were
         dropped: they did not decode."""
-        self._bad.skip(np.setdiff1d(np.arange(self._next, end), present).tolist())
+        if end - self._next > len(present):  # else none was: the common case, at no cost
+            self._bad.skip(np.setdiff1d(np.arange(self._next, end), present).tolist())
         self._next = max(self._next, end)
 
     def __next__(self) -> dict[str, np.ndarray]:

@@ -111,7 +111,8 @@ def test_a_multi_scale_eval_image_that_does_not_decode_stops_it_naming_it(tmp_pa
 
 
 def test_an_empty_class_directory_is_refused_naming_it(tmp_path):
-    root = _folder(tmp_path, {"train": {"ant": 2, "bee": 2, "cat": 0}, "test": {"ant": 1, "bee": 1}})
+    root = _folder(tmp_path, {"train": {"ant": 2, "bee": 2, "cat": 0},
+                              "test": {"ant": 1, "bee": 1}})
     with pytest.raises(ValueError, match=r"'cat'.*'train'") as raised:
         data.info(_config(root, eval_split="test"))
     assert "\n" not in str(raised.value) and "'ant'" not in str(raised.value)
