@@ -636,11 +636,11 @@ class _BadImages:
 
     SHOWN = 5  # names in an error's one line; the log has them all
 
-    def __init__(self, what: str, names: Callable[[list[int]], list[str]]):
-        self._what, self._names = what, names
+    def __init__(self, what: str, names: Callable[[list[int]], list[str]], evaluating: bool):
+        self._what, self._names, self._evaluating = what, names, evaluating
         self.count = 0  # skips, a file met in each of two epochs counting twice
         self._named: set[str] = set()
-        self._in_pass: list[str] = []
+        self._in_pass: list[str] = []  # eval: the names for `check_pass`
 
     def skip(self, positions: list[int]) -> None:
         """The records at these stream positions did not decode."""
@@ -648,13 +648,15 @@ class _BadImages:
             return
         self.count += len(positions)
         names = self._names(positions)
-        self._in_pass.extend(names)
+        if self._evaluating:
+            self._in_pass.extend(names)
         new = [name for name in dict.fromkeys(names) if name not in self._named]
         self._named.update(new)
         if new:
-            logging.warning("%s: %d image%s that do%s not decode, skipped (%d skips so far): %s",
+            then = "the eval stops after this pass" if self._evaluating else "skipped"
+            logging.warning("%s: %d image%s that do%s not decode, %s (%d so far): %s",
                             self._what, len(new), "s" * (len(new) > 1), "es" * (len(new) == 1),
-                            self.count, ", ".join(new))
+                            then, self.count, ", ".join(new))
 
     def check_pass(self) -> None:
         """Eval: an image that did not decode is an error (each example counts once)."""
@@ -683,7 +685,7 @@ class Batches(Iterator):
         self._end = end  # eval: one past the last position
         self._batch_size = batch_size
         self._left = num_batches
-        self._bad = _BadImages(what, names)
+        self._bad = _BadImages(what, names, evaluating=num_batches is not None)
 
     @property
     def num_skipped(self) -> int:
@@ -994,6 +996,6 @@ def multi_scale_iterator(config, *, batch_sizes, process_index: int = 0,
                "label": np.concatenate([batch["label"], np.zeros((pad,), np.int32)]),
                "mask": np.arange(batch_size) < real}
     what = f"eval data {_get(config, 'name')} (data.eval_split={source.split(train=False)!r})"
-    bad = _BadImages(what, part.names)
+    bad = _BadImages(what, part.names, evaluating=True)
     bad.skip(np.flatnonzero(~seen).tolist())
     bad.check_pass()
