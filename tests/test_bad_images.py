@@ -144,11 +144,6 @@ def test_digits_with_too_few_training_rows_are_refused():
         data.info(config)
 
 
-def test_folders_whose_classes_all_have_training_images_pass(tmp_path):
-    root = _folder(tmp_path, {"train": {"ant": 2, "bee": 1}, "test": {"ant": 1}})
-    assert data.info(_config(root, eval_split="test")) == data.DataInfo(2, 3, 1, (8, 8, 3))
-
-
 def test_the_command_refuses_an_empty_class_and_writes_nothing(tmp_path):
     root = _folder(tmp_path / "images", {"train": {"ant": 4, "bee": 4, "cat": 0},
                                          "test": {"ant": 2, "bee": 2}})
