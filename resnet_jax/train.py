@@ -689,7 +689,11 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
             settled = for_evaluation(state, mesh, group) if evaluating or saving else None
             if evaluating:
                 with window.paused():  # the speed counts training time only
-                    scalars.update(evaluate(eval_fn, settled, config, mesh))
+                    try:
+                        scalars.update(evaluate(eval_fn, settled, config, mesh))
+                    except data.BadImageError as error:  # no eval leaves an example out
+                        raise TrainingError(f"step {step}: {error}; stopped, "
+                                            f"{checkpoint.last_complete(manager)}") from error
             if scalars:
                 _write(writer, step, scalars, manager)
             if saving:
