@@ -23,8 +23,10 @@ Every point is checked against its config before anything runs: a field that doe
 the sweep with one line and exit status 2.
 
 Modes: local runs the main command of each run in turn (a run whose workdir holds a run resumes
-it, or finds it finished); tpu runs `python -m launch.tpu_pod` for each run in turn on one pod
-slice, installing the project with the first; slurm submits launch/slurm.sbatch once per run.
+it, or finds it finished); tpu runs `python -m launch.tpu_pod --wait` for each run in turn on one
+pod slice, installing the project with the first (each run goes on on the workers if the
+connection drops, and the next one then refuses to start beside it); slurm submits
+launch/slurm.sbatch once per run.
 --dry-run prints one line per run, name, workdir and command separated by tabs, and runs nothing.
 """
 
@@ -193,12 +195,13 @@ def commands(runs: list[Run], args: argparse.Namespace) -> list[list[str]]:
     if args.mode == "tpu":
         pod = [f"--tpu={args.tpu}", f"--zone={args.zone}"]
         pod += [f"--{name}={getattr(args, name)}" for name in ("project", "repo", "ref") if getattr(args, name)]
-        # One pod slice, runs in turn: the first run installs the project, the others reuse it.
-        return [[sys.executable, "-m", "launch.tpu_pod", *pod, *([] if index == 0 else ["--no-install"]),
+        # One pod slice, runs in turn: the first run installs the project, the others reuse it;
+        # each launch waits for its run to end before the next starts.
+        return [[sys.executable, "-m", "launch.tpu_pod", *pod, "--wait", *([] if index == 0 else ["--no-install"]),
                  *run.main_flags()] for index, run in enumerate(runs)]
     sbatch = shlex.split(args.sbatch_args or "")
     sbatch += [f"--nodes={args.nodes}"] if args.nodes else []
-    sbatch += [f"--ntasks-per-node={args.gpus_per_node}"] if args.gpus_per_node else []
+    sbatch += [f"--gpus-per-node={args.gpus_per_node}"] if args.gpus_per_node else []
     return [["sbatch", f"--job-name={run.name}", *sbatch, SLURM_SCRIPT, *run.main_flags()] for run in runs]
 
 
@@ -217,7 +220,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     tpu.add_argument("--ref", help="commit or branch of --repo")
     slurm = parser.add_argument_group("slurm mode (see launch/slurm.sbatch)")
     slurm.add_argument("--nodes", type=int)
-    slurm.add_argument("--gpus_per_node", type=int, help="one process per GPU: sbatch --ntasks-per-node")
+    slurm.add_argument("--gpus_per_node", type=int, help="sbatch --gpus-per-node (one process per node uses them all)")
     slurm.add_argument("--sbatch_args", help='more sbatch options, e.g. "--partition=gpu --time=24:00:00"')
     config_flags = [a for a in argv if a.startswith("--config.")]
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])

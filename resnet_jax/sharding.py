@@ -11,6 +11,8 @@ stitches the slices together, on the main thread, as every JAX operation of the 
 import collections
 import concurrent.futures
 import hashlib
+import importlib.util
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -22,29 +24,50 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 REPLICA_AXIS = "replica"
 
-# JAX's cluster detectors by class name, as the log names them.
-_CLUSTERS = {"GceTpuCluster": "Cloud TPU VM", "GkeTpuCluster": "Cloud TPU on GKE",
-             "SlurmCluster": "SLURM", "OmpiCluster": "Open MPI", "K8sCluster": "Kubernetes"}
+# The launches `jax.distributed.initialize()` joins by itself, by the names JAX's own log gives
+# them (its cluster classes), and as our log describes them.
+_CLUSTERS = {"OmpiCluster": "Open MPI", "SlurmCluster": "SLURM", "GceTpuCluster": "Cloud TPU VM",
+             "GkeTpuCluster": "Cloud TPU on GKE", "K8sCluster": "Kubernetes"}
+# The environment variables each launcher sets that JAX reads: mpirun/mpiexec of Open MPI; an
+# srun step (the batch script itself, without srun, has no step).
+_OPEN_MPI = ("OMPI_MCA_orte_hnp_uri",)
+_SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_GKE_TPU = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")  # either; GKE sets them on TPU pods
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def detect_cluster() -> str | None:
-    """The launch JAX's own cluster detection finds in the environment (as
-    `jax.distributed.initialize()` with no arguments would use it), or None."""
-    from jax._src import clusters  # pylint: disable=import-outside-toplevel  (no public API)
-
-    for cluster in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
-        if not cluster.opt_in_only_method and cluster.is_env_present():
-            return cluster.__name__
-    return None
+    """The launch that `jax.distributed.initialize()` with no arguments would join, read from
+    the launchers' own environment variables through public means only (a JAX upgrade cannot
+    break it): "OmpiCluster", "SlurmCluster", "GkeTpuCluster", "K8sCluster" (only with the
+    `kubernetes` package, as JAX needs), "GceTpuCluster" where libtpu is installed and nothing
+    else is found (a Cloud TPU VM, or not: only its metadata server, which JAX asks, can
+    tell), or None: no launch, one process."""
+    env = os.environ
+    if all(name in env for name in _OPEN_MPI):
+        return "OmpiCluster"
+    if all(name in env for name in _SLURM):
+        return "SlurmCluster"
+    tpu = _installed("libtpu")  # JAX looks for TPU launches only where libtpu is installed
+    if tpu and any(name in env for name in _GKE_TPU):
+        return "GkeTpuCluster"
+    if "KUBERNETES_SERVICE_HOST" in env and _installed("kubernetes"):
+        return "K8sCluster"
+    return "GceTpuCluster" if tpu else None
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> str:
     """Starts jax.distributed where the launch has processes to join; returns what was found.
 
-    Explicit coordinator flags win; otherwise a Cloud TPU VM (any multi-worker slice; the worker
-    list comes from the metadata server), SLURM, Open MPI or Kubernetes launch as JAX detects it;
-    otherwise one process. Must run before anything touches a device.
+    Explicit coordinator flags win; otherwise the launch `detect_cluster` finds (a Cloud TPU VM
+    of any slice, whose workers JAX reads from the metadata server; SLURM; Open MPI; Cloud TPU
+    on GKE; Kubernetes) is joined by `jax.distributed.initialize()`, which reads the
+    coordinator, process count and index from it; otherwise one process. Must run before
+    anything touches a device.
     """
     if coordinator_address:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
@@ -52,8 +75,16 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     cluster = detect_cluster()
     if cluster is None:
         return "no cluster environment: one process"
-    jax.distributed.initialize()
-    return _CLUSTERS.get(cluster, cluster)
+    try:
+        jax.distributed.initialize()
+    except ValueError:
+        # Raised before anything starts when JAX finds no launch to join: with libtpu alone
+        # that means no Cloud TPU VM's metadata server answered (libtpu installed elsewhere).
+        # Any other launch was named by its own variables: its error says what is wrong.
+        if cluster != "GceTpuCluster":
+            raise
+        return "no cluster environment: one process"
+    return _CLUSTERS[cluster]
 
 
 def define_flags() -> None:
