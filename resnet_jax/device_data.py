@@ -216,6 +216,20 @@ class _Source:
             raise ValueError(f"split {spec!r} is not a split of {self.name!r} (splits: "
                              f"{', '.join(builder.info.splits)}): {e}") from None
 
+    def check_classes(self) -> None:
+        """`data.check_classes` for digits and image folders, from their labels (nothing
+        decoded); TFDS's class count is its builder's."""
+        if self.name == "digits":
+            splits = _digits(self.image_size)
+            names, labels = [str(c) for c in range(10)], {k: v[1] for k, v in splits.items()}
+        elif self.name.startswith("imagefolder:"):
+            names, files = _folder_files(self._root)
+            labels = {k: np.array([label for _, label in v], np.int64) for k, v in files.items()}
+        else:
+            return
+        spec = self.split(train=True)
+        data.check_classes(self.name, names, labels, _split_rows(spec, self._sizes()), spec)
+
     def load(self, spec: str) -> tuple[np.ndarray, np.ndarray]:
         """The split decoded: uint8 (N, S, S, 3) and int32 (N,), in a fixed order."""
         size = self.image_size
@@ -259,6 +273,7 @@ def info(config) -> data.DataInfo:
         raise ValueError(f"data.eval_preprocess={s.eval_preprocess!r} needs data.on_device=False: "
                          f"on the devices each eval image is taken whole at data.image_size "
                          f"(data.eval_preprocess 'none' or 'center')")
+    source.check_classes()
     num_train = source.size(source.split(train=True))
     decoded = num_train * s.image_size**2 * 3
     if decoded > MAX_BYTES:

@@ -170,3 +170,12 @@ def test_a_run_whose_eval_image_does_not_decode_stops_in_one_line_naming_it(tmp_
     assert result.returncode == 1, result.stderr[-2000:]
     assert last.startswith("resnet_jax: error: step 3: ") and "broken.jpg" in last, last
     assert "checkpoint" in last and "Traceback" not in result.stderr
+
+
+def test_data_on_device_refuses_a_class_with_no_training_images(tmp_path):
+    from resnet_jax import device_data
+    root = _folder(tmp_path / "images", {"train": {"ant": 2, "cat": 0}, "test": {"ant": 1, "cat": 1}})
+    with pytest.raises(ValueError, match=r"class 'cat' has no images in data.train_split='train'"):
+        device_data.info(_config(root, on_device=True))
+    with pytest.raises(ValueError, match=r"'5', .* no images in data.train_split='train\[:5\]'"):
+        device_data.info(_config("", name="digits", train_split="train[:5]", on_device=True))
