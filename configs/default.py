@@ -2,6 +2,22 @@
 
 import ml_collections
 
+from configs import arguments
+
+# The ImageNet configs' BN groups by their argument `bn=`: "paper" (the default), BN over each 32
+# examples: the paper's batch of 256 was normalised on each of its 8 GPUs (Caffe's BN, per GPU),
+# as fb.resnet.torch and Goyal et al. 2017 (n = 32 per worker) did too; "global", over the
+# whole batch, the same on any device count. None of this changes CIFAR's (configs/cifar.py).
+IMAGENET_BN_GROUPS = {"paper": 32, "global": None}
+
+
+def imagenet_bn_group_size(arg: str | None, config_file: str) -> int | None:
+    """model.bn_group_size of the ImageNet config `config_file` given `arg` ("bn=paper" or
+    "bn=global"; none: paper)."""
+    bn = arguments.choice(arguments.parse(arg, dict(bn="paper"), config_file), "bn", IMAGENET_BN_GROUPS,
+                          config_file)
+    return IMAGENET_BN_GROUPS[bn]
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -22,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
         zero_init_residual=False,   # True: each block's last BN scale starts at 0 (Goyal et al. 2017)
         bn_momentum=0.9,            # running statistics: kept x momentum + batch x (1 - momentum)
         bn_epsilon=1e-5,            # added to the variance
-        bn_group_size=ml_collections.config_dict.placeholder(int),  # e.g. 32: the paper's per-GPU BN
+        bn_group_size=ml_collections.config_dict.placeholder(int),  # None: over the whole batch;
+                                    # the ImageNet configs: 32, the paper's per-GPU BN (bn=global: None)
         dtype="auto",               # bfloat16 on GPUs and TPUs, float32 on the CPU (mixed precision)
         param_dtype="float32",      # parameters, optimizer state and BN statistics
         width=64,                   # the first stage's channels (CIFAR nets: 16)

@@ -11,13 +11,17 @@ configs/default.py: SGD, momentum 0.9, weight decay 1e-4 on every parameter, bat
 divided by 10 at epochs 30, 60, 90 of 120, scale augmentation, centre-crop eval), not checked
 against the 2016 paper's own statement of its schedule and test crops.
 `--config.model.block_order=post` gives the original units of [1] at the same depth, the
-baseline of that comparison.
+baseline of that comparison. BN over each 32 examples, [1]'s per-GPU BN, as the other ImageNet
+configs; `--config=configs/resnet200.py:bn=global`: over the whole batch.
 """
 
 from configs import default
 
+FILE = "configs/resnet200.py"
 
-def get_config():
+
+def get_config(arg: str | None = None):
     config = default.get_config()
     config.model.update(dict(name="resnet200", block_order="pre"))
+    config.model.bn_group_size = default.imagenet_bn_group_size(arg, FILE)
     return config

@@ -1,10 +1,16 @@
 """The parametrised configs' arguments: good ones set the fields, bad ones stop with one line."""
 
 import pytest
+from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
-from configs import cifar, preact_cifar, resnet200, vgg
+from configs import (cifar, plain18, plain34, preact_cifar, resnet18, resnet34, resnet50, resnet101, resnet152,
+                     resnet200, vgg)
 from resnet_jax import models, train
+from runs import REPO
+
+IMAGENET = [resnet18, resnet34, resnet50, resnet101, resnet152, resnet200, plain18, plain34]
 
 
 def test_arguments_set_the_network():
@@ -50,3 +56,43 @@ def test_resnet200_is_the_pre_activation_network():
     assert {type(info.block).__name__ for info in blocks} == {"BottleneckBlock"}
     assert {info.block.order for info in blocks} == {"pre"}
     assert model.bn_final is not None and config.model.shortcut == "B"
+
+
+@pytest.mark.parametrize("module", IMAGENET, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_imagenet_configs_normalise_bn_per_32_examples(module):
+    # Sec. 3.4's batch of 256 on eight GPUs, Caffe's BN per GPU: 32 examples each.
+    assert module.get_config().model.bn_group_size == 32
+    assert module.get_config("bn=paper").model.bn_group_size == 32
+    assert module.get_config().train.batch_size == 256
+    assert module.get_config("bn=global").model.bn_group_size is None  # the whole batch
+
+
+@pytest.mark.parametrize("module", IMAGENET, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_imagenet_bn_argument_is_checked(module):
+    file = f"configs/{module.__name__.rsplit('.', 1)[-1]}.py"
+    with pytest.raises(ValueError) as error:
+        module.get_config("bn=64")
+    assert str(error.value) == f"{file}: bn must be one of paper, global; got '64'"
+    with pytest.raises(ValueError) as error:
+        module.get_config("depth=50")
+    assert str(error.value) == f"{file} takes bn; got 'depth'"
+
+
+def command_line_config(*argv):
+    """The config main would get from these flags (ml_collections' own parsing)."""
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True,
+                                    sys_argv=["main", *argv])
+    values(["main", *argv])
+    return values.config
+
+
+def test_global_bn_is_an_argument_on_the_command_line():
+    path = str(REPO / "configs/resnet50.py")
+    assert command_line_config(f"--config={path}").model.bn_group_size == 32
+    assert command_line_config(f"--config={path}:bn=global").model.bn_group_size is None
+    assert command_line_config(f"--config={path}", "--config.model.bn_group_size=64").model.bn_group_size == 64
+    # ml_collections parses an int field's override as an int: None cannot be given that way,
+    # which is why global BN is the config's argument.
+    with pytest.raises(flags.IllegalFlagValueError, match="invalid literal for int"):
+        command_line_config(f"--config={path}", "--config.model.bn_group_size=None")
