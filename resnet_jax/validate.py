@@ -123,7 +123,8 @@ def check_bn_groups(group: Any, batch_size: int, devices: int) -> None:
         f"model.bn_group_size={group} must divide the per-device batch {per_device} "
         f"(train.batch_size {batch_size} on {where}), since each device normalises whole groups "
         f"of its own: {counts}set --config.model.bn_group_size to a divisor of {per_device}, or "
-        f"leave it unset for BN over the whole batch (configs/cifar.py: bn=global)")
+        f"take BN over the whole batch with the config's argument bn=global "
+        f"(--config=resnet50:bn=global, --config=cifar:bn=global)")
 
 
 def check_image_size(image_size: int, total_stride: int, model_name: str) -> None:

@@ -49,7 +49,8 @@ def test_bn_groups_that_span_devices_are_refused_saying_what_to_set():
         "model.bn_group_size=64 must divide the per-device batch 16 (train.batch_size 128 on 8 "
         "devices), since each device normalises whole groups of its own: train on a device "
         "count dividing 2 (the batch's groups), set --config.model.bn_group_size to a divisor "
-        "of 16, or leave it unset for BN over the whole batch (configs/cifar.py: bn=global)")
+        "of 16, or take BN over the whole batch with the config's argument bn=global "
+        "(--config=resnet50:bn=global, --config=cifar:bn=global)")
     with pytest.raises(validate.SetupError, match="^model.bn_group_size must be a positive "
                                                   "integer or unset; got 0$"):
         validate.check_bn_groups(0, 128, 1)
