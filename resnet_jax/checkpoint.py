@@ -78,10 +78,18 @@ def _settle(manager: ocp.CheckpointManager) -> None:
 
 def last_complete(manager: ocp.CheckpointManager) -> str:
     """What an error says is left: 'the latest complete checkpoint, of step S, is intact in DIR',
-    or that none was written."""
-    _settle(manager)  # the save in flight may complete
-    manager.reload()
-    step = manager.latest_step()
+    or that none was written. Waits for the save in flight first, and removes what failed saves
+    left (`_remove_temporary`): whatever stops the run, no half-written checkpoint stays."""
+    _remove_temporary(manager)
+    return _latest(manager)
+
+
+def _latest(manager: ocp.CheckpointManager) -> str:
+    try:
+        manager.reload()
+        step = manager.latest_step()
+    except Exception as error:  # a disk that fails even this: the error being reported comes first
+        return f"the checkpoints in {manager.directory} could not be read ({' '.join(str(error).split())})"
     if step is None:
         return f"no checkpoint is complete: none was written to {manager.directory}"
     return f"the latest complete checkpoint, of step {step}, is intact in {manager.directory}"
@@ -94,7 +102,7 @@ def _failed(manager: ocp.CheckpointManager, error: Exception, step: int | None =
     steps = [step] if step is not None else left
     what = f"of step {', '.join(map(str, steps))}" if steps else "in flight"
     return CheckpointError(f"saving the checkpoint {what} failed ({' '.join(str(error).split())}); "
-                           f"{last_complete(manager)}")
+                           f"{_latest(manager)}")
 
 
 def _remove_temporary(manager: ocp.CheckpointManager) -> list[int]:
@@ -103,8 +111,9 @@ def _remove_temporary(manager: ocp.CheckpointManager) -> list[int]:
     full disk leaves no half checkpoint. No barrier: the other processes may not have failed."""
     _settle(manager)
     steps = []
+    directory = epath.Path(manager.directory)
     try:
-        for path in epath.Path(manager.directory).iterdir():
+        for path in directory.iterdir() if directory.exists() else ():
             name = path.name.split(".")[0]
             if name.isdigit() and ocp.step.is_path_temporary(path):
                 steps.append(int(name))

@@ -8,8 +8,14 @@ record of every level that the verbosity lets through, with absl's full prefix: 
 for process 0, WORKDIR/log.process-N.txt for process N (appended to on a resume). Lines before
 the run holds its workdir wait in memory, so that bad input writes nothing. A workdir in a bucket
 gets the file when the run ends (copied from a local file; a killed run's stays local).
+
+The terminal shows a library's record as its first line, never its traceback (orbax logs a failed
+save with several): the log file has them. A log file that cannot be written (a full disk) stops
+being written at its first failure, without a word from Python's logging; `failure()` says so,
+and the training loop stops the run with it in one line.
 """
 
+import contextlib
 import logging as pylogging
 import os
 import shutil
@@ -24,11 +30,22 @@ _ALSO_SHOWN = (os.sep + os.path.join("clu", "metric_writers") + os.sep,
                os.sep + os.path.join("clu", "platform") + os.sep)
 
 
+# extra= for a record that goes to the log file alone (the traceback behind a one-line error).
+LOG_FILE_ONLY = {"log_file_only": True}
+
+
+def _ours(record: pylogging.LogRecord) -> bool:
+    return record.pathname.startswith(_PROJECT) or any(part in record.pathname for part in _ALSO_SHOWN)
+
+
 class _Terminal(pylogging.Filter):
     def filter(self, record: pylogging.LogRecord) -> bool:
+        if getattr(record, "log_file_only", False):
+            return False
+        if _ended and not _ours(record):  # late records (asyncio's "Future exception was never
+            return False                  # retrieved" of a failed save) follow no last line
         return (logging.get_verbosity() > logging.INFO or record.levelno >= pylogging.ERROR
-                or record.pathname.startswith(_PROJECT)
-                or any(part in record.pathname for part in _ALSO_SHOWN))
+                or _ours(record))
 
 
 class _Short(pylogging.Formatter):
@@ -36,7 +53,11 @@ class _Short(pylogging.Formatter):
         super().__init__("%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     def format(self, record: pylogging.LogRecord) -> str:
-        text = super().format(record)
+        if _ours(record) or logging.get_verbosity() > logging.INFO:
+            text = super().format(record)
+        else:  # a library's error: its first line; its traceback is for the log file
+            first = next(iter(record.getMessage().strip().splitlines()), "")
+            text = f"{self.formatTime(record, self.datefmt)} {first}"
         if record.levelno >= pylogging.WARNING:  # "12:00:00 warning: ..."
             stamp, _, message = text.partition(" ")
             text = f"{stamp} {record.levelname.lower()}: {message}"
@@ -52,47 +73,72 @@ class _LogFile(pylogging.Handler):
         self.setFormatter(logging.PythonFormatter())
         self.held: list[str] | None = []
         self.file = None
-        self.local_path = self.destination = None
+        self.path = self.local_path = self.destination = None
+        self.failure: str | None = None
 
     def emit(self, record: pylogging.LogRecord) -> None:
+        if self.failure is not None:  # the file stopped at its first failed write
+            return
         line = self.format(record) + "\n"
         if self.file is None:
             self.held.append(line)
-        else:
+            return
+        try:
             self.file.write(line)
             self.file.flush()
+        except Exception as error:  # a full disk: raised here, it would end whatever logged
+            self._stop(error)
+
+    def _stop(self, error: Exception) -> None:
+        """Records the failure and writes no more (the lines go on to the terminal)."""
+        self.failure = (f"writing the log file {self.path} failed ({type(error).__name__}: "
+                        f"{' '.join(str(error).split())})")
+        if self.file is not None:
+            with contextlib.suppress(Exception):  # its buffered line fails again
+                self.file.close()
+        self.file, self.held = None, None
 
     def keep_in(self, path: epath.Path) -> None:
-        if self.file is not None:
+        if self.file is not None or self.failure is not None:
             return
+        self.path = path
         if "://" in os.fspath(path):  # a bucket: no file to append to line by line
             self.local_path = os.path.join(tempfile.mkdtemp(prefix="resnet_jax_log_"), path.name)
             self.destination = path
         else:
             self.local_path = os.fspath(path)
-        self.file = open(self.local_path, "a")  # noqa: SIM115  (open for the whole run)
-        self.file.writelines(self.held)
-        self.file.flush()
+        try:
+            self.file = open(self.local_path, "a")  # noqa: SIM115  (open for the whole run)
+            self.file.writelines(self.held)
+            self.file.flush()
+        except Exception as error:
+            self._stop(error)
         self.held = None
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
-            if self.destination is not None:
-                with open(self.local_path) as f:
-                    self.destination.write_text(f.read())
-                shutil.rmtree(os.path.dirname(self.local_path), ignore_errors=True)
+            try:
+                self.file.close()
+                if self.destination is not None:
+                    with open(self.local_path) as f:
+                        self.destination.write_text(f.read())
+            except Exception as error:
+                self._stop(error)
             self.file = None
+        if self.destination is not None:
+            shutil.rmtree(os.path.dirname(self.local_path), ignore_errors=True)
         super().close()
 
 
 _log_file: _LogFile | None = None
+_ended = False  # `close` was called: the run has ended
 
 
 def setup() -> None:
     """The terminal's filter and format, and the log file's handler (call once, in the main job,
     after flags are parsed)."""
-    global _log_file
+    global _log_file, _ended
+    _ended = False
     terminal = logging.get_absl_handler()
     terminal.addFilter(_Terminal())
     terminal.setFormatter(_Short())
@@ -107,10 +153,21 @@ def keep_log(workdir: epath.Path, process_index: int) -> None:
                                      f"log.process-{process_index}.txt"))
 
 
-def close() -> None:
-    """The log file complete (copied to a bucket workdir); later runs in this process keep none."""
-    global _log_file
-    if _log_file is not None:
-        pylogging.getLogger().removeHandler(_log_file)
-        _log_file.close()
-        _log_file = None
+def failure() -> str | None:
+    """Why the log file stopped being written ('writing the log file PATH failed (...)'), or None
+    while it is written (or there is none). The run stops on it: `train._write`."""
+    return _log_file.failure if _log_file is not None else None
+
+
+def close() -> str | None:
+    """The log file complete (copied to a bucket workdir); later runs in this process keep none.
+    From now on the terminal shows this project's lines only (the caller's last line comes next).
+    Returns `failure()`: a failed last write or copy included."""
+    global _log_file, _ended
+    _ended = True
+    if _log_file is None:
+        return None
+    pylogging.getLogger().removeHandler(_log_file)
+    _log_file.close()
+    failed, _log_file = _log_file.failure, None
+    return failed

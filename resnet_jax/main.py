@@ -5,9 +5,12 @@ parametrised configs take an argument (--config=configs/cifar.py:depth=56,plain=
 --config the quickstart runs. On a pod every process runs this same command.
 
 Exit statuses: 0 finished; 75 stopped by SIGTERM (preemption) after saving, to be run again;
-130 stopped by Ctrl-C after saving; 1 a run that cannot go on (non-finite loss, failed save);
-2 a bad flag, config or workdir, refused in one line on stderr before anything is written, or a
-workdir none of whose checkpoints can be restored (--restart starts it over).
+130 stopped by Ctrl-C after saving; 1 a run that cannot go on (non-finite loss; a failed write of
+a checkpoint, metrics.jsonl, TensorBoard events, config.json or log.txt, a full disk), in one line
+on stderr, its last, naming what failed and the latest complete checkpoint (or that none was
+written), no half-written checkpoint left, the traceback in log.txt; 2 a bad flag, config or
+workdir, refused in one line on stderr before anything is written, or a workdir none of whose
+checkpoints can be restored (--restart starts it over).
 """
 
 import os
@@ -124,8 +127,9 @@ def main(argv):
         logging.info("This run has finished; nothing to do. %s", _result(FLAGS.workdir))
         console.close()
         return
-    from resnet_jax import train, validate  # pylint: disable=import-outside-toplevel  (TensorFlow)
+    from resnet_jax import metrics, train, validate  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
+    ending = None  # (the last line, the exit status) of a run that did not finish
     try:
         # A multi-process JAX operation issued off the main thread is an error, not a hang.
         with jax.thread_guard(True):
@@ -133,14 +137,34 @@ def main(argv):
                                      restart=FLAGS.restart)
         logging.info("%s", _result(FLAGS.workdir))
     except (validate.SetupError, checkpoint.UnrestorableError) as error:
-        _fail(str(error), 2)
+        ending = f"error: {error}", 2
     except train.Preempted as stop:
-        print(f"resnet_jax: {stop}", file=sys.stderr)
-        sys.exit(stop.status)
-    except (train.TrainingError, checkpoint.CheckpointError) as error:
-        _fail(str(error), 1)
+        ending = str(stop), stop.status
+    except (train.TrainingError, checkpoint.CheckpointError, OSError) as error:
+        # The traceback (a library's, a full disk's) for the log file; the terminal gets one line.
+        logging.info("The run stopped on this error:", exc_info=True, extra=console.LOG_FILE_ONLY)
+        if isinstance(error, OSError):  # a write outside the loop's steps (config.json, ...)
+            named = isinstance(error, metrics.WriterError)  # says what it wrote
+            error = (f"{'' if named else type(error).__name__ + ': '}{validate.one_line(error)}; "
+                     f"{_left(FLAGS.workdir)}")
+        ending = f"error: {error}", 1
     finally:
-        console.close()
+        log_failure = console.close()  # first: no library's late record follows the last line
+    if ending is None and log_failure:  # finished, but log.txt failed since the loop last looked
+        ending = f"error: {log_failure}; {_left(FLAGS.workdir)}", 1
+    if ending is not None:
+        print(f"resnet_jax: {ending[0]}", file=sys.stderr)
+        sys.exit(ending[1])
+
+
+def _left(workdir: str) -> str:
+    """What an error says is left (`checkpoint.last_complete`), read from the workdir: the run's
+    own checkpoint manager is gone. Also removes what failed saves left."""
+    from resnet_jax import checkpoint, workdir as workdirs  # pylint: disable=import-outside-toplevel
+    try:
+        return checkpoint.last_complete(checkpoint.reader(workdirs.resolve(workdir)))
+    except Exception as error:  # a disk that fails even this: the error being reported comes first
+        return f"the checkpoints could not be read ({' '.join(str(error).split())})"
 
 
 def _differences(config) -> str:

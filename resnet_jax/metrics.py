@@ -21,7 +21,7 @@ from clu import metrics as clu_metrics
 from etils import epath
 from jax.experimental import multihost_utils
 
-from resnet_jax import flops, workdir as workdirs
+from resnet_jax import flops, validate, workdir as workdirs
 from resnet_jax.rows import JSONL, read_rows  # noqa: F401  (also metrics.read_rows)
 
 # clu's writers and periodic actions import TensorFlow. Without it (data.on_device=True needs
@@ -108,17 +108,34 @@ class JsonlWriter(_WriterBase):
         pass
 
 
+class WriterError(OSError):
+    """A writer that could not start (a full disk), its message naming what it writes."""
+
+
+def _started(what: str, make):
+    """make(); a failure as a WriterError naming `what` (TensorFlow's errors are no OSErrors)."""
+    try:
+        return make()
+    except ImportError:  # not installed: the callers decide
+        raise
+    except Exception as error:
+        raise WriterError(f"writing {what} failed ({type(error).__name__}: "
+                          f"{validate.one_line(error)})") from error
+
+
 def create_writer(workdir: epath.Path, tensorboard_dir: str, start: int):
     """Process 0: log lines, metrics.jsonl and TensorBoard events in `tensorboard_dir` ("" for
     none; TensorFlow's own file system writes them, local or gs://). Other processes: log lines.
-    Without TensorFlow, the same through `_LogWriter` and `_TensorBoardWriter`."""
+    Without TensorFlow, the same through `_LogWriter` and `_TensorBoardWriter`. A writer that
+    cannot start raises WriterError."""
     if not TENSORFLOW:
         return _writer_without_tensorflow(workdir, tensorboard_dir, start)
     if jax.process_index() != 0:
         return metric_writers.create_default_writer(just_logging=True)
-    writers = [JsonlWriter(workdir, start)]
+    writers = [_started(workdir / JSONL, lambda: JsonlWriter(workdir, start))]
     if tensorboard_dir:
-        writers.append(metric_writers.create_default_writer(tensorboard_dir, asynchronous=False))
+        writers.append(_started(f"the TensorBoard events in {tensorboard_dir}", lambda: (
+            metric_writers.create_default_writer(tensorboard_dir, asynchronous=False))))
     else:
         writers.append(metric_writers.create_default_writer(just_logging=True))
     return metric_writers.MultiWriter(writers)
@@ -178,10 +195,11 @@ class _Writers:
 def _writer_without_tensorflow(workdir, tensorboard_dir: str, start: int):
     if jax.process_index() != 0:
         return _LogWriter()
-    writers = [JsonlWriter(workdir, start), _LogWriter()]
+    writers = [_started(workdir / JSONL, lambda: JsonlWriter(workdir, start)), _LogWriter()]
     if tensorboard_dir:
         try:
-            writers.append(_TensorBoardWriter(tensorboard_dir))
+            writers.append(_started(f"the TensorBoard events in {tensorboard_dir}",
+                                    lambda: _TensorBoardWriter(tensorboard_dir)))
         except ImportError:
             logging.warning("TensorBoard events are not written: neither TensorFlow nor "
                             "TensorBoard is installed (metrics.jsonl has every scalar)")

@@ -480,15 +480,26 @@ def _check_health(pending: list, names: list[tuple[str, int]], skip_nonfinite: b
 
 def _write(writer, step: int, scalars: dict[str, float] | None, manager) -> None:
     """Writes a row of scalars (None: flushes); a failure (a full disk: an OSError, TensorFlow's
-    ResourceExhaustedError, which is none) is a TrainingError naming what is left."""
-    try:
-        if scalars is None:
-            writer.flush()
-        else:
-            writer.write_scalars(step, scalars)
-    except Exception as error:
-        raise TrainingError(f"writing the metrics of step {step} failed ({type(error).__name__}: "
-                            f"{validate.one_line(error)}); {checkpoint.last_complete(manager)}") from error
+    ResourceExhaustedError, which is none) is a TrainingError naming what is left. So is a log
+    file that could not be written since the last call (`console.failure`). Every process calls
+    it at the same steps and decides alike: a failure on any one stops them all."""
+    failure, cause = console.failure(), None
+    if failure is None:
+        try:
+            if scalars is None:
+                writer.flush()
+            else:
+                writer.write_scalars(step, scalars)
+        except Exception as error:
+            failure, cause = (f"writing the metrics of step {step} failed ({type(error).__name__}: "
+                              f"{validate.one_line(error)})"), error
+    if jax.process_count() > 1:  # process 0 alone writes metrics.jsonl; each its own log file
+        failed = np.asarray(multihost_utils.process_allgather(np.int32(failure is not None)))
+        if failure is None and failed.any():
+            failure = (f"process {int(failed.argmax())} could not write its metrics or log file at "
+                       f"step {step} (its own line says why)")
+    if failure is not None:
+        raise TrainingError(f"{failure}; {checkpoint.last_complete(manager)}") from cause
 
 
 @dataclasses.dataclass
