@@ -5,17 +5,50 @@
     python -m resnet_jax.evaluate --config=resnet50 --weights=resnet50.pth [--config.data...]
 
 Prints one line with the metrics, named as in metrics.jsonl (eval_accuracy, eval_loss,
-eval_top5_accuracy), and writes them with the step as JSON to --json where asked. The config is
-the run's own (WORKDIR/config.json; or --config=NAME|PATH[:ARG]), with the command line's
-overrides: on the run's settings the numbers are those of the run's eval of that step. It writes
-nothing else: the workdir is only read. On a pod every process runs the same command.
+eval_top5_accuracy), and writes them with the step as JSON to --json where asked (whole, or not
+at all). The config is the run's own (WORKDIR/config.json; or --config=NAME|PATH[:ARG]), with the
+command line's overrides: on the run's settings the numbers are those of the run's eval of that
+step. It writes nothing else: the workdir is only read. On a pod every process runs the same
+command.
+
+A run still training deletes its older checkpoints as it saves new ones (it keeps the last
+checkpoint.keep): a step deleted while it is being read is read again as the step --checkpoint
+names now (latest, best), a few times; a step named by number is gone.
+
+Exit statuses: 0 evaluated; 2 bad input, refused in one line, or a checkpoint that cannot be
+evaluated: corrupt or unreadable (while still there), or the step named by number deleted by the
+run while being read; 75 the run saves checkpoints faster than they can be read (each one read
+was deleted before the read ended): run it again, or give the run a larger checkpoint.keep;
+130 stopped by Ctrl-C. Each of these ends in one line on stderr, without a traceback.
 """
 
-import json
+import os
+import signal
 import sys
-from typing import Any, NamedTuple
 
-from resnet_jax import cpu
+
+def _stop(signum, frame):
+    """Ctrl-C, wherever it lands (a read, a compile, a garbage collection): one line and status 130,
+    at once. A KeyboardInterrupt instead would end in a traceback, or be swallowed where
+    Python reports it as unraisable (in a gc callback). Once the metrics are computed, Ctrl-C is
+    ignored: the line and the --json file are written whole."""
+    try:
+        sys.stdout.flush()  # what was printed before
+    except Exception:  # noqa: BLE001  (reentrant: the signal landed inside a print)
+        pass
+    os.write(sys.stderr.fileno(), b"resnet_jax: stopped by Ctrl-C\n")
+    os._exit(130)  # 128 + SIGINT, as shells report Ctrl-C
+
+
+# First: the imports below take seconds. Not where Ctrl-C is ignored (started in the background).
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _stop)
+
+import json  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Callable, NamedTuple, TypeVar  # noqa: E402
+
+from resnet_jax import cpu  # noqa: E402
 
 cpu.set_cpu_fusion()  # before JAX starts its backends
 
@@ -80,12 +113,113 @@ def checkpoint_step(manager, which: str) -> int:
     return int(which)
 
 
+# A live run's deletions: how many steps may be lost to them, how long a deletion may take to
+# finish once a read has failed on it, and how often to look.
+ATTEMPTS = 5
+DELETION_GRACE_SECONDS = 10.0
+POLL_SECONDS = 0.1
+SAVING_TOO_FAST_STATUS = 75  # EX_TEMPFAIL, "try again", as the main job's preemption
+
+
+class StepDeleted(ValueError):
+    """The step --checkpoint named by number was deleted (by the run saving newer ones) while it
+    was being read."""
+
+
+class SavingTooFast(RuntimeError):
+    """Every step read was deleted before the read ended: the run saves faster than this reads."""
+
+
+T = TypeVar("T")
+
+
+def _listing(manager_call: Callable[[], T]) -> T:
+    """`manager_call()`, orbax listing the steps and reading their metrics, tried again where a
+    step deleted as it is listed fails it."""
+    for _ in range(ATTEMPTS - 1):
+        try:
+            return manager_call()
+        except Exception:  # orbax raises many kinds; the last try's error is the one shown
+            time.sleep(POLL_SECONDS)
+    try:
+        return manager_call()
+    except Exception as error:
+        raise ValueError(f"the checkpoints cannot be listed ({' '.join(str(error).split())})") from error
+
+
+def reader(workdir):
+    """`checkpoint.reader` of the run in `workdir` (an epath.Path), which lists its steps: tried
+    again where the run deletes a step as it is listed."""
+    from resnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
+
+    return _listing(lambda: checkpoint.reader(workdir))
+
+
+def _deleted(manager, step: int, grace: float) -> bool:
+    """Whether `step`, whose read failed, was deleted by the run: no longer listed or its
+    directory gone, now or within `grace` seconds (a deletion under way). The newest step is never
+    deleted (a run deletes steps once it has saved a newer one), so it is not waited for."""
+    directory = manager.directory / str(step)
+    deadline = time.monotonic() + grace
+    while step in manager.all_steps() and directory.exists():
+        if manager.latest_step() == step or time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_SECONDS)
+    return True
+
+
+def _unreadable(manager, step: int, error: Exception) -> Exception:
+    from resnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
+
+    reason = " ".join(str(error).split())[:300]
+    if not isinstance(error, checkpoint.CorruptCheckpoint):
+        reason = f"{type(error).__name__}: {reason}"
+    return checkpoint.CorruptCheckpoint(
+        f"the checkpoint of step {step} in {manager.directory} is corrupt or unreadable ({reason})")
+
+
+def read_checkpoint(manager, which: str, sharding, attempts: int = ATTEMPTS,
+                    grace: float = DELETION_GRACE_SECONDS) -> tuple[int, Any]:
+    """(step, checkpoint as `checkpoint.read` gives it) of the step `which` names, read
+    consistently beside a run that is still saving.
+
+    A read fails when the run deletes its step meanwhile. Then the steps are listed again (orbax's
+    manager keeps its list until `reload`), and `latest` or `best` is read as the step it names
+    now; a step named by number raises StepDeleted; after `attempts` lost steps, SavingTooFast.
+    Only a step that is still there and fails to read raises `checkpoint.CorruptCheckpoint`.
+    """
+    from resnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
+
+    lost = []
+    while len(lost) < attempts:
+        step = checkpoint_step(manager, which)
+        try:
+            return step, checkpoint.read(manager, step, sharding)
+        except Exception as error:  # orbax and tensorstore raise many kinds
+            failure = error
+        _listing(manager.reload)
+        moved_on = not which.isdigit() and checkpoint_step(manager, which) != step
+        if not moved_on and not _deleted(manager, step, grace):
+            raise _unreadable(manager, step, failure) from failure
+        if which.isdigit():
+            raise StepDeleted(f"--checkpoint={which}: step {step} was deleted from {manager.directory} "
+                              f"while it was being read, by the run saving newer checkpoints (steps "
+                              f"there now: {', '.join(map(str, manager.all_steps())) or 'none'})")
+        logging.info("The checkpoint of step %d could not be read and the run has saved newer ones "
+                     "since (deleting older ones); reading the %s again.", step, which)
+        lost.append(step)
+    raise SavingTooFast(
+        f"the run in {manager.directory.parent} is saving checkpoints faster than they can be read "
+        f"(steps {', '.join(map(str, lost))} were each deleted while being read); run this again, "
+        f"or give the run a larger checkpoint.keep")
+
+
 def evaluate(config: Any, workdir: str | None, which: str = "latest",
              weights: str | None = None) -> tuple[int | None, dict[str, float]]:
     """(step, eval metrics) of checkpoint `which` of the run in `workdir`, or of the torchvision
     or safetensors file `weights` (step None), evaluated as the run evaluates. Raises ValueError
-    (one line) for bad input and `checkpoint.CorruptCheckpoint` for a checkpoint that is not what
-    was saved."""
+    (one line) for bad input, `checkpoint.CorruptCheckpoint` for a checkpoint that is not what
+    was saved, StepDeleted and SavingTooFast as `read_checkpoint` does."""
     import jax  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
@@ -105,9 +239,9 @@ def evaluate(config: Any, workdir: str | None, which: str = "latest",
         except (ValueError, OSError) as error:
             raise ValueError(f"--weights: {validate.one_line(error)}") from error
     else:
-        manager = checkpoint.reader(workdirs.resolve(workdir))
-        step = checkpoint_step(manager, which)
-        model = analysis.with_weights(model, checkpoint.pure(checkpoint.read(manager, step, replicated)))
+        manager = reader(workdirs.resolve(workdir))
+        step, restored = read_checkpoint(manager, which, replicated)
+        model = analysis.with_weights(model, checkpoint.pure(restored))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     model.eval()
     train.load_pixel_mean(config, workdirs.resolve(workdir) if workdir else None)
@@ -157,16 +291,24 @@ def main(argv: list[str]) -> None:
     sharding.initialize_from_flags()
     import jax  # pylint: disable=import-outside-toplevel
 
-    from resnet_jax import workdir as workdirs  # pylint: disable=import-outside-toplevel
+    from resnet_jax import checkpoint, workdir as workdirs  # pylint: disable=import-outside-toplevel
 
+    # A failed read's tensorstore reads end in orbax's closed event loop: no tracebacks of theirs.
+    sys.unraisablehook = checkpoint.quiet_closed_loop(sys.unraisablehook)
     f = flags.FLAGS
     try:
         with jax.thread_guard(True):
             step, scores = evaluate(f.config, f.workdir, f.checkpoint, f.weights)
-    except ValueError as error:  # CorruptCheckpoint among them
+    except ValueError as error:  # CorruptCheckpoint and StepDeleted among them
         _fail(" ".join(str(error).split()))
+    except SavingTooFast as error:
+        print(f"resnet_jax: error: {error}", file=sys.stderr)
+        sys.exit(SAVING_TOO_FAST_STATUS)
     finally:
         console.close()
+    if signal.getsignal(signal.SIGINT) is _stop:
+        # Evaluated: what is left is the output, written whole, and the exit's clean-up.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     which = "" if f.checkpoint.isdigit() else f" ({f.checkpoint})"
     what = f.weights or f"step {step}{which} of {f.workdir}"
     line = " ".join(f"{k}={v:.6g}" for k, v in scores.items())
