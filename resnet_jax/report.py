@@ -16,28 +16,58 @@ Belongie 2016, the eval error with each single block deleted and with k random b
 (lesion.md, lesion.json, lesion_blocks.png, lesion_count.png).
 
 Figures are PNGs at 200 dpi, with a PDF beside each with --pdf. Every command prints one line
-per file it writes. A run without metrics is skipped by `table` and `curves`, with a warning.
+per file it writes, each written whole or not at all. A run without metrics is skipped by `table`
+and `curves`, with a warning.
+
+Exit statuses: 0 done; 2 bad input, in one line; 130 stopped by Ctrl-C, in one line.
 """
 
-import argparse
-import csv
-import dataclasses
-import io
-import json
-import statistics
+import os
+import signal
 import sys
-from typing import Any
 
-import matplotlib
+
+_held: list[int] | None = None  # while a file is written: the Ctrl-Cs held back till it is whole
+
+
+def _stop(signum, frame):
+    """Ctrl-C, wherever it lands (a compile, a figure, a garbage collection): one line and status
+    130, at once; while a file is written (`_whole`), once it is. A KeyboardInterrupt instead would
+    end in a traceback, or be swallowed where Python reports it as unraisable (in a gc callback)."""
+    if _held is not None:
+        _held.append(signum)
+        return
+    try:
+        sys.stdout.flush()  # what was printed before
+    except Exception:  # noqa: BLE001  (reentrant: the signal landed inside a print)
+        pass
+    os.write(sys.stderr.fileno(), b"resnet_jax.report: stopped by Ctrl-C\n")
+    os._exit(130)  # 128 + SIGINT, as shells report Ctrl-C
+
+
+# First: the imports below take seconds. Not where Ctrl-C is ignored (started in the background).
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _stop)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import csv  # noqa: E402
+import dataclasses  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+from typing import Any  # noqa: E402
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only: no display on a pod or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from etils import epath  # noqa: E402
 from flax import nnx  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from resnet_jax import analysis, config_files, flops, metrics, paper_results, train  # noqa: E402
+from resnet_jax.workdir import write_bytes, write_text  # noqa: E402
 
 COLUMNS = ("run", "model", "shortcut", "data", "eval_split", "eval_protocol", "steps",
            "scheduled_steps", "final_error", "final_top5_error", "best_error", "best_chosen_on",
@@ -216,14 +246,31 @@ def _where(workdirs: list[str], split: str | None = None) -> str:
     return f"{_values(workdirs, 'name')}, {_values(workdirs, 'eval_split', split)} split"
 
 
+@contextlib.contextmanager
+def _whole():
+    """Ctrl-C held back while a file is written: no file, nor its temporary file, is left half
+    written. Where `_stop` handles Ctrl-C (the command line); elsewhere it changes nothing."""
+    global _held
+    _held = []
+    try:
+        yield
+    finally:
+        held, _held = _held, None
+        if held:
+            _stop(held[0], None)
+
+
 def save(fig: Any, path: epath.PathLike, pdf: bool = False) -> list[str]:
-    """`fig` to `path` as a PNG, and beside it as a PDF with `pdf`; the paths written."""
+    """`fig` to `path` as a PNG, and beside it as a PDF with `pdf`, each written whole (drawn in
+    memory first); the paths written."""
     fig.tight_layout()
     path = epath.Path(path)
     written = []
     for target, kind in [(path, "png")] + ([(path.with_suffix(".pdf"), "pdf")] if pdf else []):
-        with target.open("wb") as f:  # local or a bucket
-            fig.savefig(f, format=kind, dpi=DPI)
+        drawn = io.BytesIO()
+        fig.savefig(drawn, format=kind, dpi=DPI)
+        with _whole():
+            write_bytes(target, drawn.getvalue())  # local or a bucket
         written.append(str(target))
     plt.close(fig)
     return written
@@ -434,7 +481,8 @@ def _fail(message: str) -> int:
 
 
 def _write(path: epath.PathLike, text: str) -> str:
-    epath.Path(path).write_text(text)
+    with _whole():
+        write_text(epath.Path(path), text)  # a reader never sees half of it
     return str(path)
 
 
@@ -472,4 +520,6 @@ def _run(args: argparse.Namespace) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a Ctrl-C now would only cut the exit short
+    sys.exit(status)

@@ -1,0 +1,125 @@
+"""Ctrl-C in the commands (issue 32): exit status 130 and one line on stderr, no traceback, and
+no file half-written, wherever it lands (an import, a checkpoint read, a compile)."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import matplotlib.pyplot as plt
+import pytest
+
+import runs
+from resnet_jax import report
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    runs.run_main(workdir)
+    return workdir
+
+
+def _interrupted(command, when):
+    """`command` started and sent SIGINT `when` seconds after, or once a line of its stderr holds
+    `when`; its exit status and stderr."""
+    process = subprocess.Popen(command, cwd=runs.REPO, env=runs.environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    lines, seen = [], threading.Event()
+
+    def read():
+        for line in process.stderr:
+            lines.append(line)
+            if isinstance(when, str) and when in line:
+                seen.set()
+    reader = threading.Thread(target=read)
+    reader.start()
+    if isinstance(when, str):
+        assert seen.wait(timeout=120), "".join(lines)[-3000:]
+    else:
+        time.sleep(when)
+    assert process.poll() is None, "it ended before the signal: " + "".join(lines)[-3000:]
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
+    reader.join()
+    process.stdout.close()
+    return process.returncode, "".join(lines)
+
+
+def _assert_stopped(status, stderr, line):
+    assert status == 130, stderr[-3000:]
+    assert stderr.splitlines()[-1] == line and stderr.count(line) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+
+
+@pytest.mark.parametrize("when", [1.0, 4.0])  # importing; later (reading, compiling or evaluating)
+def test_ctrl_c_in_evaluate(run, tmp_path, when):
+    scores = tmp_path / "scores.json"
+    status, stderr = _interrupted([sys.executable, "-m", "resnet_jax.evaluate", f"--workdir={run}",
+                                   f"--json={scores}"], when)
+    _assert_stopped(status, stderr, "resnet_jax: stopped by Ctrl-C")
+    assert os.listdir(tmp_path) == []
+
+
+# Importing; and once it reads the checkpoint (orbax's warning about a read-only directory):
+# then it builds the model and compiles.
+@pytest.mark.parametrize("when", [1.0, "read only"])
+def test_ctrl_c_in_report(run, tmp_path, when):
+    status, stderr = _interrupted([sys.executable, "-m", "resnet_jax.report", "responses", str(run),
+                                   f"--out={tmp_path / 'responses.png'}",
+                                   f"--json={tmp_path / 'responses.json'}"], when)
+    _assert_stopped(status, stderr, "resnet_jax.report: stopped by Ctrl-C")
+    assert os.listdir(tmp_path) == []
+
+
+class _Exited(Exception):
+    pass
+
+
+def _exit(status):
+    raise _Exited(status)
+
+
+def test_a_ctrl_c_while_report_writes_a_file_waits_until_it_is_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(report.os, "_exit", _exit)  # what the handler does at last, observed
+    write_text = report.write_text
+
+    def interrupted(path, text):
+        signal.raise_signal(signal.SIGINT)  # the Ctrl-C lands as the file is being written
+        write_text(path, text)
+
+    monkeypatch.setattr(report, "write_text", interrupted)
+    previous = signal.signal(signal.SIGINT, report._stop)  # as on the command line
+    try:
+        with pytest.raises(_Exited) as exited:
+            report._write(tmp_path / "table.md", "| run |\n")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert exited.value.args == (130,)
+    assert os.listdir(tmp_path) == ["table.md"] and (tmp_path / "table.md").read_text() == "| run |\n"
+
+
+def test_a_figure_stopped_while_drawn_leaves_no_file(tmp_path, monkeypatch):
+    figure = plt.figure()
+
+    def drawing(file, **kwargs):
+        file.write(b"\x89PNG\r\n")  # a start, then Ctrl-C as a KeyboardInterrupt (in a library)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figure, "savefig", drawing)
+    with pytest.raises(KeyboardInterrupt):
+        report.save(figure, tmp_path / "curves.png")
+    assert os.listdir(tmp_path) == []
+
+
+# main.py is not changed here (issue 32's report says what it needs): its start-up, before the
+# training loop's own handler (save, then 130), ends in a KeyboardInterrupt traceback today.
+@pytest.mark.xfail(strict=True, reason="main.py's start-up has no Ctrl-C handler yet")
+@pytest.mark.parametrize("when", [1.0, "Started by"])  # importing; after the distributed start-up
+def test_ctrl_c_in_the_main_jobs_start_up(tmp_path, when):
+    status, stderr = _interrupted(runs.main_command(tmp_path / "run"), when)
+    assert status == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert stderr.splitlines()[-1].startswith("resnet_jax: "), stderr[-3000:]
