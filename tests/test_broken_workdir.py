@@ -87,6 +87,28 @@ def test_a_broken_workdir_is_refused_in_one_line_touching_nothing(finished, tmp_
     assert _files(workdir) == before  # no lock.json, no log.txt, nothing rewritten
 
 
+def test_a_finished_run_with_a_bad_metrics_line_is_refused_in_one_line(finished, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished, workdir)
+    _middle_line(workdir)
+    before = _files(workdir)
+    result = subprocess.run(main_command(workdir), cwd=REPO, env=environment(), capture_output=True,
+                            text=True, timeout=600)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last.startswith("resnet_jax: error:") and f"{workdir / rows.JSONL}: line 2" in last, last
+    assert _files(workdir) == before
+
+
+def test_a_finished_run_without_metrics_still_says_it_has_finished(finished, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished, workdir)
+    (workdir / rows.JSONL).unlink()
+    result = subprocess.run(main_command(workdir), cwd=REPO, env=environment(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and "This run has finished" in result.stderr, result.stderr[-3000:]
+
+
 def test_a_resume_without_metrics_says_the_earlier_rows_are_gone(finished, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished, workdir)
