@@ -674,7 +674,9 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
             for hook in hooks:
                 hook(step)
             preempted = preemption.reached(manager, step)
-            saving = preempted or step == num_steps or manager.should_save(step)
+            # Every checkpoint.every_steps steps: not orbax's should_save, which also saves the
+            # first step of a fresh run (the whole state written before any real work).
+            saving = preempted or step == num_steps or step % config.checkpoint.every_steps == 0
             logging_now = step % config.log_every_steps == 0 or step == num_steps
             scalars = {}
             if saving or logging_now:

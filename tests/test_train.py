@@ -85,3 +85,10 @@ def test_a_first_ctrl_c_asks_for_a_save_and_a_second_exits_at_once(monkeypatch):
     finally:
         preemption.restore()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_fresh_run_saves_at_the_interval_only_not_at_step_one(tmp_path):
+    # orbax's own policy saves the first step of a fresh run: on a pod the whole state written
+    # to the bucket before any real work.
+    train.train_and_evaluate(small_config(**{"checkpoint.keep": 10}), str(tmp_path))
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 6]
