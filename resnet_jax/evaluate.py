@@ -22,27 +22,13 @@ was deleted before the read ended): run it again, or give the run a larger check
 130 stopped by Ctrl-C. Each of these ends in one line on stderr, without a traceback.
 """
 
-import os
-import signal
 import sys
 
+from resnet_jax import interrupt
 
-def _stop(signum, frame):
-    """Ctrl-C, wherever it lands (a read, a compile, a garbage collection): one line and status 130,
-    at once. A KeyboardInterrupt instead would end in a traceback, or be swallowed where
-    Python reports it as unraisable (in a gc callback). Once the metrics are computed, Ctrl-C is
-    ignored: the line and the --json file are written whole."""
-    try:
-        sys.stdout.flush()  # what was printed before
-    except Exception:  # noqa: BLE001  (reentrant: the signal landed inside a print)
-        pass
-    os.write(sys.stderr.fileno(), b"resnet_jax: stopped by Ctrl-C\n")
-    os._exit(130)  # 128 + SIGINT, as shells report Ctrl-C
-
-
-# First: the imports below take seconds. Not where Ctrl-C is ignored (started in the background).
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _stop)
+# First: the imports below take seconds.
+if __name__ == "__main__":
+    interrupt.install("resnet_jax")
 
 import json  # noqa: E402
 import time  # noqa: E402
@@ -306,9 +292,7 @@ def main(argv: list[str]) -> None:
         sys.exit(SAVING_TOO_FAST_STATUS)
     finally:
         console.close()
-    if signal.getsignal(signal.SIGINT) is _stop:
-        # Evaluated: what is left is the output, written whole, and the exit's clean-up.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    interrupt.done()  # evaluated: what is left is the output, written whole
     which = "" if f.checkpoint.isdigit() else f" ({f.checkpoint})"
     what = f.weights or f"step {step}{which} of {f.workdir}"
     line = " ".join(f"{k}={v:.6g}" for k, v in scores.items())

@@ -13,18 +13,23 @@ workdir, refused in one line on stderr before anything is written, or a workdir 
 checkpoints can be restored (--restart starts it over).
 """
 
-import os
+import contextlib
 import runpy
 import sys
 
-from resnet_jax import cpu
+from resnet_jax import interrupt
+
+if __name__ == "__main__":  # first: the imports below take seconds
+    interrupt.install("resnet_jax")
+
+from resnet_jax import cpu  # noqa: E402
 
 cpu.set_cpu_fusion()  # before JAX starts its backends
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from resnet_jax import config_files, config_help, console, sharding  # noqa: E402
+from resnet_jax import config_files, config_help, console, peers, sharding  # noqa: E402
 
 HELP = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 
@@ -116,6 +121,10 @@ def main(argv):
     import jax  # pylint: disable=import-outside-toplevel
 
     from resnet_jax import checkpoint, finished  # pylint: disable=import-outside-toplevel
+    from resnet_jax import workdir as workdirs  # pylint: disable=import-outside-toplevel
+
+    with contextlib.suppress(workdirs.WorkdirError):  # else setup says what is wrong with it
+        peers.watch(workdirs.resolve(FLAGS.workdir))
 
     sys.unraisablehook = checkpoint.quiet_closed_loop(sys.unraisablehook)
     logging.info("Started by %s: process %d of %d, %d of the %d devices", launch, jax.process_index(),
@@ -124,8 +133,12 @@ def main(argv):
     logging.info("Config %s; differs from configs/default.py in %s (all of it: WORKDIR/config.json)",
                  _config_spec(sys.argv), _differences(config) or "nothing")
     if finished.final_step(config, FLAGS.workdir) is not None:
-        logging.info("This run has finished; nothing to do. %s", _result(FLAGS.workdir))
-        console.close()
+        try:
+            logging.info("This run has finished; nothing to do. %s", _result(FLAGS.workdir))
+        except ValueError as error:  # a bad line of metrics.jsonl, named
+            _fail(str(error), 2)
+        finally:
+            console.close()
         return
     from resnet_jax import metrics, train, validate  # pylint: disable=import-outside-toplevel  (TensorFlow)
 
@@ -140,6 +153,15 @@ def main(argv):
         ending = f"error: {error}", 2
     except train.Preempted as stop:
         ending = str(stop), stop.status
+    except KeyboardInterrupt:  # before the loop's own handler, which saves, or after it
+        ending = f"stopped by Ctrl-C; {peers.latest_checkpoint()}", interrupt.STATUS
+    except jax.errors.JaxRuntimeError as error:
+        logging.info("The run stopped on this error:", exc_info=True, extra=console.LOG_FILE_ONLY)
+        if jax.process_count() > 1:  # a collective with a process that died
+            ending = f"error: {peers.collective_failed(error)}; {peers.latest_checkpoint()}", 1
+        else:
+            ending = (f"error: the devices failed: {validate.one_line(error)}; "
+                      f"{_left(FLAGS.workdir)}", 1)
     except (train.TrainingError, checkpoint.CheckpointError, OSError) as error:
         # The traceback (a library's, a full disk's) for the log file; the terminal gets one line.
         logging.info("The run stopped on this error:", exc_info=True, extra=console.LOG_FILE_ONLY)
@@ -152,6 +174,8 @@ def main(argv):
         log_failure = console.close()  # first: no library's late record follows the last line
     if ending is None and log_failure:  # finished, but log.txt failed since the loop last looked
         ending = f"error: {log_failure}; {_left(FLAGS.workdir)}", 1
+    if ending is not None and jax.process_count() > 1:
+        peers.end(f"resnet_jax: {ending[0]}", ending[1])  # not waiting at JAX's shutdown barrier
     if ending is not None:
         print(f"resnet_jax: {ending[0]}", file=sys.stderr)
         sys.exit(ending[1])
@@ -187,7 +211,7 @@ def _result(workdir: str) -> str:
     """The last line: the final metrics and where the run's files are."""
     from resnet_jax import rows as jsonl, workdir as workdirs  # pylint: disable=import-outside-toplevel
     path = workdirs.resolve(workdir)
-    rows = jsonl.read_rows(path)
+    rows = jsonl.read_rows(path) if (path / jsonl.JSONL).exists() else []
     last_eval = next((row for row in reversed(rows) if "eval_accuracy" in row), {})
     shown = {k: v for k, v in last_eval.items() if k.startswith(("eval_", "train_"))}
     figures = ", ".join(f"{k}={v:.4g}" for k, v in shown.items())

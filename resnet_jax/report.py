@@ -22,35 +22,15 @@ and `curves`, with a warning.
 Exit statuses: 0 done; 2 bad input, in one line; 130 stopped by Ctrl-C, in one line.
 """
 
-import os
-import signal
 import sys
 
+from resnet_jax import interrupt
 
-_held: list[int] | None = None  # while a file is written: the Ctrl-Cs held back till it is whole
-
-
-def _stop(signum, frame):
-    """Ctrl-C, wherever it lands (a compile, a figure, a garbage collection): one line and status
-    130, at once; while a file is written (`_whole`), once it is. A KeyboardInterrupt instead would
-    end in a traceback, or be swallowed where Python reports it as unraisable (in a gc callback)."""
-    if _held is not None:
-        _held.append(signum)
-        return
-    try:
-        sys.stdout.flush()  # what was printed before
-    except Exception:  # noqa: BLE001  (reentrant: the signal landed inside a print)
-        pass
-    os.write(sys.stderr.fileno(), b"resnet_jax.report: stopped by Ctrl-C\n")
-    os._exit(130)  # 128 + SIGINT, as shells report Ctrl-C
-
-
-# First: the imports below take seconds. Not where Ctrl-C is ignored (started in the background).
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _stop)
+# First: the imports below take seconds.
+if __name__ == "__main__":
+    interrupt.install("resnet_jax.report")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
 import io  # noqa: E402
@@ -246,20 +226,6 @@ def _where(workdirs: list[str], split: str | None = None) -> str:
     return f"{_values(workdirs, 'name')}, {_values(workdirs, 'eval_split', split)} split"
 
 
-@contextlib.contextmanager
-def _whole():
-    """Ctrl-C held back while a file is written: no file, nor its temporary file, is left half
-    written. Where `_stop` handles Ctrl-C (the command line); elsewhere it changes nothing."""
-    global _held
-    _held = []
-    try:
-        yield
-    finally:
-        held, _held = _held, None
-        if held:
-            _stop(held[0], None)
-
-
 def save(fig: Any, path: epath.PathLike, pdf: bool = False) -> list[str]:
     """`fig` to `path` as a PNG, and beside it as a PDF with `pdf`, each written whole (drawn in
     memory first); the paths written."""
@@ -269,7 +235,7 @@ def save(fig: Any, path: epath.PathLike, pdf: bool = False) -> list[str]:
     for target, kind in [(path, "png")] + ([(path.with_suffix(".pdf"), "pdf")] if pdf else []):
         drawn = io.BytesIO()
         fig.savefig(drawn, format=kind, dpi=DPI)
-        with _whole():
+        with interrupt.held():
             write_bytes(target, drawn.getvalue())  # local or a bucket
         written.append(str(target))
     plt.close(fig)
@@ -481,7 +447,7 @@ def _fail(message: str) -> int:
 
 
 def _write(path: epath.PathLike, text: str) -> str:
-    with _whole():
+    with interrupt.held():
         write_text(epath.Path(path), text)  # a reader never sees half of it
     return str(path)
 
@@ -521,5 +487,5 @@ def _run(args: argparse.Namespace) -> list[str]:
 
 if __name__ == "__main__":
     status = main()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a Ctrl-C now would only cut the exit short
+    interrupt.done()
     sys.exit(status)

@@ -30,8 +30,8 @@ from etils import epath
 from flax import nnx
 
 from resnet_jax import (checkpoint, console, data, device_data, device_inputs, fine_tune, flops,
-                        lock, metrics, models, optim, preprocess, running_stats, sharding,
-                        validate, workdir as workdirs)
+                        interrupt, lock, metrics, models, optim, preprocess, running_stats,
+                        sharding, validate, workdir as workdirs)
 
 
 @flax.struct.dataclass
@@ -583,7 +583,8 @@ def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = Fa
     run holds the workdir (`lock`): another run on it is refused.
     """
     run = setup(config, workdir, allow_config_change)
-    with lock.held(run.workdir):
+    # Ctrl-C from here raises, so that the lock is released and the log kept.
+    with interrupt.raising(), lock.held(run.workdir):
         console.keep_log(run.workdir, jax.process_index())  # the input has passed every check
         return _train_and_evaluate(run, config, restart)
 

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import pytest
 
 import runs
-from resnet_jax import report
+from resnet_jax import interrupt, report
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def _exit(status):
 
 
 def test_a_ctrl_c_while_report_writes_a_file_waits_until_it_is_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(report.os, "_exit", _exit)  # what the handler does at last, observed
+    monkeypatch.setattr(interrupt.os, "_exit", _exit)  # what the handler does at last, observed
     write_text = report.write_text
 
     def interrupted(path, text):
@@ -91,7 +91,7 @@ def test_a_ctrl_c_while_report_writes_a_file_waits_until_it_is_whole(tmp_path, m
         write_text(path, text)
 
     monkeypatch.setattr(report, "write_text", interrupted)
-    previous = signal.signal(signal.SIGINT, report._stop)  # as on the command line
+    previous = signal.signal(signal.SIGINT, interrupt._stop)  # as on the command line
     try:
         with pytest.raises(_Exited) as exited:
             report._write(tmp_path / "table.md", "| run |\n")
@@ -114,12 +114,11 @@ def test_a_figure_stopped_while_drawn_leaves_no_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-# main.py is not changed here (issue 32's report says what it needs): its start-up, before the
-# training loop's own handler (save, then 130), ends in a KeyboardInterrupt traceback today.
-@pytest.mark.xfail(strict=True, reason="main.py's start-up has no Ctrl-C handler yet")
-@pytest.mark.parametrize("when", [1.0, "Started by"])  # importing; after the distributed start-up
+# Importing; after the distributed start-up; holding the workdir, before the first step.
+@pytest.mark.parametrize("when", [1.0, "Started by", "Devices: "])
 def test_ctrl_c_in_the_main_jobs_start_up(tmp_path, when):
     status, stderr = _interrupted(runs.main_command(tmp_path / "run"), when)
     assert status == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
-    assert stderr.splitlines()[-1].startswith("resnet_jax: "), stderr[-3000:]
+    assert stderr.splitlines()[-1].startswith("resnet_jax: stopped by Ctrl-C"), stderr[-3000:]
+    assert not (tmp_path / "run" / "lock.json").exists()  # released: the next run starts

@@ -1,0 +1,71 @@
+"""Ctrl-C in the commands: one line on stderr and exit status 130 (128 + SIGINT, as shells report
+it), at once, wherever it lands: an import, a read, a compile, a garbage collection. A
+KeyboardInterrupt instead would end in a traceback, or be swallowed where Python reports it as
+unraisable (in a gc callback). The training loop installs its own handler (save, then 130) and
+gives this one back when it ends. Imports nothing heavy: the commands install it first.
+"""
+
+import contextlib
+import os
+import signal
+import sys
+
+STATUS = 130
+_line = b"resnet_jax: stopped by Ctrl-C\n"
+_held: list[int] | None = None  # while a file is written: the Ctrl-Cs held back till it is whole
+
+
+def _stop(signum, frame):
+    if _held is not None:
+        _held.append(signum)
+        return
+    try:
+        sys.stdout.flush()  # what was printed before
+    except Exception:  # noqa: BLE001  (reentrant: the signal landed inside a print)
+        pass
+    os.write(sys.stderr.fileno(), _line)
+    os._exit(STATUS)
+
+
+def install(command: str) -> None:
+    """Ctrl-C stops `command` ('resnet_jax', 'resnet_jax.report') as above; not where it is
+    ignored (a command started in the background)."""
+    global _line
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        _line = f"{command}: stopped by Ctrl-C\n".encode()
+        signal.signal(signal.SIGINT, _stop)
+
+
+def done() -> None:
+    """The work is done: what is left is output written whole and the exit's clean-up, which a
+    Ctrl-C would only cut short."""
+    if signal.getsignal(signal.SIGINT) is _stop:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def raising():
+    """While the block runs, Ctrl-C raises KeyboardInterrupt where `install` handles it: the
+    block's clean-up (a lock released, a log kept) runs, and the caller says the one line."""
+    mine = signal.getsignal(signal.SIGINT) is _stop
+    if mine:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if mine:
+            signal.signal(signal.SIGINT, _stop)
+
+
+@contextlib.contextmanager
+def held():
+    """Ctrl-C held back while a file is written, so that none is left half written. Where
+    `install` handles Ctrl-C; elsewhere it changes nothing."""
+    global _held
+    _held = []
+    try:
+        yield
+    finally:
+        waiting, _held = _held, None
+        if waiting:
+            _stop(waiting[0], None)
