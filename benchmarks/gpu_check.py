@@ -20,19 +20,30 @@ Parts, in order (`--skip` takes their names):
               `--cifar-dir` (train/CLASS/*.jpg, test/CLASS/*.jpg): wall time and final test
               error beside Table 6's 8.75%
 
-Each result is one JSON line on stdout and appended to `--out`. A time guard (`--time-limit`
-seconds from the start, 510 by default) skips a part that would start too late and stops the CIFAR
-run the way a preemption does (SIGTERM: it saves and stops), reporting how far it got; a rerun with
-`--skip tests,jax_step,torch_step` gives it the whole time. A last `summary` line names what
-passed, failed and was skipped; the exit status is 1 when a part failed.
+Each result is one JSON line on stdout and appended to `--out`; the first, `versions`, names
+what it runs on: Python, jax, jaxlib, the CUDA plugin, flax, optax, orbax-checkpoint,
+ml-collections, clu, numpy, torch, torchvision, the devices, and which of them pyproject.toml's
+ranges do not cover (`untested`). A time guard (`--time-limit` seconds from the start, 510 by
+default) skips a part that would start too late and stops the CIFAR run the way a preemption does
+(SIGTERM: it saves and stops), reporting how far it got; a rerun with `--skip
+tests,jax_step,torch_step` gives it the whole time. A last `summary` line names what passed,
+failed and was skipped; the exit status is 1 when a part failed.
 
-Nothing here needs TensorFlow. The GPU machine lacks ml-collections and clu: `bash
-benchmarks/gpu_carry.sh CIFAR_ARCHIVE` puts their wheels and the archive in build/gpu_check/
-(ignored by git), to carry along and install there with
+Nothing here needs TensorFlow. The GPU machine's image (Python 3.12, jax 0.11 with its CUDA
+plugin, torch, torchvision) lacks ml-collections and clu and has flax, optax and orbax-checkpoint
+of versions this project was not tested with: `bash benchmarks/gpu_carry.sh [CIFAR_ARCHIVE]` puts
+the wheels of `CARRIED` (requirements.txt's pins, and a flax that runs on jax 0.11) and the
+archive in build/gpu_check/ (ignored by git; name it in the device tool's `carry`), to install
+there in front of the image's with
 
     pip install -q --no-index --no-deps --target /tmp/site build/gpu_check/wheels/*.whl &&
     export PYTHONPATH=/tmp/site && mkdir -p /tmp/cifar && tar xzf build/gpu_check/cifar.tar.gz -C /tmp/cifar &&
     python3 -m benchmarks.gpu_check --cifar-dir /tmp/cifar --out $OUT/gpu_check.jsonl
+
+jax and jaxlib stay the image's: jaxlib must match the CUDA plugin, and its wheel alone is larger
+than the 64 MiB that travel. Before anything runs, a module the check needs that cannot be found
+(named with the wheel to carry), a carried distribution found at another version than its pin, or
+a module that fails to import on this jax, is one line on stderr, and exit status 2.
 
 `--dry-run`: every part at tiny sizes on the CPU (two quick tests; ResNet-18 at 32 px, batch 8;
 ResNet-20 for 3 steps on an image folder it makes unless `--cifar-dir` is given).
@@ -46,13 +57,18 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import importlib.metadata  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import tomllib  # noqa: E402
 import traceback  # noqa: E402
 import xml.etree.ElementTree as ElementTree  # noqa: E402
 
@@ -73,6 +89,118 @@ MINIMUM_SECONDS = {"tests": 60, "jax_step": 60, "torch_step": 40, "cifar": 60}
 STOP_MARGIN = 20  # seconds the CIFAR run is given to save and stop
 PAPER_RESNET20_TEST_ERROR = 8.75  # Table 6, CIFAR-10 test error (%)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Distributions that travel as wheels (benchmarks/gpu_carry.sh): the GPU image lacks ml-collections
+# and clu, and its flax, optax and orbax are versions not tested here. At requirements.txt's pins
+# (Python 3.11's), but where Python >= 3.12 needs another: requirements.txt's flax 0.12.8, the
+# last for Python 3.11, subclasses jax.experimental.hijax.HiPrimitive, which jax 0.11 removed;
+# 0.12.12 is the flax tested with jax 0.11.2 and 0.12.1 on Python 3.12.
+CARRIED = ("flax", "optax", "orbax-checkpoint", "ml-collections", "clu")
+PYTHON_3_12_PINS = {"flax": "0.12.12"}
+# The modules the check imports, by the distribution that has them: every part's, then each part's.
+NEEDED = {"numpy": "numpy", "jax": "jax", "jaxlib": "jaxlib", "flax": "flax", "optax": "optax",
+          "orbax.checkpoint": "orbax-checkpoint", "ml_collections": "ml-collections",
+          "clu": "clu", "etils.epath": "etils", "absl": "absl-py", "packaging": "packaging"}
+PART_NEEDS = {"tests": {"pytest": "pytest", "torch": "torch", "torchvision": "torchvision"},
+              "jax_step": {}, "torch_step": {"torch": "torch", "torchvision": "torchvision"},
+              "cifar": {"PIL": "pillow"}}
+# The versions the first line reports (and the CUDA plugin's, whatever its name).
+REPORTED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "clu", "numpy",
+            "torch", "torchvision")
+
+
+def _name(distribution: str) -> str:
+    """A distribution's name as packaging compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def carried_requirements(python: tuple[int, int] = sys.version_info[:2]) -> list[str]:
+    """`NAME==VERSION` of each carried distribution for a Python version."""
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", f.read(), re.MULTILINE))
+    pins = {_name(name): version for name, version in pins.items()}
+    if python >= (3, 12):
+        pins.update(PYTHON_3_12_PINS)
+    return [f"{name}=={pins[_name(name)]}" for name in CARRIED]
+
+
+def _version(distribution: str) -> str | None:
+    """The version of the first copy of `distribution` on sys.path: the one Python imports."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _findable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or set to None in sys.modules
+        return False
+
+
+def needed_modules(parts: list[str], workers: int) -> dict[str, str]:
+    """{module: distribution} of what running `parts` imports."""
+    needed = dict(NEEDED)
+    for part in parts:
+        needed.update(PART_NEEDS[part])
+    if "tests" in parts and workers:
+        needed["xdist"] = "pytest-xdist"
+    return needed
+
+
+def missing_piece(needed: dict[str, str]) -> str | None:
+    """One line naming what the check lacks here, or None: a module that cannot be found (and
+    the wheel to carry for it), or a carried distribution at another version. Imports nothing."""
+    carried = dict(pin.split("==") for pin in carried_requirements())
+    python = ".".join(platform.python_version_tuple()[:2])
+    for module, distribution in needed.items():
+        if _findable(module):
+            continue
+        if distribution in carried:
+            return (f"module {module!r} is missing: carry the wheel "
+                    f"{distribution}=={carried[distribution]} (bash benchmarks/gpu_carry.sh, then "
+                    "install build/gpu_check/wheels as benchmarks/gpu_check.py's docstring says)")
+        return (f"module {module!r} is missing: carry a wheel of {distribution} for Python "
+                f"{python} (pip download --no-deps --only-binary=:all: {distribution}; "
+                "benchmarks/gpu_carry.sh carries only " + ", ".join(CARRIED) + ")")
+    for distribution, version in carried.items():
+        found = _version(distribution)
+        if found != version:
+            return (f"{distribution} is {found}, not the carried {version}: install the wheels "
+                    "of build/gpu_check/wheels in front of the image's (pip install --no-deps "
+                    "--target /tmp/site ...; PYTHONPATH=/tmp/site) as benchmarks/gpu_check.py's "
+                    "docstring says")
+    return None
+
+
+def broken_import() -> str | None:
+    """One line naming a module every part imports that is there but fails to import (a version
+    that does not run on this jax, say), or None. torch loads in the parts' own processes."""
+    for module, distribution in NEEDED.items():
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # noqa: BLE001  (whatever stops the import is the answer)
+            first = (str(error).splitlines() or [""])[0]
+            return (f"module {module!r} ({distribution} {_version(distribution)}) does not import "
+                    f"with jax {_version('jax')}: {type(error).__name__}: {first}")
+    return None
+
+
+def versions() -> dict:
+    """Python's and the distributions' versions, and those outside pyproject.toml's ranges."""
+    from packaging.requirements import Requirement
+    plugins = sorted({dist.metadata["Name"] for dist in importlib.metadata.distributions()
+                      if _name(dist.metadata["Name"] or "").startswith("jax-cuda")})
+    found = {name: _version(name) for name in (*REPORTED, *plugins)}
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    ranges = {_name(r.name): r.specifier for r in map(Requirement, [
+        *project["dependencies"], *project["optional-dependencies"]["test"]])}
+    untested = [f"{name} {version} (tested: {ranges[_name(name)]})"
+                for name, version in found.items()
+                if version and _name(name) in ranges
+                and not ranges[_name(name)].contains(version, prereleases=True)]
+    return {"python": platform.python_version(), "packages": found, "untested": untested}
 
 
 class Reporter:
@@ -277,10 +405,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     end = time.monotonic() + args.time_limit
-    if args.dry_run:
+    needed = needed_modules([part for part in PARTS if part not in args.skip],
+                            args.sizes["workers"])
+    problem = missing_piece(needed)
+    if not problem:
         import jax
-        jax.config.update("jax_platforms", "cpu")
+        if args.dry_run:
+            jax.config.update("jax_platforms", "cpu")
+        problem = broken_import()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     report = Reporter(args.out)
+    report("versions", **versions(), platform=jax.default_backend(),
+           devices=[device.device_kind for device in jax.devices()])
     shared: dict = {}
     runs = {"tests": lambda left: run_tests(args, report, left),
             "jax_step": lambda left: run_jax_step(args, report, shared),

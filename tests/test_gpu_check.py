@@ -1,8 +1,10 @@
 """benchmarks/gpu_check.py at tiny sizes on the CPU, as the GPU machine would run it: without
-TensorFlow, TFDS or gcsfs, which that machine lacks (blocked in every process it starts)."""
+TensorFlow, TFDS or gcsfs, which that machine lacks (blocked in every process it starts); and its
+one-line refusal when a piece it needs is missing."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -14,14 +16,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABSENT = ("tensorflow", "tensorflow_datasets", "gcsfs")
 
 
-def _dry_run(tmp_path, *arguments: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+def _dry_run(tmp_path, *arguments: str, absent: tuple[str, ...] = ABSENT
+             ) -> tuple[subprocess.CompletedProcess, list[dict]]:
     # A module set to None in sys.modules is one Python cannot find: `import` raises
     # ModuleNotFoundError and importlib.util.find_spec returns None, as where it is not installed.
     # sitecustomize runs at the start of this process and of each one it starts (pytest, torch).
     site = tmp_path / "site"
-    site.mkdir()
+    site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(
-        f"import sys\nfor name in {ABSENT!r}:\n    sys.modules[name] = None\n")
+        f"import sys\nfor name in {absent!r}:\n    sys.modules[name] = None\n")
     out = tmp_path / "check.jsonl"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
         str(site), ROOT, os.environ.get("PYTHONPATH")]))}
@@ -39,6 +42,12 @@ def test_dry_run_runs_every_part_without_tensorflow(tmp_path):
     for line in lines:
         by_what.setdefault(line["what"], []).append(line)
     assert by_what["summary"][0]["passed"] == list(gpu_check.PARTS), lines
+    # The first line says what it ran on; this environment is the tested one.
+    versions = lines[0]
+    assert versions["what"] == "versions" and versions["python"] == platform.python_version()
+    assert all(versions["packages"][name] for name in gpu_check.REPORTED), versions
+    assert versions["untested"] == [] and versions["platform"] == "cpu"
+    assert versions["devices"] and set(versions["devices"]) == {"cpu"}
     tests = by_what["tests"][0]
     assert tests["passed"] >= len(gpu_check.DRY_RUN_TESTS) and tests["failed"] == []
     jax_step, torch_step = by_what["train_step"]
@@ -79,3 +88,47 @@ def test_bad_arguments_are_one_line(argv, words):
         gpu_check.parse_args(argv)
     message = str(info.value)
     assert "\n" not in message and all(word in message for word in words), message
+
+
+def _pin(distribution: str) -> str:
+    return next(pin for pin in gpu_check.carried_requirements()
+                if pin.startswith(distribution + "=="))
+
+
+@pytest.mark.parametrize("module, words", [
+    ("clu", ["'clu'", _pin("clu"), "gpu_carry.sh"]),
+    ("orbax.checkpoint", ["'orbax.checkpoint'", _pin("orbax-checkpoint")]),
+    ("torch", ["'torch'", "wheel of torch for Python"])])
+def test_a_missing_module_is_one_line_naming_the_wheel_to_carry(tmp_path, module, words):
+    done, lines = _dry_run(tmp_path, absent=(*ABSENT, module))
+    message = done.stderr.strip()
+    assert done.returncode == 2 and lines == [], done.stdout[-3000:] + done.stderr[-3000:]
+    assert "\n" not in message and message.startswith("error: module "), message
+    assert all(word in message for word in words), message
+
+
+def test_a_carried_distribution_at_another_version_is_one_line(tmp_path):
+    # An optax of another version first on the path, as the image's would be where the carried
+    # wheels were not installed in front of it.
+    info = tmp_path / "site" / "optax-9.9.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: optax\nVersion: 9.9\n")
+    done, lines = _dry_run(tmp_path)
+    message = done.stderr.strip()
+    assert done.returncode == 2 and lines == [], done.stdout[-3000:] + done.stderr[-3000:]
+    assert "\n" not in message and "optax is 9.9" in message, message
+    assert f"not the carried {_pin('optax').split('==')[1]}" in message, message
+
+
+def test_a_module_that_fails_to_import_is_one_line(tmp_path):
+    # A clu first on the path that fails as flax 0.12.8 does on jax 0.11 (found, but broken).
+    package = tmp_path / "site" / "clu"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "raise AttributeError(\"module 'jax.experimental.hijax' has no attribute "
+        "'HiPrimitive'\")\n")
+    done, lines = _dry_run(tmp_path)
+    message = done.stderr.strip()
+    assert done.returncode == 2 and lines == [], done.stdout[-3000:] + done.stderr[-3000:]
+    assert "\n" not in message and message.startswith("error: module 'clu' "), message
+    assert "does not import with jax" in message and "HiPrimitive" in message, message
