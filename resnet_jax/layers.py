@@ -1,6 +1,9 @@
 """The layers every network here is made of: batch normalisation and convolutions with the
-options they share (`Layers`), and the checks of option values, each a one-line ValueError that
-names the option. `models` (ResNets) and `vgg` build on this module.
+options they share (`Layers`), the classifier (float32, HIGHEST precision), and the checks of
+option values, each a one-line ValueError that names the option. In mixed precision (bfloat16
+compute, float32 parameters) convolutions and dense layers give their parameters float32
+gradients (`mixed_conv`, `mixed_dot`), so that devices sum gradients in float32. `models`
+(ResNets) and `vgg` build on this module.
 """
 
 import dataclasses
@@ -207,25 +210,186 @@ class Layers:
     init_fan: str
     conv_weight_grad: str = "xla"
 
+    @property
+    def mixed(self) -> bool:
+        """Whether the compute dtype is narrower than the parameters' (bfloat16 and float32)."""
+        return jnp.finfo(self.dtype).bits < jnp.finfo(self.param_dtype).bits
+
     def conv(self, in_features: int, out_features: int, size: int, stride: int,
              rngs: nnx.Rngs, bias: float | None = None) -> nnx.Conv:
         """A size x size convolution; with `bias`, it has a bias initialised to that value (the
-        highway gate's and VGG's convolutions, which no BN follows or which keep torchvision's)."""
+        highway gate's and VGG's convolutions, which no BN follows or which keep torchvision's).
+        In mixed precision its kernel and bias get float32 gradients (`MixedConv`)."""
         pad = (size - 1) // 2
-        return nnx.Conv(
+        matmul = self.conv_weight_grad == "matmul"
+        if self.mixed:
+            kind = functools.partial(MixedConv, conv_general_dilated=functools.partial(
+                mixed_conv, matmul=matmul), promote_dtype=_cast_input)
+        else:
+            kind = functools.partial(nnx.Conv, conv_general_dilated=(
+                cpu.conv_general_dilated if matmul else jax.lax.conv_general_dilated))
+        return kind(
             in_features, out_features, (size, size), (stride, stride),
             padding=((pad, pad), (pad, pad)), use_bias=bias is not None, dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=jax.nn.initializers.variance_scaling(2.0, self.init_fan, "normal"),
             bias_init=jax.nn.initializers.constant(0.0 if bias is None else bias),
-            conv_general_dilated=(cpu.conv_general_dilated if self.conv_weight_grad == "matmul"
-                                  else jax.lax.conv_general_dilated),
             rngs=rngs)
+
+    def dense(self, in_features: int, out_features: int, rngs: nnx.Rngs,
+              **initializers: Any) -> nnx.Linear:
+        """A fully connected layer in the compute dtype (VGG's hidden layers); in mixed precision
+        its kernel and bias get float32 gradients (`MixedLinear`). `initializers`: nnx.Linear's."""
+        kind = (functools.partial(MixedLinear, dot_general=mixed_dot, promote_dtype=_cast_input)
+                if self.mixed else nnx.Linear)
+        return kind(in_features, out_features, dtype=self.dtype, param_dtype=self.param_dtype,
+                    rngs=rngs, **initializers)
 
     def bn(self, features: int, zero_init: bool = False) -> BatchNorm:
         return BatchNorm(features, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                          group_size=self.bn_group_size, zero_init=zero_init, dtype=self.dtype,
                          param_dtype=self.param_dtype)
+
+
+def classifier(in_features: int, num_classes: int, param_dtype: Any, rngs: nnx.Rngs,
+               **initializers: Any) -> nnx.Linear:
+    """The last fully connected layer, whose outputs are the logits: float32 at HIGHEST precision
+    whatever the compute dtype (DEFAULT would make it TF32 on GPUs and one-pass bfloat16 on
+    TPUs), since the logits feed the softmax. `initializers`: nnx.Linear's."""
+    return nnx.Linear(in_features, num_classes, dtype=jnp.float32, param_dtype=param_dtype,
+                      precision=jax.lax.Precision.HIGHEST, rngs=rngs, **initializers)
+
+
+# Mixed precision. nnx.Conv and nnx.Linear cast their kernel to the compute dtype before the
+# product, so the kernel's gradient is a bfloat16 sum over the batch: under a batch-sharded mesh
+# XLA's partitioner all-reduces that bfloat16 partial sum across the devices (8 bits of
+# mantissa). Here the product takes the float32 kernel and casts it itself, and its gradient
+# is computed from the same bfloat16 operands but accumulated and returned in float32
+# (`preferred_element_type`: matrix units accumulate bf16 x bf16 in float32 anyway), so the
+# cross-device sum is float32, as PyTorch AMP with DDP sums its float32 gradients. The input
+# gradient stays bfloat16. The bias stays float32 too and the layer's output is cast back.
+
+class _InComputeDtype:
+    """A layer whose output is cast to its compute dtype: its float32 bias, added last, makes
+    the sum float32, and the cast's transpose hands the bias a float32 cotangent to sum."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        y = super().__call__(inputs, out_sharding)
+        return y if y.dtype == self.dtype else y.astype(self.dtype)
+
+
+class MixedConv(_InComputeDtype, nnx.Conv):
+    """nnx.Conv for mixed precision: float32 kernel and bias gradients, output in the compute
+    dtype. The same parameters and attributes as nnx.Conv."""
+
+
+class MixedLinear(_InComputeDtype, nnx.Linear):
+    """nnx.Linear for mixed precision, as `MixedConv`."""
+
+
+def _cast_input(args: tuple, *, dtype: Any = None, inexact: bool = True) -> tuple:
+    """flax's promote_dtype for mixed layers: the input cast to the compute dtype, the kernel
+    and bias left in the parameter dtype (the product casts the kernel)."""
+    x, *params = args
+    return (x if dtype is None else jnp.asarray(x, dtype), *params)
+
+
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, kernel, strides, padding, precision):
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMENSIONS,
+                                        precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _mixed_conv(x, kernel, strides, padding, precision, matmul):
+    return _conv(x, kernel.astype(x.dtype), strides, padding, precision)
+
+
+def _mixed_conv_forward(x, kernel, strides, padding, precision, matmul):
+    return _mixed_conv(x, kernel, strides, padding, precision, matmul), (x, kernel)
+
+
+def _mixed_conv_backward(strides, padding, precision, matmul, residuals, grad):
+    x, kernel = residuals
+    low = kernel.astype(x.dtype)
+    if matmul:  # XLA's CPU backend (`cpu.conv_general_dilated`): one product per tap
+        grad_x = cpu.input_gradient(grad, low, x.shape, strides, padding, precision).astype(x.dtype)
+        grad_kernel = cpu.kernel_gradient(x, grad, low.shape, strides, padding, precision)
+    else:  # JAX's own transposition, as nnx.Conv differentiates today
+        (grad_x,) = jax.vjp(lambda x: _conv(x, low, strides, padding, precision), x)[1](grad)
+        grad_kernel = kernel_gradient(x, grad, low.shape, strides, padding, precision)
+    return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+_mixed_conv.defvjp(_mixed_conv_forward, _mixed_conv_backward)
+# Jitted so that JAX traces, differentiates and lowers each shape once, however many layers share it.
+_mixed_conv_jit = jax.jit(_mixed_conv, static_argnums=(2, 3, 4, 5))
+
+
+def kernel_gradient(x, grad, kernel_shape, strides, padding, precision=None):
+    """The kernel gradient of an NHWC/HWIO convolution (explicit padding, no dilation) in float32:
+    the convolution of its input with its output gradient that JAX's transposition makes (the
+    batch contracted, the forward strides as the kernel's dilation), accumulating in float32."""
+    pads = []
+    for size, k, s, (lo, _), out in zip(x.shape[1:3], kernel_shape[:2], strides, padding,
+                                         grad.shape[1:3]):
+        # The high side reaches the last input row the last output reads (negative: rows unread).
+        pads.append((lo, (out - 1) * s + k - size - lo))
+    return jax.lax.conv_general_dilated(
+        x, grad, (1, 1), pads, rhs_dilation=strides, dimension_numbers=("CHWN", "IHWO", "HWNC"),
+        precision=precision, preferred_element_type=jnp.float32)
+
+
+def mixed_conv(x, kernel, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, precision=None, matmul=False,
+               **kwargs):
+    """`jax.lax.conv_general_dilated` (as nnx.Conv calls it) of x in the compute dtype with a
+    float32 kernel, cast to x's dtype for the product; the kernel gradient is float32 (module
+    comment above), by XLA's convolution or, with `matmul`, `cpu.kernel_gradient`'s products.
+    NHWC/HWIO, explicit padding, no dilation, no feature groups: what the networks here use."""
+    dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    specs = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _DIMENSIONS)
+    if (dilated or feature_group_count != 1 or kwargs.get("preferred_element_type") is not None
+            or kwargs.get("out_sharding") is not None or isinstance(padding, str) or x.ndim != 4
+            or (dimension_numbers is not None and jax.lax.conv_dimension_numbers(
+                x.shape, kernel.shape, dimension_numbers) != specs)):
+        raise ValueError("mixed precision convolutions support 2-D NHWC/HWIO convolutions with "
+                         "explicit padding, no dilation and no feature groups")
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+    return _mixed_conv_jit(x, kernel, tuple(window_strides), padding, precision, matmul)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_dot(x, kernel, precision):
+    return jnp.matmul(x, kernel.astype(x.dtype), precision=precision)
+
+
+def _mixed_dot_forward(x, kernel, precision):
+    return _mixed_dot(x, kernel, precision), (x, kernel)
+
+
+def _mixed_dot_backward(precision, residuals, grad):
+    x, kernel = residuals
+    grad_x = jnp.matmul(grad, kernel.astype(x.dtype).T, precision=precision)
+    batch = tuple(range(x.ndim - 1))
+    grad_kernel = jax.lax.dot_general(x, grad, ((batch, batch), ((), ())), precision=precision,
+                                      preferred_element_type=jnp.float32)
+    return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+_mixed_dot.defvjp(_mixed_dot_forward, _mixed_dot_backward)
+
+
+def mixed_dot(x, kernel, dimension_numbers, precision=None, preferred_element_type=None,
+              out_sharding=None):
+    """`jax.lax.dot_general` as nnx.Linear calls it (x's last axis against the kernel's first),
+    with the kernel cast to x's dtype and its gradient float32, as `mixed_conv`."""
+    if (dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or kernel.ndim != 2
+            or preferred_element_type is not None or out_sharding is not None):
+        raise ValueError("mixed precision dense layers support x @ kernel alone")
+    return _mixed_dot(x, kernel, precision)
 
 
 def make_layers(*, bn_momentum: float, bn_epsilon: float, bn_group_size: int | None, dtype: Any,

@@ -28,7 +28,7 @@ from flax import nnx
 
 from resnet_jax import cpu, vgg
 from resnet_jax.layers import (BN_STATISTICS, BatchNorm, Layers, check_choice,  # noqa: F401
-                               check_images, check_positive_int, make_layers)
+                               check_images, check_positive_int, classifier, make_layers)
 
 SHORTCUTS = ("A", "B", "C")
 STRIDE_ON = ("1x1", "3x3")
@@ -391,7 +391,8 @@ class ResNet(nnx.Module):
       bn_momentum, bn_epsilon, bn_group_size: see `BatchNorm`.
       dtype: compute dtype: "auto" (bfloat16 on GPUs and TPUs, float32 on the CPU; see
         `layers.compute_dtype`), "float32" or "bfloat16"; param_dtype: parameter dtype. The
-        pooled features, the classifier and the logits are float32.
+        pooled features, the classifier (at HIGHEST precision) and the logits are float32, and
+        in bfloat16 the convolutions' kernel gradients too (`layers.mixed_conv`).
       init_fan: "fan_in" or "fan_out", see `Layers`. The classifier keeps Flax's default init
         (LeCun normal), as the paper says nothing of it.
       scan_blocks: run the blocks of each stage after the first (all alike: same shapes, no
@@ -478,9 +479,8 @@ class ResNet(nnx.Module):
             self.stages.append(stage)
         # Pre-activation: the sum that leaves the last block has not been normalised yet.
         self.bn_final = layers.bn(features) if pre else None
-        # The classifier in float32 whatever the compute dtype: the logits feed the softmax.
-        self.fc = nnx.Linear(features, num_classes, dtype=jnp.float32,
-                             param_dtype=layers.param_dtype, rngs=rngs)
+        # Float32 at HIGHEST precision whatever the compute dtype: the logits feed the softmax.
+        self.fc = classifier(features, num_classes, layers.param_dtype, rngs)
 
     def features(self, x: jax.Array) -> dict[str, jax.Array]:
         """Feature maps for users who build on the backbone (detection, segmentation).

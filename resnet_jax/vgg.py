@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnet_jax.layers import check_images, check_positive_int, make_layers
+from resnet_jax.layers import check_images, check_positive_int, classifier, make_layers
 
 # Convolutions per stack: configuration D (16 weight layers) and E (19) of Simonyan and Zisserman.
 STACKS = {16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
@@ -54,7 +54,8 @@ class VGG(nnx.Module):
     per stack up to 8x; 64), bn_momentum, bn_epsilon, bn_group_size (the _bn variants),
     dtype, param_dtype, init_fan (the convolutions' He initialisation, see `layers.Layers`; their
     biases start at 0), in_channels, conv_weight_grad. The fully connected layers start as
-    torchvision's and Simonyan and Zisserman's: weights N(0, 0.01^2), biases 0.
+    torchvision's and Simonyan and Zisserman's: weights N(0, 0.01^2), biases 0. The hidden ones
+    compute in `dtype`; the classifier (fc3) and the logits are float32, at HIGHEST precision.
     """
 
     def __init__(self, stack_sizes: tuple[int, ...], *, batch_norm: bool, num_classes: int,
@@ -83,15 +84,11 @@ class VGG(nnx.Module):
                     self.bns.append(layers.bn(filters))
                 features = filters
 
-        def dense(in_features: int, out_features: int) -> nnx.Linear:
-            return nnx.Linear(in_features, out_features, dtype=layers.dtype,
-                              param_dtype=layers.param_dtype,
-                              kernel_init=jax.nn.initializers.normal(0.01),
-                              bias_init=jax.nn.initializers.zeros, rngs=rngs)
-
-        self.fc1 = dense(features * POOLED_SIZE**2, HIDDEN)
-        self.fc2 = dense(HIDDEN, HIDDEN)
-        self.fc3 = dense(HIDDEN, num_classes)
+        init = dict(kernel_init=jax.nn.initializers.normal(0.01), bias_init=jax.nn.initializers.zeros)
+        self.fc1 = layers.dense(features * POOLED_SIZE**2, HIDDEN, rngs, **init)
+        self.fc2 = layers.dense(HIDDEN, HIDDEN, rngs, **init)
+        # The classifier float32 at HIGHEST precision whatever the compute dtype, as the ResNets'.
+        self.fc3 = classifier(HIDDEN, num_classes, layers.param_dtype, rngs, **init)
         self.dropout1 = nnx.Dropout(DROPOUT, rngs=rngs)
         self.dropout2 = nnx.Dropout(DROPOUT, rngs=rngs)
 
@@ -122,7 +119,7 @@ class VGG(nnx.Module):
         x = self.features(x)["pooled"]
         x = self.dropout1(nnx.relu(self.fc1(x)))
         x = self.dropout2(nnx.relu(self.fc2(x)))
-        return self.fc3(x).astype(jnp.float32)
+        return self.fc3(x)
 
 
 def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> VGG:
