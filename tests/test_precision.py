@@ -124,18 +124,19 @@ def test_mixed_conv_float32_gradients_equal_jax_grad(matmul):
 
 @pytest.mark.parametrize("matmul", [False, True], ids=["xla", "matmul"])
 def test_mixed_conv_bfloat16_kernel_gradient_is_float32(matmul):
-    # The same bfloat16 output and input gradient as today's convolution; the kernel gradient
-    # summed in float32 and left there, so closer to the float32 computation than today's
-    # bfloat16 one for every shape.
+    # The bfloat16 output and input gradient of nnx's convolution; the kernel gradient summed in
+    # float32 and left there, so closer to the float32 computation than nnx's bfloat16 one for
+    # every shape.
     for size, stride, map_size in CONVS:
         x, kernel, strides, padding, grad = case = _conv_case(size, stride, map_size, jnp.bfloat16)
         y, dx, dk = _mixed_vjp(*case, matmul)
         y_old, dx_old, dk_old = _plain_vjp(*case)
         where = f"kernel {size}, stride {stride}, map {map_size}"
         assert y.dtype == dx.dtype == jnp.bfloat16 and dk.dtype == jnp.float32, where
-        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_old, np.float32), err_msg=where)
-        dx, dx_old = np.asarray(dx, np.float32), np.asarray(dx_old, np.float32)
-        assert np.linalg.norm(dx - dx_old) <= 1e-2 * np.linalg.norm(dx_old), where
+        # (On a GPU each program may pick its own convolution algorithm: equal to rounding.)
+        for new, old in ((y, y_old), (dx, dx_old)):
+            new, old = np.asarray(new, np.float32), np.asarray(old, np.float32)
+            assert np.linalg.norm(new - old) <= 1e-2 * np.linalg.norm(old), where
         # Float32 arithmetic on the same bfloat16 numbers.
         _, _, exact = _plain_vjp(x.astype(jnp.float32), kernel.astype(jnp.bfloat16).astype(jnp.float32),
                                  strides, padding, grad.astype(jnp.float32))
