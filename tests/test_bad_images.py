@@ -144,15 +144,21 @@ def test_digits_with_too_few_training_rows_are_refused():
         data.info(config)
 
 
+def _train_on(root, workdir, num_classes):
+    """The real command on the image folder `root`: (its result, the last line of its stderr)."""
+    command = main_command(workdir, **{"data.name": f"imagefolder:{root}",
+                                       "data.num_classes": num_classes,
+                                       "train.batch_size": 4, "eval.batch_size": 4})
+    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True,
+                            timeout=300)
+    return result, result.stderr.strip().splitlines()[-1]
+
+
 def test_the_command_refuses_an_empty_class_and_writes_nothing(tmp_path):
     root = _folder(tmp_path / "images", {"train": {"ant": 4, "bee": 4, "cat": 0},
                                          "test": {"ant": 2, "bee": 2}})
     workdir = tmp_path / "run"
-    command = main_command(workdir, **{"data.name": f"imagefolder:{root}", "data.num_classes": 3,
-                                       "train.batch_size": 4, "eval.batch_size": 4})
-    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True,
-                            timeout=300)
-    last = result.stderr.strip().splitlines()[-1]
+    result, last = _train_on(root, workdir, 3)
     assert result.returncode == 2, result.stderr[-2000:]
     assert last.startswith("resnet_jax: error: ") and "'cat'" in last and "'train'" in last, last
     assert not workdir.exists() or not any(workdir.iterdir())
@@ -161,12 +167,7 @@ def test_the_command_refuses_an_empty_class_and_writes_nothing(tmp_path):
 def test_a_run_whose_eval_image_does_not_decode_stops_in_one_line_naming_it(tmp_path):
     root = _folder(tmp_path / "images", {"train": {"ant": 4, "bee": 4}, "test": {"ant": 2, "bee": 2}})
     (root / "test" / "bee" / "broken.jpg").write_bytes(b"")
-    workdir = tmp_path / "run"
-    command = main_command(workdir, **{"data.name": f"imagefolder:{root}", "data.num_classes": 2,
-                                       "train.batch_size": 4, "eval.batch_size": 4})
-    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True,
-                            timeout=300)
-    last = result.stderr.strip().splitlines()[-1]
+    result, last = _train_on(root, tmp_path / "run", 2)
     assert result.returncode == 1, result.stderr[-2000:]
     assert last.startswith("resnet_jax: error: step 3: ") and "broken.jpg" in last, last
     assert "checkpoint" in last and "Traceback" not in result.stderr
