@@ -48,7 +48,7 @@ def from_run(model: nnx.Module, workdir: epath.Path) -> list[str]:
         raise ValueError(f"{manager.directory} holds no checkpoint")
     # Every process reads the whole checkpoint onto its first device: the weights of a model
     # not yet placed on the mesh, whatever topology saved them.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
     try:
         saved = checkpoint.pure(checkpoint.read(manager, step, device))
     except checkpoint.CorruptCheckpoint as error:

@@ -21,7 +21,8 @@ def final_step(config: Any, workdir: str) -> int | None:
             manager = checkpoint.reader(path)
             step = manager.latest_step()
             if step is not None and checkpoint.is_final(manager, step):
-                checkpoint.read(manager, step, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+                device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
+                checkpoint.read(manager, step, device)
                 found = step
     except Exception:  # unreadable or corrupt: the run's restore says what and moves it aside
         found = None
