@@ -345,7 +345,7 @@ def read_latest(workdir) -> tuple[int, Any]:
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
     target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
                           manager.item_metadata(step))
     return step, manager.restore(step, args=ocp.args.StandardRestore(target))
