@@ -157,8 +157,10 @@ def main(argv):
         ending = f"stopped by Ctrl-C; {peers.latest_checkpoint()}", interrupt.STATUS
     except jax.errors.JaxRuntimeError as error:
         logging.info("The run stopped on this error:", exc_info=True, extra=console.LOG_FILE_ONLY)
-        if jax.process_count() > 1:  # a collective with a process that died
-            ending = f"error: {peers.collective_failed(error)}; {peers.latest_checkpoint()}", 1
+        if jax.process_count() > 1:  # a collective with a process that died: not waiting for it
+            console.close()
+            peers.end(f"resnet_jax: error: {peers.collective_failed(error)}; "
+                      f"{peers.latest_checkpoint()}", 1)
         else:
             ending = (f"error: the devices failed: {validate.one_line(error)}; "
                       f"{_left(FLAGS.workdir)}", 1)
@@ -174,8 +176,6 @@ def main(argv):
         log_failure = console.close()  # first: no library's late record follows the last line
     if ending is None and log_failure:  # finished, but log.txt failed since the loop last looked
         ending = f"error: {log_failure}; {_left(FLAGS.workdir)}", 1
-    if ending is not None and jax.process_count() > 1:
-        peers.end(f"resnet_jax: {ending[0]}", ending[1])  # not waiting at JAX's shutdown barrier
     if ending is not None:
         print(f"resnet_jax: {ending[0]}", file=sys.stderr)
         sys.exit(ending[1])

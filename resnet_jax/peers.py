@@ -1,17 +1,17 @@
-"""How a process of a multi-process run ends when it cannot go on, or another process died.
+"""How a survivor of a multi-process run ends when another process died.
 
 A collective with a process that died fails on the survivors' main thread (on the CPU, Gloo's
 "Connection reset by peer") as a `jax.errors.JaxRuntimeError`: `collective_failed` says so in a
-line. Whatever the ending, a process of a multi-process run then exits at once (`end`), without
-waiting at JAX's shutdown barrier for every process: the dead one never comes, and one that
-stopped alone would keep the others waiting in their next collective; JAX's coordination service
-would end either wait by aborting the process (SIGABRT, a crash dump) after its heartbeat
-timeout. Exiting at once, a process lets the others' next collective fail at once.
+line, and the survivor exits at once (`end`), past JAX's shutdown barrier: the dead process never
+joins it, and JAX's coordination service would end the wait by aborting the survivor (SIGABRT, a
+crash dump) after its heartbeat timeout. Every other ending goes through that barrier: all
+processes reach it (they stop at the same step or agree on the error), and process 0, which
+hosts the service, must not leave before the others, whom its exit would abort.
 
-Where process 0, which hosts the coordination service, is the one that died, JAX's client aborts
-the survivors from its own thread within a second (`Terminating process because the JAX
-distributed service detected fatal errors`). jaxlib's hook for that report cannot be called from
-Python (its status does not convert: `std::bad_cast`), so that abort stays.
+Where process 0 is the one that died, JAX's client aborts the survivors from its own thread
+within a second (`Terminating process because the JAX distributed service detected fatal
+errors`). jaxlib's hook for that report cannot be called from Python (its status does not
+convert: `std::bad_cast`), so that abort stays.
 """
 
 import os

@@ -122,7 +122,7 @@ def test_a_real_full_disk_ends_in_one_line_at_any_size(full_disk_runs, size):
 @pytest.fixture
 def log_file(monkeypatch):
     """console's log file handler, as the main job installs it (INFO records); closed afterwards."""
-    verbosity = logging.get_verbosity()
+    level = pylogging.getLogger("absl").level  # NOTSET where no test set it: the root's
     logging.set_verbosity(logging.INFO)
     monkeypatch.setattr(console, "_ended", False)
     handler = console._LogFile()
@@ -130,7 +130,7 @@ def log_file(monkeypatch):
     pylogging.getLogger().addHandler(handler)
     yield handler
     console.close()
-    logging.set_verbosity(verbosity)
+    pylogging.getLogger("absl").setLevel(level)
 
 
 class _FillsAfter:

@@ -252,14 +252,14 @@ def test_a_failed_save_names_the_intact_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", save)
     with pytest.raises(checkpoint.CheckpointError,
-                       match=r"^saving the checkpoint of step 3 failed \(.*No space left on device\); the latest complete checkpoint, of step 1, is intact"):
-        train.train_and_evaluate(small_config(), str(tmp_path))
-    assert latest_params(tmp_path)[0] == 1
+                       match=r"^saving the checkpoint of step 3 failed \(.*No space left on device\); the latest complete checkpoint, of step 2, is intact"):
+        train.train_and_evaluate(small_config(**{"checkpoint.every_steps": 1}), str(tmp_path))
+    assert latest_params(tmp_path)[0] == 2
 
 
 @pytest.mark.parametrize("full", ["checkpoint", "metrics"])
 def test_a_full_disk_ends_in_one_line_naming_what_is_left(tmp_path, monkeypatch, full):
-    # The disk fills in the background save of step 1 (before any checkpoint is complete) or in
+    # The disk fills in the background save of step 3 (before any checkpoint is complete) or in
     # the metrics row of step 5 (after step 3's checkpoint). Injected: no small file system can
     # be made here without root.
     if full == "checkpoint":
@@ -267,7 +267,7 @@ def test_a_full_disk_ends_in_one_line_naming_what_is_left(tmp_path, monkeypatch,
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(checkpoint.ocp.StandardCheckpointHandler, "finalize", finalize)
-        expected = (r"^saving the checkpoint of step 1 failed \(\[Errno 28\] No space left on device\); "
+        expected = (r"^saving the checkpoint of step 3 failed \(\[Errno 28\] No space left on device\); "
                     r"no checkpoint is complete: none was written to ")
     else:
         write = train.metrics.JsonlWriter.write_scalars
