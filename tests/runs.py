@@ -44,6 +44,19 @@ def environment(devices: int | None = None, **variables: str) -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": " ".join(flags), **variables}
 
 
+# What launchers (SLURM, Open MPI, Cloud TPU, Kubernetes, JAX's own flags) set in the environment.
+LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JOBSET_", "JAX_COORDINATOR",
+                   "JAX_LOCAL_DEVICE_IDS", "JAX_PROCESS")
+
+
+def without_launch_environment(monkeypatch):
+    """`monkeypatch` with every launcher's variable removed from os.environ for the test."""
+    for name in list(os.environ):
+        if name.startswith(LAUNCH_PREFIXES):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
 def run_main(workdir, *flags, devices=None, **changes):
     """The real command in a subprocess on `devices` simulated CPU devices; it must succeed."""
     command = main_command(workdir, *flags, **changes)

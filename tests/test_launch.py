@@ -18,7 +18,7 @@ import pytest
 
 from launch import sweep, tpu_pod
 from resnet_jax import sharding
-from runs import REPO, SMALL, environment
+from runs import LAUNCH_PREFIXES, REPO, SMALL, environment, without_launch_environment
 
 PYTHON = sys.executable
 SAFE_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
@@ -426,8 +426,6 @@ def test_local_sweep_trains_each_point_in_its_own_workdir(tmp_path):
 
 
 # Cluster detection (resnet_jax/sharding.py): the launchers' own variables, public JAX only.
-LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JOBSET_", "JAX_COORDINATOR",
-                   "JAX_LOCAL_DEVICE_IDS", "JAX_PROCESS")
 SLURM_STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "1",
               "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
 OPEN_MPI = {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://127.0.0.1:34911", "OMPI_COMM_WORLD_SIZE": "1",
@@ -440,10 +438,7 @@ ONE_PROCESS = "no cluster environment: one process"
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith(LAUNCH_PREFIXES):
-            monkeypatch.delenv(name)
-    return monkeypatch
+    return without_launch_environment(monkeypatch)
 
 
 @pytest.mark.parametrize("variables, installed, cluster", [

@@ -2,13 +2,13 @@
 for multislice, the environment for the cluster detection."""
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
 import pytest
 
 from resnet_jax import running_stats, sharding
+from runs import without_launch_environment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +54,11 @@ def test_per_device_running_statistics_follow_the_whole_mesh():
 
 SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "16",
          "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}
-OTHERS = ("SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JOBSET_")
 
 
 @pytest.fixture
 def bare_environment(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith(OTHERS):
-            monkeypatch.delenv(name)
-    return monkeypatch
+    return without_launch_environment(monkeypatch)
 
 
 def test_cluster_detection_is_jax_own(bare_environment):
