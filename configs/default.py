@@ -126,6 +126,9 @@ def get_config() -> ml_collections.ConfigDict:
         every_steps=5_000,           # steps between saves; also at the last step and on a stop
         keep=3,                      # the latest checkpoints kept
         keep_best=True,              # also keep the best by eval accuracy, across restarts
+        # A save's time limit (orbax's): where one process's save fails, the others wait for it
+        # this long at orbax's barriers before every process stops on the failure.
+        timeout_seconds=1200,
     ))
     # A log line (and a metrics.jsonl row) of the train metrics every this many steps.
     config.log_every_steps = 100

@@ -14,10 +14,11 @@ import json
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental.multihost_utils import sync_global_devices
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from resnet_jax import checksums, workdir as workdirs
@@ -26,7 +27,7 @@ DIRECTORY = "checkpoints"
 
 
 def create_manager(workdir: epath.Path, config: Any) -> ocp.CheckpointManager:
-    """config: the `checkpoint` section (every_steps, keep, keep_best)."""
+    """config: the `checkpoint` section (every_steps, keep, keep_best, timeout_seconds)."""
     policies = [checkpoint_managers.LatestN(config.keep)]
     best = {}
     if config.keep_best:
@@ -38,7 +39,8 @@ def create_manager(workdir: epath.Path, config: Any) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=config.every_steps,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=True, **best)
+        enable_async_checkpointing=True,
+        async_options=ocp.AsyncOptions(timeout_secs=config.timeout_seconds), **best)
     directory = workdir / DIRECTORY
     # The handler named, so that item_metadata can read a checkpoint's shapes before restoring it.
     try:
@@ -66,6 +68,9 @@ def _eval_accuracy(metrics: dict[str, float]) -> float:
 
 class CheckpointError(RuntimeError):
     """A save failed (a full disk, a lost bucket); the latest complete checkpoint is intact."""
+
+    what = "in flight"  # which save: "of step S"
+    waited_only = False  # failed only at a barrier of orbax's that another process missed
 
 
 def _settle(manager: ocp.CheckpointManager) -> None:
@@ -101,8 +106,27 @@ def _failed(manager: ocp.CheckpointManager, error: Exception, step: int | None =
     left = _remove_temporary(manager)
     steps = [step] if step is not None else left
     what = f"of step {', '.join(map(str, steps))}" if steps else "in flight"
-    return CheckpointError(f"saving the checkpoint {what} failed ({' '.join(str(error).split())}); "
-                           f"{_latest(manager)}")
+    cause = _cause(error)
+    waited_only = _timed_out(cause)  # at a barrier of orbax's that another process missed
+    shown = error if waited_only else cause
+    failure = CheckpointError(f"saving the checkpoint {what} failed ({' '.join(str(shown).split())}); "
+                              f"{_latest(manager)}")
+    failure.__cause__, failure.waited_only, failure.what = error, waited_only, what
+    return failure
+
+
+def _timed_out(error: BaseException) -> bool:
+    # How JAX's coordination service ends a barrier a process never reached (orbax's test), and
+    # how orbax says it.
+    return isinstance(error, TimeoutError) or "DEADLINE_EXCEEDED" in str(error)
+
+
+def _cause(error: BaseException) -> BaseException:
+    """What made this process miss orbax's barrier, where `error` is a barrier's time-out raised
+    while handling it (a failed write); else the time-out itself."""
+    while _timed_out(error) and error.__context__ is not None:
+        error = error.__context__
+    return error
 
 
 def _remove_temporary(manager: ocp.CheckpointManager) -> list[int]:
@@ -140,20 +164,41 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
     # In the step's metadata, which orbax writes into the step's directory before it commits it.
     values = jax.device_get(checksums.on_devices(state)[0])
     sums = dict(zip(checksums.leaf_names(state), map(int, values)))
+    failure = None
     try:
         manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force,
                      custom_metadata={CHECKSUMS: sums, FINAL: final})
     except Exception as error:
-        raise _failed(manager, error, step) from error
+        failure = _failed(manager, error, step)
+    _agree(manager, failure, f"of step {step}")
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
-    """Waits for the saves in flight; raises CheckpointError if one failed."""
+    """Waits for the saves in flight; raises CheckpointError if one failed, on any process."""
+    failure = None
     try:
         manager.wait_until_finished()
         manager.check_for_errors()
     except Exception as error:
-        raise _failed(manager, error) from error
+        failure = _failed(manager, error)
+    _agree(manager, failure, failure.what if failure else "in flight")
+
+
+def _agree(manager: ocp.CheckpointManager, failure: CheckpointError | None, what: str) -> None:
+    """Raises `failure` (this process's), or where another process's save failed, a
+    CheckpointError naming it: every process calls this at the same point and stops alike, none
+    going on into a step the others never join. A process whose save failed skips orbax's
+    barriers, where the others wait until checkpoint.timeout_seconds and fail only for that
+    (`waited_only`): the process that failed first is the one named."""
+    if jax.process_count() > 1:
+        mine = 0 if failure is None else 1 if failure.waited_only else 2
+        states = np.asarray(multihost_utils.process_allgather(np.int32(mine)))
+        if mine < 2 and (states == 2).any():
+            failure = CheckpointError(f"saving the checkpoint {what} failed on process "
+                                      f"{int((states == 2).argmax())} (its own line says why); "
+                                      f"{_latest(manager)}")
+    if failure is not None:
+        raise failure
 
 
 # Keys of the step metadata's custom_metadata: the arrays' checksums; whether it is the last step.
@@ -295,7 +340,7 @@ def _set_aside(directory: epath.Path, failed: list[tuple[int, str]], workdir: ep
             except OSError as error:
                 logging.warning("Could not move the corrupt checkpoint of step %d to %s (%s); "
                                 "it stays where it is.", step, aside, error)
-    sync_global_devices(f"corrupt checkpoints {[step for step, _ in failed]} set aside")
+    multihost_utils.sync_global_devices(f"corrupt checkpoints {[step for step, _ in failed]} set aside")
 
 
 def reader(workdir: epath.Path) -> ocp.CheckpointManager:

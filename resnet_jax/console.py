@@ -16,9 +16,11 @@ and the training loop stops the run with it in one line.
 """
 
 import contextlib
+import faulthandler
 import logging as pylogging
 import os
 import shutil
+import sys
 import tempfile
 
 from absl import logging
@@ -64,6 +66,26 @@ class _Short(pylogging.Formatter):
         return text
 
 
+_crash_fd: int | None = None  # where Python's crash dumps go: the log file's own descriptor
+
+
+def _crash_dumps_to(file) -> None:
+    """Python's crash dump (absl turns it on: every thread's stack, the modules) is a library's
+    traceback: into the log `file` (through a descriptor of its own, kept open to the end, so
+    that a crash after the run's last line still goes there), else (None) to stderr."""
+    global _crash_fd
+    if not faulthandler.is_enabled():
+        return
+    try:
+        fd = None if file is None else os.dup(file.fileno())
+        faulthandler.enable(sys.__stderr__ if fd is None else fd, all_threads=True)
+    except Exception:  # noqa: BLE001  (a stream with no descriptor: a test's)
+        return
+    if _crash_fd is not None:
+        os.close(_crash_fd)
+    _crash_fd = fd
+
+
 class _LogFile(pylogging.Handler):
     """Every record, formatted as absl formats it; held in memory until `keep_in` names the
     file, then written to it line by line."""
@@ -94,6 +116,7 @@ class _LogFile(pylogging.Handler):
         self.failure = (f"writing the log file {self.path} failed ({type(error).__name__}: "
                         f"{' '.join(str(error).split())})")
         if self.file is not None:
+            _crash_dumps_to(None)
             with contextlib.suppress(Exception):  # its buffered line fails again
                 self.file.close()
         self.file, self.held = None, None
@@ -111,12 +134,15 @@ class _LogFile(pylogging.Handler):
             self.file = open(self.local_path, "a")  # noqa: SIM115  (open for the whole run)
             self.file.writelines(self.held)
             self.file.flush()
+            _crash_dumps_to(self.file)
         except Exception as error:
             self._stop(error)
         self.held = None
 
     def close(self) -> None:
         if self.file is not None:
+            if self.destination is not None:  # its local file is removed below
+                _crash_dumps_to(None)
             try:
                 self.file.close()
                 if self.destination is not None:

@@ -17,10 +17,12 @@ import contextlib
 import runpy
 import sys
 
-from resnet_jax import interrupt
+from resnet_jax import interrupt, supervisor
 
 if __name__ == "__main__":  # first: the imports below take seconds
     interrupt.install("resnet_jax")
+    if supervisor.needed(sys.argv):  # a process of a multi-process run: under its parent
+        supervisor.run(sys.argv)
 
 from resnet_jax import cpu  # noqa: E402
 
@@ -120,6 +122,7 @@ def main(argv):
     # After distributed start-up: these import TensorFlow and touch devices.
     import jax  # pylint: disable=import-outside-toplevel
 
+    supervisor.tell(jax.process_index(), jax.process_count())
     from resnet_jax import checkpoint, finished  # pylint: disable=import-outside-toplevel
     from resnet_jax import workdir as workdirs  # pylint: disable=import-outside-toplevel
 

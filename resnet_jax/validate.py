@@ -52,7 +52,8 @@ def check_numbers(config: Any) -> None:
     """The fields that no other part checks: lengths, intervals, rates; all finite."""
     positive_ints = {"log_every_steps": config.log_every_steps, "eval.every_steps": config.eval.every_steps,
                      "checkpoint.every_steps": config.checkpoint.every_steps,
-                     "checkpoint.keep": config.checkpoint.keep}
+                     "checkpoint.keep": config.checkpoint.keep,
+                     "checkpoint.timeout_seconds": config.checkpoint.timeout_seconds}
     for field, value in positive_ints.items():
         _require(_int(value) and value >= 1, field, value, "a positive integer")
     steps = config.train.num_steps

@@ -242,13 +242,16 @@ def test_a_failed_save_in_flight_leaves_nothing_when_another_writer_stops_the_ru
 
 
 # The real command with ENOSPC injected. argv[1]: the workdir file whose write fails
-# (config.json), or log:TEXT, the log file full from the line holding TEXT on.
+# (config.json); log:TEXT, the log file full from the line holding TEXT on; or save:STEP, the
+# save of STEP failing in orbax's background thread.
 INJECTED = """
 import errno, os, runpy, sys
+from orbax.checkpoint._src.checkpointers import async_checkpointer
 from resnet_jax import console, workdir
 
 what = sys.argv.pop(1)
 real_write, real_open = workdir.write_text, open
+real_commit = async_checkpointer._background_wait_for_commit_futures
 
 
 def full():
@@ -283,16 +286,27 @@ def write_text(path, text):
     real_write(path, text)
 
 
+def commit(directory, *args, **kwargs):
+    if directory.name.split(".")[0] == what[len("save:"):]:
+        raise full()
+    return real_commit(directory, *args, **kwargs)
+
+
 if what.startswith("log:"):
     console.open = Full
+elif what.startswith("save:"):
+    async_checkpointer._background_wait_for_commit_futures = commit
 else:
     workdir.write_text = write_text
 runpy.run_module("resnet_jax.main", run_name="__main__", alter_sys=True)
 """
 
 
-def injected_command(what: str, workdir, *flags) -> list[str]:
-    return [sys.executable, "-c", INJECTED, what, *main_command(workdir, *flags)[3:]]
+def injected_command(what: str, workdir, *flags, **changes) -> list[str]:
+    return [sys.executable, "-c", INJECTED, what, *main_command(workdir, *flags, **changes)[3:]]
+
+
+SAVE_LIMIT = {"checkpoint.timeout_seconds": 10}
 
 
 def _free_port() -> int:
@@ -304,20 +318,26 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def injected_runs(tmp_path_factory):
     """{case: (workdir, [result of each process])}, all at once: ENOSPC at config.json; at
-    log.txt from the result's line on (after the loop last looked); at process 1's log file from
-    the save of step 3 on, two processes."""
+    log.txt from the result's line on (after the loop last looked); two processes: at process 1's
+    log file from the save of step 3 on, or in process 1's save of step 3 (in the background)."""
     root = tmp_path_factory.mktemp("injected")
     pod = [f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
+    save = [f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
     commands = {
         "config.json": [injected_command("config.json", root / "config")],
         "log.txt": [injected_command("log:Finished step", root / "log")],
         "pod": [main_command(root / "pod", *pod, "--process_id=0"),
                 injected_command("log:Saving the checkpoint of step 3", root / "pod", *pod,
                                  "--process_id=1")],
+        # The save's time limit: how long process 0 waits at orbax's barrier for process 1.
+        "pod save": [main_command(root / "save", *save, "--process_id=0", **SAVE_LIMIT),
+                     injected_command("save:3", root / "save", *save, "--process_id=1",
+                                      **SAVE_LIMIT)],
     }
     results = run_all(commands)
     return {case: (root / name, results[case])
-            for case, name in (("config.json", "config"), ("log.txt", "log"), ("pod", "pod"))}
+            for case, name in (("config.json", "config"), ("log.txt", "log"), ("pod", "pod"),
+                               ("pod save", "save"))}
 
 
 def test_a_full_disk_at_config_json_ends_in_one_line(injected_runs):
@@ -343,3 +363,14 @@ def test_a_full_log_file_on_one_process_stops_every_process(injected_runs):
                            f"[Errno 28] {FULL}", complete(3))
     assert_one_line_ending(first, "process 1 could not write its metrics or log file at step 4",
                            complete(3))
+
+
+def test_a_save_failing_on_one_process_stops_every_process(injected_runs):
+    # Process 1 went on alone: it raised at its next save, where process 0 waited at orbax's
+    # barrier, and each ended with its own line (or process 0 entered the next step alone).
+    workdir, [first, second] = injected_runs["pod save"]
+    assert_one_line_ending(second, f"saving the checkpoint of step 3 failed ([Errno 28] {FULL})",
+                           NONE)
+    assert_one_line_ending(first, "saving the checkpoint of step 3 failed on process 1 (its own "
+                           "line says why)", NONE)
+    assert not half_written(workdir)

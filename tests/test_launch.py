@@ -17,7 +17,7 @@ import jax
 import pytest
 
 from launch import sweep, tpu_pod
-from resnet_jax import sharding
+from resnet_jax import clusters, sharding
 from runs import LAUNCH_PREFIXES, REPO, SMALL, environment, without_launch_environment
 
 PYTHON = sys.executable
@@ -456,8 +456,8 @@ def no_launch(monkeypatch):
 def test_cluster_detection_reads_the_launchers_variables(no_launch, variables, installed, cluster):
     for name, value in variables.items():
         no_launch.setenv(name, value)
-    no_launch.setattr(sharding, "_installed", lambda module: module in installed)
-    assert sharding.detect_cluster() == cluster
+    no_launch.setattr(clusters, "_installed", lambda module: module in installed)
+    assert clusters.detect_cluster() == cluster
 
 
 def test_what_jax_does_not_join_is_one_process_or_an_error(no_launch):
@@ -465,7 +465,7 @@ def test_what_jax_does_not_join_is_one_process_or_an_error(no_launch):
         raise ValueError("coordinator_address should be defined.")  # JAX's, when it finds no launch
 
     no_launch.setattr(jax.distributed, "initialize", finds_nothing)
-    no_launch.setattr(sharding, "_installed", lambda module: module == "libtpu")
+    no_launch.setattr(clusters, "_installed", lambda module: module == "libtpu")
     assert sharding.initialize_distributed() == ONE_PROCESS  # libtpu, but no TPU VM answered
     for name, value in SLURM_STEP.items():
         no_launch.setenv(name, value)
@@ -498,7 +498,7 @@ def test_jax_joins_the_launch_that_detection_names(tmp_path, variables, found, l
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
     else:
         env.update(variables)
-    probe = ("from resnet_jax import sharding; found = sharding.detect_cluster(); "
+    probe = ("from resnet_jax import clusters, sharding; found = clusters.detect_cluster(); "
              "launch = sharding.initialize_distributed(); import jax; "
              "print(found, '|', launch, '|', jax.process_count(), jax.distributed.is_initialized())")
     result = subprocess.run([PYTHON, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
