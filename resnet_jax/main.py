@@ -2,11 +2,13 @@
 
 Fields of the config are overridable on the command line (--config.train.batch_size=4096), and
 parametrised configs take an argument (--config=configs/cifar.py:depth=56,plain=True). Without
---config the quickstart runs. On a pod every process runs this same command.
+--config the quickstart runs. On a pod every process runs this same command (each under a
+parent of its own: `supervisor.py`).
 
 Exit statuses: 0 finished; 75 stopped by SIGTERM (preemption) after saving, to be run again;
 130 stopped by Ctrl-C after saving; 1 a run that cannot go on (non-finite loss; a failed write of
-a checkpoint, metrics.jsonl, TensorBoard events, config.json or log.txt, a full disk), in one line
+a checkpoint, metrics.jsonl, TensorBoard events, config.json or log.txt, a full disk; another
+process of the run died; this one was killed or crashed), in one line
 on stderr, its last, naming what failed and the latest complete checkpoint (or that none was
 written), no half-written checkpoint left, the traceback in log.txt; 2 a bad flag, config or
 workdir, refused in one line on stderr before anything is written, or a workdir none of whose

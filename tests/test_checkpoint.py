@@ -17,7 +17,7 @@ from resnet_jax import checkpoint, checksums
 
 def _manager(workdir, keep):
     return checkpoint.create_manager(epath.Path(workdir), ml_collections.ConfigDict(
-        dict(every_steps=10, keep=keep, keep_best=True)))
+        dict(every_steps=10, keep=keep, keep_best=True, timeout_seconds=1200)))
 
 
 def test_the_best_checkpoint_outlives_restarts(tmp_path):

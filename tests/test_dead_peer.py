@@ -71,7 +71,7 @@ def test_a_dead_peer_ends_the_survivor_in_one_line(tmp_path, victim, killed):
     assert "checkpoint" in lines[-1] and len(lines) < 60, stderr[-3000:]
     assert "Traceback" not in stderr and "Fatal Python error" not in stderr, stderr[-3000:]
     # Well before the coordination service's heartbeat timeout (100 s) would abort it.
-    assert waited < 60
+    assert waited < 90, (waited, lines[-3:])
 
 
 def _without_module_lists(text):
