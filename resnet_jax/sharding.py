@@ -129,11 +129,16 @@ def prefetch(batches: Iterable[dict[str, np.ndarray]], mesh: Mesh, size: int = 2
         for _ in range(size):
             queue.append(pool.submit(next, iterator, None))
         ahead = None
-        while (batch := queue.popleft().result()) is not None:
-            queue.append(pool.submit(next, iterator, None))
-            batch = to_global(batch, mesh)  # asynchronous copies
-            if ahead is not None:
+        try:
+            while (batch := queue.popleft().result()) is not None:
+                queue.append(pool.submit(next, iterator, None))
+                batch = to_global(batch, mesh)  # asynchronous copies
+                if ahead is not None:
+                    yield ahead
+                ahead = batch
+        except Exception:  # `batches` raised after its last batch (an eval's bad images): the
+            if ahead is not None:  # batch made before it is yielded first, as on the others
                 yield ahead
-            ahead = batch
+            raise
         if ahead is not None:
             yield ahead

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Iterable, Iterator
 from typing import Any, Callable
 
 import flax
@@ -343,13 +344,15 @@ def _evaluate_multi_scale(eval_fn, state: TrainState, config: Any) -> dict[str, 
         lambda x: jax.device_put(x.addressable_data(0), sharding.replicated(local)),
         (state.params, state.batch_stats))
     outputs = []
-    for batch in data.multi_scale_iterator(config.data, batch_sizes=eval_batch_size(config),
-                                           process_index=jax.process_index(),
-                                           process_count=jax.process_count()):
+    batches = _EvalPass(data.multi_scale_iterator(config.data, batch_sizes=eval_batch_size(config),
+                                                  process_index=jax.process_index(),
+                                                  process_count=jax.process_count()))
+    for batch in batches:
         mask = batch.pop("mask")
         del batch["aspect"]
         outputs.append((eval_fn(variables, jax.device_put(batch, sharding.batch_sharding(local))),
                         mask))
+    batches.agree()
     sums = np.zeros(4)  # loss, top-1 hits, top-5 hits, examples
     for scores, mask in outputs:
         scores = jax.device_get(scores)
@@ -369,10 +372,38 @@ def evaluate(eval_fn, state: TrainState, config: Any, mesh) -> dict[str, float]:
         config.data, batch_size=eval_batch_size(config),
         process_index=jax.process_index(), process_count=jax.process_count())
     total = None
-    for batch in sharding.prefetch(batches, mesh):
+    batches = _EvalPass(sharding.prefetch(batches, mesh))
+    for batch in batches:
         step_metrics = eval_fn(state, batch)
         total = step_metrics if total is None else total.merge(step_metrics)
+    batches.agree()
     return metrics.prefixed("eval", total.compute())
+
+
+class _EvalPass:
+    """An eval pass's batches, and its `BadImageError` (raised by a process's pass after its
+    last batch, so that the processes stay in step) agreed on by every process: `agree`, after
+    the pass and before anything else across the processes, raises on all where one met any."""
+
+    def __init__(self, batches: Iterable[Any]):
+        self._batches, self._error = batches, None
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self._batches
+        except data.BadImageError as error:
+            self._error = error
+
+    def agree(self) -> None:
+        error = self._error
+        if jax.process_count() > 1:
+            failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+            if error is None and failed.any():
+                error = data.BadImageError(f"the eval images of process {int(failed.argmax())} "
+                                           f"include some that do not decode (its own line "
+                                           f"names them)")
+        if error is not None:
+            raise error
 
 
 def total_steps(config: Any, steps_per_epoch: int) -> int:

@@ -180,3 +180,32 @@ def test_data_on_device_refuses_a_class_with_no_training_images(tmp_path):
         device_data.info(_config(root, on_device=True))
     with pytest.raises(ValueError, match=r"'5', .* no images in data.train_split='train\[:5\]'"):
         device_data.info(_config("", name="digits", train_split="train[:5]", on_device=True))
+
+
+def test_an_eval_image_that_does_not_decode_on_one_process_stops_every_process(tmp_path):
+    # Process 1's pass raised after its last batch while process 0 went on to the next
+    # collective, and waited there for a process that was leaving.
+    import test_pods  # pylint: disable=import-outside-toplevel
+
+    root = _folder(tmp_path / "images", {"train": {"ant": 4, "bee": 4}, "test": {"ant": 2, "bee": 2}})
+    (root / "test" / "bee" / "broken.jpg").write_bytes(b"")
+    address = f"localhost:{test_pods._free_port()}"
+    processes = [subprocess.Popen(
+        main_command(tmp_path / "run", f"--coordinator_address={address}", "--num_processes=2",
+                     f"--process_id={i}", **{"data.name": f"imagefolder:{root}",
+                                             "data.num_classes": 2, "train.batch_size": 8,
+                                             "eval.batch_size": 8}),
+        cwd=REPO, env=test_pods.ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    try:
+        lasts = [p.communicate(timeout=300)[1].strip().splitlines()[-1] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [1, 1], lasts
+    named = [i for i, last in enumerate(lasts) if "broken.jpg" in last]
+    assert len(named) == 1, lasts
+    other = lasts[1 - named[0]]
+    assert other.startswith("resnet_jax: error: step 3: ") and \
+        f"the eval images of process {named[0]} include some that do not decode" in other, lasts
+    assert all("checkpoint" in last for last in lasts), lasts

@@ -83,3 +83,18 @@ def test_no_cluster_means_one_process_without_distributed_start(bare_environment
 
 def test_one_process_is_the_same_as_itself():
     assert sharding.same_on_every_process("anything")
+
+
+def test_prefetch_yields_every_batch_made_before_its_source_raised():
+    # An eval pass raises after its last batch (bad images); every process must still run that
+    # batch's step, or the others wait for it in their last collective.
+    def batches():
+        for i in range(3):
+            yield {"image": np.full((jax.device_count(), 2), i, np.float32)}
+        raise ValueError("raised after the last batch")
+
+    seen = []
+    with pytest.raises(ValueError, match="after the last batch"):
+        for batch in sharding.prefetch(batches(), sharding.make_mesh()):
+            seen.append(float(batch["image"][0, 0]))
+    assert seen == [0.0, 1.0, 2.0]
