@@ -1,9 +1,11 @@
 """The arguments of the parametrised configs: `--config=configs/FILE.py:key=value,...`."""
 
 
-def parse(arg: str | None, defaults: dict[str, str], config_file: str) -> dict[str, str]:
-    """`defaults` updated from "key=value,..."; an unknown key is an error naming the known ones."""
-    args = dict(defaults)
+def parse(arg: str | None, spec: dict[str, tuple[str, str]], config_file: str) -> dict[str, str]:
+    """The defaults of `spec` (a config's ARGUMENTS: key -> (default, what it takes), which
+    `--help` prints) updated from "key=value,..."; an unknown key is an error naming the known
+    ones."""
+    args = {key: default for key, (default, _) in spec.items()}
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
         if key not in args:

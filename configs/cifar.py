@@ -27,11 +27,21 @@ from configs import arguments, default
 FILE = "configs/cifar.py"
 # bn=...: the BN group size, None for the whole batch. The paper's: 64 on each of two GPUs.
 BN_GROUPS = {"global": None, "paper": 64}
+BN_ARGUMENT = ("global", '"global": BN over the whole batch; "paper": over each 64 examples, as '
+                         'its two GPUs did')
+VAL_ARGUMENT = ("False", "True: train on 45k images, evaluate on the other 5k (the paper's "
+                         "validation split); False: the test set")
+ARGUMENTS = {
+    "depth": ("20", "6n+2: 20, 32, 44, 56, 110, 1202 (Table 6), or any other"),
+    "plain": ("False", "True: the plain network, without shortcuts"),
+    "shortcut": ("A", '"A", "B" or "C" (Sec. 3.3)'),
+    "val": VAL_ARGUMENT,
+    "bn": BN_ARGUMENT,
+}
 
 
 def get_config(arg: str | None = None):
-    args = arguments.parse(arg, dict(depth="20", plain="False", shortcut="A", val="False",
-                                     bn="global"), FILE)
+    args = arguments.parse(arg, ARGUMENTS, FILE)
     depth = arguments.integer(args, "depth", FILE)
     plain, val = arguments.boolean(args, "plain", FILE), arguments.boolean(args, "val", FILE)
     bn = arguments.choice(args, "bn", BN_GROUPS, FILE)

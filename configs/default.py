@@ -9,12 +9,14 @@ from configs import arguments
 # as fb.resnet.torch and Goyal et al. 2017 (n = 32 per worker) did too; "global", over the
 # whole batch, the same on any device count. None of this changes CIFAR's (configs/cifar.py).
 IMAGENET_BN_GROUPS = {"paper": 32, "global": None}
+IMAGENET_ARGUMENTS = {"bn": ("paper", '"paper": BN over each 32 examples, the paper\'s per-GPU BN; '
+                                      '"global": over the whole batch')}
 
 
 def imagenet_bn_group_size(arg: str | None, config_file: str) -> int | None:
     """model.bn_group_size of the ImageNet config `config_file` given `arg` ("bn=paper" or
     "bn=global"; none: paper)."""
-    bn = arguments.choice(arguments.parse(arg, dict(bn="paper"), config_file), "bn", IMAGENET_BN_GROUPS,
+    bn = arguments.choice(arguments.parse(arg, IMAGENET_ARGUMENTS, config_file), "bn", IMAGENET_BN_GROUPS,
                           config_file)
     return IMAGENET_BN_GROUPS[bn]
 
@@ -27,27 +29,32 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         name="resnet50",            # resnet{18,34,50,101,152,200}, plain..., cifar_resnet{6n+2},
                                     # cifar_plain{6n+2}, vgg16, vgg19, vgg16_bn, vgg19_bn
-        block=ml_collections.config_dict.placeholder(str),  # None: the name's; CIFAR: "bottleneck"
-                                    # gives the 9n+2 networks of He et al. 2016
-        shortcut="B",               # Sec. 3.3: projections only where the shape changes
-        stride_on="1x1",            # the paper; "3x3" is v1.5 (torchvision)
-        block_order="post",         # the paper; "pre" (He et al. 2016), "no_final_relu",
-                                    # "bn_after_add" (Gross and Wilber 2016)
-        gate="none",                # "highway": T F(x) + (1 - T) shortcut(x) (Srivastava et al. 2015)
+        block=ml_collections.config_dict.placeholder(str),  # None: the name's; "basic" or
+                                    # "bottleneck" (CIFAR: the 9n+2 networks of He et al. 2016)
+        shortcut="B",               # Sec. 3.3: "A" zero-padded identity, "B" projections where
+                                    # the shape changes, "C" projections on every block
+        stride_on="1x1",            # a bottleneck's stride: "1x1", the paper's; "3x3", v1.5
+                                    # (torchvision)
+        block_order="post",         # "post", the paper's; "pre" (He et al. 2016),
+                                    # "no_final_relu", "bn_after_add" (Gross and Wilber 2016)
+        gate="none",                # "none", the paper's; "highway": T F(x) + (1 - T) shortcut(x)
+                                    # (Srivastava et al. 2015)
         gate_bias=-2.0,             # the gates' initial bias: a new block mostly carries
         zero_init_residual=False,   # True: each block's last BN scale starts at 0 (Goyal et al. 2017)
         bn_momentum=0.9,            # running statistics: kept x momentum + batch x (1 - momentum)
         bn_epsilon=1e-5,            # added to the variance
         bn_group_size=ml_collections.config_dict.placeholder(int),  # None: over the whole batch;
                                     # the ImageNet configs: 32, the paper's per-GPU BN (bn=global: None)
-        dtype="auto",               # bfloat16 on GPUs and TPUs, float32 on the CPU (mixed precision)
+        dtype="auto",               # the compute: "auto", bfloat16 on GPUs and TPUs and float32
+                                    # on the CPU (mixed precision); "float32"; "bfloat16"
         param_dtype="float32",      # parameters, optimizer state and BN statistics
         width=64,                   # the first stage's channels (CIFAR nets: 16)
-        init_fan="fan_in",          # He et al. 2015's normal init over fan_in (Caffe's MSRA
-                                    # filler); "fan_out": torchvision's
+        init_fan="fan_in",          # "fan_in": He et al. 2015's normal init over fan_in (Caffe's
+                                    # MSRA filler); "fan_out": torchvision's
         scan_blocks=False,          # one scanned block per stage: faster compiles on accelerators
         remat=False,                # recompute each block's activations: less memory, more compute
-        conv_weight_grad="auto",    # kernel gradients as matrix products on CPU, where XLA's are slow
+        conv_weight_grad="auto",    # "auto": kernel gradients as matrix products on the CPU, where
+                                    # XLA's are slow; "matmul"; "xla"
         init_from="",               # fine-tuning: a torchvision .pth, a .safetensors file or a
                                     # run's workdir to start from (a new classifier if classes differ)
     ))
@@ -58,9 +65,12 @@ def get_config() -> ml_collections.ConfigDict:
         train_split="train",         # a TFDS split, slices too ("train[:90%]")
         eval_split="validation",     # the split each eval reports on
         image_size=224,              # the crop the network sees, in pixels
-        train_preprocess="paper",    # shorter side in [256, 480], 224 crop, flip (Sec. 3.4)
-        eval_preprocess="center",    # "ten_crop": the paper's 10-crop testing; "multi_scale": its
-                                     # fully convolutional testing at eval_scales (Sec. 3.4)
+        train_preprocess="paper",    # "paper": shorter side in [256, 480], 224 crop, flip (Sec.
+                                     # 3.4); "cifar": 4-pixel padding, 32 crop, flip (Sec. 4.2);
+                                     # "inception": a random area and aspect crop, flip; "none"
+        eval_preprocess="center",    # "center": resize_size, central crop; "ten_crop": the
+                                     # paper's 10-crop testing; "multi_scale": its fully
+                                     # convolutional testing at eval_scales (Sec. 3.4); "none"
         eval_scales=(224, 256, 384, 480, 640),  # multi_scale: the shorter sides, each with its flip
         resize_size=256,             # center eval: the shorter side before the central crop
         scale_range=(256, 480),      # paper: the shorter side's random range before the crop
@@ -69,11 +79,13 @@ def get_config() -> ml_collections.ConfigDict:
         std=(58.395, 57.12, 57.375),  # per-channel pixel std, divided by
         subtract_pixel_mean=False,   # True: the training split's per-pixel mean image instead
                                      # of `mean` (Sec. 3.4, 4.2)
-        dtype="uint8",               # pixels to the devices, normalised there (a quarter of the
-                                     # bytes; "float32"/"bfloat16": normalised on the host)
+        dtype="uint8",               # "uint8": pixels to the devices, normalised there (a
+                                     # quarter of the bytes); "float32", "bfloat16": normalised
+                                     # on the host
         num_classes=1000,            # checked against the data set's (fake: its class count)
         shuffle_buffer=16_384,       # tf.data shuffle buffer of large TFDS splits, in examples
-        resize_method="bilinear",    # tf.image resize method for every resize
+        resize_method="bilinear",    # every resize's tf.image method: "bilinear", "bicubic",
+                                     # "area" or "nearest"
         antialias=False,             # True: torchvision's eval resize, about half the throughput
         cifar_padding=4,             # Sec. 4.2
         in_memory_bytes=2**30,       # TFDS train slices up to this size are shuffled exactly in memory
@@ -92,11 +104,13 @@ def get_config() -> ml_collections.ConfigDict:
         skip_nonfinite=False,        # True: a step with a non-finite loss or gradient changes nothing
     ))
     config.optimizer = ml_collections.ConfigDict(dict(
-        name="sgd",                  # the paper; "lars" for batches of 8k and more (You et al. 2017)
+        name="sgd",                  # "sgd", the paper's; "lars" for batches of 8k and more (You
+                                     # et al. 2017)
         momentum=0.9,                # Sec. 3.4
         nesterov=False,              # the paper: plain momentum
         weight_decay=1e-4,           # Sec. 3.4 (0.0001)
-        weight_decay_mode="l2",      # the paper; "decoupled" adds it after momentum
+        weight_decay_mode="l2",      # "l2", the paper's: in the gradient; "decoupled": added
+                                     # after momentum
         # The paper decays every parameter (Sec. 3.4; Caffe and fb.resnet.torch alike). False:
         # the modern exemption, kernels only (Goyal et al. 2017 spare BN's scale and bias; later
         # recipes the classifier's bias too).

@@ -30,10 +30,11 @@ FILE = "configs/preact_cifar.py"
 
 # depth: (block kind, shortcut option)
 NETWORKS = {110: ("basic", "A"), 164: ("bottleneck", "B"), 1001: ("bottleneck", "B")}
+ARGUMENTS = {"depth": ("164", "110, 164 or 1001"), "val": cifar.VAL_ARGUMENT, "bn": cifar.BN_ARGUMENT}
 
 
 def get_config(arg: str | None = None):
-    args = arguments.parse(arg, dict(depth="164", val="False", bn="global"), FILE)
+    args = arguments.parse(arg, ARGUMENTS, FILE)
     depth = arguments.integer(args, "depth", FILE)
     arguments.boolean(args, "val", FILE)  # checked here, so that an error names this file
     arguments.choice(args, "bn", cifar.BN_GROUPS, FILE)

@@ -8,6 +8,7 @@ BN over each 32 examples, the paper's per-GPU BN; bn=global: over the whole batc
 
 from configs import default
 
+ARGUMENTS = default.IMAGENET_ARGUMENTS
 FILE = "configs/resnet18.py"
 
 

@@ -17,6 +17,7 @@ configs; `--config=configs/resnet200.py:bn=global`: over the whole batch.
 
 from configs import default
 
+ARGUMENTS = default.IMAGENET_ARGUMENTS
 FILE = "configs/resnet200.py"
 
 

@@ -18,12 +18,14 @@ from configs import arguments, default
 
 FILE = "configs/vgg.py"
 
+ARGUMENTS = {"depth": ("16", "16 or 19"),
+             "bn": ("False", "True: BN after each convolution (torchvision's vgg16_bn)")}
 RESNET_ONLY = ("block", "shortcut", "stride_on", "block_order", "gate", "gate_bias",
                "zero_init_residual", "scan_blocks", "remat")
 
 
 def get_config(arg: str | None = None):
-    args = arguments.parse(arg, dict(depth="16", bn="False"), FILE)
+    args = arguments.parse(arg, ARGUMENTS, FILE)
 
     config = default.get_config()
     for field in RESNET_ONLY:

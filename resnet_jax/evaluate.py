@@ -41,7 +41,7 @@ cpu.set_cpu_fusion()  # before JAX starts its backends
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from resnet_jax import config_files, console, sharding  # noqa: E402
+from resnet_jax import config_files, config_help, console, sharding  # noqa: E402
 
 CHECKPOINTS = "latest, best or a step number"
 
@@ -93,9 +93,13 @@ def checkpoint_step(manager, which: str) -> int:
         if step is None:
             raise ValueError(f"--checkpoint=best: no checkpoint in {manager.directory} has eval metrics")
         return step
-    if not which.isdigit() or int(which) not in steps:
+    saved = ", ".join(map(str, sorted(steps)))
+    if not which.isdigit():
         raise ValueError(f"--checkpoint must be {CHECKPOINTS} (steps in {manager.directory}: "
-                         f"{', '.join(map(str, sorted(steps)))}); got {which!r}")
+                         f"{saved}); got {which!r}")
+    if int(which) not in steps:
+        raise ValueError(f"--checkpoint={which}: {manager.directory} holds no checkpoint of step "
+                         f"{which}; it holds steps {saved}")
     return int(which)
 
 
@@ -235,7 +239,21 @@ def evaluate(config: Any, workdir: str | None, which: str = "latest",
     return step, train.evaluate(eval_fn, jax.device_put(Weights(params, rest), replicated), config, mesh)
 
 
+# This command's flags beside --config: (name, help); --checkpoint's default is "latest".
+_FLAGS = (("workdir", "The run whose checkpoint is evaluated."),
+          ("checkpoint", f"Which of its checkpoints: {CHECKPOINTS}."),
+          ("weights", "A torchvision .pth or .safetensors file of weights to evaluate instead of a "
+                      "checkpoint (with --config)."),
+          ("json", "Also write the metrics to this file, as JSON."))
+
+
 def _define_flags(argv: list[str]) -> None:
+    if any(arg in config_help.HELP for arg in argv[1:]):
+        flags_help = "\n".join(f"--{name}: {about}" for name, about in _FLAGS)
+        sys.stdout.write(f"{__doc__.strip()}\n\n{flags_help}\n--config=NAME|PATH[:ARG], "
+                         f"--config.SECTION.FIELD=VALUE: as the main job's (python -m "
+                         f"resnet_jax.main --config=NAME --help lists a config's fields)\n")
+        sys.exit(0)
     try:
         config = _base_config(argv)
     except Exception as error:
@@ -247,11 +265,8 @@ def _define_flags(argv: list[str]) -> None:
                                         lock_config=True)
     except Exception as error:
         _fail(config_files.unknown_field(config, argv) or " ".join(str(error).split()))
-    flags.DEFINE_string("workdir", None, "The run whose checkpoint is evaluated.")
-    flags.DEFINE_string("checkpoint", "latest", f"Which of its checkpoints: {CHECKPOINTS}.")
-    flags.DEFINE_string("weights", None, "A torchvision .pth or .safetensors file of weights to "
-                        "evaluate instead of a checkpoint (with --config).")
-    flags.DEFINE_string("json", None, "Also write the metrics to this file, as JSON.")
+    for name, about in _FLAGS:
+        flags.DEFINE_string(name, "latest" if name == "checkpoint" else None, about)
     sharding.define_flags()
 
 

@@ -35,7 +35,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from resnet_jax import config_files, config_help, console, peers, sharding  # noqa: E402
 
-HELP = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 
 def _fail(message: str, status: int) -> None:
     print(f"resnet_jax: error: {message}", file=sys.stderr)
@@ -47,16 +46,18 @@ def _config_spec(argv: list[str]) -> str:
 
 
 def _base_config(argv: list[str]):
-    """The --config file's config without the command line's overrides."""
+    """The --config file's config without the command line's overrides, and the arguments the
+    file takes (its ARGUMENTS, or none)."""
     path, _, arg = _config_spec(argv).partition(":")
-    get_config = runpy.run_path(path)["get_config"]
-    return get_config(arg) if arg else get_config()
+    namespace = runpy.run_path(path)
+    get_config = namespace["get_config"]
+    return (get_config(arg) if arg else get_config()), namespace.get("ARGUMENTS", {})
 
 
 def _describe_bad_override(argv: list[str], error: Exception) -> str:
     """The first --config.FIELD override that names no field of the config, or the error itself."""
     try:
-        config = _base_config(argv)
+        config, _ = _base_config(argv)
     except Exception as load_error:
         return f"--config: {' '.join(str(load_error).split())}"
     return config_files.unknown_field(config, argv) or " ".join(str(error).split())
@@ -91,18 +92,18 @@ FLAGS = flags.FLAGS
 
 def _help(argv: list[str]) -> str:
     try:
-        config = _base_config(argv)
+        config, arguments = _base_config(argv)
     except Exception as error:
         _fail(f"--config: {' '.join(str(error).split())}", 2)
     ours = ("workdir", "allow_config_change", "restart", "coordinator_address", "num_processes",
             "process_id")
     flags_help = "\n".join(f"--{name}: {FLAGS[name].help}" for name in ours)
-    return config_help.text(config, _config_spec(argv).partition(":")[0], flags_help)
+    return config_help.text(config, _config_spec(argv).partition(":")[0], flags_help, arguments)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with one-line errors instead of tracebacks."""
-    if any(arg in HELP for arg in argv[1:]):
+    if any(arg in config_help.HELP for arg in argv[1:]):
         sys.stdout.write(_help(argv))
         sys.exit(0)
     try:

@@ -66,7 +66,8 @@ def test_another_protocol_and_split_from_the_command_line(run):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--checkpoint=4"], "--checkpoint must be latest, best or a step number (steps in"),
+    (["--checkpoint=4"], "--checkpoint=4: "),  # a step number, of no saved step
+    (["--checkpoint=4"], "holds no checkpoint of step 4; it holds steps "),
     (["--checkpoint=newest"], "got 'newest'"),
     (["--config.data.eval_preprocess=five_crop"], "data.eval_preprocess='five_crop' is not one of"),
     (["--config.data.evalsplit=test"], "config field 'data.evalsplit' does not exist"),
