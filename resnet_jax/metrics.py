@@ -6,7 +6,6 @@ count (clu's Average with a mask), so padding never counts and no mean of batch 
 """
 
 import contextlib
-import datetime
 import importlib.util
 import json
 import math
@@ -206,31 +205,6 @@ def _writer_without_tensorflow(workdir, tensorboard_dir: str, start: int):
     return _Writers(writers)
 
 
-class _Progress:
-    """Every `every_steps` steps a log line with the steps per second and the time left, as
-    clu's ReportProgress logs it; host timing only, no JAX operation."""
-
-    def __init__(self, num_train_steps: int, every_steps: int):
-        self._total, self._every = num_train_steps, every_steps
-        self._last = None
-
-    def __call__(self, step: int) -> None:
-        now = time.perf_counter()
-        if self._last is None:
-            self._last = (step, now)
-            return
-        if step % self._every and step != self._total:
-            return
-        steps, seconds = step - self._last[0], now - self._last[1]
-        self._last = (step, now)
-        if steps <= 0 or seconds <= 0:
-            return
-        rate = steps / seconds
-        left = datetime.timedelta(seconds=round((self._total - step) / rate))
-        logging.info("Setting work unit notes: %.1f steps/s, %.1f%% (%d/%d), ETA: %s", rate,
-                     100.0 * step / self._total, step, self._total, left)
-
-
 class _Profile:
     """A JAX profiler trace of `num_profile_steps` steps from the first one it sees, in logdir."""
 
@@ -245,18 +219,35 @@ class _Profile:
             jax.profiler.stop_trace()
 
 
-def progress_hooks(num_steps: int, every_steps: int, profile_steps: int, logdir: str) -> list:
-    """The loop's periodic actions: progress with ETA in the log; on process 0 a profile of
-    `profile_steps` steps. clu's where TensorFlow is installed, their equivalents here if not."""
+def profile_hooks(profile_steps: int, logdir: str) -> list:
+    """The loop's periodic actions: on process 0 a profile of `profile_steps` steps (clu's where
+    TensorFlow is installed, its equivalent here if not)."""
+    if profile_steps <= 0 or jax.process_index() != 0:
+        return []
     if TENSORFLOW:
-        hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, every_steps=every_steps)]
-        if profile_steps > 0 and jax.process_index() == 0:
-            hooks.append(periodic_actions.Profile(num_profile_steps=profile_steps, logdir=logdir))
-        return hooks
-    hooks = [_Progress(num_steps, every_steps)]
-    if profile_steps > 0 and jax.process_index() == 0:
-        hooks.append(_Profile(profile_steps, logdir))
-    return hooks
+        return [periodic_actions.Profile(num_profile_steps=profile_steps, logdir=logdir)]
+    return [_Profile(profile_steps, logdir)]
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '3 min 05 s', '2 h 05 min': a time left as a person reads it."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def progress(step: int, num_steps: int, window: dict[str, float], compiled: bool = False) -> str:
+    """The progress line of a log window (`Window.scalars`): where the run is, its speed, and
+    the training time left at that speed (this run's own steps: a resume counts from its
+    restart). `compiled`: the window holds the compile, whose time says nothing of what is left."""
+    left = ("the time left follows the next window (this one compiled the step)" if compiled
+            else f"{duration((num_steps - step) * window['step_seconds'])} of training left")
+    return (f"step {step}/{num_steps} ({100 * step / num_steps:.1f}%), "
+            f"{window['images_per_second']:.4g} images/s, {window['step_seconds']:.3g} s a step; "
+            f"{left}")
 
 
 def prefixed(prefix: str, values: dict[str, Any]) -> dict[str, float]:

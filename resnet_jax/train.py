@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Callable
 
@@ -383,14 +384,23 @@ def evaluate(eval_fn, state: TrainState, config: Any, mesh) -> dict[str, float]:
 class _EvalPass:
     """An eval pass's batches, and its `BadImageError` (raised by a process's pass after its
     last batch, so that the processes stay in step) agreed on by every process: `agree`, after
-    the pass and before anything else across the processes, raises on all where one met any."""
+    the pass and before anything else across the processes, raises on all where one met any.
+    A pass that takes a while says how far it got: after `FIRST` seconds, then every `EVERY`."""
+
+    FIRST, EVERY = 5.0, 30.0
 
     def __init__(self, batches: Iterable[Any]):
         self._batches, self._error = batches, None
 
     def __iter__(self) -> Iterator[Any]:
+        began = time.perf_counter()
+        due = began + self.FIRST
         try:
-            yield from self._batches
+            for done, batch in enumerate(self._batches):
+                yield batch
+                if (now := time.perf_counter()) > due:
+                    due = now + self.EVERY
+                    logging.info("Evaluating: %d batches in %.0f s", done + 1, now - began)
         except data.BadImageError as error:
             self._error = error
 
@@ -686,10 +696,8 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
         batches = sharding.prefetch(data.train_iterator(
             config.data, batch_size=run.batch_size, seed=config.seed, start_step=start,
             process_index=jax.process_index(), process_count=jax.process_count()), mesh)
-    # Progress with ETA goes to the log only: metrics.jsonl holds the named scalars alone.
     eval_fn = eval_function(eval_graphdef, config, mesh)
-    hooks = metrics.progress_hooks(num_steps, config.log_every_steps, config.profile_steps,
-                                   str(workdir))
+    hooks = metrics.profile_hooks(config.profile_steps, str(workdir))
     names = _parameter_names(params)
     preemption = _Preemption()  # before the first batch is fetched: a signal from then on saves
     last_saved = start or None
@@ -741,6 +749,9 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
                                             f"{checkpoint.last_complete(manager)}") from error
             if scalars:
                 _write(writer, step, scalars, manager)
+            if logging_now:  # after the window's metrics; the log only, not metrics.jsonl
+                logging.info("%s", metrics.progress(step, num_steps, scalars,
+                                                    compiled=step - config.log_every_steps <= start))
             if saving:
                 checkpoint.save(manager, step, for_checkpoint(settled, state, group),
                                 metrics=scalars if "eval_accuracy" in scalars else None, force=True,

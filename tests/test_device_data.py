@@ -235,7 +235,7 @@ def test_runs_without_tensorflow(tmp_path, folder):
     assert "finished without tensorflow" in result.stdout
     rows = metrics.read_rows(quickstart)
     assert [row["step"] for row in rows] == [2, 4] and "eval_accuracy" in rows[-1]
-    assert "Setting work unit notes" in result.stderr  # the progress line
+    assert "step 4/4 (100.0%), " in result.stderr  # the progress line
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(quickstart))
     rows = metrics.read_rows(cifar_run)
     assert [row["step"] for row in rows] == [1, 2] and "eval_accuracy" in rows[-1]

@@ -1,0 +1,46 @@
+"""What the terminal says of a run's progress: one line per log window, in the project's words,
+with the training time left at this run's own speed; an evaluation that takes a while says how
+far it got."""
+
+import logging
+
+import pytest
+
+from resnet_jax import data, metrics, train
+
+
+@pytest.mark.parametrize("seconds, shown", [(0.4, "0 s"), (45, "45 s"), (59.6, "1 min 00 s"),
+                                            (185, "3 min 05 s"), (7500, "2 h 05 min")])
+def test_a_duration_reads_in_minutes_and_seconds(seconds, shown):
+    assert metrics.duration(seconds) == shown
+
+
+def test_the_progress_line_says_where_the_run_is_and_the_time_left():
+    window = {"images_per_second": 512.0, "step_seconds": 0.5}
+    assert metrics.progress(50, 300, window) == (
+        "step 50/300 (16.7%), 512 images/s, 0.5 s a step; 2 min 05 s of training left")
+    # A window that holds the compile says nothing of the time left.
+    assert "follows the next window" in metrics.progress(50, 300, window, compiled=True)
+
+
+def test_an_eval_that_takes_a_while_says_how_far_it_got(monkeypatch, caplog):
+    monkeypatch.setattr(train._EvalPass, "FIRST", 0.0)
+    monkeypatch.setattr(train._EvalPass, "EVERY", 0.0)
+    caplog.set_level(logging.INFO)
+    passed = train._EvalPass(iter(range(3)))
+    assert list(passed) == [0, 1, 2]
+    passed.agree()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Evaluating: ")]
+    assert [line.split(" in ")[0] for line in said] == [
+        "Evaluating: 1 batches", "Evaluating: 2 batches", "Evaluating: 3 batches"]
+
+
+def test_an_eval_pass_raises_its_bad_images_after_its_last_batch():
+    def batches():
+        yield "batch"
+        raise data.BadImageError("eval data x: 1 image that does not decode: a.jpg")
+
+    passed = train._EvalPass(batches())
+    assert list(passed) == ["batch"]
+    with pytest.raises(data.BadImageError, match="a.jpg"):
+        passed.agree()
