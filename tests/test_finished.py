@@ -8,7 +8,7 @@ from etils import epath
 from resnet_jax import checkpoint, finished
 
 CONFIG = ml_collections.ConfigDict(dict(train=dict(num_steps=20), checkpoint=dict(
-    every_steps=10, keep=3, keep_best=False)))
+    every_steps=10, keep=3, keep_best=False, timeout_seconds=1200)))
 
 
 def _run(workdir, final_step, final=True):
