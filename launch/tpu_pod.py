@@ -9,7 +9,10 @@ into ~/resnet_jax; then a Python 3.11 environment, ~/resnet_jax_venv, made by uv
 images' own Python is 3.10, older than the project needs), with `-r requirements.txt -e .` and
 `jax[tpu]` at the version requirements.txt pins. Then every worker starts the same main command
 from the copy's root in that environment; JAX joins the workers into one program. --no-install
-skips the first part. --dry-run prints each command and runs none.
+skips the first part. A --config file that the committed tree does not hold as it is (a file of
+your own, untracked, changed, or outside the checkout) is copied to every worker as
+~/resnet_jax/launched_config.py and run from there. The launcher says which commit the workers
+run, and which config file it copied. --dry-run prints each command and runs none.
 
 The run does not depend on the SSH session that starts it: each worker runs it in a session of
 its own, its output appended to ~/resnet_jax.log, its process id in ~/resnet_jax.pid and, once
@@ -37,6 +40,8 @@ VENV = "resnet_jax_venv"
 LOG, PID, STATUS = "resnet_jax.log", "resnet_jax.pid", "resnet_jax.status"
 # The Python the project is tested on (pyproject.toml: requires-python >= 3.11).
 PYTHON_VERSION = "3.11"
+# On each worker, in the copy's root: a --config file that is not committed, copied there.
+SHIPPED_CONFIG = "launched_config.py"
 
 
 def _fail(message: str) -> None:
@@ -124,9 +129,58 @@ def install_commands(args: argparse.Namespace) -> list[list[str]]:
             on_all_workers(args, f"{unpack} && {environment_setup()}")]
 
 
+def _git(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(REPO), *arguments], capture_output=True, text=True)
+
+
+def config_to_ship(config: str) -> Path | None:
+    """The local file of --config (FILE.py[:ARG]) where the workers' copy of the committed tree
+    does not hold it as it is: untracked, changed since HEAD, or outside this checkout; None for
+    a committed file or a shipped config's name. A file that does not exist is refused."""
+    name = config.partition(":")[0]
+    if not name.endswith(".py"):
+        return None  # a shipped config by name: in every copy
+    path = Path(name).expanduser()
+    path = next((p for p in (path, REPO / path) if p.is_file()), None) if not path.is_absolute() \
+        else (path if path.is_file() else None)
+    if path is None:
+        _fail(f"--config: {name} is not a file (here or in {REPO})")
+    try:
+        relative = path.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return path  # outside the checkout
+    committed = (_git("cat-file", "-e", f"HEAD:{relative}").returncode == 0
+                 and _git("diff", "--quiet", "HEAD", "--", relative).returncode == 0)
+    return None if committed else path
+
+
+def ship_config_command(args: argparse.Namespace, path: Path) -> list[str]:
+    """Copies the config file `path` into every worker's copy of the project."""
+    return _gcloud("scp", args, str(path), f"{args.tpu}:{REMOTE_DIR}/{SHIPPED_CONFIG}")
+
+
 def main_argv(args: argparse.Namespace, overrides: list[str]) -> list[str]:
     """The main command every worker runs, from the copy's root (configs import configs/)."""
-    return ["-m", "resnet_jax.main", f"--config={args.config}", f"--workdir={args.workdir}", *overrides]
+    config = args.config
+    if config_to_ship(config) is not None:
+        _, colon, arg = config.partition(":")
+        config = f"{SHIPPED_CONFIG}{colon}{arg}"
+    return ["-m", "resnet_jax.main", f"--config={config}", f"--workdir={args.workdir}", *overrides]
+
+
+def revision(args: argparse.Namespace) -> str:
+    """Which code the workers run, in a line."""
+    if args.repo:
+        code = f"{args.ref or _local_commit()} of {args.repo}"
+    elif args.install:
+        dirty = _git("status", "--porcelain", "--untracked-files=no").stdout
+        code = f"commit {_local_commit()[:12]} of this checkout" + (
+            " (uncommitted changes stay behind)" if dirty else "")
+    else:
+        code = "what an earlier launch installed (--no-install)"
+    shipped = config_to_ship(args.config)
+    return f"tpu_pod: the workers run {code}" + (
+        f", with the config file {shipped} copied as {REMOTE_DIR}/{SHIPPED_CONFIG}" if shipped else "")
 
 
 def start_command(args: argparse.Namespace, overrides: list[str]) -> str:
@@ -168,16 +222,15 @@ def watch_commands(args: argparse.Namespace) -> dict[str, list[str]]:
 
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
-    commands = (install_commands(args) if args.install else []) + [train_command(args, overrides)]
+    shipped = config_to_ship(args.config)
+    commands = ((install_commands(args) if args.install else [])
+                + ([ship_config_command(args, shipped)] if shipped else [])
+                + [train_command(args, overrides)])
+    print(revision(args), file=sys.stderr, flush=True)
     if args.dry_run:
         for command in commands:
             print(shlex.join(command))
         return 0
-    if args.install and not args.repo:
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout
-        if dirty:
-            print("tpu_pod: warning: uncommitted changes stay behind; the workers get HEAD", file=sys.stderr)
     for command in commands:
         print("+", shlex.join(command), flush=True)
         status = subprocess.run(command).returncode

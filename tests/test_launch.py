@@ -504,3 +504,44 @@ def test_jax_joins_the_launch_that_detection_names(tmp_path, variables, found, l
     result = subprocess.run([PYTHON, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == f"{found} | {launch} | {processes}"
+
+
+def _launch_plan(config, *flags):
+    result = command("launch.tpu_pod", "--tpu=p", "--zone=z", "--workdir=gs://b/r",
+                     f"--config={config}", *flags, "--dry-run")
+    return [shlex.split(line) for line in result.stdout.splitlines()], result.stderr
+
+
+def _trained_config(steps):
+    words = shlex.split(remote(steps[-1]))
+    inner = shlex.split(words[words.index("-c") + 1])  # the detached shell's command
+    return next(word for word in inner if word.startswith("--config="))
+
+
+def test_a_config_file_that_is_not_committed_travels_to_the_workers(tmp_path):
+    # The workers got the committed tree alone and were told to run a path they did not have.
+    mine = tmp_path / "my_r101.py"
+    mine.write_text("from configs import resnet101\n\n\ndef get_config(arg=None):\n"
+                    "    return resnet101.get_config(arg)\n")
+    for flags in ((), ("--no-install",)):
+        steps, said = _launch_plan(f"{mine}:bn=global", *flags)
+        copy = steps[-2]
+        assert copy[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in copy
+        assert copy[5:7] == [str(mine), "p:resnet_jax/launched_config.py"]
+        assert _trained_config(steps) == "--config=launched_config.py:bn=global"
+        assert f"with the config file {mine} copied as resnet_jax/launched_config.py" in said, said
+    # A committed one is in every copy: it stays as it is, and the line names the commit.
+    steps, said = _launch_plan("configs/resnet50.py:bn=global")
+    assert not any(step[4] == "scp" and "launched_config.py" in " ".join(step) for step in steps)
+    assert _trained_config(steps) == "--config=configs/resnet50.py:bn=global"
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    assert f"the workers run commit {commit[:12]} of this checkout" in said, said
+
+
+def test_a_config_file_that_does_not_exist_is_refused_in_one_line(tmp_path):
+    result = command("launch.tpu_pod", "--tpu=p", "--zone=z", "--workdir=gs://b/r",
+                     f"--config={tmp_path / 'none.py'}", "--dry-run", check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == f"tpu_pod: error: --config: {tmp_path / 'none.py'} is not a " \
+                                    f"file (here or in {REPO})"
