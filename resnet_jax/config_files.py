@@ -11,6 +11,7 @@ files on the machine that starts the run (unlike workdirs, never a bucket).
 import importlib.util
 import json
 import os
+import re
 
 import ml_collections
 
@@ -44,7 +45,17 @@ def resolve(spec: str) -> str:
     if name in shipped():
         return os.path.join(directory(), f"{name}.py") + colon + arg
     raise ValueError(f"{spec!r} is neither a file nor the name of a shipped config "
-                     f"({', '.join(shipped())})")
+                     f"({', '.join(shipped())}){_suggestion(name)}")
+
+
+def _suggestion(name: str) -> str:
+    """'; for the CIFAR network, --config=cifar:depth=20' where `name` reads as a CIFAR
+    network's (resnet20, plain56, cifar_resnet110: 6n+2 layers, Sec. 4.2)."""
+    match = re.fullmatch(r"(?:cifar_?)?(resnet|plain)(\d+)", name)
+    if not match or (int(match.group(2)) - 2) % 6 or int(match.group(2)) < 8:
+        return ""
+    plain = ",plain=True" if match.group(1) == "plain" else ""
+    return f"; for the CIFAR network of Sec. 4.2, --config=cifar:depth={match.group(2)}{plain}"
 
 
 def of_run(workdir: str) -> ml_collections.ConfigDict:

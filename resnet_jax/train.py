@@ -761,7 +761,8 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
             if preempted:
                 checkpoint.wait(manager)
                 logging.warning("Stopped by a signal: saved the checkpoint of step %d; the same "
-                                "command resumes.", step)
+                                "command resumes.", step, extra=console.LOG_FILE_ONLY)  # the
+                # terminal's last line says it (main.py)
                 raise Preempted(step, preemption.exit_status())
         checkpoint.wait(manager)
         _write(writer, num_steps, None, manager)

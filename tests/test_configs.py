@@ -96,3 +96,16 @@ def test_global_bn_is_an_argument_on_the_command_line():
     # which is why global BN is the config's argument.
     with pytest.raises(flags.IllegalFlagValueError, match="invalid literal for int"):
         command_line_config(f"--config={path}", "--config.model.bn_group_size=None")
+
+
+@pytest.mark.parametrize("name, suggested", [
+    ("resnet20", "--config=cifar:depth=20"), ("plain56", "--config=cifar:depth=56,plain=True"),
+    ("cifar_resnet110", "--config=cifar:depth=110"), ("resnet51", None)])
+def test_a_cifar_network_by_name_suggests_the_cifar_config(name, suggested):
+    from resnet_jax import config_files  # pylint: disable=import-outside-toplevel
+
+    with pytest.raises(ValueError) as raised:
+        config_files.resolve(name)
+    message = str(raised.value)
+    assert message.startswith(f"{name!r} is neither a file nor the name of a shipped config")
+    assert (suggested in message) if suggested else ("cifar:" not in message), message

@@ -79,7 +79,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_exact(t
     stopped = latest_params(tmp_path)[0]
     assert 5 <= stopped < RUN["train.num_steps"]
     for out in outputs:
-        assert f"Stopped by a signal: saved the checkpoint of step {stopped}" in out
+        assert f"resnet_jax: stopped at step {stopped} and saved it; the same command resumes" in out
 
     run(tmp_path)  # the same command resumes
     steps = [row["step"] for row in metrics.read_rows(tmp_path) if "train_loss" in row]
