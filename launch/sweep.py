@@ -14,9 +14,10 @@ functions:
                           sets the model and ResNet-110's warmup together.
 
 Each run trains in BASE/NAME, NAME made from its point: a field by its last part (its whole dotted
-name where two fields of the sweep end alike) and value, a "config" by the file's stem and its
-argument; {"model.name": "plain18", "model.shortcut": "A"} -> name-plain18_shortcut-A,
-{"config": "configs/cifar.py:depth=56,plain=True"} -> cifar_depth-56_plain-True.
+name where two fields of the sweep end alike) and value, a name field (model.name, data.name) by
+its value alone, a "config" by the file's stem and its argument; {"model.name": "plain18",
+"model.shortcut": "A"} -> plain18_shortcut-A, {"config": "configs/cifar.py:depth=56,plain=True"}
+-> cifar_depth-56_plain-True.
 
 --config.FIELD=VALUE flags apply to every run (e.g. fewer steps); they may not set a swept field.
 Every point is checked against its config before anything runs: a field that does not exist stops
@@ -128,7 +129,8 @@ def run_names(points: list[dict]) -> list[str]:
              if endings.count(field.rsplit(".", 1)[-1]) == 1}
     names = []
     for point in points:
-        parts = [_config_label(value) if key == CONFIG_KEY else
+        parts = [_config_label(value) if key == CONFIG_KEY else _label(flag_value(value))
+                 if key.rsplit(".", 1)[-1] == "name" else  # a name says what it is
                  f"{_label(short.get(key, key))}-{_label(flag_value(value))}" for key, value in point.items()]
         names.append("_".join(parts) or "base")
     return names

@@ -55,7 +55,7 @@ CIFAR_WARMUP = {20: 0.0, 32: 0.0, 44: 0.0, 56: 0.0, 110: 0.8, 1202: 0.8}
 # sweep -> [(run name, --config, overrides, model trained)]
 PAPER_SWEEPS = {
     "configs/sweep_table2.py": [
-        (f"name-{model}", "configs/sweep_table2.py", (("model.name", model),), model)
+        (model, "configs/sweep_table2.py", (("model.name", model),), model)
         for model in ("plain18", "plain34", "resnet18", "resnet34")],
     "configs/sweep_table3.py": [
         (f"shortcut-{option}", "configs/sweep_table3.py", (("model.shortcut", option),), "resnet34")
@@ -100,12 +100,13 @@ def test_run_names_are_readable_and_tell_points_apart():
         {"config": "configs/cifar.py:depth=56,plain=True", "data.name": "imagefolder:/data/my set"},
         {},
     ])
-    # "name" ends two fields here, so both go by their whole dotted names.
-    assert names == ["model.name-plain18_shortcut-A",
+    # A name field goes by its value alone; "batch_size" ends two fields, which go by their whole
+    # dotted names.
+    assert names == ["plain18_shortcut-A",
                      "train.batch_size-64_eval.batch_size-32_boundaries_steps-30-60",
-                     "cifar_depth-56_plain-True_data.name-imagefolder-data-my-set",
+                     "cifar_depth-56_plain-True_imagefolder-data-my-set",
                      "base"]
-    assert sweep.run_names([{"model.name": "plain18", "model.shortcut": "A"}]) == ["name-plain18_shortcut-A"]
+    assert sweep.run_names([{"model.name": "plain18", "model.shortcut": "A"}]) == ["plain18_shortcut-A"]
 
 
 def test_local_dry_run_prints_the_main_command_of_each_run(tmp_path):
@@ -393,7 +394,7 @@ def write_sweep(tmp_path, points, name="my_sweep.py"):
     ([{"train.num_steps": "many"}], [], "config field 'train.num_steps' cannot be 'many'"),
     ([{"seed": 1}], ["--config.train.num_stepz=3"], "config field 'train.num_stepz' does not exist"),
     ([{"seed": 1}, {"seed": 2}], ["--config.seed=3"], "--config.seed is swept over"),
-    ([{"data.name": "a b"}, {"data.name": "a/b"}], [], "both make the run name 'name-a-b'"),
+    ([{"data.name": "a b"}, {"data.name": "a/b"}], [], "both make the run name 'a-b'"),
     ([{"config": "configs/cifar.py:depht=56"}], [], "configs/cifar.py takes depth, plain, shortcut, val"),
 ])
 def test_a_bad_sweep_stops_before_anything_runs(tmp_path, points, extra, message):
