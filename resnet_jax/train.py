@@ -576,10 +576,13 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
         raise validate.SetupError("the processes of this run were given different configs or "
                                   "workdirs; every process must run the same command")
     try:
-        validate.check_numbers(config)
         mesh = sharding.make_mesh()
         batch_size = sharding.per_process_batch(config.train.batch_size, "train.batch_size")
-        eval_batch_size(config, log=True)
+        _check_config(config)
+        try:  # data.num_classes is checked against the data set's by `info` below
+            model = create_model(config, config.data.num_classes)
+        except (ValueError, TypeError) as error:  # its messages name the field inside `model`
+            raise validate.SetupError(f"model: {validate.one_line(error)}") from error
         if on_device(config):
             info = device_data.info(config.data)
         elif data.tf is None or data.tfds is None:
@@ -595,16 +598,10 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
                                       f"examples; got {config.train.batch_size}")
         if info.num_eval < 1:
             raise validate.SetupError(f"data.eval_split={config.data.eval_split!r} has no examples")
-        validate.check_bn_groups(config.model.bn_group_size, config.train.batch_size,
-                                 jax.device_count())
         num_steps = total_steps(config, steps_per_epoch)
         schedule = optim.learning_rate_schedule(config.schedule, steps_per_epoch,
                                                 config.train.batch_size, num_steps)
         tx = optim.create_optimizer(config.optimizer, schedule)
-        try:
-            model = create_model(config, info.num_classes)
-        except (ValueError, TypeError) as error:  # its messages name the field inside `model`
-            raise validate.SetupError(f"model: {validate.one_line(error)}") from error
         if config.model.get("init_from"):
             _start_from(model, config.model.init_from)
         validate.check_image_size(info.image_shape[0], model.total_stride, config.model.name)
@@ -613,6 +610,18 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
     except (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError) as error:
         raise validate.SetupError(validate.one_line(error)) from error
     return Setup(path, mesh, batch_size, info, steps_per_epoch, num_steps, schedule, tx, model)
+
+
+def _check_config(config: Any) -> None:
+    """The config's own values, checked before anything they name (a data set, a file) is looked
+    at: a bad value is reported first, not after its user has fixed the data (the model's are
+    checked as `setup` builds it, before the data too)."""
+    validate.check_numbers(config)
+    eval_batch_size(config, log=True)
+    validate.check_bn_groups(config.model.bn_group_size, config.train.batch_size, jax.device_count())
+    schedule = optim.learning_rate_schedule(config.schedule, 1, config.train.batch_size,
+                                            max(config.train.num_steps, 1))
+    optim.create_optimizer(config.optimizer, schedule)
 
 
 def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = False,

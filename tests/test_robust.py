@@ -387,3 +387,17 @@ def test_the_gradients_are_checked_in_one_operation_whatever_their_number():
     assert len(jax.tree.leaves(params)) == 3
     step = jax.jit(functools.partial(train.train_step, graphdef, tx, schedule, 0.0, False))
     assert step.lower(state, batch).as_text().count("stablehlo.is_finite") == 2
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("model.shortcut", "D", "model: shortcut must be one of"),
+    ("schedule.name", "cos", "schedule.name must be one of"),
+    ("optimizer.momentum", 1.5, "optimizer.momentum must be in [0, 1)"),
+    ("model.bn_group_size", 5, "model.bn_group_size=5 must divide"),
+])
+def test_a_bad_value_is_reported_before_a_missing_data_set(tmp_path, field, value, named):
+    # The data set was looked at first: its user fixed the data, then met the config's error.
+    config = small_config(**{field: value, "data.name": f"imagefolder:{tmp_path / 'none'}"})
+    with pytest.raises(validate.SetupError) as raised:
+        train.setup(config, str(tmp_path / "run"))
+    assert str(raised.value).startswith(named), raised.value
