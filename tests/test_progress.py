@@ -44,3 +44,23 @@ def test_an_eval_pass_raises_its_bad_images_after_its_last_batch():
     assert list(passed) == ["batch"]
     with pytest.raises(data.BadImageError, match="a.jpg"):
         passed.agree()
+
+
+def test_the_readmes_quoted_lines_are_what_the_command_prints(tmp_path):
+    # The README quoted fields and a progress line that the command no longer printed.
+    import re  # pylint: disable=import-outside-toplevel
+
+    from runs import REPO, run_main  # pylint: disable=import-outside-toplevel
+
+    readme = (REPO / "README.md").read_text()
+    quoted = re.search(r"^    \[(\d+)\] (.*)\n    (step .*)$", readme, re.MULTILINE)
+    step, fields, progress = int(quoted.group(1)), quoted.group(2), quoted.group(3)
+    lines = run_main(tmp_path, **{"train.num_steps": 4, "eval.every_steps": 4,
+                                  "log_every_steps": 2}).stderr.splitlines()
+    last = next(line for line in reversed(lines) if " [4] " in line)
+    assert [f.split("=")[0] for f in last.split(" [4] ")[1].split(", ")] == \
+        [f.split("=")[0] for f in fields.split(", ")], (last, fields)
+    shape = re.compile(r"step \d+/\d+ \(\d+\.\d%\), [\d.]+ images/s, [\d.]+ s a step; (.*) of "
+                       r"training left")
+    assert shape.fullmatch(progress) and step == 300, progress
+    assert any(shape.fullmatch(line.split(" ", 1)[1]) for line in lines), lines[-6:]
