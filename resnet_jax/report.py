@@ -36,11 +36,13 @@ import dataclasses  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import textwrap  # noqa: E402
 from typing import Any  # noqa: E402
 
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only: no display on a pod or in CI
+import matplotlib.font_manager  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from etils import epath  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -218,6 +220,9 @@ def _values(workdirs: list[str], field: str, split: str | None = None) -> str:
     replaces each run's eval split where given."""
     configs = [config_files.of_run(w).data for w in workdirs]
     values = [split if split and field == "eval_split" else c[field] for c in configs]
+    if field == "name":  # an image folder by its own name, not its whole path
+        values = [f"image folder {epath.Path(v.split(':', 1)[1]).name!r}"
+                  if v.startswith("imagefolder:") else v for v in values]
     return ", ".join(dict.fromkeys(values))
 
 
@@ -242,6 +247,19 @@ def save(fig: Any, path: epath.PathLike, pdf: bool = False) -> list[str]:
     return written
 
 
+def _fit(text: str, width_inches: float, fontsize: float) -> str:
+    """`text` wrapped onto lines that fit `width_inches` at `fontsize` points (a character of
+    matplotlib's sans-serif font is at most about 0.6 of its size wide)."""
+    return textwrap.fill(text, width=max(20, int(width_inches * 72 / (0.6 * fontsize))))
+
+
+def _title(ax: Any, text: str) -> None:
+    """An axes' title, wrapped to the axes' width."""
+    size = matplotlib.rcParams["axes.titlesize"]
+    points = matplotlib.font_manager.FontProperties(size=size).get_size_in_points()
+    ax.set_title(_fit(text, ax.get_position().width * ax.figure.get_figwidth(), points))
+
+
 def _integer_ticks(axis: Any) -> None:
     """Ticks on whole numbers only: the axis counts layers, blocks or iterations."""
     axis.set_major_locator(MaxNLocator(integer=True))
@@ -264,10 +282,10 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]]) -> Any:
             trained = [(r["step"], _error(r["train_accuracy"])) for r in rows if "train_accuracy" in r]
             evals = [(r["step"], _error(r["eval_accuracy"])) for r in rows if "eval_accuracy" in r]
             style = dict(color=f"C{colour}")
-            if trained:
-                ax.plot(*zip(*trained), linestyle="--", linewidth=0.8, **style)
-            if evals:
-                ax.plot(*zip(*evals), linewidth=2.5, **style)
+            for points, line in ((trained, dict(linestyle="--", linewidth=0.8)),
+                                 (evals, dict(linewidth=2.5))):
+                if points:  # a single point drawn as a marker: a line needs two
+                    ax.plot(*zip(*points), marker="o" if len(points) == 1 else None, **line, **style)
             ax.plot([], [], linewidth=6, label=labels[i], **style)  # the colour's key
         # The line styles' key, in black: one colour means one network in both styles.
         ax.plot([], [], "k--", linewidth=0.8, label=f"training error ({_values(workdirs, 'train_split')})")
@@ -279,8 +297,11 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]]) -> Any:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("top-1 error (%)")
     data = _values(workdirs, "name")
-    fig.suptitle(f"{data}: training error on the {_values(workdirs, 'train_split')} split, eval "
-                 f"error on the {_values(workdirs, 'eval_split')} split")
+    points = matplotlib.font_manager.FontProperties(
+        size=matplotlib.rcParams["figure.titlesize"]).get_size_in_points()
+    fig.suptitle(_fit(f"{data}: training error on the {_values(workdirs, 'train_split')} split, "
+                      f"eval error on the {_values(workdirs, 'eval_split')} split",
+                      fig.get_figwidth(), points))
     return fig
 
 
@@ -319,7 +340,7 @@ def plot_responses(stds: dict[str, list[float]], where: str) -> Any:
         _integer_ticks(ax.xaxis)
         ax.legend()
         ax.grid(alpha=0.3)
-    top.set_title(f"Layer responses: {where}")
+    _title(top, f"Layer responses: {where}")
     return fig
 
 
@@ -372,7 +393,7 @@ def plot_lesion(studies: dict[str, analysis.LesionStudy], where: str) -> tuple[A
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
     ax.set_xlabel("block deleted")
     ax.set_ylabel("top-1 eval error (%)")
-    ax.set_title(f"One block deleted: {where}")
+    _title(ax, f"One block deleted: {where}")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the lines fill the axes
     ax.grid(alpha=0.3)
 
@@ -389,7 +410,7 @@ def plot_lesion(studies: dict[str, analysis.LesionStudy], where: str) -> tuple[A
     ax.set_xlabel("blocks deleted at random")
     _integer_ticks(ax.xaxis)
     ax.set_ylabel("top-1 eval error (%)")
-    ax.set_title(f"Random blocks deleted: {where}")
+    _title(ax, f"Random blocks deleted: {where}")
     ax.legend()
     ax.grid(alpha=0.3)
     return blocks_fig, count_fig

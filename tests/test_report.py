@@ -334,3 +334,48 @@ def test_runs_tested_on_many_views_are_analysed_on_their_centre_crops(protocol):
     assert images.shape == (20, 12, 12, 3)
     np.testing.assert_array_equal(images, centre)
     np.testing.assert_array_equal(labels, centre_labels)
+
+
+def _inside(fig) -> list[str]:
+    """The texts of `fig` (its title; each axes' title, axis labels and legend) that reach past
+    its edges, as saved."""
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer, box = fig.canvas.get_renderer(), fig.bbox
+    texts = [fig._suptitle] if fig._suptitle else []  # pylint: disable=protected-access
+    for ax in fig.axes:
+        texts += [ax.title, ax.xaxis.label, ax.yaxis.label]
+        texts += ax.get_legend().get_texts() if ax.get_legend() else []
+    outside = []
+    for text in texts:
+        if not text.get_visible() or not text.get_text():
+            continue
+        extent = text.get_window_extent(renderer)
+        if extent.x0 < box.x0 - 1 or extent.x1 > box.x1 + 1 or extent.y0 < box.y0 - 1 or \
+                extent.y1 > box.y1 + 1:
+            outside.append(text.get_text())
+    return outside
+
+
+def test_every_figure_fits_its_texts_and_draws_every_series(tmp_path):
+    # The curves' title was cut at both edges (the data path in it), the responses' on the
+    # right, and a run with one eval point had no eval curve although the legend named it.
+    folder = f"imagefolder:{tmp_path / 'a' / 'rather' / 'long' / 'path' / 'to' / 'my images'}"
+    one_eval = [{"step": 2, "train_accuracy": 0.5}, {"step": 4, "train_accuracy": 0.6,
+                                                      "eval_accuracy": 0.55}]
+    plain = _written_run(tmp_path / "plain", _digits(**{"model.name": "cifar_plain8",
+                                                        "data.name": folder}), 4, rows=one_eval)
+    resnet = _written_run(tmp_path / "resnet", _digits(**{"data.name": folder}), 8)
+    fig = report.plot_curves({w: metrics.read_rows(w) for w in (plain, resnet)})
+    assert "image folder 'my images'" in fig.get_suptitle() and str(tmp_path) not in fig.get_suptitle()
+    assert _inside(fig) == []
+    lone = [line for line in fig.axes[0].get_lines() if len(line.get_xdata()) == 1]
+    assert lone and all(line.get_marker() == "o" for line in lone)  # the eval point, drawn
+    where = f"{folder}, test split, first 40 images"
+    fig = report.plot_responses({"plain-8": [1.0, 0.8, 0.9], "ResNet-8": [1.0, 0.5, 0.4]}, where)
+    assert _inside(fig) == []
+    study = analysis.LesionStudy(baseline=10.0, names=["stage1.0", "stage2.0"],
+                                 downsamples=[False, True], single=[12.0, 30.0],
+                                 random={1: [12.0, 30.0], 2: [40.0, 35.0]})
+    for fig in report.plot_lesion({"ResNet-8": study}, where):
+        assert _inside(fig) == []
