@@ -44,6 +44,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")  # files only: no display on a pod or in CI
 import matplotlib.font_manager  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 from etils import epath  # noqa: E402
 from flax import nnx  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
@@ -448,6 +449,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # What orbax says of the read-only managers that read the runs is not for the reader.
+    absl_logging.set_verbosity(absl_logging.ERROR)
     for workdir in args.workdirs:
         if not (epath.Path(workdir) / "config.json").exists():
             return _fail(f"{workdir} is not a run's workdir (no config.json)")

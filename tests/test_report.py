@@ -379,3 +379,12 @@ def test_every_figure_fits_its_texts_and_draws_every_series(tmp_path):
                                  random={1: [12.0, 30.0], 2: [40.0, 35.0]})
     for fig in report.plot_lesion({"ResNet-8": study}, where):
         assert _inside(fig) == []
+
+
+def test_the_report_command_shows_no_library_warnings(workdirs, tmp_path):
+    # orbax's three warnings about its read-only manager came before "wrote ...".
+    done = subprocess.run([sys.executable, "-m", "resnet_jax.report", "responses", *workdirs,
+                           "--out", str(tmp_path / "r.png"), "--images", "8"], cwd=runs.REPO,
+                          env=runs.environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "WARNING:absl" not in done.stderr and "read only" not in done.stderr, done.stderr
