@@ -106,3 +106,32 @@ def test_weights_that_do_not_fit_are_refused_in_one_line(tmp_path):
     [error] = [line for line in result.stderr.splitlines() if line.startswith("resnet_jax: error:")]
     assert "model.init_from:" in error and "unexpected key 'layer1.2." in error, error
     assert not workdir.exists()
+
+
+def test_the_small_image_fine_tuning_config_trains_torchvision_weights_on_an_image_folder(tmp_path):
+    # It took a new user three tries to find the data type and the eval split for this.
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("test", 2)):
+        for name in ("ant", "bee", "cat"):
+            (tmp_path / "images" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "images" / split / name / f"{i}.jpg")
+    workdir = tmp_path / "run"
+    command = [*runs.main_command(workdir)[:3], "--config=fine_tune_small:depth=18",
+               f"--workdir={workdir}", f"--config.model.init_from={tmp_path / 'resnet18.pth'}",
+               f"--config.data.name=imagefolder:{tmp_path / 'images'}",
+               "--config.data.num_classes=3", "--config.train.batch_size=8",
+               "--config.train.num_steps=2", "--config.eval.every_steps=2",
+               "--config.eval.batch_size=8", "--config.checkpoint.every_steps=2",
+               "--config.log_every_steps=1", "--config.compilation_cache_dir="]
+    result = subprocess.run(command, cwd=runs.REPO, env=runs.environment(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "replaced by a new one of 3" in result.stderr
+    rows = [row for row in (workdir / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in row]
+    assert len(rows) == 1
