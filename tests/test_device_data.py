@@ -154,13 +154,13 @@ def test_a_resumed_run_trains_as_an_uninterrupted_one(tmp_path, monkeypatch):
     train.train_and_evaluate(config, whole)
 
     # SIGTERM after the third step (as a preemption): the run saves step 3 and stops.
-    hooks = metrics.progress_hooks
-    monkeypatch.setattr(metrics, "progress_hooks", lambda *args: hooks(*args) + [
+    hooks = metrics.profile_hooks
+    monkeypatch.setattr(metrics, "profile_hooks", lambda *args: hooks(*args) + [
         lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM)])
     with pytest.raises(train.Preempted):
         train.train_and_evaluate(config, parts)
     assert latest_params(parts)[0] == 3
-    monkeypatch.setattr(metrics, "progress_hooks", hooks)
+    monkeypatch.setattr(metrics, "profile_hooks", hooks)
     train.train_and_evaluate(config, parts)
     assert rows_without_speed(parts) == rows_without_speed(whole)
     assert_trees_close(latest_params(parts)[1], latest_params(whole)[1], rtol=0, atol=0)
