@@ -1,7 +1,7 @@
 """What the main job shows a person, and what it keeps in WORKDIR/log.txt.
 
 At absl's default verbosity the terminal gets this project's own lines (what runs, the log
-windows with their metrics, the ETA, evals, checkpoints, the result) and errors from anywhere,
+windows with their metrics and progress, evals, checkpoints, the result) and errors from anywhere,
 each as "HH:MM:SS message". Everything else (orbax's save steps, absl, XLA, TensorFlow) goes to
 the log file only, and to the terminal too with --verbosity=1 or more. The log file has every
 record of every level that the verbosity lets through, with absl's full prefix: WORKDIR/log.txt
@@ -27,9 +27,8 @@ from absl import logging
 from etils import epath
 
 _PROJECT = os.path.dirname(os.path.abspath(__file__)) + os.sep
-# clu's writers and progress reports log the metrics and the ETA through absl.
-_ALSO_SHOWN = (os.sep + os.path.join("clu", "metric_writers") + os.sep,
-               os.sep + os.path.join("clu", "platform") + os.sep)
+# clu's writers log the metrics through absl.
+_ALSO_SHOWN = (os.sep + os.path.join("clu", "metric_writers") + os.sep,)
 
 
 # extra= for a record that goes to the log file alone (the traceback behind a one-line error).
