@@ -191,6 +191,12 @@ def _warn(message: str) -> None:
     print(f"resnet_jax.report: warning: {message}", file=sys.stderr)
 
 
+def _say(message: str) -> None:
+    """What a command that reads checkpoints and computes is doing, on stderr (stdout lists the
+    files written)."""
+    print(f"resnet_jax.report: {message}", file=sys.stderr, flush=True)
+
+
 def runs_with_metrics(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
     """{workdir: its metrics rows}, without the runs that have none: each is named in a warning,
     so that one unstarted or broken run does not stop a report of many."""
@@ -318,7 +324,8 @@ def responses(workdirs: list[str], images: int,
     `split` (default: the run's eval split); and the images there were (a split may hold fewer)."""
     result, counts = {}, []
     for workdir, label in zip(workdirs, _labels(workdirs)):
-        config, model, _ = analysis.load_model(workdir)
+        config, model, step = analysis.load_model(workdir)
+        _say(f"{label}: the checkpoint of step {step} of {workdir}")
         batch, _ = _eval_images(config, images, split)
         result[label] = analysis.layer_responses(model, batch).tolist()
         counts.append(len(batch))
@@ -351,7 +358,8 @@ def lesion(workdirs: list[str], images: int, max_deleted: int, draws: int, seed:
     (default: the run's eval split); and the images there were."""
     studies, counts = {}, []
     for workdir, label in zip(workdirs, _labels(workdirs)):
-        config, model, _ = analysis.load_model(workdir)
+        config, model, step = analysis.load_model(workdir)
+        _say(f"{label}: the checkpoint of step {step} of {workdir}")
         batch, labels = _eval_images(config, images, split)
         studies[label] = analysis.lesion_study(model, batch, labels, max_deleted=max_deleted,
                                                draws=draws, seed=seed)
@@ -449,8 +457,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # What orbax says of the read-only managers that read the runs is not for the reader.
-    absl_logging.set_verbosity(absl_logging.ERROR)
     for workdir in args.workdirs:
         if not (epath.Path(workdir) / "config.json").exists():
             return _fail(f"{workdir} is not a run's workdir (no config.json)")
@@ -510,6 +516,8 @@ def _run(args: argparse.Namespace) -> list[str]:
 
 
 if __name__ == "__main__":
+    # What orbax says of the read-only managers that read the runs is not for the reader.
+    absl_logging.set_verbosity(absl_logging.ERROR)
     status = main()
     interrupt.done()
     sys.exit(status)

@@ -63,9 +63,9 @@ def test_ctrl_c_in_evaluate(run, tmp_path, when):
     assert os.listdir(tmp_path) == []
 
 
-# Importing; and once it reads the checkpoint (orbax's warning about a read-only directory):
-# then it builds the model and compiles.
-@pytest.mark.parametrize("when", [1.0, "read only"])
+# Importing; and once it has read a checkpoint (its line says so): then it builds the model and
+# compiles.
+@pytest.mark.parametrize("when", [1.0, ": the checkpoint of step"])
 def test_ctrl_c_in_report(run, tmp_path, when):
     status, stderr = _interrupted([sys.executable, "-m", "resnet_jax.report", "responses", str(run),
                                    f"--out={tmp_path / 'responses.png'}",
