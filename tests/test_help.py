@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from configs import default
-from resnet_jax import config_files, config_help, layers, models, optim, preprocess
+from resnet_jax import config_files, config_help, layers, models, optim, preprocess, validate
 from runs import REPO, environment
 
 # The fields whose values are one of a set the code checks, and that set: the comment of each
@@ -28,14 +28,6 @@ CHOICES = {
 def _comments():
     with open(config_files.directory() + "/default.py") as f:
         return config_help.comments(f.read())
-
-
-def _fields(tree, prefix=""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _fields(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def test_a_comment_belongs_to_the_field_it_is_written_for():
@@ -64,7 +56,7 @@ def test_every_field_of_every_shipped_config_has_a_comment_naming_its_value(name
     namespace = {}
     exec(compile(open(config_files.resolve(name)).read(), name, "exec"), namespace)  # noqa: S102
     comments = _comments()
-    for field, value in _fields(namespace["get_config"]().to_dict()):
+    for field, value in validate._flatten(namespace["get_config"]().to_dict()).items():
         assert comments.get(field), f"{field} has no comment in configs/default.py"
         if field in CHOICES and value is not None:
             assert f'"{value}"' in comments[field], (name, field, value, comments[field])
