@@ -26,6 +26,27 @@ from resnet_jax import checksums, workdir as workdirs
 DIRECTORY = "checkpoints"
 
 
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager, whose own preemption questions (as a save starts; on process 0, from the
+    thread that finalizes a save, with that save's step) are answered from `reached_preemption`'s
+    last answer. JAX's sync point is one past the last step each process asked about: the
+    finalize thread's older step made it one that process 0 had already passed, and the other
+    processes stopped at it alone."""
+
+    preempted_at: int | None = None
+
+    def reached_preemption(self, step: int) -> bool:
+        return step == self.preempted_at
+
+
+def reached_preemption(manager: ocp.CheckpointManager, step: int) -> bool:
+    """Whether every process stops at `step` (JAX's preemption sync point): asked by the training
+    loop alone, once at every step, on every process."""
+    if multihost_utils.reached_preemption_sync_point(step):
+        manager.preempted_at = step
+    return manager.reached_preemption(step)
+
+
 def create_manager(workdir: epath.Path, config: Any) -> ocp.CheckpointManager:
     """config: the `checkpoint` section (every_steps, keep, keep_best, timeout_seconds)."""
     policies = [checkpoint_managers.LatestN(config.keep)]
@@ -44,10 +65,10 @@ def create_manager(workdir: epath.Path, config: Any) -> ocp.CheckpointManager:
     directory = workdir / DIRECTORY
     # The handler named, so that item_metadata can read a checkpoint's shapes before restoring it.
     try:
-        return ocp.CheckpointManager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+        return _Manager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
     except ValueError:  # orbax reads every step's metrics here, and a corrupt file stops it
         _set_aside(directory, _unreadable_metrics(directory), workdir)
-        return ocp.CheckpointManager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+        return _Manager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
 def _unreadable_metrics(directory: epath.Path) -> list[tuple[int, str]]:

@@ -13,6 +13,9 @@ The terminal shows a library's record as its first line, never its traceback (or
 save with several): the log file has them. A log file that cannot be written (a full disk) stops
 being written at its first failure, without a word from Python's logging; `failure()` says so,
 and the training loop stops the run with it in one line.
+
+A run that hangs (a collective that a peer never joins) says where: `kill -USR1 PID` writes every
+Python thread's stack to its log file and the run goes on.
 """
 
 import contextlib
@@ -20,6 +23,7 @@ import faulthandler
 import logging as pylogging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -78,6 +82,8 @@ def _crash_dumps_to(file) -> None:
     try:
         fd = None if file is None else os.dup(file.fileno())
         faulthandler.enable(sys.__stderr__ if fd is None else fd, all_threads=True)
+        faulthandler.register(signal.SIGUSR1, sys.__stderr__ if fd is None else fd,
+                              all_threads=True)
     except Exception:  # noqa: BLE001  (a stream with no descriptor: a test's)
         return
     if _crash_fd is not None:

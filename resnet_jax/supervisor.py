@@ -10,8 +10,9 @@ its child died of a signal that is not JAX's abort, it leaves a note in the work
 other processes name the one that died (`peers.py`).
 
 The child runs in a session of its own, so that a Ctrl-C at a terminal reaches it once, through
-the parent, which passes SIGINT and SIGTERM on; it dies with the parent (a kill -9 of the
-process a launcher started still ends the run's process).
+the parent, which passes SIGINT, SIGTERM and SIGUSR1 (the stacks into the log file: `console`)
+on; it dies with the parent (a kill -9 of the process a launcher started still ends the run's
+process).
 """
 
 import ctypes
@@ -67,7 +68,7 @@ def run(argv: list[str]) -> None:
     os.close(handle)
     child = subprocess.Popen([sys.executable, *sys.orig_argv[1:]], env={**os.environ, _INFO: info},
                              start_new_session=True, preexec_fn=_die_with_parent)
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, lambda signum, frame: child.send_signal(signum))
     status = child.wait()
     if status >= 0:

@@ -441,8 +441,8 @@ class _Preemption:
 
     One process: the signal sets a flag that the loop reads between steps. Several processes:
     JAX's preemption notifier (installed by jax.distributed) catches SIGTERM and tells the other
-    processes; orbax's `reached_preemption` then stops every process at the same step. No SIGTERM
-    handler of ours may replace JAX's, so there a Ctrl-C is passed on to it as a SIGTERM.
+    processes; `checkpoint.reached_preemption` then stops every process at the same step. No
+    SIGTERM handler of ours may replace JAX's, so there a Ctrl-C is passed on to it as a SIGTERM.
     """
 
     def __init__(self):
@@ -467,7 +467,7 @@ class _Preemption:
 
     def reached(self, manager, step: int) -> bool:
         if self._several:
-            return manager.reached_preemption(step)
+            return checkpoint.reached_preemption(manager, step)
         return self.status is not None
 
     def exit_status(self) -> int:

@@ -4,6 +4,7 @@ full disk leaves."""
 
 import errno
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 from etils import epath
+from jax.experimental import multihost_utils
 
 from resnet_jax import checkpoint, checksums
 
@@ -39,6 +41,28 @@ def test_the_best_checkpoint_outlives_restarts(tmp_path):
     checkpoint.wait(manager)
     assert manager.all_steps() == [20, 70]
     manager.close()
+
+
+def test_only_the_loop_asks_jax_for_the_preemption_sync_point(tmp_path, monkeypatch):
+    # JAX's sync point is one past the last step each process asked about. orbax asks too, as a
+    # save starts and, on process 0, from the thread that finalizes a save with that save's
+    # (older) step: process 0 then stopped at no step while the others stopped (test_pods).
+    asked = []
+
+    def sync_point(step):
+        asked.append((step, threading.current_thread() is threading.main_thread()))
+        return step == 3
+
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", sync_point)
+    manager = _manager(tmp_path, keep=5)
+    answers = []
+    for step in range(1, 5):
+        answers.append(checkpoint.reached_preemption(manager, step))
+        checkpoint.save(manager, step, {"w": np.full(3, step, np.float32)}, force=True)
+    checkpoint.wait(manager)
+    manager.close()
+    assert asked == [(step, True) for step in range(1, 5)]
+    assert answers == [False, False, True, False]
 
 
 def _saved(workdir, steps):

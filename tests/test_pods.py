@@ -34,9 +34,18 @@ def start(workdir, changes=({}, {})):
         for i in range(2)]
 
 
-def finish(processes):
+def finish(processes, workdir):
+    """Exit statuses and outputs; a hang fails with every process's Python stacks (SIGUSR1)."""
     try:
-        outputs = [p.communicate(timeout=600)[0] for p in processes]
+        deadline = time.time() + 400
+        outputs = [p.communicate(timeout=max(1, deadline - time.time()))[0] for p in processes]
+    except subprocess.TimeoutExpired:
+        for p in processes:
+            p.send_signal(signal.SIGUSR1)
+        time.sleep(5)
+        logs = "".join(f"\n--- {log.name}:\n" + log.read_text()[-6000:]
+                       for log in sorted(workdir.glob("log*.txt")))
+        pytest.fail(f"the processes hang; their logs' ends:{logs}")
     finally:  # a failed test leaves no process behind
         for p in processes:
             p.kill()
@@ -44,7 +53,7 @@ def finish(processes):
 
 
 def run(workdir):
-    codes, outputs = finish(start(workdir))
+    codes, outputs = finish(start(workdir), workdir)
     assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     return outputs
 
@@ -74,7 +83,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_exact(t
         assert all(p.poll() is None for p in processes) and time.time() < deadline
         time.sleep(0.05)
     processes[1].send_signal(signal.SIGTERM)
-    codes, outputs = finish(processes)
+    codes, outputs = finish(processes, tmp_path)
     assert codes == [75, 75], outputs[0][-3000:] + outputs[1][-3000:]
     stopped = latest_params(tmp_path)[0]
     assert 5 <= stopped < RUN["train.num_steps"]
@@ -88,7 +97,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_exact(t
 
 
 def test_processes_given_different_commands_are_refused_on_every_process(tmp_path):
-    codes, outputs = finish(start(tmp_path, changes=({}, {"seed": 1})))
+    codes, outputs = finish(start(tmp_path, changes=({}, {"seed": 1})), tmp_path)
     assert codes == [2, 2]
     for out in outputs:
         [line] = [line for line in out.splitlines() if line.startswith("resnet_jax: error:")]
