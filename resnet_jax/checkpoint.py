@@ -11,6 +11,8 @@ and a restore compares them.
 """
 
 import json
+import os
+import traceback
 from typing import Any, Callable
 
 import jax
@@ -324,14 +326,18 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, workdir: epath.P
 
 
 def quiet_closed_loop(previous: Callable[[Any], None]) -> Callable[[Any], None]:
-    """A sys.unraisablehook for the main job. After a failed restore, tensorstore completes the
-    reads still in flight into the event loop orbax has closed: each raises 'Event loop is
-    closed' there (131 after one truncated checkpoint), which Python's hook prints from their
-    threads, in pieces, through the one-line error. Those go to the log (debug); others on."""
+    """A sys.unraisablehook for the commands that read checkpoints. After a failed restore,
+    tensorstore completes the reads still in flight into the event loop orbax has closed: each
+    raises 'Event loop is closed' there (131 after one truncated checkpoint); and the reads of a
+    checkpoint a live run deleted meanwhile fail in coroutines orbax drops. Python's hook prints
+    each from its thread, a traceback of tens of lines, through the one-line error. Those go to
+    the log (debug); others on."""
     def hook(unraisable):
         error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            logging.debug("A read of a failed restore finished after orbax's event loop closed.")
+        frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+        if ((isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
+                or (frames and f"{os.sep}orbax{os.sep}" in frames[-1].filename)):
+            logging.debug("A read of a failed restore ended after it: %s", error)
         else:
             previous(unraisable)
     return hook

@@ -72,6 +72,36 @@ class _Short(pylogging.Formatter):
 _crash_fd: int | None = None  # where Python's crash dumps go: the log file's own descriptor
 
 
+def import_tensorflow() -> None:
+    """Imports TensorFlow, where it is installed, with what its native libraries write to the
+    terminal as they load (oneDNN's and the CPU features' notices, after absl's "All log messages
+    before absl::InitializeLog() ...", twice; TF_CPP_MIN_LOG_LEVEL does not reach them) sent to
+    the log at debug level. The commands call it before anything imports TensorFlow: their data,
+    and etils.epath, which uses TensorFlow's file systems where it is installed."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel
+            failed = None
+        except BaseException as error:  # noqa: BLE001  (raised below, after fd 2 is back)
+            failed = error
+        os.dup2(terminal, 2)
+        os.close(terminal)
+        captured.seek(0)
+        text = captured.read().decode(errors="replace").rstrip()
+    if isinstance(failed, ModuleNotFoundError) and failed.name == "tensorflow":
+        return  # not installed: the data on the devices needs none
+    if failed is not None:  # what it wrote says why
+        print(text, file=sys.stderr)
+        raise failed
+    if text:
+        logging.debug("TensorFlow's native libraries wrote as they loaded:\n%s", text)
+
+
 def _crash_dumps_to(file) -> None:
     """Python's crash dump (absl turns it on: every thread's stack, the modules) is a library's
     traceback: into the log `file` (through a descriptor of its own, kept open to the end, so
@@ -167,7 +197,7 @@ _ended = False  # `close` was called: the run has ended
 
 def setup() -> None:
     """The terminal's filter and format, and the log file's handler (call once, in the main job,
-    after flags are parsed)."""
+    after flags are parsed); TensorFlow imported (`import_tensorflow`)."""
     global _log_file, _ended
     _ended = False
     terminal = logging.get_absl_handler()
@@ -175,6 +205,7 @@ def setup() -> None:
     terminal.setFormatter(_Short())
     _log_file = _LogFile()
     pylogging.getLogger().addHandler(_log_file)
+    import_tensorflow()
 
 
 def keep_log(workdir: epath.Path, process_index: int) -> None:

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from resnet_jax import cpu
+from resnet_jax.initializers import constant, filled, he_normal, lecun_normal
 
 INIT_FANS = ("fan_in", "fan_out")
 # The name of training BN's batch statistics, which rematerialisation keeps (models._rematerialised).
@@ -75,10 +76,10 @@ class BatchNorm(nnx.Module):
 
     def __init__(self, features: int, *, momentum: float, epsilon: float,
                  group_size: int | None, zero_init: bool, dtype: Any, param_dtype: Any):
-        self.scale = nnx.Param(jnp.full((features,), 0.0 if zero_init else 1.0, param_dtype))
-        self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
-        self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
+        self.scale = nnx.Param(filled((features,), 0.0 if zero_init else 1.0, param_dtype))
+        self.bias = nnx.Param(filled((features,), 0.0, param_dtype))
+        self.mean = nnx.BatchStat(filled((features,), 0.0, jnp.float32))
+        self.var = nnx.BatchStat(filled((features,), 1.0, jnp.float32))
         self.momentum = momentum
         self.epsilon = epsilon
         self.group_size = group_size
@@ -232,8 +233,8 @@ class Layers:
             in_features, out_features, (size, size), (stride, stride),
             padding=((pad, pad), (pad, pad)), use_bias=bias is not None, dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=jax.nn.initializers.variance_scaling(2.0, self.init_fan, "normal"),
-            bias_init=jax.nn.initializers.constant(0.0 if bias is None else bias),
+            kernel_init=he_normal(self.init_fan),
+            bias_init=constant(0.0 if bias is None else bias),
             rngs=rngs)
 
     def dense(self, in_features: int, out_features: int, rngs: nnx.Rngs,
@@ -255,7 +256,9 @@ def classifier(in_features: int, num_classes: int, param_dtype: Any, rngs: nnx.R
                **initializers: Any) -> nnx.Linear:
     """The last fully connected layer, whose outputs are the logits: float32 at HIGHEST precision
     whatever the compute dtype (DEFAULT would make it TF32 on GPUs and one-pass bfloat16 on
-    TPUs), since the logits feed the softmax. `initializers`: nnx.Linear's."""
+    TPUs), since the logits feed the softmax. `initializers`: nnx.Linear's; by default Flax's."""
+    initializers = {"kernel_init": lecun_normal(),
+                    "bias_init": constant(0.0), **initializers}
     return nnx.Linear(in_features, num_classes, dtype=jnp.float32, param_dtype=param_dtype,
                       precision=jax.lax.Precision.HIGHEST, rngs=rngs, **initializers)
 

@@ -24,11 +24,12 @@ Exit statuses: 0 done; 2 bad input, in one line; 130 stopped by Ctrl-C, in one l
 
 import sys
 
-from resnet_jax import interrupt
+from resnet_jax import console, interrupt
 
-# First: the imports below take seconds.
+# First: the imports below take seconds (TensorFlow's among them: its notices to no terminal).
 if __name__ == "__main__":
     interrupt.install("resnet_jax.report")
+    console.import_tensorflow()
 
 import argparse  # noqa: E402
 import csv  # noqa: E402

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resnet_jax import initializers
 from resnet_jax.layers import check_images, check_positive_int, classifier, make_layers
 
 # Convolutions per stack: configuration D (16 weight layers) and E (19) of Simonyan and Zisserman.
@@ -84,7 +85,7 @@ class VGG(nnx.Module):
                     self.bns.append(layers.bn(filters))
                 features = filters
 
-        init = dict(kernel_init=jax.nn.initializers.normal(0.01), bias_init=jax.nn.initializers.zeros)
+        init = dict(kernel_init=initializers.normal(0.01), bias_init=initializers.constant(0.0))
         self.fc1 = layers.dense(features * POOLED_SIZE**2, HIDDEN, rngs, **init)
         self.fc2 = layers.dense(HIDDEN, HIDDEN, rngs, **init)
         # The classifier float32 at HIGHEST precision whatever the compute dtype, as the ResNets'.

@@ -5,6 +5,7 @@ full disk leaves."""
 import errno
 import os
 import threading
+import types
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,27 @@ def test_only_the_loop_asks_jax_for_the_preemption_sync_point(tmp_path, monkeypa
     manager.close()
     assert asked == [(step, True) for step in range(1, 5)]
     assert answers == [False, False, True, False]
+
+
+def _unraisable(code, filename):
+    try:
+        exec(compile(code, filename, "exec"))  # noqa: S102
+    except BaseException as error:  # noqa: BLE001
+        return types.SimpleNamespace(exc_value=error, exc_type=type(error), object=None)
+
+
+def test_the_commands_hook_sends_orbaxs_dropped_reads_to_the_log_and_passes_the_rest_on(caplog):
+    passed = []
+    hook = checkpoint.quiet_closed_loop(passed.append)
+    orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "serialization.py")
+    dropped = [_unraisable("raise Exception('Encountered error while reading array index')", orbax_file),
+               _unraisable("raise RuntimeError('Event loop is closed')", "asyncio.py")]
+    other = _unraisable("raise ValueError('a bug of ours')", "resnet_jax.py")
+    with caplog.at_level("DEBUG"):
+        for unraisable in [*dropped, other]:
+            hook(unraisable)
+    assert passed == [other]
+    assert "Encountered error while reading array index" in caplog.text
 
 
 def _saved(workdir, steps):
