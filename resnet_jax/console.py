@@ -95,8 +95,9 @@ def import_tensorflow() -> None:
         text = captured.read().decode(errors="replace").rstrip()
     if isinstance(failed, ModuleNotFoundError) and failed.name == "tensorflow":
         return  # not installed: the data on the devices needs none
-    if failed is not None:  # what it wrote says why
-        print(text, file=sys.stderr)
+    if failed is not None:
+        if isinstance(failed, Exception) and text:  # what it wrote says why
+            print(text, file=sys.stderr)
         raise failed
     if text:
         logging.debug("TensorFlow's native libraries wrote as they loaded:\n%s", text)

@@ -13,6 +13,9 @@ import sys
 STATUS = 130
 _line = b"resnet_jax: stopped by Ctrl-C\n"
 _held: list[int] | None = None  # while a file is written: the Ctrl-Cs held back till it is whole
+# The terminal's stderr as the command started: where the line goes even while fd 2 is taken
+# (console.import_tensorflow sends it to a file while TensorFlow loads).
+_terminal: int | None = None
 
 
 def _stop(signum, frame):
@@ -23,16 +26,18 @@ def _stop(signum, frame):
         sys.stdout.flush()  # what was printed before
     except Exception:  # noqa: BLE001  (reentrant: the signal landed inside a print)
         pass
-    os.write(sys.stderr.fileno(), _line)
+    os.write(2 if _terminal is None else _terminal, _line)
     os._exit(STATUS)
 
 
 def install(command: str) -> None:
     """Ctrl-C stops `command` ('resnet_jax', 'resnet_jax.report') as above; not where it is
     ignored (a command started in the background)."""
-    global _line
+    global _line, _terminal
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         _line = f"{command}: stopped by Ctrl-C\n".encode()
+        if _terminal is None:
+            _terminal = os.dup(2)
         signal.signal(signal.SIGINT, _stop)
 
 

@@ -207,3 +207,14 @@ def test_finished_run_times_the_same_command_on_a_finished_workdir(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["tries"] == 2 and 0 < result["seconds_min"] <= result["seconds_median"] <= result["seconds_max"]
     assert (tmp_path / "checkpoints" / "2").is_dir()  # the run it timed, in the given workdir
+
+
+@pytest.mark.parametrize("linen", [False, True])
+def test_create_model_reports_the_seconds_and_compiles_of_a_first_creation(linen):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.create_model", "--model", "cifar_resnet8",
+                          *(["--linen"] if linen else []), "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["model"] == "cifar_resnet8" and result["linen"] is linen and result["seconds"] > 0
+    assert result["compiles"] >= 1 and result["compile_seconds"] > 0  # the draw, compiled once

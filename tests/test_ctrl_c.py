@@ -122,3 +122,17 @@ def test_ctrl_c_in_the_main_jobs_start_up(tmp_path, when):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     assert stderr.splitlines()[-1].startswith("resnet_jax: stopped by Ctrl-C"), stderr[-3000:]
     assert not (tmp_path / "run" / "lock.json").exists()  # released: the next run starts
+
+
+def test_the_line_reaches_the_terminal_while_tensorflow_loads_with_fd_2_taken():
+    # console.import_tensorflow sends fd 2 to a file while TensorFlow loads; a Ctrl-C then must
+    # still say its line where the command's stderr was.
+    code = ("import os, signal, tempfile\n"
+            "from resnet_jax import interrupt\n"
+            "interrupt.install('resnet_jax')\n"
+            "taken = tempfile.TemporaryFile()\n"
+            "os.dup2(taken.fileno(), 2)\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=runs.REPO, env=runs.environment(),
+                            capture_output=True, text=True, timeout=60)
+    _assert_stopped(result.returncode, result.stderr, "resnet_jax: stopped by Ctrl-C")
