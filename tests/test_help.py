@@ -100,3 +100,5 @@ def test_every_command_prints_its_usage_and_exits_0(command):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage" in done.stdout.lower() or "--workdir" in done.stdout, done.stdout[:2000]
     assert "resnet_jax: error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    # Nor TensorFlow's native start-up notices (`console.import_tensorflow`).
+    assert "InitializeLog" not in done.stderr and "oneDNN" not in done.stderr, done.stderr
