@@ -98,7 +98,10 @@ def _help(argv: list[str]) -> str:
     ours = ("workdir", "allow_config_change", "restart", "coordinator_address", "num_processes",
             "process_id")
     flags_help = "\n".join(f"--{name}: {FLAGS[name].help}" for name in ours)
-    return config_help.text(config, _config_spec(argv).partition(":")[0], flags_help, arguments)
+    name = _config_spec(argv).partition(":")[0]
+    if not any(arg.startswith("--config=") for arg in argv):
+        name += " (the quickstart: no --config given)"
+    return config_help.text(config, name, flags_help, arguments)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

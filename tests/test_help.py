@@ -83,6 +83,12 @@ def _help(*command):
                           capture_output=True, text=True, timeout=120)
 
 
+def test_main_help_without_a_config_says_whose_values_it_shows():
+    done = _help("resnet_jax.main")
+    assert done.returncode == 0, done.stderr
+    assert "quickstart.py (the quickstart: no --config given)" in done.stdout, done.stdout[:3000]
+
+
 def test_main_help_lists_a_configs_arguments():
     done = _help("resnet_jax.main", "--config=cifar")
     assert done.returncode == 0, done.stderr
