@@ -158,6 +158,15 @@ def _deleted(manager, step: int, grace: float) -> bool:
     return True
 
 
+def _until_listed(manager, grace: float) -> None:
+    """Waits up to `grace` seconds while no step is listed: a run that keeps one checkpoint
+    between deleting it and committing the next."""
+    deadline = time.monotonic() + grace
+    while not manager.all_steps() and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+        _listing(manager.reload)
+
+
 def _unreadable(manager, step: int, error: Exception) -> Exception:
     from resnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
 
@@ -174,8 +183,8 @@ def read_checkpoint(manager, which: str, sharding, attempts: int = ATTEMPTS,
     consistently beside a run that is still saving.
 
     A read fails when the run deletes its step meanwhile. Then the steps are listed again (orbax's
-    manager keeps its list until `reload`), and `latest` or `best` is read as the step it names
-    now; a step named by number raises StepDeleted; after `attempts` lost steps, SavingTooFast.
+    manager keeps its list until `reload`; where none is, until the run commits its next, up to
+    `grace`), and `latest` or `best` is read as the step it names now; a step named by number raises StepDeleted; after `attempts` lost steps, SavingTooFast.
     Only a step that is still there and fails to read raises `checkpoint.CorruptCheckpoint`.
     """
     from resnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
@@ -188,6 +197,7 @@ def read_checkpoint(manager, which: str, sharding, attempts: int = ATTEMPTS,
         except Exception as error:  # orbax and tensorstore raise many kinds
             failure = error
         _listing(manager.reload)
+        _until_listed(manager, grace)
         moved_on = not which.isdigit() and checkpoint_step(manager, which) != step
         if not moved_on and not _deleted(manager, step, grace):
             raise _unreadable(manager, step, failure) from failure

@@ -71,6 +71,22 @@ def test_a_step_deleted_between_listing_and_reading_is_read_again_as_the_newest(
     assert all(np.array_equal(a, b) for a, b in zip(_arrays(tree), expected, strict=True))
 
 
+def test_a_run_between_deleting_its_one_step_and_committing_the_next_is_waited_for(workdir, monkeypatch, tmp_path):
+    # checkpoint.keep=1: for a moment no step is listed.
+    checkpoints = workdir / "checkpoints"
+    shutil.rmtree(checkpoints / "3")
+    manager = checkpoint.reader(epath.Path(workdir))
+
+    def between(step):
+        if step == 6:
+            (checkpoints / "6").rename(tmp_path / "saving")
+            threading.Timer(0.5, (tmp_path / "saving").rename, [checkpoints / "7"]).start()
+
+    asked = _read_with(monkeypatch, between)
+    step, _ = evaluate.read_checkpoint(manager, "latest", DEVICE, grace=10)
+    assert asked == [6, 7] and step == 7
+
+
 def test_a_named_step_deleted_while_read_is_said_so(workdir, monkeypatch):
     manager = checkpoint.reader(epath.Path(workdir))
     _read_with(monkeypatch, lambda step: _saved(workdir, step, 100))
