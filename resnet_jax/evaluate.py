@@ -184,7 +184,8 @@ def read_checkpoint(manager, which: str, sharding, attempts: int = ATTEMPTS,
 
     A read fails when the run deletes its step meanwhile. Then the steps are listed again (orbax's
     manager keeps its list until `reload`; where none is, until the run commits its next, up to
-    `grace`), and `latest` or `best` is read as the step it names now; a step named by number raises StepDeleted; after `attempts` lost steps, SavingTooFast.
+    `grace`), and `latest` or `best` is read as the step it names now; a step named by number
+    raises StepDeleted; after `attempts` lost steps, SavingTooFast.
     Only a step that is still there and fails to read raises `checkpoint.CorruptCheckpoint`.
     """
     from resnet_jax import checkpoint  # pylint: disable=import-outside-toplevel

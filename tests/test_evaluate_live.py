@@ -3,6 +3,7 @@
 consistent checkpoint, not report the step it lost as corrupt (issue 32)."""
 
 import gc
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -145,7 +146,8 @@ def _start_evaluate(workdir, output):
 
 
 def _ended(process):
-    return (process.returncode, *(open(f"{process.output}.{kind}").read() for kind in ("out", "err")))
+    return (process.returncode,
+            *(pathlib.Path(f"{process.output}.{kind}").read_text() for kind in ("out", "err")))
 
 
 def _counting_failed_reads(monkeypatch):
