@@ -1,16 +1,16 @@
-"""The networks' initial weights, drawn without an XLA compilation per weight shape.
+"""The networks' initial weights, drawn on the host: no XLA compilation, no per-sample cost of
+JAX's counter-based generator on a CPU host.
 
 Sec. 3.4 initialises the weights "as in [13]" (He et al. 2015, "Delving Deep into Rectifiers"):
 zero-mean Gaussians of variance 2 / fan (`he_normal`). `jax.nn.initializers` draw each weight
-with a jax.random call that XLA compiles once per shape; a network has dozens of shapes, and
-creating one spent seconds compiling them (benchmarks/README.md, "Creating a network"). Here a
-weight is drawn as consecutive blocks of BLOCK standard samples, block i from the weight's key
-folded with i, by one function compiled once per distribution; the blocks are joined, cut to
-size and scaled on the host. Under a trace (jit, eval_shape, vmap) the same blocks are joined
-with jax.numpy: a network has the same weights whether it is created eagerly or traced.
+with a jax.random call that XLA compiles once per shape, and creating a network spent seconds
+compiling them (benchmarks/README.md, "Creating a network"). Here a weight is drawn by NumPy's
+default generator seeded with its JAX key's data, so a key still names one weight. Under a trace
+(jit, vmap) the same draw runs as a host callback: a network has the same weights whether it is
+created eagerly or traced. Every host of a pod draws the same weights from the same seed (its
+hosts run one NumPy).
 """
 
-import functools
 import math
 from typing import Any, Callable
 
@@ -18,36 +18,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BLOCK = 1 << 14  # samples per draw: small weights draw little more than they need
+TRUNCATION = 2.0  # truncated normals are cut at two standard deviations
 # The standard deviation of a standard normal truncated to [-2, 2].
 _TRUNCATED_STD = 0.87962566103423978
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _block(distribution: str, key: jax.Array, index: jax.Array) -> jax.Array:
-    key = jax.random.fold_in(key, index)
-    if distribution == "normal":
-        return jax.random.normal(key, (BLOCK,), jnp.float32)
-    return jax.random.truncated_normal(key, -2.0, 2.0, (BLOCK,), jnp.float32)
+def _standard(distribution: str, key_data: np.ndarray, size: int) -> np.ndarray:
+    """`size` float32 samples of a standard normal, or of one truncated to +-TRUNCATION
+    (outliers drawn again until none is left)."""
+    generator = np.random.default_rng(np.asarray(key_data, np.uint32).ravel().tolist())
+    values = generator.standard_normal(size, np.float32)
+    if distribution == "truncated_normal":
+        outside = np.flatnonzero(np.abs(values) > TRUNCATION)
+        while outside.size:
+            values[outside] = generator.standard_normal(outside.size, np.float32)
+            outside = outside[np.abs(values[outside]) > TRUNCATION]
+    return values
 
 
 def _drawn(distribution: str, key: jax.Array, shape: tuple[int, ...], dtype: Any,
            stddev: float) -> jax.Array:
-    size = math.prod(shape)
-    blocks = [_block(distribution, key, i) for i in range(-(-size // BLOCK))]
+    def draw(key_data):
+        values = _standard(distribution, key_data, math.prod(shape))
+        values *= np.float32(stddev)
+        return values.reshape(shape).astype(dtype, copy=False)
+
+    key_data = jax.random.key_data(key)
     if isinstance(key, jax.core.Tracer):
-        return (jnp.concatenate(blocks)[:size].reshape(shape) * np.float32(stddev)).astype(dtype)
-    values = np.concatenate(jax.device_get(blocks))[:size].reshape(shape) * np.float32(stddev)
-    return jax.device_put(values.astype(dtype))
+        return jax.pure_callback(draw, jax.ShapeDtypeStruct(shape, dtype), key_data,
+                                 vmap_method="sequential")
+    return jax.device_put(draw(jax.device_get(key_data)))
 
 
 def variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
     """Zero-mean weights of variance scale / fan, as `jax.nn.initializers.variance_scaling`
     defines them for a kernel whose last two axes are its inputs and outputs: fan is "fan_in" or
     "fan_out" times the receptive field; `distribution` is "normal" or "truncated_normal" (cut
-    at two standard deviations, then rescaled to the variance)."""
+    at TRUNCATION standard deviations, then rescaled to the variance)."""
     def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
         receptive_field = math.prod(shape[:-2])
         fan = {"fan_in": shape[-2], "fan_out": shape[-1]}[mode] * receptive_field

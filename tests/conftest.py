@@ -16,6 +16,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 _MADE_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _MADE_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="resnet_jax_tests_cache_")
@@ -31,6 +33,20 @@ cpu.set_cpu_fusion()  # the tests compile as the main job does
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def xla_compiles():
+    """The XLA compilations made while the test runs (their seconds), listed as they happen."""
+    seen = []
+
+    def listen(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield seen
+    jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def pytest_sessionfinish(session):

@@ -60,3 +60,17 @@ def test_linen_module_has_an_eval_mode_equal_to_nnx_eval():
     # BN's update is an error, not a silent loss of it.
     with pytest.raises(ValueError, match=r"mutable=\['batch_stats'\]"):
         resnet.apply(variables, x)
+
+
+def test_linen_init_traces_the_forward_pass_and_returns_what_running_it_would(xla_compiles):
+    resnet = linen.create("cifar_resnet8", num_classes=10, width=8)
+    x = jax.random.normal(jax.random.key(1), (2, 12, 12, 3))
+    resnet.init(jax.random.key(0), x[:1, :8, :8])  # what is compiled once
+    xla_compiles.clear()  # shapes no other test uses: running the pass compiled each layer's
+    variables = resnet.init(jax.random.key(0), x)
+    assert xla_compiles == []
+    logits, run = resnet.init_with_output(jax.random.key(0), x)
+    assert logits.shape == (2, 10) and np.isfinite(np.asarray(logits)).all()
+    assert jax.tree.structure(variables) == jax.tree.structure(run)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(run), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
