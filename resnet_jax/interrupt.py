@@ -16,6 +16,8 @@ _held: list[int] | None = None  # while a file is written: the Ctrl-Cs held back
 # The terminal's stderr as the command started: where the line goes even while fd 2 is taken
 # (console.import_tensorflow sends it to a file while TensorFlow loads).
 _terminal: int | None = None
+# A Ctrl-C raised as KeyboardInterrupt (`raising`) that the code it landed in may have swallowed.
+_raised = False
 
 
 def _stop(signum, frame):
@@ -48,18 +50,35 @@ def done() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _raise(signum, frame):
+    global _raised
+    _raised = True
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def raising():
     """While the block runs, Ctrl-C raises KeyboardInterrupt where `install` handles it: the
-    block's clean-up (a lock released, a log kept) runs, and the caller says the one line."""
+    block's clean-up (a lock released, a log kept) runs, and the caller says the one line.
+    Where a gc callback swallowed it, the block's end raises it again (or `check`, earlier)."""
     mine = signal.getsignal(signal.SIGINT) is _stop
     if mine:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, _raise)
     try:
         yield
     finally:
         if mine:
             signal.signal(signal.SIGINT, _stop)
+    check()
+
+
+def check() -> None:
+    """Raises KeyboardInterrupt where a Ctrl-C in `raising` was swallowed: called before
+    another handler takes Ctrl-C over."""
+    global _raised
+    if _raised:
+        _raised = False
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

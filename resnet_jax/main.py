@@ -136,8 +136,10 @@ def main(argv):
         peers.watch(workdirs.resolve(FLAGS.workdir))
 
     sys.unraisablehook = checkpoint.quiet_closed_loop(sys.unraisablehook)
-    logging.info("Started by %s: process %d of %d, %d of the %d devices", launch, jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    if launch != sharding.ONE_PROCESS:
+        launch = f"process {jax.process_index()} of {jax.process_count()} (launched by {launch})"
+    logging.info("Started as %s: %d of the %d devices", launch, jax.local_device_count(),
+                 jax.device_count())
     config = FLAGS.config
     logging.info("Config %s; differs from configs/default.py in %s (all of it: WORKDIR/config.json)",
                  _config_spec(sys.argv), _differences(config) or "nothing")

@@ -23,6 +23,7 @@ from resnet_jax.clusters import CLUSTERS, detect_cluster
 
 DATA_AXIS = "data"
 REPLICA_AXIS = "replica"
+ONE_PROCESS = "one process (no cluster environment found)"
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> str:
@@ -39,7 +40,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         return "the --coordinator_address flags"
     cluster = detect_cluster()
     if cluster is None:
-        return "no cluster environment: one process"
+        return ONE_PROCESS
     try:
         jax.distributed.initialize()
     except ValueError:
@@ -48,7 +49,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         # Any other launch was named by its own variables: its error says what is wrong.
         if cluster != "GceTpuCluster":
             raise
-        return "no cluster environment: one process"
+        return ONE_PROCESS
     return CLUSTERS[cluster]
 
 

@@ -434,7 +434,7 @@ OPEN_MPI = {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://127.0.0.1:34911", "OMPI
 GKE_TPU = {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}
 # libtpu installed on a machine that is no Cloud TPU VM: JAX finds no TPU and asks no server.
 FAKE_LIBTPU = "def get_library_path():\n    return None\n"
-ONE_PROCESS = "no cluster environment: one process"
+ONE_PROCESS = sharding.ONE_PROCESS
 
 
 @pytest.fixture

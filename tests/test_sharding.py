@@ -71,7 +71,7 @@ def test_cluster_detection_is_jax_own(bare_environment):
 def test_no_cluster_means_one_process_without_distributed_start(bare_environment):
     started = []
     bare_environment.setattr(jax.distributed, "initialize", lambda *a, **k: started.append((a, k)))
-    assert sharding.initialize_distributed() == "no cluster environment: one process"
+    assert sharding.initialize_distributed() == sharding.ONE_PROCESS
     assert started == []
     for name, value in SLURM.items():
         bare_environment.setenv(name, value)
