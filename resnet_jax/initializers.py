@@ -11,6 +11,8 @@ created eagerly or traced. Every host of a pod draws the same weights from the s
 hosts run one NumPy).
 """
 
+import concurrent.futures
+import functools
 import math
 from typing import Any, Callable
 
@@ -19,30 +21,57 @@ import jax.numpy as jnp
 import numpy as np
 
 TRUNCATION = 2.0  # truncated normals are cut at two standard deviations
+CHUNK = 1 << 20  # samples per seed: a large weight's chunks are drawn in parallel
 # The standard deviation of a standard normal truncated to [-2, 2].
 _TRUNCATED_STD = 0.87962566103423978
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
 
-def _standard(distribution: str, key_data: np.ndarray, size: int) -> np.ndarray:
-    """`size` float32 samples of a standard normal, or of one truncated to +-TRUNCATION
-    (outliers drawn again until none is left)."""
-    generator = np.random.default_rng(np.asarray(key_data, np.uint32).ravel().tolist())
-    values = generator.standard_normal(size, np.float32)
-    if distribution == "truncated_normal":
-        outside = np.flatnonzero(np.abs(values) > TRUNCATION)
-        while outside.size:
-            values[outside] = generator.standard_normal(outside.size, np.float32)
-            outside = outside[np.abs(values[outside]) > TRUNCATION]
+def _samples(distribution: str, key_data: np.ndarray, size: int, stddev: float) -> np.ndarray:
+    """`size` float32 samples of N(0, stddev^2), or of it truncated to +-TRUNCATION standard
+    normal deviations before scaling (outliers drawn again until none is left). A large weight
+    is drawn in chunks of CHUNK, each from its own seed, on threads: the same samples on any
+    machine, whatever its cores."""
+    seed = np.asarray(key_data, np.uint32).ravel().tolist()
+    values = _aligned(size)
+
+    def fill(start: int) -> None:
+        generator = np.random.default_rng([*seed, start // CHUNK])
+        chunk = values[start:start + CHUNK]
+        generator.standard_normal(out=chunk, dtype=np.float32)
+        if distribution == "truncated_normal":
+            outside = np.flatnonzero(np.abs(chunk) > TRUNCATION)
+            while outside.size:
+                chunk[outside] = generator.standard_normal(outside.size, np.float32)
+                outside = outside[np.abs(chunk[outside]) > TRUNCATION]
+        chunk *= np.float32(stddev)
+
+    starts = range(0, size, CHUNK)
+    if len(starts) == 1:
+        fill(0)
+    else:
+        list(_threads().map(fill, starts))
     return values
+
+
+def _aligned(size: int) -> np.ndarray:
+    """An empty float32 array on a 64-byte boundary, which jax.device_put on a CPU takes
+    without a copy."""
+    raw = np.empty(4 * size + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + 4 * size].view(np.float32)
+
+
+@functools.cache
+def _threads() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(thread_name_prefix="initializers")
 
 
 def _drawn(distribution: str, key: jax.Array, shape: tuple[int, ...], dtype: Any,
            stddev: float) -> jax.Array:
     def draw(key_data):
-        values = _standard(distribution, key_data, math.prod(shape))
-        values *= np.float32(stddev)
+        values = _samples(distribution, key_data, math.prod(shape), stddev)
         return values.reshape(shape).astype(dtype, copy=False)
 
     key_data = jax.random.key_data(key)
