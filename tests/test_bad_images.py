@@ -154,6 +154,7 @@ def _train_on(root, workdir, num_classes):
     return result, result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_the_command_refuses_an_empty_class_and_writes_nothing(tmp_path):
     root = _folder(tmp_path / "images", {"train": {"ant": 4, "bee": 4, "cat": 0},
                                          "test": {"ant": 2, "bee": 2}})
@@ -164,6 +165,7 @@ def test_the_command_refuses_an_empty_class_and_writes_nothing(tmp_path):
     assert not workdir.exists() or not any(workdir.iterdir())
 
 
+@pytest.mark.slow
 def test_a_run_whose_eval_image_does_not_decode_stops_in_one_line_naming_it(tmp_path):
     root = _folder(tmp_path / "images", {"train": {"ant": 4, "bee": 4}, "test": {"ant": 2, "bee": 2}})
     (root / "test" / "bee" / "broken.jpg").write_bytes(b"")
@@ -182,6 +184,7 @@ def test_data_on_device_refuses_a_class_with_no_training_images(tmp_path):
         device_data.info(_config("", name="digits", train_split="train[:5]", on_device=True))
 
 
+@pytest.mark.slow
 def test_an_eval_image_that_does_not_decode_on_one_process_stops_every_process(tmp_path):
     # Process 1's pass raised after its last batch while process 0 went on to the next
     # collective, and waited there for a process that was leaving.

@@ -15,6 +15,7 @@ KEYS = ("compile_seconds", "step_seconds", "images_per_second", "tflops_per_seco
         "peak_memory_bytes")
 
 
+@pytest.mark.slow
 def test_harness_on_two_simulated_devices_reports_every_number():
     # A fresh process: --devices must reach XLA before JAX starts.
     out = subprocess.run(
@@ -30,6 +31,7 @@ def test_harness_on_two_simulated_devices_reports_every_number():
     assert result["macs_per_image"] > 0 and result["params"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [[], ["--scan-blocks"]])
 def test_ghost_bn_adds_no_collective_to_the_gradients_all_reduce(scan):
     # Groups of 2 of the 2 examples per device: each device normalises and keeps its running
@@ -67,6 +69,7 @@ print(json.dumps(counts))
 """
 
 
+@pytest.mark.slow
 def test_bn_all_reduces_once_each_way_and_remat_adds_none():
     # CIFAR ResNet-8 has 7 BNs (the stem's, two in each of 3 blocks). Over the whole batch, each reduces its statistics in one
     # all-reduce in the forward pass and its two gradient sums in one in the backward pass,
@@ -139,6 +142,7 @@ def test_input_pipeline_benchmark_on_generated_photos(tmp_path, preprocess, dtyp
     assert result["images_per_second"] > 0 and result["images_per_cpu_second"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_reference_step_compiles_and_scans_only_when_asked(scan, tmp_path):
     # A fresh process: --cpu-fusion must reach XLA before JAX starts its backend.
@@ -157,6 +161,7 @@ def test_reference_step_compiles_and_scans_only_when_asked(scan, tmp_path):
     assert any(name.startswith("jit_train_step") for name in os.listdir(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_reference_step_is_resnet152_sized_and_scanning_changes_no_number():
     import jax
     from benchmarks import reference_step
@@ -191,6 +196,7 @@ def test_reference_step_bad_input_is_one_line(argv, message):
     assert message in text and "\n" not in text
 
 
+@pytest.mark.slow
 def test_host_metrics_times_the_gather_of_each_log_line_on_two_processes():
     out = subprocess.run([sys.executable, "-m", "benchmarks.host_metrics", "--calls", "3", "--json"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -199,6 +205,7 @@ def test_host_metrics_times_the_gather_of_each_log_line_on_two_processes():
     assert result["processes"] == 2 and 0 < result["seconds_median"] <= result["seconds_max"]
 
 
+@pytest.mark.slow
 def test_finished_run_times_the_same_command_on_a_finished_workdir(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.finished_run", "--tries", "2", "--steps", "2",
                           "--workdir", str(tmp_path), "--json"],
@@ -209,6 +216,7 @@ def test_finished_run_times_the_same_command_on_a_finished_workdir(tmp_path):
     assert (tmp_path / "checkpoints" / "2").is_dir()  # the run it timed, in the given workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("linen", [False, True])
 def test_create_model_reports_the_seconds_and_compiles_of_a_first_creation(linen):
     out = subprocess.run([sys.executable, "-m", "benchmarks.create_model", "--model", "cifar_resnet8",

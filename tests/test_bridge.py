@@ -10,6 +10,7 @@ from flax import nnx
 from resnet_jax import linen, models
 
 
+@pytest.mark.slow
 def test_linen_wrapper_initialises_trains_and_matches_nnx():
     linen_model = nnx.bridge.to_linen(models.create, "cifar_resnet8", num_classes=10)
     x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))

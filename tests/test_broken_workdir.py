@@ -71,6 +71,7 @@ def _config_truncated(workdir):
     return workdir / "config.json", None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("breakage", [_checkpoints_a_file, _middle_line, _last_line, _config_not_json,
                                       _config_truncated], ids=lambda f: f.__name__.strip("_"))
 def test_a_broken_workdir_is_refused_in_one_line_touching_nothing(finished, tmp_path, breakage):
@@ -87,6 +88,7 @@ def test_a_broken_workdir_is_refused_in_one_line_touching_nothing(finished, tmp_
     assert _files(workdir) == before  # no lock.json, no log.txt, nothing rewritten
 
 
+@pytest.mark.slow
 def test_a_finished_run_with_a_bad_metrics_line_is_refused_in_one_line(finished, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished, workdir)
@@ -100,6 +102,7 @@ def test_a_finished_run_with_a_bad_metrics_line_is_refused_in_one_line(finished,
     assert _files(workdir) == before
 
 
+@pytest.mark.slow
 def test_a_finished_run_without_metrics_still_says_it_has_finished(finished, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished, workdir)
@@ -109,6 +112,7 @@ def test_a_finished_run_without_metrics_still_says_it_has_finished(finished, tmp
     assert result.returncode == 0 and "This run has finished" in result.stderr, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_resume_without_metrics_says_the_earlier_rows_are_gone(finished, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished, workdir)
@@ -129,6 +133,7 @@ def test_rows_without_a_checkpoint_are_said_to_be_replaced(tmp_path, caplog):
     assert "starts from step 0" in caplog.text and "1 row" in caplog.text, caplog.text
 
 
+@pytest.mark.slow
 def test_a_learning_rate_float32_turns_to_zero_is_refused(tmp_path):
     result = subprocess.run(main_command(tmp_path / "run", **{"schedule.base_lr": 1e-300}), cwd=REPO,
                             env=environment(), capture_output=True, text=True, timeout=600)
@@ -146,6 +151,7 @@ def test_learning_rates_outside_float32s_normal_range_are_refused(field, value):
         validate.check_numbers(config)
 
 
+@pytest.mark.slow
 def test_the_config_json_of_another_run_still_compares(finished, tmp_path):
     """A readable config.json keeps its meaning: another config is refused, naming the field."""
     config = small_config(**{"train.num_steps": 7})

@@ -18,6 +18,7 @@ def _parameters(name: str) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(network, nnx.Param)))
 
 
+@pytest.mark.slow
 def test_counts_all_reduces_by_dtype_for_both_bn_settings():
     # A fresh process: the 8 simulated devices must reach XLA before JAX starts (the script
     # sets them itself when run as a program).

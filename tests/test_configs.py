@@ -47,6 +47,7 @@ def test_bad_arguments_name_the_field(module, arg, message):
     assert str(error.value) == message
 
 
+@pytest.mark.slow
 def test_resnet200_is_the_pre_activation_network():
     """He et al. 2016: full pre-activation bottleneck units, the extra BN-ReLU after the last."""
     config = resnet200.get_config()

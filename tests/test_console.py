@@ -21,6 +21,7 @@ def _ours(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if STAMP.match(line)]
 
 
+@pytest.mark.slow
 def test_the_terminal_shows_the_projects_lines_and_ends_on_the_result(run):
     workdir, result = run
     lines = _ours(result.stderr)
@@ -34,6 +35,7 @@ def test_the_terminal_shows_the_projects_lines_and_ends_on_the_result(run):
     assert str(workdir / "metrics.jsonl") in last and str(workdir / "log.txt") in last
 
 
+@pytest.mark.slow
 def test_the_log_file_keeps_every_line(run):
     workdir, result = run
     log = (workdir / "log.txt").read_text()
@@ -42,11 +44,13 @@ def test_the_log_file_keeps_every_line(run):
         assert line[9:] in log, line
 
 
+@pytest.mark.slow
 def test_verbosity_1_shows_the_libraries_too(tmp_path):
     result = runs.run_main(tmp_path, "--verbosity=1", **{"train.num_steps": 3})
     assert "Finished saving checkpoint" in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_input_writes_no_log(tmp_path):
     workdir = tmp_path / "run"
     command = runs.main_command(workdir, **{"train.num_steps": -5})
@@ -60,6 +64,7 @@ def _files(workdir):
             for path in workdir.rglob("*") if path.is_file()}
 
 
+@pytest.mark.slow
 def test_the_same_command_on_the_finished_run_says_so_and_writes_nothing(run):
     workdir, _ = run
     before = _files(workdir)

@@ -42,6 +42,7 @@ def pair(networks):
     return net, model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("size", [(224, 224), (193, 225)])
 def test_logits_equal_torchvision(pair, mode, size):
@@ -99,6 +100,7 @@ def test_incompatible_models_are_refused(overrides, message):
         convert.to_torchvision(model)
 
 
+@pytest.mark.slow
 def test_train_mode_gradients_equal_torchvision():
     # Differentiating through BN in train mode (one reduction per BN forward and backward,
     # resnet_jax/layers.py) against torch's own BatchNorm2d backward, through all of ResNet-18.

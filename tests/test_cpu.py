@@ -64,6 +64,7 @@ def test_unsupported_convolutions_are_refused():
         cpu.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), feature_group_count=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shortcut", ["A", "B"])
 def test_model_gradients_and_outputs_do_not_depend_on_the_option(shortcut):
     x = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))

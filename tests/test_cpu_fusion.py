@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from resnet_jax import cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +46,7 @@ def relus_computed(xla_flags_value: str) -> int:
     return int(out.split()[-1])
 
 
+@pytest.mark.slow
 def test_each_relu_is_computed_once():
     # 19 ReLUs: the stem's and two in each of the nine blocks.
     assert relus_computed(cpu.CPU_FUSION) == 19

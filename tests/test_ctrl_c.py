@@ -55,6 +55,7 @@ def _assert_stopped(status, stderr, line):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", [1.0, 4.0])  # importing; later (reading, compiling or evaluating)
 def test_ctrl_c_in_evaluate(run, tmp_path, when):
     scores = tmp_path / "scores.json"
@@ -66,6 +67,7 @@ def test_ctrl_c_in_evaluate(run, tmp_path, when):
 
 # Importing; and once it has read a checkpoint (its line says so): then it builds the model and
 # compiles.
+@pytest.mark.slow
 @pytest.mark.parametrize("when", [1.0, ": the checkpoint of step"])
 def test_ctrl_c_in_report(run, tmp_path, when):
     status, stderr = _interrupted([sys.executable, "-m", "resnet_jax.report", "responses", str(run),
@@ -116,6 +118,7 @@ def test_a_figure_stopped_while_drawn_leaves_no_file(tmp_path, monkeypatch):
 
 
 # Importing; after the distributed start-up; holding the workdir, before the first step.
+@pytest.mark.slow
 @pytest.mark.parametrize("when", [1.0, "Started as", "Devices: "])
 def test_ctrl_c_in_the_main_jobs_start_up(tmp_path, when):
     status, stderr = _interrupted(runs.main_command(tmp_path / "run"), when)

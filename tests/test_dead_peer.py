@@ -13,6 +13,8 @@ import pytest
 import test_pods
 from runs import REPO, main_command
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
+
 # Long enough that the kill lands mid-run.
 RUN = {**test_pods.RUN, "train.num_steps": 400, "checkpoint.every_steps": 5}
 

@@ -148,6 +148,7 @@ def test_eval_slices_cover_the_split_once_in_as_many_batches_on_every_process():
     assert count == [2, 2, 2]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_trains_as_an_uninterrupted_one(tmp_path, monkeypatch):
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     config = small_config(**ON_DEVICE, **{"data.train_preprocess": "cifar", "log_every_steps": 2})
@@ -189,6 +190,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_eight_devices_replicated_or_sharded_gather_the_batches_of_one():
     env = environment(devices=8, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
     result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], cwd=REPO, env=env,
@@ -225,6 +227,7 @@ WITHOUT_TENSORFLOW = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_runs_without_tensorflow(tmp_path, folder):
     quickstart, cifar_run = tmp_path / "quickstart", tmp_path / "cifar"
     env = environment()

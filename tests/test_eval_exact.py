@@ -44,6 +44,7 @@ print("COUNT", int(total.accuracy.count), "CORRECT", round(float(total.accuracy.
 """
 
 
+@pytest.mark.slow
 def test_eight_devices_count_each_eval_example_once():
     env = environment(devices=8)
     result = subprocess.run([sys.executable, "-c", PROGRAM], cwd=REPO, env=env, capture_output=True,
@@ -163,6 +164,7 @@ def _assert_same_scores(got, expected, count):
     assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_batch_of_500_on_eight_devices_is_padded_and_counts_as_one_device(eight_devices):
     result = eight_devices["batch"]
     assert result["per_process"] == 504
@@ -170,6 +172,7 @@ def test_eval_batch_of_500_on_eight_devices_is_padded_and_counts_as_one_device(e
     _assert_same_scores(result["got"], result["expected"], 300)
 
 
+@pytest.mark.slow
 def test_multi_scale_on_eight_devices_scores_as_the_network_image_by_image(eight_devices):
     result = eight_devices["multi"]
     assert result["sizes"][12] == 8 and result["sizes"][0] == result["sizes"][24] == 8

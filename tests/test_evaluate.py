@@ -13,6 +13,8 @@ import runs
 from configs import quickstart
 from resnet_jax import analysis, metrics
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
+
 EVALUATE = [sys.executable, "-m", "resnet_jax.evaluate"]
 
 

@@ -61,6 +61,7 @@ def _arrays(tree):
     return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["latest", "best"])
 def test_a_step_deleted_between_listing_and_reading_is_read_again_as_the_newest(workdir, monkeypatch, which):
     manager = checkpoint.reader(epath.Path(workdir))
@@ -72,6 +73,7 @@ def test_a_step_deleted_between_listing_and_reading_is_read_again_as_the_newest(
     assert all(np.array_equal(a, b) for a, b in zip(_arrays(tree), expected, strict=True))
 
 
+@pytest.mark.slow
 def test_a_run_between_deleting_its_one_step_and_committing_the_next_is_waited_for(workdir, monkeypatch, tmp_path):
     # checkpoint.keep=1: for a moment no step is listed.
     checkpoints = workdir / "checkpoints"
@@ -88,6 +90,7 @@ def test_a_run_between_deleting_its_one_step_and_committing_the_next_is_waited_f
     assert asked == [6, 7] and step == 7
 
 
+@pytest.mark.slow
 def test_a_named_step_deleted_while_read_is_said_so(workdir, monkeypatch):
     manager = checkpoint.reader(epath.Path(workdir))
     _read_with(monkeypatch, lambda step: _saved(workdir, step, 100))
@@ -95,6 +98,7 @@ def test_a_named_step_deleted_while_read_is_said_so(workdir, monkeypatch):
         evaluate.read_checkpoint(manager, "3", DEVICE)
 
 
+@pytest.mark.slow
 def test_a_step_whose_deletion_is_under_way_is_not_called_corrupt(workdir, monkeypatch):
     # Its directory is still there when the read fails, and gone a moment later.
     def failing(step):
@@ -107,6 +111,7 @@ def test_a_step_whose_deletion_is_under_way_is_not_called_corrupt(workdir, monke
         evaluate.read_checkpoint(manager, "3", DEVICE, grace=10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which, step", [("latest", 6), ("3", 3)])
 def test_a_step_that_stays_and_fails_to_read_is_corrupt(workdir, monkeypatch, which, step):
     def failing(_):
@@ -123,6 +128,7 @@ def test_a_step_that_stays_and_fails_to_read_is_corrupt(workdir, monkeypatch, wh
     assert which != "latest" or time.monotonic() - start < 0.5
 
 
+@pytest.mark.slow
 def test_a_run_saving_faster_than_evaluate_reads_is_said_so_in_one_line(workdir, monkeypatch):
     _read_with(monkeypatch, lambda step: _saved(workdir, step, step + 1))
     manager = checkpoint.reader(epath.Path(workdir))
@@ -174,6 +180,7 @@ def _read_beside(workdir):
         return None
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see quiet_closed_loop
 def test_evaluate_beside_a_run_that_saves_every_step(tmp_path, monkeypatch):
     workdir = tmp_path / "run"

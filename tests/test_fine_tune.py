@@ -28,6 +28,7 @@ def saved_weights(workdir):
                                  checkpoint.pure(state))
 
 
+@pytest.mark.slow
 def test_a_run_starts_from_another_runs_checkpoint(trained, tmp_path, caplog):
     # A learning rate of 1e-9: the checkpoint after one step holds the loaded weights.
     caplog.set_level("INFO")
@@ -40,6 +41,7 @@ def test_a_run_starts_from_another_runs_checkpoint(trained, tmp_path, caplog):
                             rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_another_class_count_gets_a_new_classifier_and_keeps_the_rest(trained):
     saved = saved_weights(trained)
     model = models.create("cifar_resnet8", num_classes=4, rngs=nnx.Rngs(1))
@@ -53,6 +55,7 @@ def test_another_class_count_gets_a_new_classifier_and_keeps_the_rest(trained):
     runs.assert_trees_close(ours, theirs, rtol=0, atol=0)  # BN statistics too
 
 
+@pytest.mark.slow
 def test_another_network_is_refused_naming_the_key_and_both_shapes(trained):
     model = models.create("cifar_resnet8", num_classes=10, width=32, rngs=nnx.Rngs(0))
     before = np.asarray(model.conv1.kernel[...])
@@ -72,6 +75,7 @@ def test_a_directory_that_holds_no_run_is_refused(tmp_path):
         fine_tune.start_from(model, epath.Path(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_run_starts_from_torchvision_weights_with_a_new_classifier(tmp_path):
     torch.manual_seed(0)
     net = torchvision.models.resnet18()
@@ -94,6 +98,7 @@ def test_a_run_starts_from_torchvision_weights_with_a_new_classifier(tmp_path):
     assert np.shape(fc.get("value", fc) if isinstance(fc, dict) else fc) == (512, 10)
 
 
+@pytest.mark.slow
 def test_weights_that_do_not_fit_are_refused_in_one_line(tmp_path):
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "resnet34.pth")
     workdir = tmp_path / "run"
@@ -108,6 +113,7 @@ def test_weights_that_do_not_fit_are_refused_in_one_line(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_the_small_image_fine_tuning_config_trains_torchvision_weights_on_an_image_folder(tmp_path):
     # It took a new user three tries to find the data type and the eval split for this.
     from PIL import Image  # pylint: disable=import-outside-toplevel

@@ -32,6 +32,7 @@ def test_cifar_parameters(depth, params):
     assert flops.count_params(abstract(f"cifar_plain{depth}")) == params
 
 
+@pytest.mark.slow
 def test_cifar_1202_parameters():
     # Built for real: tracing 600 blocks abstractly is slower in this Flax than making them.
     model = models.create("cifar_resnet1202", num_classes=10, rngs=nnx.Rngs(0))
@@ -44,6 +45,7 @@ def test_plain_imagenet_parameters_equal_option_a(depth):
         abstract(f"resnet{depth}", shortcut="A"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth, macs", [
     (18, 1_814_073_344), (34, 3_663_761_408), (50, 3_857_973_248), (101, 7_570_194_432),
     (152, 11_282_415_616)])
@@ -51,6 +53,7 @@ def test_imagenet_macs_stride_on_1x1(depth, macs):
     assert flops.count_macs(abstract(f"resnet{depth}")) == macs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth, macs", [
     (18, 1_814_073_344), (50, 4_089_184_256), (101, 7_801_405_440), (152, 11_513_626_624)])
 def test_imagenet_macs_stride_on_3x3(depth, macs):

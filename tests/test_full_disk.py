@@ -111,6 +111,7 @@ def full_disk_runs(tmp_path_factory):
             subprocess.run(["umount", str(mount)], check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES)
 def test_a_real_full_disk_ends_in_one_line_at_any_size(full_disk_runs, size):
     workdir, result = full_disk_runs[size]
@@ -340,6 +341,7 @@ def injected_runs(tmp_path_factory):
                                ("pod save", "save"))}
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_config_json_ends_in_one_line(injected_runs):
     # An OSError out of the run went past main's handlers: a traceback.
     workdir, [result] = injected_runs["config.json"]
@@ -347,6 +349,7 @@ def test_a_full_disk_at_config_json_ends_in_one_line(injected_runs):
     assert not (workdir / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_a_log_file_full_after_the_last_step_ends_in_one_line(injected_runs):
     # The run finished; its log file lost its last lines: said, exit 1, not a silent success.
     workdir, [result] = injected_runs["log.txt"]
@@ -356,6 +359,7 @@ def test_a_log_file_full_after_the_last_step_ends_in_one_line(injected_runs):
     assert "Finished step" not in (workdir / "log.txt").read_text(), line
 
 
+@pytest.mark.slow
 def test_a_full_log_file_on_one_process_stops_every_process(injected_runs):
     # Process 1 stopped alone (a traceback) and process 0 waited for it in its next collective.
     workdir, [first, second] = injected_runs["pod"]
@@ -365,6 +369,7 @@ def test_a_full_log_file_on_one_process_stops_every_process(injected_runs):
                            complete(3))
 
 
+@pytest.mark.slow
 def test_a_save_failing_on_one_process_stops_every_process(injected_runs):
     # Process 1 went on alone: it raised at its next save, where process 0 waited at orbax's
     # barrier, and each ended with its own line (or process 0 entered the next step alone).

@@ -8,9 +8,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
 from resnet_jax import metrics
 from runs import REPO, SMALL
+
+pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
 
 RUN = {**SMALL, "train.num_steps": 40, "checkpoint.every_steps": 5, "eval.every_steps": 20,
        "log_every_steps": 10, "tensorboard_dir": "",  # TensorFlow's gs:// cannot reach an emulator

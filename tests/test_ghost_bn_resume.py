@@ -11,6 +11,8 @@ import pytest
 from resnet_jax import checkpoint
 from runs import REPO, assert_trees_close, environment, main_command, rows_without_speed, run_main
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
+
 # 32 examples on 4 devices: 2 groups of 4 on each.
 GHOST = {"model.bn_group_size": 4, "train.num_steps": 24, "checkpoint.every_steps": 4,
          "eval.every_steps": 12}

@@ -35,6 +35,7 @@ def _dry_run(tmp_path, *arguments: str, absent: tuple[str, ...] = ABSENT
     return done, lines
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_part_without_tensorflow(tmp_path):
     done, lines = _dry_run(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -64,6 +65,7 @@ def test_dry_run_runs_every_part_without_tensorflow(tmp_path):
     assert all(line["device_kind"] == "cpu" for line in lines)
 
 
+@pytest.mark.slow
 def test_time_guard_stops_the_cifar_run_as_a_preemption(tmp_path):
     # Part cifar needs 60 s left to start (start-up takes 5-30 s on a busy 2-core machine); the
     # guard asks the run to stop 20 s before the limit.
@@ -120,6 +122,7 @@ def test_a_carried_distribution_at_another_version_is_one_line(tmp_path):
     assert f"not the carried {_pin('optax').split('==')[1]}" in message, message
 
 
+@pytest.mark.slow
 def test_a_module_that_fails_to_import_is_one_line(tmp_path):
     # A clu first on the path that fails as flax 0.12.8 does on jax 0.11 (found, but broken).
     package = tmp_path / "site" / "clu"

@@ -99,6 +99,7 @@ def test_main_help_lists_a_configs_arguments():
     assert '"A" zero-padded identity' in shortcut, shortcut
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [("resnet_jax.evaluate",), ("resnet_jax.report",),
                                      ("launch.sweep",), ("launch.tpu_pod",)])
 def test_every_command_prints_its_usage_and_exits_0(command):

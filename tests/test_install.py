@@ -53,6 +53,7 @@ def _shows(lines: list[str], field: str) -> bool:
     return any(line == field or line.startswith(field + " ") for line in lines)
 
 
+@pytest.mark.slow
 def test_the_installed_copy_is_what_runs(python, tmp_path):
     done = _run(python, tmp_path, "-c", "import configs, launch, resnet_jax\n"
                 "print(resnet_jax.__file__, configs.__file__, launch.__file__)")
@@ -61,6 +62,7 @@ def test_the_installed_copy_is_what_runs(python, tmp_path):
                for path in done.stdout.split()), done.stdout
 
 
+@pytest.mark.slow
 def test_help_lists_every_field_with_its_value_and_comment(python, tmp_path):
     done = _run(python, tmp_path, "-m", "resnet_jax.main", "--config=cifar:depth=110", "--help")
     assert done.returncode == 0, done.stderr
@@ -72,6 +74,7 @@ def test_help_lists_every_field_with_its_value_and_comment(python, tmp_path):
     assert "quickstart" in next(line for line in lines if line.startswith("Shipped configs"))
 
 
+@pytest.mark.slow
 def test_a_users_config_builds_on_the_shipped_ones(python, tmp_path):
     (tmp_path / "mine.py").write_text("from configs import quickstart\n\n\ndef get_config():\n"
                                       "    config = quickstart.get_config()\n"
@@ -81,6 +84,7 @@ def test_a_users_config_builds_on_the_shipped_ones(python, tmp_path):
     assert _shows(done.stdout.splitlines(), "  num_steps = 7")
 
 
+@pytest.mark.slow
 def test_a_shipped_config_trains_by_name_from_another_directory(python, tmp_path):
     done = _run(python, tmp_path, "-m", "resnet_jax.main", "--config=quickstart",
                 f"--workdir={tmp_path / 'run'}", "--config.train.num_steps=2",
@@ -89,6 +93,7 @@ def test_a_shipped_config_trains_by_name_from_another_directory(python, tmp_path
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("eval_accuracy") == 1
 
 
+@pytest.mark.slow
 def test_an_unknown_config_name_is_one_line(python, tmp_path):
     done = _run(python, tmp_path, "-m", "resnet_jax.main", "--config=resnet51",
                 f"--workdir={tmp_path / 'run'}")
@@ -98,6 +103,7 @@ def test_an_unknown_config_name_is_one_line(python, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_the_sweep_launcher_runs_installed(python, tmp_path):
     done = _run(python, tmp_path, "-m", "launch.sweep", "--sweep=configs/sweep_table6.py",
                 f"--workdir={tmp_path / 'sweep'}", "--dry-run")

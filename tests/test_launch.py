@@ -407,6 +407,7 @@ def test_a_bad_sweep_stops_before_anything_runs(tmp_path, points, extra, message
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_local_sweep_trains_each_point_in_its_own_workdir(tmp_path):
     # Two points that compile to the same programs, so the second run takes them from the shared cache.
     sweep_file = write_sweep(tmp_path, [{"seed": 1}, {"seed": 2}])

@@ -54,6 +54,7 @@ def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path, caplog, fields, rea
     assert "Taking over" in caplog.text and reason in caplog.text
 
 
+@pytest.mark.slow
 def test_the_main_job_refuses_a_held_workdir_in_one_line(tmp_path):
     # Held by a live process of this host (this test's own), refreshed just now.
     tmp_path.mkdir(exist_ok=True)

@@ -37,6 +37,7 @@ def test_option_a_carries_the_stem_through_a_residual_net_that_starts_as_identit
     assert np.any(np.asarray(stem) > 0)
 
 
+@pytest.mark.slow
 def test_plain_nets_have_no_shortcut_anywhere():
     # The same start as above: with no shortcut, every block's output is relu(0) = 0.
     for name in ["cifar_plain14", "plain18", "plain50"]:
@@ -120,6 +121,7 @@ def test_train_and_eval_switch_batch_norm():
     assert not np.allclose(np.asarray(model(x)), before)  # the moved statistics are used
 
 
+@pytest.mark.slow
 def test_identical_blocks_share_one_trace_and_match_calling_each_block(monkeypatch):
     model = models.create("cifar_resnet20", num_classes=10, rngs=nnx.Rngs(0))
     reference = nnx.clone(model)

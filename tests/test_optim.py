@@ -196,6 +196,7 @@ def network_step(optimizer: str):
             in zip(jax.tree_util.tree_leaves_with_path(after.params), jax.tree.leaves(params))}
 
 
+@pytest.mark.slow
 def test_lars_in_the_train_step_adapts_kernels_only():
     sgd, lars = network_step("sgd"), network_step("lars")
     kernels = [name for name in sgd if "kernel" in name]
@@ -216,6 +217,7 @@ def test_bad_optimizer_choices_are_named():
                                optax.constant_schedule(0.1))
 
 
+@pytest.mark.slow
 def test_eval_step_counts_unmasked_examples_and_averages_crops():
     model = train.models.create("cifar_resnet8", num_classes=5, rngs=nnx.Rngs(0))
     model.eval()

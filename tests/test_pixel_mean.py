@@ -14,6 +14,8 @@ from PIL import Image
 from resnet_jax import data, metrics, train
 from runs import REPO, environment, small_config
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
+
 # ImageNet's variety of aspect ratios, small: 4:3, 3:4, 1:1, 2:1 and beyond.
 SHAPES = ((15, 20), (20, 15), (16, 16), (12, 24), (30, 10), (18, 27))
 

@@ -12,6 +12,8 @@ import pytest
 from resnet_jax import metrics
 from runs import REPO, assert_trees_close, environment, latest_params, main_command
 
+pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
+
 # Long enough that a signal sent after the first checkpoints lands mid-run.
 RUN = {"train.num_steps": 30, "checkpoint.every_steps": 5, "eval.every_steps": 30,
        "log_every_steps": 10}

@@ -55,6 +55,7 @@ def steps():
     return {dtype: _one_step(dtype, batch) for dtype in ("bfloat16", "float32")}
 
 
+@pytest.mark.slow
 def test_bfloat16_step_is_close_to_the_float32_step(steps):
     (low_loss, low, _), (high_loss, high, _) = steps["bfloat16"], steps["float32"]
     assert np.isfinite(low).all() and np.isfinite(high).all()
@@ -66,6 +67,7 @@ def test_bfloat16_step_is_close_to_the_float32_step(steps):
     assert np.linalg.norm(low - high) < 0.2 * np.linalg.norm(high)
 
 
+@pytest.mark.slow
 def test_bfloat16_step_keeps_float32_state(steps):
     # Only the compute is bfloat16: parameters, optimizer state, BN statistics and the loss window
     # stay float32, so that small updates are not rounded away.
@@ -112,6 +114,7 @@ def _mixed_vjp(x, kernel, strides, padding, grad, matmul):
     return y, *vjp(grad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("matmul", [False, True], ids=["xla", "matmul"])
 def test_mixed_conv_float32_gradients_equal_jax_grad(matmul):
     for size, stride, map_size in CONVS:
@@ -122,6 +125,7 @@ def test_mixed_conv_float32_gradients_equal_jax_grad(matmul):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=f"{name} {size, stride, map_size}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("matmul", [False, True], ids=["xla", "matmul"])
 def test_mixed_conv_bfloat16_kernel_gradient_is_float32(matmul):
     # The bfloat16 output and input gradient of nnx's convolution; the kernel gradient summed in
@@ -146,6 +150,7 @@ def test_mixed_conv_bfloat16_kernel_gradient_is_float32(matmul):
             where, new_error, old_error)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["conv", "dense"])
 def test_mixed_layers_output_compute_dtype_and_float32_gradients(layer):
     # VGG's layers: a strided convolution with a bias, a dense layer on a batch of sequences.
@@ -220,6 +225,7 @@ def _assert_gradients_all_reduced_in_float32(modules: dict) -> None:
     assert collectives.by_dtype(reduced)["f32"]["bytes"] >= 4 * modules["parameters"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_lowered_kernel_gradients_are_float32(step_modules, platform):
     # A convolution whose result has a kernel's shape is that kernel's gradient: each in float32
@@ -234,10 +240,12 @@ def test_lowered_kernel_gradients_are_float32(step_modules, platform):
     assert all(dtypes == {"f32"} for dtypes in results.values()), dict(results)
 
 
+@pytest.mark.slow
 def test_partitioned_step_all_reduces_no_bfloat16(step_modules):
     _assert_gradients_all_reduced_in_float32(step_modules)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_classifier_at_highest_precision(step_modules, platform):
     # The classifier is the step's only matrix product (forward, and the two of its gradient):
@@ -248,6 +256,7 @@ def test_classifier_at_highest_precision(step_modules, platform):
         assert "precision = [HIGHEST, HIGHEST]" in line, line
 
 
+@pytest.mark.slow
 def test_vgg_step_all_reduces_no_bfloat16():
     # VGG's convolutions have biases and its hidden dense layers compute in bfloat16: their
     # kernels' and biases' gradients are float32 too; its classifier is float32 at HIGHEST.

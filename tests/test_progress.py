@@ -46,6 +46,7 @@ def test_an_eval_pass_raises_its_bad_images_after_its_last_batch():
         passed.agree()
 
 
+@pytest.mark.slow
 def test_the_readmes_quoted_lines_are_what_the_command_prints(tmp_path):
     # The README quoted fields and a progress line that the command no longer printed.
     import re  # pylint: disable=import-outside-toplevel

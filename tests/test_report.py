@@ -79,6 +79,7 @@ def _table(tmp_path, *workdirs):
     return {row["run"]: row for row in rows}, (tmp_path / "t.md").read_text()
 
 
+@pytest.mark.slow
 def test_table_has_a_row_per_run_with_its_numbers(workdirs, tmp_path):
     table, md = tmp_path / "t.csv", tmp_path / "t.md"
     result = subprocess.run(
@@ -106,6 +107,7 @@ def test_table_has_a_row_per_run_with_its_numbers(workdirs, tmp_path):
     assert report.display_name("resnet152") == "ResNet-152"
 
 
+@pytest.mark.slow
 def test_table_shows_the_paper_only_for_the_same_network_data_split_and_protocol(tmp_path):
     made = tmp_path / "runs"
     workdirs = [
@@ -237,6 +239,7 @@ def test_response_and_lesion_figures_count_in_integers_and_name_blocks():
     assert [t.get_text() for t in ax.get_legend().get_texts()][-1] == "mean ± std over 2 random draws"
 
 
+@pytest.mark.slow
 def test_curves_are_drawn(workdirs, tmp_path, capsys):
     out = tmp_path / "curves.png"
     assert _report("curves", *workdirs, "--out", str(out)) == 0
@@ -258,6 +261,7 @@ def _direct_responses(model, images):
     return [float(np.std(np.asarray(o), axis=(0, 1, 2)).mean()) for o in outputs]
 
 
+@pytest.mark.slow
 def test_layer_responses_equal_a_direct_computation(workdirs, tmp_path, capsys):
     out, numbers = tmp_path / "responses.png", tmp_path / "responses.json"
     result = _report("responses", *workdirs, "--out", str(out), "--images", "40", "--json", str(numbers))
@@ -280,6 +284,7 @@ def _zero_branch(block):
     block.bn2.bias[...] = jnp.zeros_like(block.bn2.bias[...])
 
 
+@pytest.mark.slow
 def test_lesion_equals_zeroed_branch_weights(workdirs):
     config, model, _ = analysis.load_model(workdirs[1])
     images, labels = analysis.eval_images(config, 64)
@@ -301,6 +306,7 @@ def test_lesion_equals_zeroed_branch_weights(workdirs):
     assert study.random[3] == [analysis.error_rate(zeroed, images, labels)] * 2
 
 
+@pytest.mark.slow
 def test_lesion_command_marks_what_a_plain_net_cannot_lose(workdirs, tmp_path, capsys):
     result = _report("lesion", "--checkpoint", workdirs[0], "--checkpoint", workdirs[1],
                      "--out-dir", str(tmp_path), "--images", "32", "--max-deleted", "1", "--draws", "1",
@@ -381,6 +387,7 @@ def test_every_figure_fits_its_texts_and_draws_every_series(tmp_path):
         assert _inside(fig) == []
 
 
+@pytest.mark.slow
 def test_the_report_command_shows_no_library_warnings(workdirs, tmp_path):
     # orbax's three warnings about its read-only manager came before "wrote ...".
     done = subprocess.run([sys.executable, "-m", "resnet_jax.report", "responses", *workdirs,

@@ -50,6 +50,7 @@ def train_steps(workdir):
     return [row["step"] for row in map(json.loads, open(workdir / "metrics.jsonl")) if "train_loss" in row]
 
 
+@pytest.mark.slow
 def test_sigkill_then_restart_equals_an_uninterrupted_run(tmp_path, uninterrupted):
     code, _ = start_and_signal(tmp_path, signal.SIGKILL)
     assert code == -signal.SIGKILL
@@ -59,6 +60,7 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(tmp_path, uninterrupte
     assert_trees_close(latest_params(tmp_path)[1], latest_params(uninterrupted)[1], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
 def test_a_signal_saves_says_so_and_exits_with_its_status(tmp_path, uninterrupted, sig, status):
     code, stderr = start_and_signal(tmp_path, sig)
@@ -74,6 +76,7 @@ def test_a_signal_saves_says_so_and_exits_with_its_status(tmp_path, uninterrupte
     assert_trees_close(latest_params(tmp_path)[1], latest_params(uninterrupted)[1], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_named_and_the_one_before_restored(tmp_path, uninterrupted, caplog):
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted, workdir)
@@ -92,6 +95,7 @@ def test_corrupt_latest_checkpoint_is_named_and_the_one_before_restored(tmp_path
     assert train_steps(workdir) == list(range(1, 46))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["one bit", "eight bytes"])
 def test_a_changed_byte_in_the_newest_checkpoint_is_named_and_the_one_before_resumed(tmp_path, uninterrupted, how):
     # Issue 24, failure 2: one byte xor 1 (or eight bytes of 0xff) in the newest step's largest
@@ -119,6 +123,7 @@ def test_a_changed_byte_in_the_newest_checkpoint_is_named_and_the_one_before_res
     assert_trees_close(latest_params(workdir)[1], latest_params(uninterrupted)[1], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_a_workdir_with_no_restorable_checkpoint_is_refused_until_restart(tmp_path, uninterrupted):
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted, workdir)
@@ -161,6 +166,7 @@ BAD_CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_configs_fail_in_one_line_before_writing(tmp_path):
     eight = environment(devices=8)
     runs = []
@@ -180,6 +186,7 @@ def test_bad_configs_fail_in_one_line_before_writing(tmp_path):
         assert not workdir.exists() or not any(workdir.iterdir()), flags
 
 
+@pytest.mark.slow
 def test_unwritable_workdir_is_reported(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -189,6 +196,7 @@ def test_unwritable_workdir_is_reported(tmp_path):
     assert "resnet_jax: error: workdir" in result.stderr and "is not writable" in result.stderr
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused_unless_allowed(tmp_path):
     train.train_and_evaluate(small_config(), str(tmp_path))
     with pytest.raises(validate.SetupError, match=r"different config \(seed: 0 -> 3\).*--allow_config_change"):
@@ -215,6 +223,7 @@ def poisoned(monkeypatch, at_step, field, value):
     monkeypatch.setattr(data, "train_iterator", iterator)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     poisoned(monkeypatch, 5, "image", np.nan)
     # Float images on the host: uint8 pixels cannot be poisoned with NaN.
@@ -229,6 +238,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_non_finite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
     poisoned(monkeypatch, 3, "image", np.inf)
     config = small_config(**{"train.skip_nonfinite": True, "data.dtype": "float32"})

@@ -35,6 +35,7 @@ def torch_keyed(model):
     return {key: convert._read(variable, index) for key, variable, index, _ in convert._tensors(model)}
 
 
+@pytest.mark.slow
 def test_identical_blocks_after_the_first_are_one_stacked_block():
     model = nnx.eval_shape(lambda: create("resnet152", scan_blocks=True))
     lengths = [stage[1].length for stage in model.stages]
@@ -70,6 +71,7 @@ def run(model, x, train):
     return maps, logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, options, size, modes", [
     ("resnet50", {"stride_on": "3x3"}, 32, (True,)),
     ("cifar_resnet20", {"shortcut": "C", "bn_group_size": 2}, 8, (True, False))])
@@ -110,6 +112,7 @@ def loss_and_grads(model, x, labels):
         nnx.merge(graphdef, params, new_stats))
 
 
+@pytest.mark.slow
 def test_scan_and_remat_change_no_gradient():
     x, labels = images((4, 8, 8, 3)), jnp.arange(4) % 10
     loss, grads, moved = loss_and_grads(create("cifar_resnet20"), x, labels)
@@ -132,6 +135,7 @@ def lowered_gradient(remat, x):
     return jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p, stats, copy=True)(x).sum())).lower(params)
 
 
+@pytest.mark.slow
 def test_remat_recomputes_in_the_backward_pass():
     # On the compiled program, not the jaxpr: XLA's CPU backend merged jax.checkpoint's
     # recomputation back into the forward pass (the same 13 convolutions and temporaries).
@@ -168,6 +172,7 @@ for scan_blocks in (False, True):
 """
 
 
+@pytest.mark.slow
 def test_remat_on_accelerators_changes_no_gradient():
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", _ACCELERATOR_REMAT_GRADIENTS], env=env, cwd=ROOT,

@@ -8,6 +8,7 @@ import pytest
 from resnet_jax import checkpoint, data, metrics, train
 from runs import assert_trees_close, latest_params, rows_without_speed, run_main, small_config
 
+@pytest.mark.slow
 def test_quickstart_short_form_learns_the_digits(tmp_path):
     config = small_config(**{"model.name": "cifar_resnet14", "train.num_steps": 150,
                              "eval.every_steps": 150, "checkpoint.every_steps": 150,
@@ -24,6 +25,7 @@ def test_quickstart_short_form_learns_the_digits(tmp_path):
     assert latest_params(str(tmp_path))[0] == 150
 
 
+@pytest.mark.slow
 def test_preempted_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
     # Log lines every 4 steps: the window open at the preemption must be carried over.
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
@@ -51,6 +53,7 @@ def test_preempted_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
     assert_trees_close(latest_params(parts)[1], latest_params(whole)[1], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", [None, 4])
 def test_eight_devices_train_like_one(tmp_path, group):
     # With ghost BN (groups of the 4 examples per device) the running statistics are kept

@@ -87,6 +87,7 @@ def test_hand_count_agrees_with_the_papers_cifar_numbers():
     assert hand_count((18, 18, 18), "basic") == 1_727_962  # ResNet-110
 
 
+@pytest.mark.slow
 def test_preact_164_and_1001_parameters_as_he_et_al_2016():
     """"1.7M" and "10.2M" (He et al. 2016), the options from configs/preact_cifar.py."""
     bn_params = lambda model: sum(
@@ -154,6 +155,7 @@ def first_channels_subsampled(maps, factor, channels):
     return maps["stem"][:, ::factor, ::factor, :channels]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, block", [("cifar_resnet14", "basic"), ("cifar_resnet11", "bottleneck")])
 def test_pre_activation_blocks_with_zero_branches_are_identities(name, block):
     # Nothing on the identity path: with each branch's last convolution zeroed, a block that does

@@ -33,6 +33,7 @@ def hand_counts(stacks, batch_norm, classes=1000, size=224):
     return params, conv_macs, sum(i * o for i, o in dense)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, params, conv_macs, all_macs", [
     ("vgg16", 138_357_544, 15_346_630_656, 15_470_264_320),
     ("vgg19", 143_667_240, 19_508_428_800, 19_632_062_464),
@@ -63,6 +64,7 @@ def torchvision_vgg(name, seed=0):
     return torchvision_net(name, seed).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vgg16", "vgg16_bn"])
 def test_logits_equal_torchvision_and_round_trip(name):
     net = torchvision_vgg(name)
@@ -104,6 +106,7 @@ def test_dropout_only_in_train_mode():
     np.testing.assert_allclose(np.asarray(dropped)[kept], 2 * np.asarray(hidden)[kept], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_structure_and_options():
     model = abstract("vgg19_bn", width=8, in_channels=1, dtype="bfloat16")
     assert len(model.convs) == 16 and len(model.bns) == 16
@@ -150,6 +153,7 @@ def tiny_vgg_config(**changes):
     return config
 
 
+@pytest.mark.slow
 def test_vgg_trains_in_the_training_loop(tmp_path):
     state = train.train_and_evaluate(tiny_vgg_config(), str(tmp_path))
     rows = metrics.read_rows(str(tmp_path))

@@ -60,6 +60,7 @@ def whole(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_the_rate_stays_at_warmup_lr_until_the_first_window_below_the_error(whole):
     expected = {step: WARMUP_LR if step <= SWITCH else BASE_LR for step in range(1, 9)}
     assert rates(whole) == pytest.approx(expected)
@@ -81,6 +82,7 @@ def test_without_a_window_below_the_error_the_warmup_never_ends(tmp_path, monkey
     assert not bool(checkpoint.read_latest(str(tmp_path))[1]["warmed_up"])
 
 
+@pytest.mark.slow
 def test_runs_resumed_before_and_after_the_switch_keep_its_rate(tmp_path, monkeypatch, whole):
     # Stopped at step 4, before the switch: resumed at warmup_lr, and switched at step 6 as an
     # uninterrupted run. Stopped at 7, after it: resumed at base_lr although step 8's error is
@@ -104,6 +106,7 @@ def test_rate_in_use_is_warmup_lr_until_warmed_up_then_the_schedule_from_step_0(
         pytest.approx([0.1, 0.1, 0.01, 0.001])
 
 
+@pytest.mark.slow
 def test_the_train_step_takes_warmup_lr_then_the_schedules_rate_through_momentum():
     # Two steps, the first warming up and the second not, against SGD whose schedule is 0.01 then
     # 0.1: the rate is applied after momentum (Caffe), so the momentum buffer carries gradients,

@@ -30,6 +30,7 @@ def test_whole_file_writes_leave_no_temporary_file(tmp_path):
     assert path.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
+@pytest.mark.slow
 def test_the_main_job_refuses_an_unserved_scheme_in_one_line_and_writes_nothing():
     before = set(REPO.iterdir())
     result = subprocess.run(main_command("s3://bucket/run"), cwd=REPO, capture_output=True,
