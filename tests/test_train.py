@@ -8,6 +8,7 @@ import pytest
 from resnet_jax import checkpoint, data, metrics, train
 from runs import assert_trees_close, latest_params, rows_without_speed, run_main, small_config
 
+
 @pytest.mark.slow
 def test_quickstart_short_form_learns_the_digits(tmp_path):
     config = small_config(**{"model.name": "cifar_resnet14", "train.num_steps": 150,
@@ -95,3 +96,14 @@ def test_a_fresh_run_saves_at_the_interval_only_not_at_step_one(tmp_path):
     # to the bucket before any real work.
     train.train_and_evaluate(small_config(**{"checkpoint.keep": 10}), str(tmp_path))
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 6]
+
+
+def test_a_bug_in_the_setup_is_not_reported_as_bad_input(tmp_path, monkeypatch):
+    # validate.SetupError means the user's input: one line, exit 2. A programming error in the
+    # code keeps its type and traceback.
+    def broken(config):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    monkeypatch.setattr(train, "_check_config", broken)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        train.setup(small_config(), str(tmp_path / "run"))
