@@ -608,7 +608,7 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
         validate.check_image_size(info.image_shape[0], model.total_stride, config.model.name)
         path = workdirs.resolve(workdir)
         validate.check_workdir(path, config.to_json_best_effort(), allow_config_change)
-    except (ValueError, FileNotFoundError) as error:  # a bug (TypeError, KeyError...) is no bad input
+    except (ValueError, FileNotFoundError) as error:  # not TypeError etc.: a bug is no bad input
         raise validate.SetupError(validate.one_line(error)) from error
     return Setup(path, mesh, batch_size, info, steps_per_epoch, num_steps, schedule, tx, model)
 
