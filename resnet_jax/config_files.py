@@ -35,6 +35,12 @@ def shipped() -> list[str]:
                   if name.endswith(".py") and name[:-3] not in NOT_CONFIGS)
 
 
+def is_sweep(name: str) -> bool:
+    """Whether the shipped config `name` is a sweep (it defines get_sweep, for launch.sweep)."""
+    with open(os.path.join(directory(), f"{name}.py")) as f:
+        return "\ndef get_sweep(" in f.read()
+
+
 def resolve(spec: str) -> str:
     """`spec` ("NAME[:ARG]" or "PATH[:ARG]") with its file as a path that exists: the path itself
     where that file exists, else the shipped config of that name; ValueError otherwise."""

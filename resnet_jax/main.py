@@ -97,7 +97,12 @@ def _help(argv: list[str]) -> str:
         _fail(f"--config: {' '.join(str(error).split())}", 2)
     ours = ("workdir", "allow_config_change", "restart", "coordinator_address", "num_processes",
             "process_id")
-    flags_help = "\n".join(f"--{name}: {FLAGS[name].help}" for name in ours)
+    flags_help = "\n".join(
+        ["--config: a shipped config's name or a config file, :ARG for its arguments (below); "
+         "the quickstart's when omitted."]
+        + [f"--{name}: {FLAGS[name].help}" for name in ours]
+        + ["--verbosity: 1 shows the libraries' log lines (orbax, absl, XLA) on the terminal too; "
+           "every line goes to WORKDIR/log.txt."])
     name = _config_spec(argv).partition(":")[0]
     if not any(arg.startswith("--config=") for arg in argv):
         name += " (the quickstart: no --config given)"

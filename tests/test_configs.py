@@ -7,7 +7,7 @@ from ml_collections import config_flags
 
 from configs import (cifar, plain18, plain34, preact_cifar, resnet18, resnet34, resnet50, resnet101, resnet152,
                      resnet200, vgg)
-from resnet_jax import models, train
+from resnet_jax import config_files, models, train
 from runs import REPO
 
 IMAGENET = [resnet18, resnet34, resnet50, resnet101, resnet152, resnet200, plain18, plain34]
@@ -110,3 +110,14 @@ def test_a_cifar_network_by_name_suggests_the_cifar_config(name, suggested):
     message = str(raised.value)
     assert message.startswith(f"{name!r} is neither a file nor the name of a shipped config")
     assert (suggested in message) if suggested else ("cifar:" not in message), message
+
+
+@pytest.mark.parametrize("name", config_files.shipped())
+def test_a_central_crop_keeps_most_of_the_image(name):
+    # The "center" and "ten_crop" evals resize the shorter side to resize_size, then crop
+    # image_size (ImageNet's 224 of 256). The small-image configs had kept 256: their crops were
+    # a speck of each image, and an eval of the quickstart with them scored chance.
+    namespace = {}
+    exec(compile(open(config_files.resolve(name)).read(), name, "exec"), namespace)  # noqa: S102
+    data = namespace["get_config"]().data
+    assert 0.75 <= data.image_size / data.resize_size <= 1, (name, data.image_size, data.resize_size)

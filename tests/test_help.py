@@ -87,6 +87,12 @@ def test_main_help_without_a_config_says_whose_values_it_shows():
     done = _help("resnet_jax.main")
     assert done.returncode == 0, done.stderr
     assert "quickstart.py (the quickstart: no --config given)" in done.stdout, done.stdout[:3000]
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("--config: ") for line in lines), done.stdout[:3000]
+    assert any(line.startswith("--verbosity: ") for line in lines), done.stdout[:3000]
+    configs = next(line for line in lines if line.startswith("Shipped configs"))
+    sweeps = next(line for line in lines if line.startswith("Shipped sweeps"))
+    assert "quickstart" in configs and "sweep_fig6" in sweeps and "sweep_" not in configs
 
 
 def test_main_help_lists_a_configs_arguments():
