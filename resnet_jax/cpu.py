@@ -7,11 +7,9 @@ matrix products, and rematerialisation that survives its passes. The models choo
 every consumer, recomputing it in each: a ResNet's residual stream (ReLU of the shortcut plus BN
 of the branch, block after block) is then recomputed back to the start of its stage inside every
 fusion that reads it, in the forward pass and in each ReLU's backward pass (the unrolled
-ResNet-152 train step: 106,000 instructions inside its fusions, fusions of up to 746). With
-multi-output fusion on, XLA fuses without duplicating. Measured on the 2-core CPU
-(benchmarks/README.md): ResNet-50 b16 at 224, step 8.06 -> 5.93 s and compile 15.7 -> 9.8 s;
-unrolled ResNet-152 b8, step 12.7 -> 8.9 s and compile 38.6 -> 22.7 s. The option's key names the
-CPU backend; other backends ignore it.
+ResNet-152 train step). With multi-output fusion on, XLA fuses without duplicating: shorter
+steps and compiles (benchmarks/README.md, "Training step"). The option's key names the CPU
+backend; other backends ignore it.
 
 **Kernel gradients** (`conv_general_dilated`). XLA's CPU backend computes the kernel (weight)
 gradient of a convolution far slower than the same sums written as matrix products: for
@@ -126,8 +124,8 @@ def kernel_gradient(x, grad, kernel_shape, strides, padding, precision=None):
 def input_gradient(grad, kernel, input_shape, strides, padding, precision=None):
     """The gradient of the convolution's input: the output gradient, dilated by the stride,
     convolved with the kernel turned by 180 degrees and its in/out channels swapped. Written out
-    rather than asked of `jax.vjp`, whose tracing, once per convolution, took about 30% of the
-    unrolled ResNet-152 train step's trace (under cProfile, 7.5-8.0 s against 5.5 s without)."""
+    rather than asked of `jax.vjp`, whose tracing, once per convolution, was a large part of a
+    deep network's trace."""
     kh, kw = kernel.shape[:2]
     pads = []
     for size, k, s, (lo, hi), out in zip(input_shape[1:3], (kh, kw), strides, padding,

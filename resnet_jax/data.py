@@ -733,8 +733,7 @@ class Batches(Iterator):
 def _plain(fn: Callable) -> Callable:
     """`fn` for tf.data's map as it is written: the pipeline's functions are plain graph code (no
     Python control flow on tensors), and autograph's conversion of them was most of the
-    pipeline's set-up: 7.0 s of the 8 s that the train and eval datasets took to build in a
-    cProfile of one small run (tests/runs.py's SMALL) on a 2-core CPU."""
+    pipeline's set-up time."""
     return tf.autograph.experimental.do_not_convert(fn)
 
 

@@ -100,7 +100,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
     # The first non-finite gradient element over all leaves, in one reduction (-1 if none); the
     # host names the leaf. The leaves are joined first and checked once: checked one by one, each
     # leaf's check was a loop fusion that XLA's CPU backend compiled into a kernel of its own
-    # (ResNet-152: 84 more scanned, 462 more unrolled; benchmarks/README.md).
+    # (benchmarks/README.md counts them).
     bad = lax.bitwise_not(lax.is_finite(jnp.concatenate(
         [g.reshape(g.size) for g in jax.tree.leaves(grads)])))
     first_bad = jnp.argmax(bad)
