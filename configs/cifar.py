@@ -54,7 +54,6 @@ def get_config(arg: str | None = None):
     config.data.update(dict(
         name="cifar10", train_split="train[:45000]" if val else "train",
         eval_split="train[45000:]" if val else "test", image_size=32,
-        resize_size=32,  # "center" and "ten_crop" evals: crops of the whole 32x32 image
         train_preprocess="cifar", eval_preprocess="none", pca_lighting=0.0,
         mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), subtract_pixel_mean=True, num_classes=10,
         dtype="float32"))  # padding and the pixel mean are applied to normalised images

@@ -72,7 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
                                      # paper's 10-crop testing; "multi_scale": its fully
                                      # convolutional testing at eval_scales (Sec. 3.4); "none"
         eval_scales=(224, 256, 384, 480, 640),  # multi_scale: the shorter sides, each with its flip
-        resize_size=256,             # center eval: the shorter side before the central crop
+        resize_size=ml_collections.config_dict.placeholder(int),  # center and ten_crop evals:
+                                     # the shorter side before the crops; None: image_size /
+                                     # 0.875 (256 for 224, the paper's), any image size alike
         scale_range=(256, 480),      # paper: the shorter side's random range before the crop
         pca_lighting=0.1,            # the standard colour augmentation (Krizhevsky et al. 2012)
         mean=(123.675, 116.28, 103.53),  # per-channel pixel mean, subtracted (0-255 scale)

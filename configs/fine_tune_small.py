@@ -27,7 +27,6 @@ def get_config(arg: str | None = None):
     config.model.update(dict(name=f"resnet{depth}", stride_on="3x3", shortcut="B", width=64))
     config.data.update(dict(
         name="imagefolder:", train_split="train", eval_split="test", image_size=32,
-        resize_size=32,  # "center" and "ten_crop" evals: crops of the whole image at 32
         train_preprocess="cifar", eval_preprocess="none", pca_lighting=0.0, dtype="float32",
         num_classes=10))
     config.train.update(dict(batch_size=128, num_steps=5_000))

@@ -10,7 +10,6 @@ def get_config():
     config.model.update(dict(name="cifar_resnet20", shortcut="A", width=16))
     config.data.update(dict(
         name="digits", train_split="train", eval_split="test", image_size=16,
-        resize_size=16,  # "center" and "ten_crop" evals: crops of the whole 16x16 image
         train_preprocess="none", eval_preprocess="none", pca_lighting=0.0,
         mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5), num_classes=10))
     config.train.update(dict(batch_size=64, num_steps=300))

@@ -16,8 +16,7 @@ _held: list[int] | None = None  # while a file is written: the Ctrl-Cs held back
 # The terminal's stderr as the command started: where the line goes even while fd 2 is taken
 # (console.import_tensorflow sends it to a file while TensorFlow loads).
 _terminal: int | None = None
-# A Ctrl-C raised as KeyboardInterrupt (`raising`) that the code it landed in may have swallowed.
-_raised = False
+_pending = False  # a Ctrl-C in a `raising` block, not yet raised
 
 
 def _stop(signum, frame):
@@ -50,20 +49,22 @@ def done() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _raise(signum, frame):
-    global _raised
-    _raised = True
-    raise KeyboardInterrupt
+def _note(signum, frame):
+    global _pending
+    if _pending:  # a second Ctrl-C: at once
+        _stop(signum, frame)
+    _pending = True
 
 
 @contextlib.contextmanager
 def raising():
-    """While the block runs, Ctrl-C raises KeyboardInterrupt where `install` handles it: the
-    block's clean-up (a lock released, a log kept) runs, and the caller says the one line.
-    Where a gc callback swallowed it, the block's end raises it again (or `check`, earlier)."""
+    """While the block runs, Ctrl-C is raised as KeyboardInterrupt where `install` handles it,
+    at the next `check` or the block's end, so that the block's clean-up (a lock released, a log
+    kept) runs and the caller says the one line; a second Ctrl-C exits at once. Raised where it
+    landed, it could be swallowed (a gc callback) or crash a C extension (TensorFlow's)."""
     mine = signal.getsignal(signal.SIGINT) is _stop
     if mine:
-        signal.signal(signal.SIGINT, _raise)
+        signal.signal(signal.SIGINT, _note)
     try:
         yield
     finally:
@@ -73,11 +74,11 @@ def raising():
 
 
 def check() -> None:
-    """Raises KeyboardInterrupt where a Ctrl-C in `raising` was swallowed: called before
-    another handler takes Ctrl-C over."""
-    global _raised
-    if _raised:
-        _raised = False
+    """Raises KeyboardInterrupt where a Ctrl-C came in a `raising` block: called at points
+    where stopping is safe, and before another handler takes Ctrl-C over."""
+    global _pending
+    if _pending:
+        _pending = False
         raise KeyboardInterrupt
 
 

@@ -448,7 +448,7 @@ class _Preemption:
     def __init__(self):
         self.status = None
         self._several = jax.process_count() > 1
-        interrupt.check()  # a Ctrl-C before: stop now, saving nothing
+        interrupt.check()  # a Ctrl-C since the lock was taken: stop now, saving nothing
         self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._interrupt)}
         if not self._several:
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._terminate)

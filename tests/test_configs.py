@@ -7,7 +7,7 @@ from ml_collections import config_flags
 
 from configs import (cifar, plain18, plain34, preact_cifar, resnet18, resnet34, resnet50, resnet101, resnet152,
                      resnet200, vgg)
-from resnet_jax import config_files, models, train
+from resnet_jax import config_files, models, preprocess, train
 from runs import REPO
 
 IMAGENET = [resnet18, resnet34, resnet50, resnet101, resnet152, resnet200, plain18, plain34]
@@ -119,5 +119,8 @@ def test_a_central_crop_keeps_most_of_the_image(name):
     # a speck of each image, and an eval of the quickstart with them scored chance.
     namespace = {}
     exec(compile(open(config_files.resolve(name)).read(), name, "exec"), namespace)  # noqa: S102
-    data = namespace["get_config"]().data
-    assert 0.75 <= data.image_size / data.resize_size <= 1, (name, data.image_size, data.resize_size)
+    config = namespace["get_config"]()
+    for image_size in (config.data.image_size, 32, 64):  # and as a user overrides it
+        config.data.image_size = image_size
+        s = preprocess.settings(config.data)
+        assert 0.75 <= s.image_size / s.resize_size <= 1, (name, s.image_size, s.resize_size)

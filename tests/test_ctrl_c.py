@@ -151,8 +151,8 @@ def installed():
 
 
 def _in_a_gc_callback():
-    """A Ctrl-C landing in a gc callback: Python reports its KeyboardInterrupt as unraisable and
-    goes on (seen after the main job's "Devices:" line, in JAX's gc callback)."""
+    """A Ctrl-C landing in a gc callback, where a KeyboardInterrupt raised is reported as
+    unraisable and lost (seen after the main job's "Devices:" line, in JAX's gc callback)."""
     def landing(phase, info):
         if phase == "start":
             signal.raise_signal(signal.SIGINT)
@@ -164,8 +164,8 @@ def _in_a_gc_callback():
         gc.callbacks.remove(landing)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_ctrl_c_that_a_gc_callback_swallowed_is_raised_at_the_blocks_end(installed):
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_in_a_gc_callback_is_raised_at_the_blocks_end(installed):
     with pytest.raises(KeyboardInterrupt):
         with interrupt.raising():
             _in_a_gc_callback()
@@ -175,11 +175,20 @@ def test_a_ctrl_c_that_a_gc_callback_swallowed_is_raised_at_the_blocks_end(insta
         pass
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_the_training_loops_handler_does_not_take_over_after_a_swallowed_ctrl_c(installed):
+def test_the_training_loops_handler_does_not_take_over_after_a_ctrl_c(installed):
     with pytest.raises(KeyboardInterrupt):
         with interrupt.raising():
             _in_a_gc_callback()
             train._Preemption()
             pytest.fail("the loop's handler was installed")
     assert signal.getsignal(signal.SIGINT) is interrupt._stop
+
+
+def test_a_second_ctrl_c_in_a_raising_block_exits_at_once(installed, monkeypatch):
+    monkeypatch.setattr(interrupt.os, "_exit", _exit)
+    monkeypatch.setattr(interrupt, "_pending", False)  # and so after the test
+    with pytest.raises(_Exited) as exited:
+        with interrupt.raising():
+            signal.raise_signal(signal.SIGINT)  # noted: the block goes on (it may be stuck)
+            signal.raise_signal(signal.SIGINT)
+    assert exited.value.args == (130,)
