@@ -1,13 +1,14 @@
 """`--help` of every command: usage and exit 0; every config field described by its own comment
 in configs/default.py; a config's arguments with their defaults and what they take."""
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 
 from configs import default
-from resnet_jax import config_files, config_help, layers, models, optim, preprocess, validate
+from resnet_jax import config_files, config_help, layers, models, optim, preprocess, report, validate
 from runs import REPO, environment
 
 # The fields whose values are one of a set the code checks, and that set: the comment of each
@@ -115,3 +116,11 @@ def test_every_command_prints_its_usage_and_exits_0(command):
     assert "resnet_jax: error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
     # Nor TensorFlow's native start-up notices (`console.import_tensorflow`).
     assert "InitializeLog" not in done.stderr and "oneDNN" not in done.stderr, done.stderr
+
+
+def test_every_argument_of_report_says_what_it_takes():
+    commands = next(action for action in report._parser()._actions
+                    if isinstance(action, argparse._SubParsersAction))
+    for name, parser in commands.choices.items():
+        for action in parser._actions:
+            assert action.help, (name, action.dest)  # a new user's trial met bare names
