@@ -54,8 +54,9 @@ def text(config, config_name: str, flags_help: str,
     (its ARGUMENTS: key -> (default, what it takes)), and every field of `config`."""
     with open(os.path.join(config_files.directory(), "default.py")) as f:
         about = comments(f.read())
-    sweeps = [name for name in config_files.shipped() if config_files.is_sweep(name)]
-    configs = [name for name in config_files.shipped() if name not in sweeps]
+    shipped = config_files.shipped()
+    sweeps = [name for name in shipped if config_files.is_sweep(name)]
+    configs = [name for name in shipped if name not in sweeps]
     lines = ["usage: python -m resnet_jax.main --config=NAME|FILE.py[:ARG] --workdir=DIR "
              "[--config.SECTION.FIELD=VALUE ...]", "", flags_help.rstrip(), "",
              f"Shipped configs (--config=NAME): {', '.join(configs)}",

@@ -1,5 +1,7 @@
 """The parametrised configs' arguments: good ones set the fields, bad ones stop with one line."""
 
+import runpy
+
 import pytest
 from absl import flags
 from flax import nnx
@@ -117,9 +119,7 @@ def test_a_central_crop_keeps_most_of_the_image(name):
     # The "center" and "ten_crop" evals resize the shorter side to resize_size, then crop
     # image_size (ImageNet's 224 of 256). The small-image configs had kept 256: their crops were
     # a speck of each image, and an eval of the quickstart with them scored chance.
-    namespace = {}
-    exec(compile(open(config_files.resolve(name)).read(), name, "exec"), namespace)  # noqa: S102
-    config = namespace["get_config"]()
+    config = runpy.run_path(config_files.resolve(name))["get_config"]()
     for image_size in (config.data.image_size, 32, 64):  # and as a user overrides it
         config.data.image_size = image_size
         s = preprocess.settings(config.data)

@@ -85,7 +85,16 @@ def _exit(status):
     raise _Exited(status)
 
 
-def test_a_ctrl_c_while_report_writes_a_file_waits_until_it_is_whole(tmp_path, monkeypatch):
+@pytest.fixture
+def installed():
+    """interrupt's handler in place, as the commands install it."""
+    previous = signal.signal(signal.SIGINT, interrupt._stop)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_while_report_writes_a_file_waits_until_it_is_whole(tmp_path, monkeypatch,
+                                                                  installed):
     monkeypatch.setattr(interrupt.os, "_exit", _exit)  # what the handler does at last, observed
     write_text = report.write_text
 
@@ -94,12 +103,8 @@ def test_a_ctrl_c_while_report_writes_a_file_waits_until_it_is_whole(tmp_path, m
         write_text(path, text)
 
     monkeypatch.setattr(report, "write_text", interrupted)
-    previous = signal.signal(signal.SIGINT, interrupt._stop)  # as on the command line
-    try:
-        with pytest.raises(_Exited) as exited:
-            report._write(tmp_path / "table.md", "| run |\n")
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with pytest.raises(_Exited) as exited:
+        report._write(tmp_path / "table.md", "| run |\n")
     assert exited.value.args == (130,)
     assert os.listdir(tmp_path) == ["table.md"] and (tmp_path / "table.md").read_text() == "| run |\n"
 
@@ -140,14 +145,6 @@ def test_the_line_reaches_the_terminal_while_tensorflow_loads_with_fd_2_taken():
     result = subprocess.run([sys.executable, "-c", code], cwd=runs.REPO, env=runs.environment(),
                             capture_output=True, text=True, timeout=60)
     _assert_stopped(result.returncode, result.stderr, "resnet_jax: stopped by Ctrl-C")
-
-
-@pytest.fixture
-def installed():
-    """interrupt's handler in place, as the commands install it."""
-    previous = signal.signal(signal.SIGINT, interrupt._stop)
-    yield
-    signal.signal(signal.SIGINT, previous)
 
 
 def _in_a_gc_callback():
