@@ -327,7 +327,7 @@ def cifar_config(args, folder: str):
 
 
 def run_cifar(args, report, seconds_left: float) -> bool:
-    from resnet_jax import train
+    from resnet_jax.training import loop
     folder = args.cifar_dir
     if folder is None:
         if not args.dry_run:
@@ -353,8 +353,8 @@ def run_cifar(args, report, seconds_left: float) -> bool:
     stopped_at = None
     watcher.start()
     try:
-        train.train_and_evaluate(config, workdir)
-    except train.Preempted as stopped:
+        loop.train_and_evaluate(config, workdir)
+    except loop.Preempted as stopped:
         stopped_at = stopped.step
     finally:
         finished.set()

@@ -24,7 +24,7 @@ def _worker(address: str, processes: int, index: int, calls: int) -> None:
     import jax  # pylint: disable=import-outside-toplevel
 
     jax.distributed.initialize(address, processes, index)
-    from resnet_jax import metrics  # pylint: disable=import-outside-toplevel
+    from resnet_jax.training import metrics
 
     window = metrics.Window(0, batch_size=256, flops_per_step=1.0)
     times = []

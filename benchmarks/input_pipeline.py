@@ -27,7 +27,7 @@ import time
 
 import ml_collections
 
-from resnet_jax import data, preprocess
+from resnet_jax.data import pipeline, preprocess
 
 EVAL = ("center", "ten_crop")
 
@@ -58,7 +58,7 @@ def _start_step(config, args) -> int:
     if args.preprocess in EVAL or not 0 <= args.start_fraction < 1:
         raise ValueError(f"--start-fraction={args.start_fraction} needs a train --preprocess and "
                          f"a fraction in [0, 1)")
-    return int(args.start_fraction * data.info(config).num_train) // args.batch_size
+    return int(args.start_fraction * pipeline.info(config).num_train) // args.batch_size
 
 
 def run(args) -> dict:
@@ -66,9 +66,9 @@ def run(args) -> dict:
     start_step = _start_step(config, args)
     start = time.perf_counter()
     if args.preprocess in EVAL:
-        ds = data.eval_dataset(config, batch_size=args.batch_size, repeat=True)
+        ds = pipeline.eval_dataset(config, batch_size=args.batch_size, repeat=True)
     else:
-        ds = data.train_dataset(config, batch_size=args.batch_size, seed=0, start_step=start_step)
+        ds = pipeline.train_dataset(config, batch_size=args.batch_size, seed=0, start_step=start_step)
     build_s = time.perf_counter() - start
     it = ds.as_numpy_iterator()
     next(it)  # the first of the warm-up batches

@@ -23,7 +23,9 @@ from flax import nnx
 
 from benchmarks import train_step as harness
 from configs import default
-from resnet_jax import data, optim, sharding, train
+from resnet_jax.data import pipeline
+from resnet_jax.distributed import sharding
+from resnet_jax.training import loop, optim
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -33,7 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--data", default="fake", help=data.NAMES)
+    parser.add_argument("--data", default="fake", help=pipeline.NAMES)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--preprocess", default=None, help="train preprocessing; default: the config's")
     parser.add_argument("--scan-blocks", action="store_true")
@@ -59,8 +61,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         config.data.train_preprocess = args.preprocess
     try:
         batch_size = sharding.per_process_batch(args.batch_size, "--batch-size")
-        info = data.info(config.data)
-        model = train.create_model(config, info.num_classes)
+        info = pipeline.info(config.data)
+        model = loop.create_model(config, info.num_classes)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
 
@@ -70,13 +72,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tx = optim.create_optimizer(config.optimizer, schedule)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     state = jax.device_put(harness._initial_state(params, batch_stats, tx), replicated)
-    step_fn = jax.jit(train.with_inputs(harness._bind_train_step({
+    step_fn = jax.jit(loop.with_inputs(harness._bind_train_step({
         "graphdef": graphdef, "tx": tx, "schedule": schedule,
         "label_smoothing": config.train.label_smoothing,
         "skip_nonfinite": config.train.get("skip_nonfinite", False)}), config.data),
         in_shardings=(replicated, batch_spec), out_shardings=replicated, donate_argnums=0)
 
-    batches = sharding.prefetch(data.train_iterator(
+    batches = sharding.prefetch(pipeline.train_iterator(
         config.data, batch_size=batch_size, seed=0, process_index=jax.process_index(),
         process_count=jax.process_count()), mesh)
     began = time.perf_counter()

@@ -18,7 +18,7 @@ log_every_steps steps before a log line) is below 80%, as Sec. 4.2 says, then ta
 (schedule.warmup_until_error=0.8; --config.schedule.warmup_until_error=0
 --config.schedule.warmup_steps=400 warms up for a fixed 400 steps instead).
 --config.data.on_device=True holds the decoded train split on the devices and pads, crops and
-flips inside the train step (resnet_jax/device_data.py); with
+flips inside the train step (resnet_jax/data/on_device.py); with
 --config.data.name=imagefolder:PATH (train/CLASS/*.png, test/CLASS/*.png) it needs no TensorFlow.
 """
 

@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from resnet_jax import config_files
+from resnet_jax.cli import config_files
 
 CONFIG_KEY = "config"
 SLURM_SCRIPT = str(Path(__file__).with_name("slurm.sbatch"))  # in the repository or installed

@@ -24,7 +24,7 @@ was deleted before the read ended): run it again, or give the run a larger check
 
 import sys
 
-from resnet_jax import interrupt
+from resnet_jax.training import interrupt
 
 # First: the imports below take seconds.
 if __name__ == "__main__":
@@ -41,7 +41,9 @@ cpu.set_cpu_fusion()  # before JAX starts its backends
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from resnet_jax import config_files, config_help, console, sharding  # noqa: E402
+from resnet_jax.cli import config_files, config_help
+from resnet_jax.distributed import sharding
+from resnet_jax.run import console  # noqa: E402
 
 CHECKPOINTS = "latest, best or a step number"
 
@@ -66,7 +68,7 @@ def _base_config(argv: list[str]):
     """--config's config, or the workdir's; --config.FIELD overrides apply on top of it."""
     import runpy  # pylint: disable=import-outside-toplevel
 
-    from resnet_jax import workdir as workdirs  # pylint: disable=import-outside-toplevel
+    from resnet_jax.run import paths
 
     spec, workdir = _value(argv, "config"), _value(argv, "workdir")
     if spec:
@@ -75,7 +77,7 @@ def _base_config(argv: list[str]):
         return get_config(arg) if arg else get_config()
     if not workdir:
         raise ValueError("--workdir (a run to evaluate) is required, or --config with --weights")
-    saved = workdirs.resolve(workdir) / "config.json"
+    saved = paths.resolve(workdir) / "config.json"
     if not saved.exists():
         raise ValueError(f"--workdir: {saved} does not exist: no run was started in {workdir}")
     return config_files.of_run(workdir)
@@ -140,7 +142,7 @@ def _listing(manager_call: Callable[[], T]) -> T:
 def reader(workdir):
     """`checkpoint.reader` of the run in `workdir` (an epath.Path), which lists its steps: tried
     again where the run deletes a step as it is listed."""
-    from resnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
+    from resnet_jax.run import checkpoint
 
     return _listing(lambda: checkpoint.reader(workdir))
 
@@ -168,7 +170,7 @@ def _until_listed(manager, grace: float) -> None:
 
 
 def _unreadable(manager, step: int, error: Exception) -> Exception:
-    from resnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
+    from resnet_jax.run import checkpoint
 
     reason = " ".join(str(error).split())[:300]
     if not isinstance(error, checkpoint.CorruptCheckpoint):
@@ -188,7 +190,7 @@ def read_checkpoint(manager, which: str, sharding, attempts: int = ATTEMPTS,
     raises StepDeleted; after `attempts` lost steps, SavingTooFast.
     Only a step that is still there and fails to read raises `checkpoint.CorruptCheckpoint`.
     """
-    from resnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
+    from resnet_jax.run import checkpoint
 
     lost = []
     while len(lost) < attempts:
@@ -224,15 +226,18 @@ def evaluate(config: Any, workdir: str | None, which: str = "latest",
     import jax  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
-    from resnet_jax import (analysis, checkpoint, convert, data, device_data, train, validate,
-                            workdir as workdirs)  # pylint: disable=import-outside-toplevel
+    from resnet_jax import convert
+    from resnet_jax.analysis import layer_responses
+    from resnet_jax.data import on_device, pipeline
+    from resnet_jax.run import checkpoint, paths, validate
+    from resnet_jax.training import loop
 
     validate.check_numbers(config)
     mesh = sharding.make_mesh()
     replicated = sharding.replicated(mesh)
-    train.eval_batch_size(config, log=True)
-    info = (device_data if train.on_device(config) else data).info(config.data)
-    model = train.create_model(config, info.num_classes)
+    loop.eval_batch_size(config, log=True)
+    info = (on_device if loop.in_device_memory(config) else pipeline).info(config.data)
+    model = loop.create_model(config, info.num_classes)
     step = None
     if weights:
         try:
@@ -240,14 +245,14 @@ def evaluate(config: Any, workdir: str | None, which: str = "latest",
         except (ValueError, OSError) as error:
             raise ValueError(f"--weights: {validate.one_line(error)}") from error
     else:
-        manager = reader(workdirs.resolve(workdir))
+        manager = reader(paths.resolve(workdir))
         step, restored = read_checkpoint(manager, which, replicated)
-        model = analysis.with_weights(model, checkpoint.pure(restored))
+        model = layer_responses.with_weights(model, checkpoint.pure(restored))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     model.eval()
-    train.load_pixel_mean(config, workdirs.resolve(workdir) if workdir else None)
-    eval_fn = train.eval_function(nnx.graphdef(model), config, mesh)
-    return step, train.evaluate(eval_fn, jax.device_put(Weights(params, rest), replicated), config, mesh)
+    loop.load_pixel_mean(config, paths.resolve(workdir) if workdir else None)
+    eval_fn = loop.eval_function(nnx.graphdef(model), config, mesh)
+    return step, loop.evaluate(eval_fn, jax.device_put(Weights(params, rest), replicated), config, mesh)
 
 
 # This command's flags beside --config: (name, help); --checkpoint's default is "latest".
@@ -303,7 +308,7 @@ def main(argv: list[str]) -> None:
     sharding.initialize_from_flags()
     import jax  # pylint: disable=import-outside-toplevel
 
-    from resnet_jax import checkpoint, workdir as workdirs  # pylint: disable=import-outside-toplevel
+    from resnet_jax.run import checkpoint, paths
 
     # A failed read's tensorstore reads end in orbax's closed event loop: no tracebacks of theirs.
     sys.unraisablehook = checkpoint.quiet_closed_loop(sys.unraisablehook)
@@ -326,7 +331,7 @@ def main(argv: list[str]) -> None:
         print(f"{line}  [{what}; {f.config.data.name} {f.config.data.eval_split} split, "
               f"eval_preprocess={f.config.data.eval_preprocess}]")
         if f.json:
-            workdirs.write_text(workdirs.resolve(f.json), json.dumps({"step": step, **scores}) + "\n")
+            paths.write_text(paths.resolve(f.json), json.dumps({"step": step, **scores}) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import contextlib
 import runpy
 import sys
 
-from resnet_jax import interrupt, supervisor
+from resnet_jax.distributed import supervisor
+from resnet_jax.training import interrupt
 
 if __name__ == "__main__":  # first: the imports below take seconds
     interrupt.install("resnet_jax")
@@ -33,7 +34,9 @@ cpu.set_cpu_fusion()  # before JAX starts its backends
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from resnet_jax import config_files, config_help, console, peers, sharding  # noqa: E402
+from resnet_jax.cli import config_files, config_help
+from resnet_jax.distributed import peers, sharding
+from resnet_jax.run import console  # noqa: E402
 
 
 def _fail(message: str, status: int) -> None:
@@ -134,11 +137,12 @@ def main(argv):
     import jax  # pylint: disable=import-outside-toplevel
 
     supervisor.tell(jax.process_index(), jax.process_count())
-    from resnet_jax import checkpoint, finished  # pylint: disable=import-outside-toplevel
-    from resnet_jax import workdir as workdirs  # pylint: disable=import-outside-toplevel
+    from resnet_jax.run import checkpoint
+    from resnet_jax.training import finished
+    from resnet_jax.run import paths
 
-    with contextlib.suppress(workdirs.WorkdirError):  # else setup says what is wrong with it
-        peers.watch(workdirs.resolve(FLAGS.workdir))
+    with contextlib.suppress(paths.WorkdirError):  # else setup says what is wrong with it
+        peers.watch(paths.resolve(FLAGS.workdir))
 
     sys.unraisablehook = checkpoint.quiet_closed_loop(sys.unraisablehook)
     if launch != sharding.ONE_PROCESS:
@@ -156,18 +160,19 @@ def main(argv):
         finally:
             console.close()
         return
-    from resnet_jax import metrics, train, validate  # pylint: disable=import-outside-toplevel  (TensorFlow)
+    from resnet_jax.run import validate
+    from resnet_jax.training import loop, metrics
 
     ending = None  # (the last line, the exit status) of a run that did not finish
     try:
         # A multi-process JAX operation issued off the main thread is an error, not a hang.
         with jax.thread_guard(True):
-            train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change,
+            loop.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change,
                                      restart=FLAGS.restart)
         logging.info("%s", _result(FLAGS.workdir))
     except (validate.SetupError, checkpoint.UnrestorableError) as error:
         ending = f"error: {error}", 2
-    except train.Preempted as stop:
+    except loop.Preempted as stop:
         ending = str(stop), stop.status
     except KeyboardInterrupt:  # before the loop's own handler, which saves, or after it
         ending = f"stopped by Ctrl-C; {peers.latest_checkpoint()}", interrupt.STATUS
@@ -180,7 +185,7 @@ def main(argv):
         else:
             ending = (f"error: the devices failed: {validate.one_line(error)}; "
                       f"{_left(FLAGS.workdir)}", 1)
-    except (train.TrainingError, checkpoint.CheckpointError, OSError) as error:
+    except (loop.TrainingError, checkpoint.CheckpointError, OSError) as error:
         # The traceback (a library's, a full disk's) for the log file; the terminal gets one line.
         logging.info("The run stopped on this error:", exc_info=True, extra=console.LOG_FILE_ONLY)
         if isinstance(error, OSError):  # a write outside the loop's steps (config.json, ...)
@@ -200,9 +205,9 @@ def main(argv):
 def _left(workdir: str) -> str:
     """What an error says is left (`checkpoint.last_complete`), read from the workdir: the run's
     own checkpoint manager is gone. Also removes what failed saves left."""
-    from resnet_jax import checkpoint, workdir as workdirs  # pylint: disable=import-outside-toplevel
+    from resnet_jax.run import checkpoint, paths
     try:
-        return checkpoint.last_complete(checkpoint.reader(workdirs.resolve(workdir)))
+        return checkpoint.last_complete(checkpoint.reader(paths.resolve(workdir)))
     except Exception as error:  # a disk that fails even this: the error being reported comes first
         return f"the checkpoints could not be read ({' '.join(str(error).split())})"
 
@@ -225,8 +230,8 @@ def _differences(config) -> str:
 
 def _result(workdir: str) -> str:
     """The last line: the final metrics and where the run's files are."""
-    from resnet_jax import rows as jsonl, workdir as workdirs  # pylint: disable=import-outside-toplevel
-    path = workdirs.resolve(workdir)
+    from resnet_jax.run import jsonl, paths
+    path = paths.resolve(workdir)
     rows = jsonl.read_rows(path) if (path / jsonl.JSONL).exists() else []
     last_eval = next((row for row in reversed(rows) if "eval_accuracy" in row), {})
     shown = {k: v for k, v in last_eval.items() if k.startswith(("eval_", "train_"))}

@@ -24,7 +24,8 @@ Exit statuses: 0 done; 2 bad input, in one line; 130 stopped by Ctrl-C, in one l
 
 import sys
 
-from resnet_jax import console, interrupt
+from resnet_jax.run import console
+from resnet_jax.training import interrupt
 
 # First: the imports below take seconds (TensorFlow's among them: its notices to no terminal).
 if __name__ == "__main__":
@@ -50,8 +51,11 @@ from etils import epath  # noqa: E402
 from flax import nnx  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from resnet_jax import analysis, config_files, flops, metrics, paper_results, train  # noqa: E402
-from resnet_jax.workdir import write_bytes, write_text  # noqa: E402
+from resnet_jax import flops
+from resnet_jax.analysis import layer_responses, paper_results
+from resnet_jax.cli import config_files
+from resnet_jax.training import loop, metrics  # noqa: E402
+from resnet_jax.run.paths import write_bytes, write_text  # noqa: E402
 
 COLUMNS = ("run", "model", "shortcut", "data", "eval_split", "eval_protocol", "steps",
            "scheduled_steps", "final_error", "final_top5_error", "best_error", "best_chosen_on",
@@ -87,7 +91,7 @@ def scheduled_steps(config: Any) -> int | None:
     examples = TRAIN_EXAMPLES.get((config.data.name, config.data.train_split))
     if examples is None:
         return None
-    return train.total_steps(config, examples // config.train.batch_size)
+    return loop.total_steps(config, examples // config.train.batch_size)
 
 
 def _model(workdir: str, config: Any) -> Any:
@@ -95,8 +99,8 @@ def _model(workdir: str, config: Any) -> Any:
     config leaves the class count to the data."""
     num_classes = config.data.get("num_classes")
     if num_classes is None:
-        return analysis.load_model(workdir)[1]
-    return nnx.eval_shape(lambda: analysis.build_model(config, num_classes))
+        return layer_responses.load_model(workdir)[1]
+    return nnx.eval_shape(lambda: layer_responses.build_model(config, num_classes))
 
 
 def table_row(workdir: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -316,7 +320,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]]) -> Any:
 def _eval_images(config, images: int, split: str | None):
     if split:
         config.data.eval_split = split
-    return analysis.eval_images(config, images)
+    return layer_responses.eval_images(config, images)
 
 
 def responses(workdirs: list[str], images: int,
@@ -325,10 +329,10 @@ def responses(workdirs: list[str], images: int,
     `split` (default: the run's eval split); and the images there were (a split may hold fewer)."""
     result, counts = {}, []
     for workdir, label in zip(workdirs, _labels(workdirs)):
-        config, model, step = analysis.load_model(workdir)
+        config, model, step = layer_responses.load_model(workdir)
         _say(f"{label}: the checkpoint of step {step} of {workdir}")
         batch, _ = _eval_images(config, images, split)
-        result[label] = analysis.layer_responses(model, batch).tolist()
+        result[label] = layer_responses.layer_responses(model, batch).tolist()
         counts.append(len(batch))
     return result, min(counts)
 
@@ -354,21 +358,21 @@ def plot_responses(stds: dict[str, list[float]], where: str) -> Any:
 
 
 def lesion(workdirs: list[str], images: int, max_deleted: int, draws: int, seed: int,
-           split: str | None = None) -> tuple[dict[str, analysis.LesionStudy], int]:
+           split: str | None = None) -> tuple[dict[str, layer_responses.LesionStudy], int]:
     """The lesion study of each run's latest checkpoint on the first `images` images of `split`
     (default: the run's eval split); and the images there were."""
     studies, counts = {}, []
     for workdir, label in zip(workdirs, _labels(workdirs)):
-        config, model, step = analysis.load_model(workdir)
+        config, model, step = layer_responses.load_model(workdir)
         _say(f"{label}: the checkpoint of step {step} of {workdir}")
         batch, labels = _eval_images(config, images, split)
-        studies[label] = analysis.lesion_study(model, batch, labels, max_deleted=max_deleted,
+        studies[label] = layer_responses.lesion_study(model, batch, labels, max_deleted=max_deleted,
                                                draws=draws, seed=seed)
         counts.append(len(batch))
     return studies, min(counts)
 
 
-def lesion_markdown(studies: dict[str, analysis.LesionStudy]) -> str:
+def lesion_markdown(studies: dict[str, layer_responses.LesionStudy]) -> str:
     lines = []
     for label, study in studies.items():
         lines += [f"### {label}: error {study.baseline:.2f}% with every block", "",
@@ -383,7 +387,7 @@ def lesion_markdown(studies: dict[str, analysis.LesionStudy]) -> str:
     return "\n".join(lines)
 
 
-def plot_lesion(studies: dict[str, analysis.LesionStudy], where: str) -> tuple[Any, Any]:
+def plot_lesion(studies: dict[str, layer_responses.LesionStudy], where: str) -> tuple[Any, Any]:
     """Veit et al.'s two figures: error against the deleted block, named (down-sampling blocks
     marked with a square, the undeleted network dotted), and error against blocks deleted."""
     blocks_fig, ax = plt.subplots(figsize=(9.5, 4.4))

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from configs import quickstart
-from resnet_jax import checkpoint, metrics
+from resnet_jax.run import checkpoint
+from resnet_jax.training import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import data
+from resnet_jax.data import pipeline
 from runs import REPO, environment, main_command
 
 
@@ -70,7 +70,7 @@ def _messages(caplog):
 def test_each_train_image_that_does_not_decode_is_named_once(tmp_path, caplog, preprocessing):
     root = _folder(tmp_path, {"train": {"ant": 3, "bee": 3}, "test": {"ant": 1, "bee": 1}})
     bad = _add_bad_files(root / "train" / "bee")
-    it = data.train_iterator(_config(root, train_preprocess=preprocessing), batch_size=3, seed=0)
+    it = pipeline.train_iterator(_config(root, train_preprocess=preprocessing), batch_size=3, seed=0)
     with caplog.at_level(logging.WARNING):
         for _ in range(5):  # 15 of the 6 good images an epoch: two epochs and more
             next(it)
@@ -85,12 +85,12 @@ def test_each_train_image_that_does_not_decode_is_named_once(tmp_path, caplog, p
 def test_an_eval_image_that_does_not_decode_stops_the_eval_naming_it(tmp_path, preprocessing):
     root = _folder(tmp_path, {"train": {"ant": 2, "bee": 2}, "test": {"ant": 5, "bee": 4}})
     bad = _add_bad_files(root / "test" / "ant")
-    it = data.eval_iterator(_config(root, eval_preprocess=preprocessing), batch_size=4)
+    it = pipeline.eval_iterator(_config(root, eval_preprocess=preprocessing), batch_size=4)
     batches = []
     with pytest.raises(ValueError) as raised:
         for batch in it:
             batches.append(batch)
-    assert isinstance(raised.value, data.BadImageError)
+    assert isinstance(raised.value, pipeline.BadImageError)
     message = str(raised.value)
     assert "\n" not in message and all(path in message for path in bad), message
     # Every batch came before the error, as many as the whole split makes: multi-host eval steps
@@ -102,8 +102,8 @@ def test_a_multi_scale_eval_image_that_does_not_decode_stops_it_naming_it(tmp_pa
     root = _folder(tmp_path, {"train": {"ant": 2, "bee": 2}, "test": {"ant": 3, "bee": 3}})
     bad = _add_bad_files(root / "test" / "bee")
     config = _config(root, eval_preprocess="multi_scale", eval_scales=(8,))
-    with pytest.raises(data.BadImageError) as raised:
-        list(data.multi_scale_iterator(config, batch_sizes=(4,) * 25))
+    with pytest.raises(pipeline.BadImageError) as raised:
+        list(pipeline.multi_scale_iterator(config, batch_sizes=(4,) * 25))
     assert all(path in str(raised.value) for path in bad)
 
 
@@ -114,7 +114,7 @@ def test_an_empty_class_directory_is_refused_naming_it(tmp_path):
     root = _folder(tmp_path, {"train": {"ant": 2, "bee": 2, "cat": 0},
                               "test": {"ant": 1, "bee": 1}})
     with pytest.raises(ValueError, match=r"'cat'.*'train'") as raised:
-        data.info(_config(root, eval_split="test"))
+        pipeline.info(_config(root, eval_split="test"))
     assert "\n" not in str(raised.value) and "'ant'" not in str(raised.value)
 
 
@@ -122,26 +122,26 @@ def test_a_class_only_in_the_eval_split_is_refused_naming_it(tmp_path):
     root = _folder(tmp_path, {"train": {"ant": 2, "bee": 2},
                               "val": {"ant": 1, "bee": 1, "cat": 1, "dog": 1}})
     with pytest.raises(ValueError, match=r"'cat', 'dog'.*'train'.*val"):
-        data.info(_config(root, eval_split="val"))
+        pipeline.info(_config(root, eval_split="val"))
 
 
 def test_a_class_outside_the_train_part_of_a_split_is_refused(tmp_path):
     """One split cut in two by a slice: a class whose only image falls in the eval part."""
     root = _folder(tmp_path, {"train": {"ant": 4, "bee": 4, "cat": 1}})
     rows = [os.path.basename(os.path.dirname(e.image_path))
-            for e in data.tfds.ImageFolder(str(root))._split_examples["train"]]
+            for e in pipeline.tfds.ImageFolder(str(root))._split_examples["train"]]
     cat = rows.index("cat")  # ImageFolder shuffles each split's files with a fixed seed
     config = _config(root, train_split=f"train[{cat + 1}:]", eval_split=f"train[:{cat + 1}]")
     with pytest.raises(ValueError, match=rf"'cat'.*'train\[{cat + 1}:\]'"):
-        data.info(config)
+        pipeline.info(config)
     config.train_split, config.eval_split = f"train[{cat}:]+train[:{cat}]", f"train[:{cat}]"
-    assert data.info(config).num_classes == 3
+    assert pipeline.info(config).num_classes == 3
 
 
 def test_digits_with_too_few_training_rows_are_refused():
     config = ml_collections.ConfigDict(dict(name="digits", image_size=8, train_split="train[:5]"))
     with pytest.raises(ValueError, match=r"'5', .* no images in data.train_split='train\[:5\]'"):
-        data.info(config)
+        pipeline.info(config)
 
 
 def _train_on(root, workdir, num_classes):
@@ -176,12 +176,12 @@ def test_a_run_whose_eval_image_does_not_decode_stops_in_one_line_naming_it(tmp_
 
 
 def test_data_on_device_refuses_a_class_with_no_training_images(tmp_path):
-    from resnet_jax import device_data
+    from resnet_jax.data import on_device
     root = _folder(tmp_path / "images", {"train": {"ant": 2, "cat": 0}, "test": {"ant": 1, "cat": 1}})
     with pytest.raises(ValueError, match=r"class 'cat' has no images in data.train_split='train'"):
-        device_data.info(_config(root, on_device=True))
+        on_device.info(_config(root, on_device=True))
     with pytest.raises(ValueError, match=r"'5', .* no images in data.train_split='train\[:5\]'"):
-        device_data.info(_config("", name="digits", train_split="train[:5]", on_device=True))
+        on_device.info(_config("", name="digits", train_split="train[:5]", on_device=True))
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from resnet_jax import rows, validate
+from resnet_jax.run import jsonl, validate
 from runs import REPO, environment, main_command, run_main, small_config
 
 
@@ -49,15 +49,15 @@ def _checkpoints_a_file(workdir):
 
 
 def _middle_line(workdir):
-    _replace_line(workdir / rows.JSONL, 1, '{"step": 2, "train_lo\n')
-    return workdir / rows.JSONL, 2
+    _replace_line(workdir / jsonl.JSONL, 1, '{"step": 2, "train_lo\n')
+    return workdir / jsonl.JSONL, 2
 
 
 def _last_line(workdir):
     # Cut short: what an append that did not finish would leave (no writer appends any more).
-    text = (workdir / rows.JSONL).read_text()
-    (workdir / rows.JSONL).write_text(text[:-40])
-    return workdir / rows.JSONL, 6
+    text = (workdir / jsonl.JSONL).read_text()
+    (workdir / jsonl.JSONL).write_text(text[:-40])
+    return workdir / jsonl.JSONL, 6
 
 
 def _config_not_json(workdir):
@@ -98,7 +98,7 @@ def test_a_finished_run_with_a_bad_metrics_line_is_refused_in_one_line(finished,
                             text=True, timeout=600)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert last.startswith("resnet_jax: error:") and f"{workdir / rows.JSONL}: line 2" in last, last
+    assert last.startswith("resnet_jax: error:") and f"{workdir / jsonl.JSONL}: line 2" in last, last
     assert _files(workdir) == before
 
 
@@ -106,7 +106,7 @@ def test_a_finished_run_with_a_bad_metrics_line_is_refused_in_one_line(finished,
 def test_a_finished_run_without_metrics_still_says_it_has_finished(finished, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished, workdir)
-    (workdir / rows.JSONL).unlink()
+    (workdir / jsonl.JSONL).unlink()
     result = subprocess.run(main_command(workdir), cwd=REPO, env=environment(), capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and "This run has finished" in result.stderr, result.stderr[-3000:]
@@ -116,19 +116,19 @@ def test_a_finished_run_without_metrics_still_says_it_has_finished(finished, tmp
 def test_a_resume_without_metrics_says_the_earlier_rows_are_gone(finished, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished, workdir)
-    (workdir / rows.JSONL).unlink()
+    (workdir / jsonl.JSONL).unlink()
     result = subprocess.run(main_command(workdir, "--allow_config_change", **{"train.num_steps": 8}),
                             cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     warning = [line for line in (workdir / "log.txt").read_text().splitlines()
                if "no metrics.jsonl" in line]
     assert len(warning) == 1 and "up to step 6" in warning[0], warning
-    assert [row["step"] for row in rows.read_rows(workdir)] == [7, 8]
+    assert [row["step"] for row in jsonl.read_rows(workdir)] == [7, 8]
 
 
 def test_rows_without_a_checkpoint_are_said_to_be_replaced(tmp_path, caplog):
     config = small_config()
-    (tmp_path / rows.JSONL).write_text('{"step": 1, "train_loss": 2.5}\n')
+    (tmp_path / jsonl.JSONL).write_text('{"step": 1, "train_loss": 2.5}\n')
     validate.check_workdir(epath.Path(tmp_path), config.to_json_best_effort(), False)
     assert "starts from step 0" in caplog.text and "1 row" in caplog.text, caplog.text
 

@@ -15,7 +15,7 @@ import pytest
 from etils import epath
 from jax.experimental import multihost_utils
 
-from resnet_jax import checkpoint, checksums
+from resnet_jax.run import checkpoint, checksums
 
 
 def _manager(workdir, keep):

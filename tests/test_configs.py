@@ -9,7 +9,10 @@ from ml_collections import config_flags
 
 from configs import (cifar, plain18, plain34, preact_cifar, resnet18, resnet34, resnet50, resnet101, resnet152,
                      resnet200, vgg)
-from resnet_jax import config_files, models, preprocess, train
+from resnet_jax import models
+from resnet_jax.cli import config_files
+from resnet_jax.data import preprocess
+from resnet_jax.training import loop
 from runs import REPO
 
 IMAGENET = [resnet18, resnet34, resnet50, resnet101, resnet152, resnet200, plain18, plain34]
@@ -53,7 +56,7 @@ def test_bad_arguments_name_the_field(module, arg, message):
 def test_resnet200_is_the_pre_activation_network():
     """He et al. 2016: full pre-activation bottleneck units, the extra BN-ReLU after the last."""
     config = resnet200.get_config()
-    model = nnx.eval_shape(lambda: train.create_model(config, 1000))  # shapes only: cheap
+    model = nnx.eval_shape(lambda: loop.create_model(config, 1000))  # shapes only: cheap
     blocks = models.blocks(model)
     assert [len(stage) for stage in model.stages] == [3, 24, 36, 3]
     assert {type(info.block).__name__ for info in blocks} == {"BottleneckBlock"}
@@ -105,7 +108,7 @@ def test_global_bn_is_an_argument_on_the_command_line():
     ("resnet20", "--config=cifar:depth=20"), ("plain56", "--config=cifar:depth=56,plain=True"),
     ("cifar_resnet110", "--config=cifar:depth=110"), ("resnet51", None)])
 def test_a_cifar_network_by_name_suggests_the_cifar_config(name, suggested):
-    from resnet_jax import config_files  # pylint: disable=import-outside-toplevel
+    from resnet_jax.cli import config_files
 
     with pytest.raises(ValueError) as raised:
         config_files.resolve(name)

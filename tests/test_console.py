@@ -1,4 +1,4 @@
-"""The main job's terminal output and WORKDIR/log.txt (resnet_jax/console.py)."""
+"""The main job's terminal output and WORKDIR/log.txt (resnet_jax/run/console.py)."""
 
 import re
 import subprocess

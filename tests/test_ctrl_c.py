@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt
 import pytest
 
 import runs
-from resnet_jax import interrupt, report, train
+from resnet_jax import report
+from resnet_jax.training import interrupt, loop
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def test_the_line_reaches_the_terminal_while_tensorflow_loads_with_fd_2_taken():
     # console.import_tensorflow sends fd 2 to a file while TensorFlow loads; a Ctrl-C then must
     # still say its line where the command's stderr was.
     code = ("import os, signal, tempfile\n"
-            "from resnet_jax import interrupt\n"
+            "from resnet_jax.training import interrupt\n"
             "interrupt.install('resnet_jax')\n"
             "taken = tempfile.TemporaryFile()\n"
             "os.dup2(taken.fileno(), 2)\n"
@@ -176,7 +177,7 @@ def test_the_training_loops_handler_does_not_take_over_after_a_ctrl_c(installed)
     with pytest.raises(KeyboardInterrupt):
         with interrupt.raising():
             _in_a_gc_callback()
-            train._Preemption()
+            loop._Preemption()
             pytest.fail("the loop's handler was installed")
     assert signal.getsignal(signal.SIGINT) is interrupt._stop
 

@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from resnet_jax import data, preprocess
+from resnet_jax.data import pipeline, preprocess
 
 CLASSES = ("ant", "bee", "cat")
 
@@ -126,16 +126,16 @@ def _file_shades(data_dir):
 
 
 def test_info_of_each_source(folder, tiny_tfds):
-    assert data.info(_config(name="digits", image_size=16)) == data.DataInfo(10, 1497, 300,
+    assert pipeline.info(_config(name="digits", image_size=16)) == pipeline.DataInfo(10, 1497, 300,
                                                                               (16, 16, 3))
-    assert data.info(_config(name="fake", image_size=20, num_classes=7, fake_num_train=50,
-                             fake_num_eval=9)) == data.DataInfo(7, 50, 9, (20, 20, 3))
-    assert data.info(_config(name=f"imagefolder:{folder}", image_size=24)) == data.DataInfo(
+    assert pipeline.info(_config(name="fake", image_size=20, num_classes=7, fake_num_train=50,
+                             fake_num_eval=9)) == pipeline.DataInfo(7, 50, 9, (20, 20, 3))
+    assert pipeline.info(_config(name=f"imagefolder:{folder}", image_size=24)) == pipeline.DataInfo(
         3, 21, 9, (24, 24, 3))
-    assert data.info(_config(name="tiny_jpeg_images", data_dir=tiny_tfds, image_size=12,
-                             train_split="train[:20]")) == data.DataInfo(3, 20, 10, (12, 12, 3))
+    assert pipeline.info(_config(name="tiny_jpeg_images", data_dir=tiny_tfds, image_size=12,
+                             train_split="train[:20]")) == pipeline.DataInfo(3, 20, 10, (12, 12, 3))
     config = _config(name=f"imagefolder:{folder}", eval_split="train[:5]+test")
-    assert data.info(config).num_eval == 14
+    assert pipeline.info(config).num_eval == 14
 
 
 SOURCES = {
@@ -155,8 +155,8 @@ def test_train_batches_of_each_source_and_preprocessing(source, preprocessing, f
     fields = SOURCES[source](folder, tiny_tfds)
     config = _config(image_size=16, train_preprocess=preprocessing, scale_range=(18, 30),
                      dtype="bfloat16" if source == "fake" else "float32", **fields)
-    num_classes = data.info(config).num_classes
-    it = data.train_iterator(config, batch_size=5, seed=0)
+    num_classes = pipeline.info(config).num_classes
+    it = pipeline.train_iterator(config, batch_size=5, seed=0)
     for _ in range(2):
         batch = next(it)
         assert set(batch) == {"image", "label"}
@@ -175,8 +175,8 @@ def test_train_batches_of_each_source_and_preprocessing(source, preprocessing, f
 def test_eval_batches_of_each_source_and_preprocessing(source, preprocessing, folder, tiny_tfds):
     config = _config(image_size=12, eval_preprocess=preprocessing, resize_size=14,
                      **SOURCES[source](folder, tiny_tfds))
-    info = data.info(config)
-    batches = list(data.eval_iterator(config, batch_size=4))
+    info = pipeline.info(config)
+    batches = list(pipeline.eval_iterator(config, batch_size=4))
     assert len(batches) == -(-info.num_eval // 4)
     shape = (4, 10, 12, 12, 3) if preprocessing == "ten_crop" else (4, 12, 12, 3)
     for batch in batches:
@@ -194,7 +194,7 @@ def test_digits_are_the_scikit_learn_digits():
 
     config = _config(name="digits", image_size=8, eval_preprocess="none")
     images, labels = [], []
-    for batch in data.eval_iterator(config, batch_size=100):
+    for batch in pipeline.eval_iterator(config, batch_size=100):
         images.append(batch["image"][batch["mask"]])
         labels.append(batch["label"][batch["mask"]])
     images, labels = np.concatenate(images), np.concatenate(labels)
@@ -212,7 +212,7 @@ def test_digits_are_the_scikit_learn_digits():
 def test_odd_files_decode_and_nothing_is_skipped(folder):
     config = _config(name=f"imagefolder:{folder}", image_size=8, eval_split="train",
                      eval_preprocess="none")
-    it = data.eval_iterator(config, batch_size=32)
+    it = pipeline.eval_iterator(config, batch_size=32)
     batch = next(it)
     assert int(batch["mask"].sum()) == 21 and it.num_skipped == 0
 
@@ -228,9 +228,9 @@ def _take(it, k):
 def test_same_seed_same_batches(source, folder, tiny_tfds):
     config = _config(image_size=12, train_preprocess="inception",
                      **SOURCES[source](folder, tiny_tfds))
-    a = _take(data.train_iterator(config, batch_size=4, seed=3), 8)
-    b = _take(data.train_iterator(config, batch_size=4, seed=3), 8)
-    c = _take(data.train_iterator(config, batch_size=4, seed=4), 8)
+    a = _take(pipeline.train_iterator(config, batch_size=4, seed=3), 8)
+    b = _take(pipeline.train_iterator(config, batch_size=4, seed=3), 8)
+    c = _take(pipeline.train_iterator(config, batch_size=4, seed=4), 8)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["image"], y["image"])
         np.testing.assert_array_equal(x["label"], y["label"])
@@ -239,7 +239,7 @@ def test_same_seed_same_batches(source, folder, tiny_tfds):
 
 def test_each_epoch_is_a_fresh_permutation(ident):
     config = _config(name=f"imagefolder:{ident}", image_size=4, train_preprocess="none")
-    it = data.train_iterator(config, batch_size=40, seed=0)
+    it = pipeline.train_iterator(config, batch_size=40, seed=0)
     epochs = [_ids(next(it)) for _ in range(3)]
     for ids in epochs:
         assert sorted(ids) == list(range(40))
@@ -250,7 +250,7 @@ def test_crops_are_drawn_afresh_for_each_example_and_epoch():
     # fake labels are the example number here: compare each image with itself an epoch later.
     config = _config(name="fake", image_size=16, num_classes=10, fake_num_train=4,
                      train_preprocess="inception")
-    it = data.train_iterator(config, batch_size=4, seed=0)
+    it = pipeline.train_iterator(config, batch_size=4, seed=0)
     epochs = []
     for _ in range(2):
         batch = next(it)
@@ -266,7 +266,7 @@ def test_process_slices_are_disjoint_and_cover_the_split(ident, processes):
     sizes = [40 * (k + 1) // processes - 40 * k // processes for k in range(processes)]
     seen = []
     for k in range(processes):
-        it = data.train_iterator(config, batch_size=sizes[k], seed=0, process_index=k,
+        it = pipeline.train_iterator(config, batch_size=sizes[k], seed=0, process_index=k,
                                  process_count=processes)
         first, second = _ids(next(it)), _ids(next(it))
         assert sorted(first) == sorted(second)  # each process repeats its own slice
@@ -286,7 +286,7 @@ def test_process_slices_of_tfds_are_disjoint_and_cover(tiny_tfds, in_memory_byte
                      train_preprocess="none", in_memory_bytes=in_memory_bytes)
     seen = []
     for k in range(2):
-        it = data.train_iterator(config, batch_size=12, seed=0, process_index=k, process_count=2)
+        it = pipeline.train_iterator(config, batch_size=12, seed=0, process_index=k, process_count=2)
         first, second = _shades(next(it)), _shades(next(it))
         assert sorted(first) == sorted(second) and len(set(first)) == 12
         seen.append(set(first))
@@ -299,8 +299,8 @@ def test_start_at_step_equals_running_from_zero(source, start_step, folder, tiny
     # batch 5 over 21, 40 or 24 examples: the starts fall inside the first, second and third epoch
     config = _config(image_size=10, train_preprocess="inception",
                      **SOURCES[source](folder, tiny_tfds))
-    from_zero = _take(data.train_iterator(config, batch_size=5, seed=1), start_step + 3)
-    restarted = _take(data.train_iterator(config, batch_size=5, seed=1, start_step=start_step), 3)
+    from_zero = _take(pipeline.train_iterator(config, batch_size=5, seed=1), start_step + 3)
+    restarted = _take(pipeline.train_iterator(config, batch_size=5, seed=1, start_step=start_step), 3)
     for x, y in zip(from_zero[start_step:], restarted):
         np.testing.assert_array_equal(x["image"], y["image"])
         np.testing.assert_array_equal(x["label"], y["label"])
@@ -309,7 +309,7 @@ def test_start_at_step_equals_running_from_zero(source, start_step, folder, tiny
 def test_start_far_ahead_does_not_read_the_skipped_data():
     config = _config(name="fake", image_size=8, fake_num_train=1000, num_classes=10)
     start = time.perf_counter()
-    batch = next(data.train_iterator(config, batch_size=64, seed=0, start_step=10**9))
+    batch = next(pipeline.train_iterator(config, batch_size=64, seed=0, start_step=10**9))
     assert batch["image"].shape == (64, 8, 8, 3) and time.perf_counter() - start < 20
 
 
@@ -324,7 +324,7 @@ def _streamed(data_dir, shuffle_buffer, **fields):
 
 def _stream(config, start, count, process_index=0, process_count=1):
     """The example numbers at stream positions start .. start + count - 1."""
-    it = data.train_iterator(config, batch_size=1, seed=5, start_step=start,
+    it = pipeline.train_iterator(config, batch_size=1, seed=5, start_step=start,
                              process_index=process_index, process_count=process_count)
     return [_shades(next(it))[0] for _ in range(count)]
 
@@ -419,7 +419,7 @@ def corrupt_tfds(six_files, tmp_path):
 
 
 def test_streamed_corrupt_image_is_skipped_and_counted(corrupt_tfds):
-    it = data.train_iterator(_streamed(corrupt_tfds, shuffle_buffer=8), batch_size=1, seed=0)
+    it = pipeline.train_iterator(_streamed(corrupt_tfds, shuffle_buffer=8), batch_size=1, seed=0)
     shades = [_shades(next(it))[0] for _ in range(24)]  # epoch 0's 23 images, one of epoch 1
     assert sorted(shades[:23]) == sorted(set(range(24)) - {7}) and it.num_skipped == 1
 
@@ -438,26 +438,26 @@ def test_a_corrupt_tfds_record_is_named_by_its_key(six_files, corrupt_tfds, capl
     config = _streamed(corrupt_tfds, shuffle_buffer=8, eval_split="train",
                        eval_preprocess="none")
     config.in_memory_bytes = in_memory_bytes  # 0: streamed; else held as an index
-    it = data.train_iterator(config, batch_size=2, seed=5, start_step=7)  # from inside epoch 0
+    it = pipeline.train_iterator(config, batch_size=2, seed=5, start_step=7)  # from inside epoch 0
     with caplog.at_level(logging.WARNING):
         _take(it, 12)  # to the middle of epoch 1: past the record in each epoch
     named = [r.getMessage() for r in caplog.records if key in r.getMessage()]
     assert it.num_skipped == 2 and len(named) == 1, [r.getMessage() for r in caplog.records]
-    with pytest.raises(data.BadImageError, match=f"1 image .*: {key};"):
-        list(data.eval_iterator(config, batch_size=5))
+    with pytest.raises(pipeline.BadImageError, match=f"1 image .*: {key};"):
+        list(pipeline.eval_iterator(config, batch_size=5))
 
 
 def test_cut_keeps_files_whole_where_they_fit():
     pieces = [("a", 2, 3), ("b", 0, 4), ("c", 0, 9), ("d", 0, 1)]
-    assert data._cut(pieces, 4) == [[("a", 2, 3)], [("b", 0, 4)], [("c", 0, 4)], [("c", 4, 4)],
+    assert pipeline._cut(pieces, 4) == [[("a", 2, 3)], [("b", 0, 4)], [("c", 0, 4)], [("c", 4, 4)],
                                     [("c", 8, 1), ("d", 0, 1)]]
-    assert data._cut(pieces, 100) == [pieces]
+    assert pipeline._cut(pieces, 100) == [pieces]
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, "big"])
 def test_bad_shuffle_buffer_raises_a_one_line_value_error(tiny_tfds, value):
     with pytest.raises(ValueError, match=r"^data\.shuffle_buffer=.* must be a positive number"):
-        data.train_dataset(_streamed(tiny_tfds, value), batch_size=2, seed=0)
+        pipeline.train_dataset(_streamed(tiny_tfds, value), batch_size=2, seed=0)
 
 
 # ---- exact eval --------------------------------------------------------------------------------
@@ -466,7 +466,7 @@ def test_bad_shuffle_buffer_raises_a_one_line_value_error(tiny_tfds, value):
 def _eval_ids(config, batch_size, processes):
     per_process = []
     for k in range(processes):
-        batches = list(data.eval_iterator(config, batch_size=batch_size, process_index=k,
+        batches = list(pipeline.eval_iterator(config, batch_size=batch_size, process_index=k,
                                           process_count=processes))
         ids = [b["label"][b["mask"]] for b in batches]
         per_process.append((len(batches), np.concatenate(ids) if ids else np.zeros(0, int)))
@@ -478,7 +478,7 @@ def test_exact_eval_count_1000_examples_batch_64_eight_devices():
     config = _config(name="fake", image_size=4, num_classes=1000, fake_num_eval=1000,
                      eval_preprocess="none")
     devices = 8
-    batches = list(data.eval_iterator(config, batch_size=64))
+    batches = list(pipeline.eval_iterator(config, batch_size=64))
     assert len(batches) == 16
     for b in batches:
         assert b["image"].shape[0] == 64 and b["image"].shape[0] % devices == 0
@@ -503,7 +503,7 @@ def test_exact_eval_of_files_across_processes(ident, tiny_tfds):
     config = _config(name=f"imagefolder:{ident}", image_size=4, eval_preprocess="none")
     ids = []
     for k in range(2):
-        batches = list(data.eval_iterator(config, batch_size=8, process_index=k, process_count=2))
+        batches = list(pipeline.eval_iterator(config, batch_size=8, process_index=k, process_count=2))
         assert len(batches) == 2  # slices of 12 and 13, batch 8
         ids.extend(np.concatenate([_ids(b, b["mask"]) for b in batches]).tolist())
     assert sorted(ids) == list(range(25))
@@ -511,7 +511,7 @@ def test_exact_eval_of_files_across_processes(ident, tiny_tfds):
                      eval_preprocess="none", in_memory_bytes=0)
     shades = []
     for k in range(3):
-        batches = list(data.eval_iterator(config, batch_size=3, process_index=k, process_count=3))
+        batches = list(pipeline.eval_iterator(config, batch_size=3, process_index=k, process_count=3))
         assert len(batches) == 2  # slices of 3, 3 and 4 examples
         for b in batches:
             shades.extend(_shades(b, b["mask"]))
@@ -522,13 +522,13 @@ def test_exact_eval_of_files_across_processes(ident, tiny_tfds):
 
 
 def test_missing_tfds_data_set_says_how_to_prepare_it(tmp_path):
-    with pytest.raises(data.DatasetNotFoundError) as info:
-        data.info(_config(name="cifar10", data_dir=str(tmp_path)))
+    with pytest.raises(pipeline.DatasetNotFoundError) as info:
+        pipeline.info(_config(name="cifar10", data_dir=str(tmp_path)))
     message = str(info.value)
     assert "'cifar10'" in message and str(tmp_path) in message and "tfds build cifar10" in message
     assert "\n" not in message and info.value.__cause__ is None
-    with pytest.raises(data.DatasetNotFoundError) as info:
-        data.train_iterator(_config(name="imagenet2012", data_dir=str(tmp_path)), batch_size=2,
+    with pytest.raises(pipeline.DatasetNotFoundError) as info:
+        pipeline.train_iterator(_config(name="imagenet2012", data_dir=str(tmp_path)), batch_size=2,
                             seed=0)
     message = str(info.value)
     assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
@@ -546,14 +546,14 @@ def test_missing_tfds_data_set_says_how_to_prepare_it(tmp_path):
 ])
 def test_bad_values_raise_one_line_value_errors(fields, words):
     with pytest.raises(ValueError) as info:
-        data.info(_config(**fields))
+        pipeline.info(_config(**fields))
     message = str(info.value)
     assert "\n" not in message and all(w in message for w in words), message
 
 
 def test_missing_split_names_the_splits(folder):
     with pytest.raises(ValueError, match="'val'.*test, train"):
-        data.info(_config(name=f"imagefolder:{folder}", eval_split="val"))
+        pipeline.info(_config(name=f"imagefolder:{folder}", eval_split="val"))
 
 
 # ---- corrupt files -----------------------------------------------------------------------------
@@ -574,28 +574,28 @@ def corrupt(ident, tmp_path):
 def test_corrupt_image_is_named_and_skipped_in_training_an_error_in_eval(corrupt, caplog):
     config = _config(name=f"imagefolder:{corrupt}", image_size=4, train_preprocess="none",
                      eval_preprocess="none", eval_split="train")
-    it = data.eval_iterator(config, batch_size=16)
+    it = pipeline.eval_iterator(config, batch_size=16)
     batches = []
-    with caplog.at_level(logging.WARNING), pytest.raises(data.BadImageError, match="7.png"):
+    with caplog.at_level(logging.WARNING), pytest.raises(pipeline.BadImageError, match="7.png"):
         for batch in it:  # every batch, then the error
             batches.append(batch)
     ids = np.concatenate([_ids(b, b["mask"]) for b in batches])
     assert len(batches) == 3 and sorted(ids) == sorted(set(range(40)) - {7})
     assert it.num_skipped == 1
     assert any("7.png" in r.getMessage() for r in caplog.records)
-    train = data.train_iterator(config, batch_size=13, seed=0)
+    train = pipeline.train_iterator(config, batch_size=13, seed=0)
     ids = np.concatenate([_ids(b) for b in _take(train, 3)])  # 39 of the first epoch
     assert sorted(ids) == sorted(set(range(40)) - {7}) and train.num_skipped == 1
 
 
 def test_restart_after_a_corrupt_file_does_not_read_it(corrupt):
     config = _config(name=f"imagefolder:{corrupt}", image_size=4, train_preprocess="none")
-    positions = np.concatenate([b["position"] for b in data.train_dataset(
+    positions = np.concatenate([b["position"] for b in pipeline.train_dataset(
         config, batch_size=1, seed=0).take(39).as_numpy_iterator()])
     bad = int(np.setdiff1d(np.arange(40), positions)[0])  # where file 7 sits in epoch 0
     if bad >= 39:
         pytest.skip("the corrupt file is last in epoch 0 for this seed")
-    restarted = data.train_iterator(config, batch_size=1, seed=0, start_step=bad + 1)
+    restarted = pipeline.train_iterator(config, batch_size=1, seed=0, start_step=bad + 1)
     _take(restarted, 39 - bad)  # to the end of epoch 0, past the skipped start
     assert restarted.num_skipped == 0
 
@@ -643,9 +643,9 @@ def _multi_scale(**fields):
 @pytest.mark.parametrize("source", sorted(SOURCES))
 def test_multi_scale_batches_of_each_source(source, folder, tiny_tfds):
     config = _multi_scale(**SOURCES[source](folder, tiny_tfds))
-    info = data.info(config)
+    info = pipeline.info(config)
     sizes = tuple(range(3, 28))  # a size of its own for each class, to see that each is used
-    batches = list(data.multi_scale_iterator(config, batch_sizes=sizes))
+    batches = list(pipeline.multi_scale_iterator(config, batch_sizes=sizes))
     for batch in batches:
         aspect = batch["aspect"]
         assert set(batch) == {"aspect", "views", "label", "mask"}
@@ -664,7 +664,7 @@ def test_multi_scale_counts_each_image_once_in_the_class_of_its_shape(shaped, pr
     config = _multi_scale(name=f"imagefolder:{shaped}", dtype="uint8")
     seen = []
     for k in range(processes):
-        for batch in data.multi_scale_iterator(config, batch_sizes=(2,) * 25, process_index=k,
+        for batch in pipeline.multi_scale_iterator(config, batch_sizes=(2,) * 25, process_index=k,
                                                process_count=processes):
             ids = batch["views"][0][:, 0, 0, 0][batch["mask"]].astype(int)
             for i, label in zip(ids, batch["label"][batch["mask"]]):
@@ -678,7 +678,7 @@ def test_multi_scale_counts_each_image_once_in_the_class_of_its_shape(shaped, pr
 
 def test_multi_scale_needs_its_preprocessing(shaped):
     with pytest.raises(ValueError, match="multi_scale"):
-        next(data.multi_scale_iterator(_config(name=f"imagefolder:{shaped}"), batch_sizes=(2,) * 25))
+        next(pipeline.multi_scale_iterator(_config(name=f"imagefolder:{shaped}"), batch_sizes=(2,) * 25))
 
 
 def test_pixel_mean_is_the_mean_of_the_resized_training_images(photos):
@@ -687,18 +687,18 @@ def test_pixel_mean_is_the_mean_of_the_resized_training_images(photos):
     resized = [tf.image.resize(np.asarray(Image.open(path)), (8, 8)).numpy()
                for path in sorted((photos / "train").glob("*/*.png"))]
     assert len(resized) == len(SHAPES)
-    np.testing.assert_allclose(data.pixel_mean(config), np.mean(resized, axis=0), atol=1e-4)
-    total, count = data.pixel_mean_sums(config, 1, 2)  # one process's share
+    np.testing.assert_allclose(pipeline.pixel_mean(config), np.mean(resized, axis=0), atol=1e-4)
+    total, count = pipeline.pixel_mean_sums(config, 1, 2)  # one process's share
     assert count == len(SHAPES) - len(SHAPES) // 2 and total.shape == (8, 8, 3)
 
 
 def test_train_and_eval_subtract_the_pixel_mean(photos):
     fields = dict(name=f"imagefolder:{photos}", image_size=8, dtype="float32", scale_range=(10, 16),
                   eval_scales=(8, 12), resize_size=10)
-    mean = data.pixel_mean(_config(subtract_pixel_mean=True, **fields))
+    mean = pipeline.pixel_mean(_config(subtract_pixel_mean=True, **fields))
     assert mean.std() > 1
     for train in ("paper", "inception"):
-        plain, subtracted = (next(data.train_iterator(_config(
+        plain, subtracted = (next(pipeline.train_iterator(_config(
             train_preprocess=train, subtract_pixel_mean=on, **fields), batch_size=4, seed=3))
             for on in (False, True))
         # The mean is subtracted before the flip (as Caffe does), where the pixels were.
@@ -706,11 +706,11 @@ def test_train_and_eval_subtract_the_pixel_mean(photos):
             assert min(np.abs(a - b - m).max() for m in (mean, mean[:, ::-1])) < 1e-3
         assert not np.allclose(mean, mean[:, ::-1], atol=1)
     for evaluation in ("center", "ten_crop"):
-        plain, subtracted = (next(data.eval_iterator(_config(
+        plain, subtracted = (next(pipeline.eval_iterator(_config(
             eval_preprocess=evaluation, subtract_pixel_mean=on, **fields), batch_size=4))
             for on in (False, True))
         np.testing.assert_allclose(subtracted["image"], plain["image"] - mean, atol=1e-3)
-    plain, subtracted = (list(data.multi_scale_iterator(_config(
+    plain, subtracted = (list(pipeline.multi_scale_iterator(_config(
         eval_preprocess="multi_scale", subtract_pixel_mean=on, **fields), batch_sizes=(4,) * 25))
         for on in (False, True))
     for a, b in zip(plain, subtracted):

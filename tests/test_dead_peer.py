@@ -20,7 +20,7 @@ RUN = {**test_pods.RUN, "train.num_steps": 400, "checkpoint.every_steps": 5}
 
 
 def _child(pid: int) -> int:
-    """The pid of the run's process under `pid`, its parent (`resnet_jax/supervisor.py`)."""
+    """The pid of the run's process under `pid`, its parent (`resnet_jax/distributed/supervisor.py`)."""
     deadline = time.time() + 60
     while time.time() < deadline:
         for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import data, device_data, metrics, preprocess, train, validate
+from resnet_jax.data import on_device, pipeline, preprocess
+from resnet_jax.run import validate
+from resnet_jax.training import loop, metrics
 from runs import REPO, assert_trees_close, environment, latest_params, rows_without_speed, small_config
 
 ON_DEVICE = {"data.on_device": True}
@@ -34,14 +36,14 @@ def _numpy_pad_crop_flip(images, dy, dx, flip, p):
 
 def test_augmentation_pads_with_zeros_crops_within_the_padding_and_flips():
     p, n = 4, 64
-    dy, dx, flip = map(np.asarray, device_data.crop_flip_draws(jax.random.key(3), n, p))
+    dy, dx, flip = map(np.asarray, on_device.crop_flip_draws(jax.random.key(3), n, p))
     assert dy.min() == 0 and dy.max() == 2 * p and dx.min() == 0 and dx.max() == 2 * p
     assert 0.25 < flip.mean() < 0.75
     images = np.random.default_rng(0).normal(size=(n, 8, 8, 3)).astype(np.float32)
-    got = np.asarray(jax.jit(device_data.pad_crop_flip, static_argnums=4)(images, dy, dx, flip, p))
+    got = np.asarray(jax.jit(on_device.pad_crop_flip, static_argnums=4)(images, dy, dx, flip, p))
     np.testing.assert_array_equal(got, _numpy_pad_crop_flip(images, dy, dx, flip, p))
     # The top-left crop unflipped: p rows and columns of zeros.
-    np.testing.assert_array_equal(device_data.pad_crop_flip(images[:1], np.zeros(1, int),
+    np.testing.assert_array_equal(on_device.pad_crop_flip(images[:1], np.zeros(1, int),
                                                             np.zeros(1, int), np.zeros(1, bool),
                                                             p)[0, :p], 0)
 
@@ -49,7 +51,7 @@ def test_augmentation_pads_with_zeros_crops_within_the_padding_and_flips():
     s = preprocess.settings(dict(on_device=True, train_preprocess="cifar", eval_preprocess="none",
                                  image_size=8, mean=(10.0, 20.0, 30.0), std=(2.0, 4.0, 5.0)))
     pixels = np.random.default_rng(1).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
-    got = np.asarray(jax.jit(lambda x, k: device_data.augment(x, k, s))(pixels, jax.random.key(3)))
+    got = np.asarray(jax.jit(lambda x, k: on_device.augment(x, k, s))(pixels, jax.random.key(3)))
     normalised = (pixels.astype(np.float32) - np.float32([10, 20, 30])) * (
         np.float32(1) / np.float32([2, 4, 5]))
     np.testing.assert_allclose(got, _numpy_pad_crop_flip(normalised, dy, dx, flip, p), rtol=0,
@@ -58,7 +60,7 @@ def test_augmentation_pads_with_zeros_crops_within_the_padding_and_flips():
 
 def test_the_rows_of_a_step_are_a_function_of_seed_and_step_and_each_epoch_a_permutation():
     n, batch = 10, 4
-    fn = jax.jit(device_data.rows, static_argnums=(0, 2, 3))
+    fn = jax.jit(on_device.rows, static_argnums=(0, 2, 3))
     steps = [np.asarray(fn(0, jnp.int32(k), batch, n)) for k in range(10)]  # 4 epochs
     stream = np.concatenate(steps)
     for e in range(4):
@@ -70,7 +72,7 @@ def test_the_rows_of_a_step_are_a_function_of_seed_and_step_and_each_epoch_a_per
 
 def _setup_error(**changes):
     with pytest.raises(validate.SetupError) as error:
-        train.setup(small_config(**ON_DEVICE, **changes), "/nonexistent/unused")
+        loop.setup(small_config(**ON_DEVICE, **changes), "/nonexistent/unused")
     message = str(error.value)
     assert "\n" not in message and "data.on_device" in message
     return message
@@ -80,15 +82,15 @@ def test_unsupported_data_are_refused_in_one_line(monkeypatch):
     assert "train_preprocess 'cifar' or 'none'" in _setup_error(**{"data.train_preprocess": "paper"})
     assert "eval_preprocess 'none'" in _setup_error(**{"data.eval_preprocess": "center"})
     assert "digits, imagefolder:PATH" in _setup_error(**{"data.name": "fake"})
-    monkeypatch.setattr(device_data, "MAX_BYTES", 1000)
+    monkeypatch.setattr(on_device, "MAX_BYTES", 1000)
     assert "at most 1,000 bytes" in _setup_error()
 
 
 def test_digits_decoded_and_images_resized_without_tensorflow_equal_the_host_ones():
     tf = pytest.importorskip("tensorflow")
     for size in (8, 16, 32, 20):
-        table = data._digits_table(size)
-        for split, (images, labels) in device_data._digits(size).items():
+        table = pipeline._digits_table(size)
+        for split, (images, labels) in on_device._digits(size).items():
             rows = tf.range(table.splits[split])
             want_images, want_labels = table.lookup[split](rows)
             np.testing.assert_array_equal(images, want_images.numpy(), err_msg=f"{size} {split}")
@@ -97,7 +99,7 @@ def test_digits_decoded_and_images_resized_without_tensorflow_equal_the_host_one
     images = np.random.default_rng(0).integers(0, 256, (4, 37, 23, 3)).astype(np.float32)
     for size in (8, 32, 50):
         want = tf.image.resize(images, (size, size), method="bilinear", antialias=False).numpy()
-        np.testing.assert_allclose(device_data.resize_bilinear(images, size), want, rtol=0,
+        np.testing.assert_allclose(on_device.resize_bilinear(images, size), want, rtol=0,
                                    atol=1e-4)
 
 
@@ -122,15 +124,15 @@ def folder(tmp_path_factory):
 
 def test_an_image_folder_is_labelled_as_tfds_labels_it(folder):
     pytest.importorskip("tensorflow_datasets")
-    names, files = device_data._folder_files(str(folder))
-    builder_table = data._folder_table(str(folder))
+    names, files = on_device._folder_files(str(folder))
+    builder_table = pipeline._folder_table(str(folder))
     assert len(names) == builder_table.num_classes == 3
-    tfds_examples = data.tfds.ImageFolder(str(folder))._split_examples
-    tfds_names = data.tfds.ImageFolder(str(folder)).info.features["label"].names
+    tfds_examples = pipeline.tfds.ImageFolder(str(folder))._split_examples
+    tfds_names = pipeline.tfds.ImageFolder(str(folder)).info.features["label"].names
     for split in ("train", "test"):
         want = sorted((e.image_path, tfds_names.index(e.label)) for e in tfds_examples[split])
         assert sorted(files[split]) == want
-    images, labels = device_data._Source(ml_collections.ConfigDict(dict(
+    images, labels = on_device._Source(ml_collections.ConfigDict(dict(
         name=f"imagefolder:{folder}", image_size=8))).load("train[2:]+test")
     assert images.shape == (22, 8, 8, 3) and images.dtype == np.uint8 and labels.shape == (22,)
 
@@ -139,7 +141,7 @@ def test_eval_slices_cover_the_split_once_in_as_many_batches_on_every_process():
     config = small_config(**ON_DEVICE).data
     count = []
     for index in range(3):
-        batches = list(device_data.eval_iterator(config, batch_size=64, process_index=index,
+        batches = list(on_device.eval_iterator(config, batch_size=64, process_index=index,
                                                  process_count=3))
         count.append(len(batches))
         assert all(b["image"].shape == (64, 8, 8, 3) and b["image"].dtype == np.uint8
@@ -152,17 +154,17 @@ def test_eval_slices_cover_the_split_once_in_as_many_batches_on_every_process():
 def test_a_resumed_run_trains_as_an_uninterrupted_one(tmp_path, monkeypatch):
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     config = small_config(**ON_DEVICE, **{"data.train_preprocess": "cifar", "log_every_steps": 2})
-    train.train_and_evaluate(config, whole)
+    loop.train_and_evaluate(config, whole)
 
     # SIGTERM after the third step (as a preemption): the run saves step 3 and stops.
     hooks = metrics.profile_hooks
     monkeypatch.setattr(metrics, "profile_hooks", lambda *args: hooks(*args) + [
         lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM)])
-    with pytest.raises(train.Preempted):
-        train.train_and_evaluate(config, parts)
+    with pytest.raises(loop.Preempted):
+        loop.train_and_evaluate(config, parts)
     assert latest_params(parts)[0] == 3
     monkeypatch.setattr(metrics, "profile_hooks", hooks)
-    train.train_and_evaluate(config, parts)
+    loop.train_and_evaluate(config, parts)
     assert rows_without_speed(parts) == rows_without_speed(whole)
     assert_trees_close(latest_params(parts)[1], latest_params(whole)[1], rtol=0, atol=0)
 
@@ -170,12 +172,13 @@ def test_a_resumed_run_trains_as_an_uninterrupted_one(tmp_path, monkeypatch):
 EIGHT_DEVICES = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import Mesh
-    from resnet_jax import device_data, sharding
+    from resnet_jax.data import on_device
+    from resnet_jax.distributed import sharding
     from runs import small_config
     config = small_config(**{"data.on_device": True, "data.train_preprocess": "cifar"}).data
     def batches(mesh, replicate_bytes):
-        device_data.REPLICATE_BYTES = replicate_bytes
-        resident = device_data.place(config, mesh)
+        on_device.REPLICATE_BYTES = replicate_bytes
+        resident = on_device.place(config, mesh)
         assert resident.sharded == (replicate_bytes == 0)
         fn = jax.jit(resident.batch_fn(config, 32, 0))
         return [jax.device_get(fn(resident.arrays, jax.numpy.int32(k))) for k in (0, 23, 46)]
@@ -214,14 +217,14 @@ WITHOUT_TENSORFLOW = textwrap.dedent("""
     except SystemExit as stop:
         assert not stop.code, stop.code
     from configs import cifar
-    from resnet_jax import train
+    from resnet_jax.training import loop
     config = cifar.get_config("depth=8")
     config.data.update(name="imagefolder:" + folder, image_size=8, on_device=True, num_classes=3)
     config.train.update(batch_size=6, num_steps=2)
     config.eval.update(batch_size=6, every_steps=2)
     config.checkpoint.every_steps = 2
     config.log_every_steps = 1
-    train.train_and_evaluate(config, cifar_workdir)
+    loop.train_and_evaluate(config, cifar_workdir)
     assert all(sys.modules.get(m) is None for m in ("tensorflow", "tensorflow_datasets"))
     print("finished without tensorflow")
 """)

@@ -15,7 +15,10 @@ from runs import REPO, environment
 PROGRAM = r"""
 import functools, jax, ml_collections, numpy as np
 from flax import nnx
-from resnet_jax import data, metrics, models, sharding, train
+from resnet_jax import models
+from resnet_jax.data import pipeline
+from resnet_jax.distributed import sharding
+from resnet_jax.training import loop, metrics
 assert jax.device_count() == 8
 config = ml_collections.ConfigDict(dict(
     data=dict(name="fake", image_size=8, train_preprocess="none", eval_preprocess="none",
@@ -25,17 +28,17 @@ config = ml_collections.ConfigDict(dict(
 model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
 model.eval()
 graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-state = train.TrainState(step=0, params=params, batch_stats=stats, opt_state=(), train_metrics=None,
+state = loop.TrainState(step=0, params=params, batch_stats=stats, opt_state=(), train_metrics=None,
                          skipped=0)
 mesh = sharding.make_mesh()
 spec = sharding.batch_sharding(mesh)
-eval_fn = jax.jit(functools.partial(train.eval_step, graphdef), in_shardings=(None, spec))
+eval_fn = jax.jit(functools.partial(loop.eval_step, graphdef), in_shardings=(None, spec))
 total = None
-for batch in sharding.prefetch(data.eval_iterator(config.data, batch_size=64), mesh):
+for batch in sharding.prefetch(pipeline.eval_iterator(config.data, batch_size=64), mesh):
     step = eval_fn(state, batch)
     total = step if total is None else total.merge(step)
 images, labels = [], []
-for batch in data.eval_iterator(config.data, batch_size=64):
+for batch in pipeline.eval_iterator(config.data, batch_size=64):
     images.append(batch["image"][batch["mask"]]); labels.append(batch["label"][batch["mask"]])
 images, labels = np.concatenate(images), np.concatenate(labels)
 correct = int((np.asarray(model(images)).argmax(-1) == labels).sum())
@@ -65,7 +68,9 @@ from absl import logging as absl_logging
 from flax import nnx
 from PIL import Image
 from configs import cifar
-from resnet_jax import data, sharding, train
+from resnet_jax.data import pipeline
+from resnet_jax.distributed import sharding
+from resnet_jax.training import loop
 assert jax.device_count() == 8
 lines = []
 handler = logging.Handler()
@@ -76,7 +81,7 @@ absl_logging.set_verbosity("info")
 def state_of(model):
     model.eval()
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return graphdef, train.TrainState(step=0, params=params, batch_stats=stats, opt_state=(),
+    return graphdef, loop.TrainState(step=0, params=params, batch_stats=stats, opt_state=(),
                                       train_metrics=None, skipped=0)
 
 def scores(probs, labels):
@@ -89,14 +94,14 @@ out = {}
 config = cifar.get_config()
 config.model.update(name="cifar_resnet8", bn_group_size=None)
 config.data.update(name="digits", image_size=8, train_split="train", eval_split="test")
-run = train.setup(config, sys.argv[2])  # refused before: 500 is no multiple of 8
+run = loop.setup(config, sys.argv[2])  # refused before: 500 is no multiple of 8
 graphdef, state = state_of(run.model)
 mesh = sharding.make_mesh()
-out["batch"] = dict(per_process=train.eval_batch_size(config),
+out["batch"] = dict(per_process=loop.eval_batch_size(config),
                     said=[l for l in lines if l.startswith("Eval steps")],
-                    got=train.evaluate(train.eval_function(graphdef, config, mesh), state,
+                    got=loop.evaluate(loop.eval_function(graphdef, config, mesh), state,
                                        config, mesh))
-(batch,) = data.eval_iterator(config.data, batch_size=300)
+(batch,) = pipeline.eval_iterator(config.data, batch_size=300)
 model = nnx.merge(graphdef, state.params, state.batch_stats)
 out["batch"]["expected"] = scores(np.asarray(jax.nn.softmax(model(batch["image"]))), batch["label"])
 
@@ -104,10 +109,10 @@ config.data.update(name=f"imagefolder:{sys.argv[1]}", image_size=8, eval_preproc
                    eval_scales=(8, 12), subtract_pixel_mean=False, mean=(100.0, 110.0, 120.0),
                    std=(60.0, 50.0, 40.0), dtype="uint8", num_classes=3, train_preprocess="none")
 config.eval.batch_size = 40  # 40 inputs: 2 images of 2:1 (2 x (8 x 16 + 12 x 24) / 64 = 13 each)
-graphdef, state = state_of(train.create_model(config, 3))
-eval_fn = train.eval_function(graphdef, config, mesh)
-out["multi"] = dict(sizes=train.eval_batch_size(config),
-                    got=train.evaluate(eval_fn, state, config, mesh))
+graphdef, state = state_of(loop.create_model(config, 3))
+eval_fn = loop.eval_function(graphdef, config, mesh)
+out["multi"] = dict(sizes=loop.eval_batch_size(config),
+                    got=loop.evaluate(eval_fn, state, config, mesh))
 model = nnx.merge(graphdef, state.params, state.batch_stats)
 probs, labels = [], []
 for line in open(sys.argv[1] + "/labels.txt"):
@@ -125,7 +130,7 @@ for line in open(sys.argv[1] + "/labels.txt"):
                           for v in views], axis=0))
     labels.append(int(label))
 out["multi"]["expected"] = scores(np.array(probs), np.array(labels))
-batch = next(data.multi_scale_iterator(config.data, batch_sizes=train.eval_batch_size(config)))
+batch = next(pipeline.multi_scale_iterator(config.data, batch_sizes=loop.eval_batch_size(config)))
 del batch["mask"], batch["aspect"]
 hlo = eval_fn.lower((state.params, state.batch_stats), batch).compile().as_text()
 out["multi"]["collectives"] = re.findall(

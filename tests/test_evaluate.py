@@ -11,7 +11,8 @@ import torchvision
 
 import runs
 from configs import quickstart
-from resnet_jax import analysis, metrics
+from resnet_jax.analysis import layer_responses
+from resnet_jax.training import metrics
 
 pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
 
@@ -115,7 +116,7 @@ def test_torchvision_weights_score_as_torchvision_does(tmp_path):
     # The same images through torchvision's network, in PyTorch.
     config = quickstart.get_config()
     config.model.name, config.data.image_size = "resnet18", 32
-    images, labels = analysis.eval_images(config, 10_000)
+    images, labels = layer_responses.eval_images(config, 10_000)
     with torch.no_grad():
         logits = net(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))).numpy()
     assert scores["step"] is None

@@ -16,7 +16,8 @@ import pytest
 from etils import epath
 
 import runs
-from resnet_jax import checkpoint, evaluate
+from resnet_jax import evaluate
+from resnet_jax.run import checkpoint
 
 EVALUATE = [sys.executable, "-m", "resnet_jax.evaluate"]
 DEVICE = jax.sharding.make_single_device_sharding(jax.devices()[0])

@@ -11,20 +11,23 @@ from etils import epath
 from flax import nnx
 
 import runs
-from resnet_jax import analysis, checkpoint, fine_tune, models, train
+from resnet_jax import models
+from resnet_jax.analysis import layer_responses
+from resnet_jax.run import checkpoint
+from resnet_jax.training import fine_tune, loop
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A run of 3 steps (its weights no longer the initial ones) to start from."""
     workdir = tmp_path_factory.mktemp("trained")
-    train.train_and_evaluate(runs.small_config(**{"train.num_steps": 3}), str(workdir))
+    loop.train_and_evaluate(runs.small_config(**{"train.num_steps": 3}), str(workdir))
     return workdir
 
 
 def saved_weights(workdir):
     _, state = checkpoint.read_latest(str(workdir))
-    return analysis.with_weights(models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0)),
+    return layer_responses.with_weights(models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0)),
                                  checkpoint.pure(state))
 
 
@@ -33,7 +36,7 @@ def test_a_run_starts_from_another_runs_checkpoint(trained, tmp_path, caplog):
     # A learning rate of 1e-9: the checkpoint after one step holds the loaded weights.
     caplog.set_level("INFO")
     workdir = tmp_path / "run"
-    train.train_and_evaluate(runs.small_config(**{
+    loop.train_and_evaluate(runs.small_config(**{
         "model.init_from": str(trained), "schedule.base_lr": 1e-9, "train.num_steps": 1,
         "eval.every_steps": 1, "checkpoint.every_steps": 1}), str(workdir))
     assert f"Starting from the weights of {trained}; the checkpoint of step 3" in caplog.text

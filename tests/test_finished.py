@@ -5,7 +5,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from resnet_jax import checkpoint, finished
+from resnet_jax.run import checkpoint
+from resnet_jax.training import finished
 
 CONFIG = ml_collections.ConfigDict(dict(train=dict(num_steps=20), checkpoint=dict(
     every_steps=10, keep=3, keep_best=False, timeout_seconds=1200)))

@@ -18,7 +18,8 @@ import time
 import pytest
 from absl import logging
 
-from resnet_jax import checkpoint, console, metrics, train
+from resnet_jax.run import checkpoint, console
+from resnet_jax.training import loop, metrics
 from runs import REPO, environment, main_command, small_config
 
 
@@ -168,8 +169,8 @@ def test_a_full_log_file_stops_the_run_in_one_line(tmp_path, monkeypatch, log_fi
     log = tmp_path / "log.txt"
     expected = (rf"^writing the log file {log} failed \(OSError: \[Errno 28\] {FULL}\); "
                 rf"{complete(3)}")
-    with pytest.raises(train.TrainingError, match=expected):
-        train.train_and_evaluate(small_config(), str(tmp_path))
+    with pytest.raises(loop.TrainingError, match=expected):
+        loop.train_and_evaluate(small_config(), str(tmp_path))
     assert console.failure().startswith(f"writing the log file {log} failed")
     pylogging.getLogger("a.library").error("written to the terminal only")  # and no error
     assert "Logging error" not in capfd.readouterr().err
@@ -200,25 +201,25 @@ def test_full_tensorboard_events_stop_the_run_in_one_line(tmp_path, monkeypatch,
             write(self, step, scalars)
 
         monkeypatch.setattr(summary_writer.SummaryWriter, "write_scalars", write_scalars)
-        raised = train.TrainingError
+        raised = loop.TrainingError
         expected = rf"^writing the metrics of step 4 failed \(ResourceExhaustedError: .*{FULL}\); {complete(3)}"
     with pytest.raises(raised, match=expected):
-        train.train_and_evaluate(small_config(), str(tmp_path))
+        loop.train_and_evaluate(small_config(), str(tmp_path))
     assert not half_written(tmp_path)
 
 
 def test_a_full_metrics_file_at_the_start_is_named(tmp_path, monkeypatch):
-    real = train.workdirs.write_text
+    real = loop.paths.write_text
 
     def write_text(path, text):
         if path.name == metrics.JSONL:
             raise enospc()
         real(path, text)
 
-    monkeypatch.setattr(metrics.workdirs, "write_text", write_text)
+    monkeypatch.setattr(metrics.paths, "write_text", write_text)
     with pytest.raises(metrics.WriterError,
                        match=rf"^writing {tmp_path / metrics.JSONL} failed \(OSError: \[Errno 28\] {FULL}\)$"):
-        train.train_and_evaluate(small_config(), str(tmp_path))
+        loop.train_and_evaluate(small_config(), str(tmp_path))
 
 
 def test_a_failed_save_in_flight_leaves_nothing_when_another_writer_stops_the_run(tmp_path, monkeypatch):
@@ -236,9 +237,9 @@ def test_a_failed_save_in_flight_leaves_nothing_when_another_writer_stops_the_ru
         write(self, step, scalars)
 
     monkeypatch.setattr(metrics.JsonlWriter, "write_scalars", write_scalars)
-    with pytest.raises(train.TrainingError, match=rf"^writing the metrics of step 4 failed \(OSError: "
+    with pytest.raises(loop.TrainingError, match=rf"^writing the metrics of step 4 failed \(OSError: "
                                                   rf"\[Errno 28\] {FULL}\); {NONE}"):
-        train.train_and_evaluate(small_config(), str(tmp_path))
+        loop.train_and_evaluate(small_config(), str(tmp_path))
     assert not half_written(tmp_path)
 
 
@@ -248,10 +249,10 @@ def test_a_failed_save_in_flight_leaves_nothing_when_another_writer_stops_the_ru
 INJECTED = """
 import errno, os, runpy, sys
 from orbax.checkpoint._src.checkpointers import async_checkpointer
-from resnet_jax import console, workdir
+from resnet_jax.run import console, paths
 
 what = sys.argv.pop(1)
-real_write, real_open = workdir.write_text, open
+real_write, real_open = paths.write_text, open
 real_commit = async_checkpointer._background_wait_for_commit_futures
 
 
@@ -298,7 +299,7 @@ if what.startswith("log:"):
 elif what.startswith("save:"):
     async_checkpointer._background_wait_for_commit_futures = commit
 else:
-    workdir.write_text = write_text
+    paths.write_text = write_text
 runpy.run_module("resnet_jax.main", run_name="__main__", alter_sys=True)
 """
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
-from resnet_jax import metrics
+from resnet_jax.training import metrics
 from runs import REPO, SMALL
 
 pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from resnet_jax import checkpoint
+from resnet_jax.run import checkpoint
 from runs import REPO, assert_trees_close, environment, main_command, rows_without_speed, run_main
 
 pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier

@@ -8,7 +8,11 @@ import sys
 import pytest
 
 from configs import default
-from resnet_jax import config_files, config_help, layers, models, optim, preprocess, report, validate
+from resnet_jax import layers, models, report
+from resnet_jax.cli import config_files, config_help
+from resnet_jax.data import preprocess
+from resnet_jax.run import validate
+from resnet_jax.training import optim
 from runs import REPO, environment
 
 # The fields whose values are one of a set the code checks, and that set: the comment of each

@@ -17,7 +17,7 @@ import jax
 import pytest
 
 from launch import sweep, tpu_pod
-from resnet_jax import clusters, sharding
+from resnet_jax.distributed import clusters, sharding
 from runs import LAUNCH_PREFIXES, REPO, SMALL, environment, without_launch_environment
 
 PYTHON = sys.executable
@@ -427,7 +427,7 @@ def test_local_sweep_trains_each_point_in_its_own_workdir(tmp_path):
         assert (config["seed"], config["model"]["name"]) == (seed, "cifar_resnet8")
 
 
-# Cluster detection (resnet_jax/sharding.py): the launchers' own variables, public JAX only.
+# Cluster detection (resnet_jax/distributed/sharding.py): the launchers' own variables, public JAX only.
 SLURM_STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "1",
               "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
 OPEN_MPI = {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://127.0.0.1:34911", "OMPI_COMM_WORLD_SIZE": "1",
@@ -500,7 +500,7 @@ def test_jax_joins_the_launch_that_detection_names(tmp_path, variables, found, l
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
     else:
         env.update(variables)
-    probe = ("from resnet_jax import clusters, sharding; found = clusters.detect_cluster(); "
+    probe = ("from resnet_jax.distributed import clusters, sharding; found = clusters.detect_cluster(); "
              "launch = sharding.initialize_distributed(); import jax; "
              "print(found, '|', launch, '|', jax.process_count(), jax.distributed.is_initialized())")
     result = subprocess.run([PYTHON, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

@@ -11,7 +11,7 @@ import time
 import pytest
 from etils import epath
 
-from resnet_jax import lock, validate
+from resnet_jax.run import lock, validate
 from runs import REPO, main_command
 
 
@@ -100,7 +100,7 @@ def test_a_lock_that_cannot_be_created_is_one_line_naming_it(tmp_path, monkeypat
         path.write_text(text[:7])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(lock.workdirs, "create_new", full_disk)
+    monkeypatch.setattr(lock.paths, "create_new", full_disk)
     path = tmp_path / lock.NAME
     with pytest.raises(validate.SetupError, match=rf"^could not create the lock {path}: .*No space left"):
         with lock.held(epath.Path(tmp_path)):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import data, device_inputs, sharding
+from resnet_jax.data import device_inputs, pipeline
+from resnet_jax.distributed import sharding
 
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 # A pixel rounded to the nearest integer moves its normalised value by at most 0.5 / std.
@@ -49,10 +50,10 @@ def test_train_pixels_normalised_on_device_equal_the_host_pipeline(photos, prepr
                                                                    resize):
     fields = dict(train_preprocess=preprocess, pca_lighting=lighting, resize_method=resize)
     host, device = _config(photos, "float32", **fields), _config(photos, "uint8", **fields)
-    pixels = next(data.train_iterator(device, batch_size=8, seed=3))
+    pixels = next(pipeline.train_iterator(device, batch_size=8, seed=3))
     assert pixels["image"].dtype == np.uint8
     assert ("lighting" in pixels) == (lighting > 0 and preprocess != "none")
-    want = next(data.train_iterator(host, batch_size=8, seed=3))
+    want = next(pipeline.train_iterator(host, batch_size=8, seed=3))
     [have] = _on_device(device, [pixels])
     assert have["image"].dtype == np.float32 and "lighting" not in have
     np.testing.assert_array_equal(have["label"], want["label"])
@@ -71,8 +72,8 @@ def test_train_pixels_normalised_on_device_equal_the_host_pipeline(photos, prepr
 def test_eval_pixels_normalised_on_device_equal_the_host_pipeline(photos, preprocess):
     host = _config(photos, "float32", eval_preprocess=preprocess)
     device = _config(photos, "uint8", eval_preprocess=preprocess)
-    expected = list(data.eval_iterator(host, batch_size=4))
-    got = _on_device(device, data.eval_iterator(device, batch_size=4))
+    expected = list(pipeline.eval_iterator(host, batch_size=4))
+    got = _on_device(device, pipeline.eval_iterator(device, batch_size=4))
     assert [b["mask"].sum() for b in got] == [b["mask"].sum() for b in expected] == [4, 4, 2]
     for want, have in zip(expected, got):
         assert have["image"].shape == want["image"].shape
@@ -93,6 +94,6 @@ def test_host_dtypes_pass_unchanged(photos):
                                          subtract_pixel_mean=True)])
 def test_uint8_refuses_what_needs_normalised_images_on_the_host(photos, fields):
     with pytest.raises(ValueError) as info:
-        data.info(_config(photos, "uint8", **fields))
+        pipeline.info(_config(photos, "uint8", **fields))
     message = str(info.value)
     assert "\n" not in message and "data.dtype='uint8'" in message and "'float32'" in message

@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from resnet_jax import data, metrics, train
+from resnet_jax.data import pipeline
+from resnet_jax.training import loop, metrics
 from runs import REPO, environment, small_config
 
 pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
@@ -46,19 +47,19 @@ def _config(photos, steps):
 
 
 def test_a_run_stores_the_pixel_mean_and_the_next_run_reuses_it(photos, tmp_path, monkeypatch):
-    train.train_and_evaluate(_config(photos, 2), str(tmp_path))
+    loop.train_and_evaluate(_config(photos, 2), str(tmp_path))
     (stored,) = tmp_path.glob("pixel_mean_*.npy")
     resized = [tf.image.resize(np.asarray(Image.open(path)), (8, 8)).numpy()
                for path in sorted((photos / "train").glob("*/*.png"))]
     np.testing.assert_allclose(np.load(stored), np.mean(resized, axis=0), atol=1e-4)
 
     # A new process's start: nothing made yet, and the training split not to be read again.
-    monkeypatch.setattr(data, "_PIXEL_MEANS", {})
+    monkeypatch.setattr(pipeline, "_PIXEL_MEANS", {})
     def unexpected(*args, **kwargs):
         raise AssertionError("the stored mean image was not reused")
-    monkeypatch.setattr(data, "pixel_mean_sums", unexpected)
-    train.train_and_evaluate(_config(photos, 3), str(tmp_path), allow_config_change=True)
-    np.testing.assert_array_equal(data.pixel_mean(_config(photos, 3).data), np.load(stored))
+    monkeypatch.setattr(pipeline, "pixel_mean_sums", unexpected)
+    loop.train_and_evaluate(_config(photos, 3), str(tmp_path), allow_config_change=True)
+    np.testing.assert_array_equal(pipeline.pixel_mean(_config(photos, 3).data), np.load(stored))
     evals = [row for row in metrics.read_rows(tmp_path) if "eval_accuracy" in row]
     assert [row["step"] for row in evals] == [2, 3]
     assert all(0 <= row["eval_accuracy"] <= 1 and np.isfinite(row["eval_loss"]) for row in evals)
@@ -71,28 +72,30 @@ import json, sys, jax
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 import numpy as np
 from etils import epath
-from resnet_jax import data, sharding, train
+from resnet_jax.data import pipeline
+from resnet_jax.distributed import sharding
+from resnet_jax.training import loop
 sys.path.insert(0, "tests")
 from test_pixel_mean import _config, evaluate
 config = _config(sys.argv[3], 2)
-train.load_pixel_mean(config, epath.Path(sys.argv[4]))
-steps = len(list(data.multi_scale_iterator(config.data, batch_sizes=train.eval_batch_size(config),
+loop.load_pixel_mean(config, epath.Path(sys.argv[4]))
+steps = len(list(pipeline.multi_scale_iterator(config.data, batch_sizes=loop.eval_batch_size(config),
                                            process_index=jax.process_index(), process_count=2)))
 print("STEPS", steps)
-print("RESULT", json.dumps(dict(mean=data.pixel_mean(config.data).tolist(),
+print("RESULT", json.dumps(dict(mean=pipeline.pixel_mean(config.data).tolist(),
                                 eval=evaluate(config, sharding.make_mesh()))))
 """
 
 
 def evaluate(config, mesh):
     """The multi-scale eval of a new network (seed 0) over `mesh`."""
-    model = train.create_model(config, 3)
+    model = loop.create_model(config, 3)
     model.eval()
-    graphdef, params, stats = train.nnx.split(model, train.nnx.Param, train.nnx.BatchStat)
-    state = train.jax.device_put(train.TrainState(step=0, params=params, batch_stats=stats,
+    graphdef, params, stats = loop.nnx.split(model, loop.nnx.Param, loop.nnx.BatchStat)
+    state = loop.jax.device_put(loop.TrainState(step=0, params=params, batch_stats=stats,
                                                   opt_state=(), train_metrics=None, skipped=0),
-                                 train.sharding.replicated(mesh))
-    return train.evaluate(train.eval_function(graphdef, config, mesh), state, config, mesh)
+                                 loop.sharding.replicated(mesh))
+    return loop.evaluate(loop.eval_function(graphdef, config, mesh), state, config, mesh)
 
 
 def test_two_processes_make_the_same_mean_and_counts_as_one(photos, tmp_path):
@@ -117,8 +120,8 @@ def test_two_processes_make_the_same_mean_and_counts_as_one(photos, tmp_path):
     assert len(list((tmp_path / "pod").glob("pixel_mean_*.npy"))) == 1
 
     config = _config(photos, 2)
-    data.pixel_mean(config.data)  # this process: the whole split at once
-    np.testing.assert_allclose(results[0]["mean"], data.pixel_mean(config.data), atol=1e-4)
-    one = evaluate(config, train.sharding.make_mesh())
+    pipeline.pixel_mean(config.data)  # this process: the whole split at once
+    np.testing.assert_allclose(results[0]["mean"], pipeline.pixel_mean(config.data), atol=1e-4)
+    one = evaluate(config, loop.sharding.make_mesh())
     assert results[0]["eval"]["eval_accuracy"] * 7 == pytest.approx(one["eval_accuracy"] * 7)
     assert results[0]["eval"]["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)

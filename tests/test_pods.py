@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from resnet_jax import metrics
+from resnet_jax.training import metrics
 from runs import REPO, assert_trees_close, environment, latest_params, main_command
 
 pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier

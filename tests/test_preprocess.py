@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from resnet_jax import preprocess
+from resnet_jax.data import preprocess
 
 SHAPES = [(375, 500), (500, 375), (32, 32), (1, 1), (3, 300), (300, 3), (224, 224), (17, 230)]
 

@@ -16,7 +16,10 @@ import pytest
 from flax import nnx
 
 from configs import cifar, plain34, resnet34
-from resnet_jax import analysis, flops, metrics, models, paper_results, preprocess, report
+from resnet_jax import flops, models, report
+from resnet_jax.analysis import layer_responses, paper_results
+from resnet_jax.data import preprocess
+from resnet_jax.training import metrics
 import runs
 
 
@@ -224,7 +227,7 @@ def test_response_and_lesion_figures_count_in_integers_and_name_blocks():
         assert _integers(ax.get_xticks()) and ax.get_xlabel().startswith("3x3 layer")
         assert "std" in ax.get_ylabel() and ax.get_legend() is not None
     assert fig.axes[0].get_title() == "Layer responses: digits, test split, first 40 images"
-    study = analysis.LesionStudy(
+    study = layer_responses.LesionStudy(
         baseline=10.0, names=["stage1.0", "stage2.0", "stage3.0"], downsamples=[False, True, True],
         single=[12.0, 30.0, 25.0], random={1: [12.0, 30.0], 2: [40.0, 35.0], 3: [60.0, 60.0]})
     plain = dataclasses.replace(study, single=[15.0, None, None])
@@ -271,8 +274,8 @@ def test_layer_responses_equal_a_direct_computation(workdirs, tmp_path, capsys):
     reported = json.loads(numbers.read_text())
     assert list(reported) == ["plain-8", "ResNet-8"]
     for workdir, label in zip(workdirs, reported):
-        config, model, _ = analysis.load_model(workdir)
-        images, _ = analysis.eval_images(config, 40)
+        config, model, _ = layer_responses.load_model(workdir)
+        images, _ = layer_responses.eval_images(config, 40)
         direct = _direct_responses(model, images)
         assert len(direct) == 7  # the stem's 3x3 conv and two in each of three blocks
         np.testing.assert_allclose(reported[label], direct, rtol=1e-4)
@@ -286,24 +289,24 @@ def _zero_branch(block):
 
 @pytest.mark.slow
 def test_lesion_equals_zeroed_branch_weights(workdirs):
-    config, model, _ = analysis.load_model(workdirs[1])
-    images, labels = analysis.eval_images(config, 64)
-    study = analysis.lesion_study(model, images, labels, max_deleted=3, draws=2)
+    config, model, _ = layer_responses.load_model(workdirs[1])
+    images, labels = layer_responses.eval_images(config, 64)
+    study = layer_responses.lesion_study(model, images, labels, max_deleted=3, draws=2)
     assert study.downsamples == [False, True, True]
-    assert study.baseline == analysis.error_rate(model, images, labels)
+    assert study.baseline == layer_responses.error_rate(model, images, labels)
     for i, info in enumerate(models.blocks(model)):
-        _, zeroed, _ = analysis.load_model(workdirs[1])
+        _, zeroed, _ = layer_responses.load_model(workdirs[1])
         _zero_branch(models.blocks(zeroed)[i].block)
         info.block.lesioned = True
         np.testing.assert_allclose(model(jnp.asarray(images)), zeroed(jnp.asarray(images)), atol=1e-5)
         info.block.lesioned = False
-        assert study.single[i] == analysis.error_rate(zeroed, images, labels)
+        assert study.single[i] == layer_responses.error_rate(zeroed, images, labels)
     assert sorted(study.random) == [1, 2, 3] and all(len(v) == 2 for v in study.random.values())
     # Deleting all three blocks is one draw: the zeroed network without any branch.
-    _, zeroed, _ = analysis.load_model(workdirs[1])
+    _, zeroed, _ = layer_responses.load_model(workdirs[1])
     for info in models.blocks(zeroed):
         _zero_branch(info.block)
-    assert study.random[3] == [analysis.error_rate(zeroed, images, labels)] * 2
+    assert study.random[3] == [layer_responses.error_rate(zeroed, images, labels)] * 2
 
 
 @pytest.mark.slow
@@ -334,9 +337,9 @@ def test_not_a_workdir_is_one_line_and_exit_2(tmp_path, capsys):
 def test_runs_tested_on_many_views_are_analysed_on_their_centre_crops(protocol):
     config = runs.small_config(**{"data.image_size": 12, "data.resize_size": 16,
                                   "data.eval_scales": (12, 16), "data.eval_preprocess": "center"})
-    centre, centre_labels = analysis.eval_images(config, 20)
+    centre, centre_labels = layer_responses.eval_images(config, 20)
     config.data.eval_preprocess = protocol
-    images, labels = analysis.eval_images(config, 20)
+    images, labels = layer_responses.eval_images(config, 20)
     assert images.shape == (20, 12, 12, 3)
     np.testing.assert_array_equal(images, centre)
     np.testing.assert_array_equal(labels, centre_labels)
@@ -380,7 +383,7 @@ def test_every_figure_fits_its_texts_and_draws_every_series(tmp_path):
     where = f"{folder}, test split, first 40 images"
     fig = report.plot_responses({"plain-8": [1.0, 0.8, 0.9], "ResNet-8": [1.0, 0.5, 0.4]}, where)
     assert _inside(fig) == []
-    study = analysis.LesionStudy(baseline=10.0, names=["stage1.0", "stage2.0"],
+    study = layer_responses.LesionStudy(baseline=10.0, names=["stage1.0", "stage2.0"],
                                  downsamples=[False, True], single=[12.0, 30.0],
                                  random={1: [12.0, 30.0], 2: [40.0, 35.0]})
     for fig in report.plot_lesion({"ResNet-8": study}, where):

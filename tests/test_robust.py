@@ -19,7 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks import train_step as train_step_harness
-from resnet_jax import checkpoint, data, main, train, validate
+from resnet_jax import main
+from resnet_jax.data import pipeline
+from resnet_jax.run import checkpoint, validate
+from resnet_jax.training import loop
 from runs import REPO, assert_trees_close, environment, latest_params, main_command, run_main, small_config
 
 LONG = {"train.num_steps": 40, "checkpoint.every_steps": 5, "eval.every_steps": 20}
@@ -88,7 +91,7 @@ def test_corrupt_latest_checkpoint_is_named_and_the_one_before_restored(tmp_path
     # A save cut short leaves only a temporary directory, which is never taken for a checkpoint.
     (workdir / "checkpoints" / "45.orbax-checkpoint-tmp").mkdir()
     config = small_config(**{**LONG, "train.num_steps": 45})
-    state = train.train_and_evaluate(config, str(workdir), allow_config_change=True)
+    state = loop.train_and_evaluate(config, str(workdir), allow_config_change=True)
     assert "checkpoint of step 40" in caplog.text and "is corrupt" in caplog.text
     assert (workdir / "corrupt_checkpoints" / "40").exists()
     assert int(state.step) == 45
@@ -198,21 +201,21 @@ def test_unwritable_workdir_is_reported(tmp_path):
 
 @pytest.mark.slow
 def test_workdir_of_another_config_is_refused_unless_allowed(tmp_path):
-    train.train_and_evaluate(small_config(), str(tmp_path))
+    loop.train_and_evaluate(small_config(), str(tmp_path))
     with pytest.raises(validate.SetupError, match=r"different config \(seed: 0 -> 3\).*--allow_config_change"):
-        train.setup(small_config(seed=3), str(tmp_path))
-    train.setup(small_config(seed=3), str(tmp_path), allow_config_change=True)
+        loop.setup(small_config(seed=3), str(tmp_path))
+    loop.setup(small_config(seed=3), str(tmp_path), allow_config_change=True)
     # Where compiled programs go changes no result: a run resumes with the cache moved, or with a
     # config.json of a field since removed (compiled_step_dir: restarts rely on JAX's cache).
-    train.setup(small_config(compilation_cache_dir=""), str(tmp_path))
+    loop.setup(small_config(compilation_cache_dir=""), str(tmp_path))
     saved = json.loads((tmp_path / "config.json").read_text())
     saved["compiled_step_dir"] = "{workdir}/compiled_step"
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    train.setup(small_config(), str(tmp_path))
+    loop.setup(small_config(), str(tmp_path))
 
 
 def poisoned(monkeypatch, at_step, field, value):
-    real = data.train_iterator
+    real = pipeline.train_iterator
 
     def iterator(*args, **kwargs):
         for step, batch in enumerate(real(*args, **kwargs), kwargs["start_step"] + 1):
@@ -220,7 +223,7 @@ def poisoned(monkeypatch, at_step, field, value):
                 batch = {**batch, field: np.full_like(batch[field], value)}
             yield batch
 
-    monkeypatch.setattr(data, "train_iterator", iterator)
+    monkeypatch.setattr(pipeline, "train_iterator", iterator)
 
 
 @pytest.mark.slow
@@ -230,9 +233,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     config = small_config(**{"train.num_steps": 8, "checkpoint.every_steps": 2,
                              "data.dtype": "float32"})
     # ReLU turns NaN into 0 on this backend, so the loss may stay finite while a gradient does not.
-    with pytest.raises(train.TrainingError, match=r"^step 5: non-finite (loss|gradient of [\w.]+); "
+    with pytest.raises(loop.TrainingError, match=r"^step 5: non-finite (loss|gradient of [\w.]+); "
                                                   r"stopped, the checkpoint of step 4 is kept"):
-        train.train_and_evaluate(config, str(tmp_path))
+        loop.train_and_evaluate(config, str(tmp_path))
     step, params = latest_params(tmp_path)
     assert step == 4
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
@@ -242,7 +245,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 def test_non_finite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
     poisoned(monkeypatch, 3, "image", np.inf)
     config = small_config(**{"train.skip_nonfinite": True, "data.dtype": "float32"})
-    state = train.train_and_evaluate(config, str(tmp_path))
+    state = loop.train_and_evaluate(config, str(tmp_path))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert int(state.step) == 6
     assert rows[-1]["skipped_steps"] == 1 and "skipped_steps" not in rows[1]
@@ -251,8 +254,8 @@ def test_non_finite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
 
 def test_labels_out_of_range_stop_the_run(tmp_path, monkeypatch):
     poisoned(monkeypatch, 2, "label", 10)
-    with pytest.raises(train.TrainingError, match=r"^step 2: a label is outside \[0, num_classes\)"):
-        train.train_and_evaluate(small_config(), str(tmp_path))
+    with pytest.raises(loop.TrainingError, match=r"^step 2: a label is outside \[0, num_classes\)"):
+        loop.train_and_evaluate(small_config(), str(tmp_path))
 
 
 def test_a_failed_save_names_the_intact_checkpoint(tmp_path, monkeypatch):
@@ -266,7 +269,7 @@ def test_a_failed_save_names_the_intact_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", save)
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"^saving the checkpoint of step 3 failed \(.*No space left on device\); the latest complete checkpoint, of step 2, is intact"):
-        train.train_and_evaluate(small_config(**{"checkpoint.every_steps": 1}), str(tmp_path))
+        loop.train_and_evaluate(small_config(**{"checkpoint.every_steps": 1}), str(tmp_path))
     assert latest_params(tmp_path)[0] == 2
 
 
@@ -283,18 +286,18 @@ def test_a_full_disk_ends_in_one_line_naming_what_is_left(tmp_path, monkeypatch,
         expected = (r"^saving the checkpoint of step 3 failed \(\[Errno 28\] No space left on device\); "
                     r"no checkpoint is complete: none was written to ")
     else:
-        write = train.metrics.JsonlWriter.write_scalars
+        write = loop.metrics.JsonlWriter.write_scalars
 
         def write_scalars(self, step, scalars):
             if step == 5:
                 raise OSError(28, "No space left on device")
             write(self, step, scalars)
 
-        monkeypatch.setattr(train.metrics.JsonlWriter, "write_scalars", write_scalars)
+        monkeypatch.setattr(loop.metrics.JsonlWriter, "write_scalars", write_scalars)
         expected = (r"^writing the metrics of step 5 failed \(OSError: \[Errno 28\] No space left on "
                     r"device\); the latest complete checkpoint, of step 3, is intact in ")
-    with pytest.raises((checkpoint.CheckpointError, train.TrainingError), match=expected) as raised:
-        train.train_and_evaluate(small_config(), str(tmp_path))
+    with pytest.raises((checkpoint.CheckpointError, loop.TrainingError), match=expected) as raised:
+        loop.train_and_evaluate(small_config(), str(tmp_path))
     assert "\n" not in str(raised.value)
     left = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     assert not any("tmp" in name for name in left), left
@@ -326,15 +329,15 @@ def test_random_overrides_give_a_clear_error_or_a_valid_setup(tmp_path, field, v
         return
     os.chdir(REPO)
     try:
-        train.setup(config, str(tmp_path / "run"), allow_config_change=True)
+        loop.setup(config, str(tmp_path / "run"), allow_config_change=True)
     except validate.SetupError as error:
         assert str(error) and "\n" not in str(error)
 
 
 def test_a_checkpoint_of_another_model_is_refused_not_set_aside(tmp_path):
-    train.train_and_evaluate(small_config(), str(tmp_path))
+    loop.train_and_evaluate(small_config(), str(tmp_path))
     with pytest.raises(checkpoint.CheckpointError, match="checkpoint of step 6 .* other shapes"):
-        train.train_and_evaluate(small_config(**{"model.width": 8}), str(tmp_path), allow_config_change=True)
+        loop.train_and_evaluate(small_config(**{"model.width": 8}), str(tmp_path), allow_config_change=True)
     assert latest_params(tmp_path)[0] == 6 and not (tmp_path / "corrupt_checkpoints").exists()
 
 
@@ -342,12 +345,12 @@ def test_a_checkpoint_of_another_model_is_refused_not_set_aside(tmp_path):
                                          (8, "k"), (31, "k")])
 def test_the_first_non_finite_gradient_element_names_its_parameter(index, name):
     params = {"a": np.zeros(3), "b": {"c": np.zeros((2, 2))}, "d": np.zeros(1), "k": np.zeros((1, 3, 4, 2))}
-    names = train._parameter_names(params)
+    names = loop._parameter_names(params)
     assert names == [("a", 3), ("b.c", 7), ("d", 8), ("k", 32)]
     health = {"labels": True, "loss": True, "gradients": index}
-    with pytest.raises(train.TrainingError, match=rf"^step 9: non-finite gradient of {name};"):
-        train._check_health([(9, health)], names, skip_nonfinite=False, last_saved=8)
-    train._check_health([(9, {**health, "gradients": -1})], names, False, 8)  # all finite
+    with pytest.raises(loop.TrainingError, match=rf"^step 9: non-finite gradient of {name};"):
+        loop._check_health([(9, health)], names, skip_nonfinite=False, last_saved=8)
+    loop._check_health([(9, {**health, "gradients": -1})], names, False, 8)  # all finite
 
 
 class _SqrtAtZero(nnx.Module):
@@ -382,11 +385,11 @@ def _sqrt_at_zero_step(zero_in: str):
                                                   ("bk", 3 + 1, "b")])
 def test_the_train_step_reports_the_first_non_finite_gradient_element(zero_in, index, name):
     graphdef, tx, schedule, params, state, batch = _sqrt_at_zero_step(zero_in)
-    _, health = train.train_step(graphdef, tx, schedule, 0.0, False, state, batch)
+    _, health = loop.train_step(graphdef, tx, schedule, 0.0, False, state, batch)
     assert bool(health["loss"]) and int(health["gradients"]) == index
-    names = train._parameter_names(params)
-    with pytest.raises(train.TrainingError, match=rf"non-finite gradient of {name};"):
-        train._check_health([(1, jax.device_get(health))], names, False, None)
+    names = loop._parameter_names(params)
+    with pytest.raises(loop.TrainingError, match=rf"non-finite gradient of {name};"):
+        loop._check_health([(1, jax.device_get(health))], names, False, None)
 
 
 def test_the_gradients_are_checked_in_one_operation_whatever_their_number():
@@ -395,7 +398,7 @@ def test_the_gradients_are_checked_in_one_operation_whatever_their_number():
     # loss's. Counted in the step as lowered, before XLA may copy an operation into its users.
     graphdef, tx, schedule, params, state, batch = _sqrt_at_zero_step("b")
     assert len(jax.tree.leaves(params)) == 3
-    step = jax.jit(functools.partial(train.train_step, graphdef, tx, schedule, 0.0, False))
+    step = jax.jit(functools.partial(loop.train_step, graphdef, tx, schedule, 0.0, False))
     assert step.lower(state, batch).as_text().count("stablehlo.is_finite") == 2
 
 
@@ -409,5 +412,5 @@ def test_a_bad_value_is_reported_before_a_missing_data_set(tmp_path, field, valu
     # The data set was looked at first: its user fixed the data, then met the config's error.
     config = small_config(**{field: value, "data.name": f"imagefolder:{tmp_path / 'none'}"})
     with pytest.raises(validate.SetupError) as raised:
-        train.setup(config, str(tmp_path / "run"))
+        loop.setup(config, str(tmp_path / "run"))
     assert str(raised.value).startswith(named), raised.value

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import running_stats, sharding
+from resnet_jax.distributed import sharding
+from resnet_jax.training import running_stats
 from runs import without_launch_environment
 
 

@@ -5,7 +5,9 @@ import signal
 
 import pytest
 
-from resnet_jax import checkpoint, data, metrics, train
+from resnet_jax.data import pipeline
+from resnet_jax.run import checkpoint
+from resnet_jax.training import loop, metrics
 from runs import assert_trees_close, latest_params, rows_without_speed, run_main, small_config
 
 
@@ -14,7 +16,7 @@ def test_quickstart_short_form_learns_the_digits(tmp_path):
     config = small_config(**{"model.name": "cifar_resnet14", "train.num_steps": 150,
                              "eval.every_steps": 150, "checkpoint.every_steps": 150,
                              "log_every_steps": 50})
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     rows = metrics.read_rows(str(tmp_path))
     final = rows[-1]
     assert final["step"] == 150
@@ -30,11 +32,11 @@ def test_quickstart_short_form_learns_the_digits(tmp_path):
 def test_preempted_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
     # Log lines every 4 steps: the window open at the preemption must be carried over.
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-    train.train_and_evaluate(small_config(log_every_steps=4), whole)
+    loop.train_and_evaluate(small_config(log_every_steps=4), whole)
 
     # SIGTERM arrives while the batch of step 3 is made (ahead of time, by the prefetch): the run
     # saves the step it is at, 1, 2 or 3, inside the first log window, and stops.
-    real_iterator = data.train_iterator
+    real_iterator = pipeline.train_iterator
 
     def preempted_iterator(*args, **kwargs):
         for index, batch in enumerate(real_iterator(*args, **kwargs), kwargs["start_step"] + 1):
@@ -42,13 +44,13 @@ def test_preempted_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
                 os.kill(os.getpid(), signal.SIGTERM)
             yield batch
 
-    monkeypatch.setattr(data, "train_iterator", preempted_iterator)
-    with pytest.raises(train.Preempted) as stopped:
-        train.train_and_evaluate(small_config(log_every_steps=4), parts)
-    assert stopped.value.status == train.PREEMPTED_STATUS == 75
+    monkeypatch.setattr(pipeline, "train_iterator", preempted_iterator)
+    with pytest.raises(loop.Preempted) as stopped:
+        loop.train_and_evaluate(small_config(log_every_steps=4), parts)
+    assert stopped.value.status == loop.PREEMPTED_STATUS == 75
     assert 0 < latest_params(parts)[0] == stopped.value.step < 4
-    monkeypatch.setattr(data, "train_iterator", real_iterator)
-    train.train_and_evaluate(small_config(log_every_steps=4), parts)
+    monkeypatch.setattr(pipeline, "train_iterator", real_iterator)
+    loop.train_and_evaluate(small_config(log_every_steps=4), parts)
 
     assert rows_without_speed(parts) == rows_without_speed(whole)
     assert_trees_close(latest_params(parts)[1], latest_params(whole)[1], rtol=0, atol=0)
@@ -77,9 +79,9 @@ def test_eight_devices_train_like_one(tmp_path, group):
 
 def test_a_first_ctrl_c_asks_for_a_save_and_a_second_exits_at_once(monkeypatch):
     exits = []
-    monkeypatch.setattr(train.os, "_exit", exits.append)
+    monkeypatch.setattr(loop.os, "_exit", exits.append)
     before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN under nohup
-    preemption = train._Preemption()
+    preemption = loop._Preemption()
     try:
         assert not preemption.reached(None, 1)
         signal.raise_signal(signal.SIGINT)
@@ -94,7 +96,7 @@ def test_a_first_ctrl_c_asks_for_a_save_and_a_second_exits_at_once(monkeypatch):
 def test_a_fresh_run_saves_at_the_interval_only_not_at_step_one(tmp_path):
     # orbax's own policy saves the first step of a fresh run: on a pod the whole state written
     # to the bucket before any real work.
-    train.train_and_evaluate(small_config(**{"checkpoint.keep": 10}), str(tmp_path))
+    loop.train_and_evaluate(small_config(**{"checkpoint.keep": 10}), str(tmp_path))
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 6]
 
 
@@ -104,6 +106,6 @@ def test_a_bug_in_the_setup_is_not_reported_as_bad_input(tmp_path, monkeypatch):
     def broken(config):
         raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
 
-    monkeypatch.setattr(train, "_check_config", broken)
+    monkeypatch.setattr(loop, "_check_config", broken)
     with pytest.raises(TypeError, match="unsupported operand"):
-        train.setup(small_config(), str(tmp_path / "run"))
+        loop.setup(small_config(), str(tmp_path / "run"))

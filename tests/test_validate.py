@@ -6,7 +6,7 @@ import pytest
 from etils import epath
 
 from configs import default
-from resnet_jax import validate
+from resnet_jax.run import validate
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -9,7 +9,9 @@ import torch
 from flax import nnx
 
 from configs import quickstart, vgg as vgg_config
-from resnet_jax import convert, flops, metrics, models, train, validate, vgg
+from resnet_jax import convert, flops, models, vgg
+from resnet_jax.run import validate
+from resnet_jax.training import loop, metrics
 from test_convert import torchvision_net
 
 
@@ -155,7 +157,7 @@ def tiny_vgg_config(**changes):
 
 @pytest.mark.slow
 def test_vgg_trains_in_the_training_loop(tmp_path):
-    state = train.train_and_evaluate(tiny_vgg_config(), str(tmp_path))
+    state = loop.train_and_evaluate(tiny_vgg_config(), str(tmp_path))
     rows = metrics.read_rows(str(tmp_path))
     assert [row["step"] for row in rows if "train_loss" in row] == [1, 2]
     assert np.isfinite(rows[-1]["eval_loss"]) and "eval_accuracy" in rows[-1]
@@ -169,5 +171,5 @@ def test_resnet_fields_given_to_a_vgg_stop_the_setup(tmp_path):
     config = quickstart.get_config()
     config.model.name = "vgg16"
     with pytest.raises(validate.SetupError, match="model: option 'block' does not apply to VGG"):
-        train.setup(config, str(tmp_path))
+        loop.setup(config, str(tmp_path))
     assert not (tmp_path / "config.json").exists()

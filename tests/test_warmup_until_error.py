@@ -16,7 +16,9 @@ import pytest
 from flax import nnx
 
 from configs import cifar, default, preact_cifar
-from resnet_jax import checkpoint, metrics, models, optim, train, validate
+from resnet_jax import models
+from resnet_jax.run import checkpoint, validate
+from resnet_jax.training import loop, metrics, optim
 from runs import assert_trees_close, latest_params, small_config
 
 WARMUP_LR, BASE_LR = 0.01, 0.1
@@ -43,7 +45,7 @@ def forced(monkeypatch, errors):
 
 def run(monkeypatch, workdir, errors, num_steps):
     forced(monkeypatch, errors)
-    train.train_and_evaluate(small_config(**{**WARM, "train.num_steps": num_steps}), str(workdir),
+    loop.train_and_evaluate(small_config(**{**WARM, "train.num_steps": num_steps}), str(workdir),
                              allow_config_change=True)
 
 
@@ -120,11 +122,11 @@ def test_the_train_step_takes_warmup_lr_then_the_schedules_rate_through_momentum
 
     def two_steps(schedule, warmup_lr, flags):
         tx = optim.create_optimizer(config, schedule)
-        state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+        state = loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                  batch_stats=batch_stats, opt_state=tx.init(params),
                                  train_metrics=metrics.TrainMetrics.empty(),
                                  skipped=jnp.zeros((), jnp.int32))
-        step = jax.jit(functools.partial(train.train_step, graphdef, tx, schedule, 0.0, False,
+        step = jax.jit(functools.partial(loop.train_step, graphdef, tx, schedule, 0.0, False,
                                          warmup_lr=warmup_lr))
         used = []
         for flag in flags:

@@ -4,29 +4,29 @@ import subprocess
 
 import pytest
 
-from resnet_jax import workdir
+from resnet_jax.run import paths
 from runs import REPO, main_command
 
 
 def test_a_local_path_is_made_absolute_and_a_url_is_kept(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert str(workdir.resolve("run")) == str(tmp_path / "run")
-    assert str(workdir.resolve("~/x")).startswith("/")
+    assert str(paths.resolve("run")) == str(tmp_path / "run")
+    assert str(paths.resolve("~/x")).startswith("/")
 
 
 @pytest.mark.parametrize("url, install", [("s3://bucket/run", "pip install s3fs"),
                                           ("foo://bucket/run", "use a local path, gs:// or s3://")])
 def test_a_scheme_nothing_serves_is_named_with_what_to_install(url, install):
-    with pytest.raises(workdir.WorkdirError) as error:
-        workdir.resolve(url)
+    with pytest.raises(paths.WorkdirError) as error:
+        paths.resolve(url)
     message = str(error.value)
     assert "\n" not in message and f"{url.split(':')[0]}://" in message and install in message
 
 
 def test_whole_file_writes_leave_no_temporary_file(tmp_path):
-    path = workdir.resolve(str(tmp_path)) / "config.json"
-    workdir.write_text(path, "one")
-    workdir.write_text(path, "two")
+    path = paths.resolve(str(tmp_path)) / "config.json"
+    paths.write_text(path, "one")
+    paths.write_text(path, "two")
     assert path.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 

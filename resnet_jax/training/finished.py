@@ -4,7 +4,8 @@ from typing import Any
 
 import jax
 
-from resnet_jax import checkpoint, sharding, workdir as workdirs
+from resnet_jax.distributed import sharding
+from resnet_jax.run import checkpoint, paths
 
 
 def final_step(config: Any, workdir: str) -> int | None:
@@ -14,7 +15,7 @@ def final_step(config: Any, workdir: str) -> int | None:
     and the run goes on as any resumed run, which names what is wrong and sets a corrupt
     checkpoint aside. Reads only; the same answer on every process."""
     try:
-        path = workdirs.resolve(workdir)
+        path = paths.resolve(workdir)
         saved = path / "config.json"
         found = None
         if saved.exists() and saved.read_text() == config.to_json_best_effort(indent=2):

@@ -15,7 +15,8 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from resnet_jax import checkpoint, convert
+from resnet_jax import convert
+from resnet_jax.run import checkpoint
 
 # The last layer of a ResNet and of a VGG: the one a new task replaces.
 CLASSIFIERS = ("fc", "fc3")

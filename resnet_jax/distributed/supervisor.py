@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from resnet_jax import clusters
+from resnet_jax.distributed import clusters
 
 _INFO = "RESNET_JAX_SUPERVISED"  # in the child's environment: the file it names itself in
 _PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -88,13 +88,14 @@ def run(argv: list[str]) -> None:
 def _ended(signum: int, named: dict | None, workdir: str | None, started: float) -> str:
     """The line for a child started at `started` that died of `signum`; leaves the note for the
     other processes."""
-    from resnet_jax import peers, workdir as workdirs  # pylint: disable=import-outside-toplevel
+    from resnet_jax.distributed import peers
+    from resnet_jax.run import paths
 
     name = signal.Signals(signum).name
     if workdir:
         try:
-            peers.watch(workdirs.resolve(workdir), since=started)
-        except workdirs.WorkdirError:
+            peers.watch(paths.resolve(workdir), since=started)
+        except paths.WorkdirError:
             pass
     who = f"process {named['process']} of {named['processes']}" if named else "this process"
     several = named is not None and named["processes"] > 1

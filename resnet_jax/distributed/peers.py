@@ -45,10 +45,10 @@ def watch(workdir: epath.Path, since: float | None = None) -> None:
 def note_ended(process: int, line: str) -> None:
     """Leaves `line` (what became of `process`) for the other processes; best effort: the run
     has already failed."""
-    from resnet_jax import workdir as workdirs  # pylint: disable=import-outside-toplevel
+    from resnet_jax.run import paths
     if _workdir is not None:
         try:
-            workdirs.write_text(_workdir / _NOTE.format(process),
+            paths.write_text(_workdir / _NOTE.format(process),
                                 json.dumps({"line": line, "time": time.time()}))
         except Exception:  # noqa: BLE001  (a full disk, a gone bucket: the line says enough)
             pass

@@ -22,14 +22,17 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from resnet_jax import (checkpoint, config_files, convert, data, device_inputs, models, preprocess,
-                        train)
+from resnet_jax import convert, models
+from resnet_jax.cli import config_files
+from resnet_jax.data import device_inputs, pipeline, preprocess
+from resnet_jax.run import checkpoint
+from resnet_jax.training import loop
 
 
 def build_model(config: Any, num_classes: int, **changes: Any) -> models.ResNet:
     """The model a run's config names, freshly initialised, with `changes` to its options."""
     return models.create(config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0),
-                         **{**train.model_options(config), **changes})
+                         **{**loop.model_options(config), **changes})
 
 
 def load_model(workdir: str) -> tuple[ml_collections.ConfigDict, models.ResNet, int]:
@@ -71,7 +74,7 @@ def eval_images(config: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
     if data_config.eval_preprocess in preprocess.MANY_VIEWS:
         data_config = ml_collections.ConfigDict({**data_config.to_dict(), "eval_preprocess": "center"})
     normalise = device_inputs.normaliser(data_config)
-    for batch in data.eval_iterator(data_config, batch_size=min(count, 256)):
+    for batch in pipeline.eval_iterator(data_config, batch_size=min(count, 256)):
         batch = jax.device_get(normalise(batch))
         keep = batch["mask"]
         images.append(batch["image"][keep])

@@ -46,7 +46,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import data, preprocess
+from resnet_jax.data import pipeline, preprocess
 
 REPLICATE_BYTES = 2**28  # 256 MiB: CIFAR-10's train split (153.6 MB) is on every device
 MAX_BYTES = 2**32  # 4 GiB of decoded uint8 pixels, over all devices
@@ -119,8 +119,8 @@ def _digits(image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     images = np.repeat(images.astype(np.uint8), 3, axis=-1)
     labels = digits.target.astype(np.int32)
     train, test = model_selection.train_test_split(
-        np.arange(len(labels)), test_size=data.DIGITS_NUM_TEST,
-        random_state=data.DIGITS_SPLIT_SEED, stratify=labels)
+        np.arange(len(labels)), test_size=pipeline.DIGITS_NUM_TEST,
+        random_state=pipeline.DIGITS_SPLIT_SEED, stratify=labels)
     return {name: (images[np.sort(rows)], labels[np.sort(rows)])
             for name, rows in (("train", train), ("test", test))}
 
@@ -171,12 +171,12 @@ class _Source:
 
     @functools.cached_property
     def _tfds(self):
-        if data.tfds is None:
+        if pipeline.tfds is None:
             raise ValueError(f"data.name={self.name!r} with data.on_device=True reads the TFDS "
                              f"data set once, which needs TensorFlow and tensorflow-datasets "
                              f"(not installed); digits and imagefolder:PATH need neither")
-        builder = data._tfds_builder(self.name, _get(self.config, "data_dir"))  # pylint: disable=protected-access
-        image_key, label_key = data._tfds_keys(builder)  # pylint: disable=protected-access
+        builder = pipeline._tfds_builder(self.name, _get(self.config, "data_dir"))  # pylint: disable=protected-access
+        image_key, label_key = pipeline._tfds_keys(builder)  # pylint: disable=protected-access
         shape = tuple(builder.info.features[image_key].shape)
         if None in shape or len(shape) != 3:
             raise ValueError(f"data.on_device=True takes {SUPPORTED}; data.name={self.name!r} "
@@ -228,7 +228,7 @@ class _Source:
         else:
             return
         spec = self.split(train=True)
-        data.check_classes(self.name, names, labels, _split_rows(spec, self._sizes()), spec)
+        pipeline.check_classes(self.name, names, labels, _split_rows(spec, self._sizes()), spec)
 
     def load(self, spec: str) -> tuple[np.ndarray, np.ndarray]:
         """The split decoded: uint8 (N, S, S, 3) and int32 (N,), in a fixed order."""
@@ -247,7 +247,7 @@ class _Source:
                       np.array([label for _, label in chosen], np.int32))]
         else:
             builder, image_key, label_key = self._tfds
-            arrays = data.tfds.as_numpy(builder.as_dataset(split=spec, batch_size=-1,
+            arrays = pipeline.tfds.as_numpy(builder.as_dataset(split=spec, batch_size=-1,
                                                            shuffle_files=False))
             images = arrays[image_key]
             if images.shape[-1] == 1:
@@ -259,7 +259,7 @@ class _Source:
 # ---- checks, and the decoded splits ----------------------------------------------------------
 
 
-def info(config) -> data.DataInfo:
+def info(config) -> pipeline.DataInfo:
     """`data.info` for data.on_device=True; raises ValueError (one line) for what it cannot hold:
     another source, a train split of more than MAX_BYTES decoded. Decodes nothing."""
     s = preprocess.settings(config)
@@ -280,7 +280,7 @@ def info(config) -> data.DataInfo:
         raise ValueError(f"data.on_device=True holds at most {MAX_BYTES:,} bytes of decoded train "
                          f"images; {source.name!r} at image_size {s.image_size} is {decoded:,} "
                          f"(use data.on_device=False)")
-    return data.DataInfo(num_classes=num_classes, num_train=num_train,
+    return pipeline.DataInfo(num_classes=num_classes, num_train=num_train,
                          num_eval=source.size(source.split(train=False)),
                          image_shape=(s.image_size, s.image_size, 3))
 
@@ -467,7 +467,7 @@ def eval_iterator(config, *, batch_size: int, process_index: int = 0,
     """One pass over this process's contiguous slice of the decoded eval split, uint8, in padded
     batches with a mask; every process yields as many batches (`data.eval_iterator`'s contract)."""
     images, labels = split_arrays(config, train=False)
-    starts, ends = data._bounds(len(labels), process_count)  # pylint: disable=protected-access
+    starts, ends = pipeline._bounds(len(labels), process_count)  # pylint: disable=protected-access
     num_batches = -(-max(e - s for s, e in zip(starts, ends)) // batch_size)
     lo, hi = starts[process_index], ends[process_index]
     for b in range(num_batches):

@@ -20,8 +20,9 @@ from clu import metrics as clu_metrics
 from etils import epath
 from jax.experimental import multihost_utils
 
-from resnet_jax import flops, validate, workdir as workdirs
-from resnet_jax.rows import JSONL, read_rows  # noqa: F401  (also metrics.read_rows)
+from resnet_jax import flops
+from resnet_jax.run import paths, validate
+from resnet_jax.run.jsonl import JSONL, read_rows  # noqa: F401  (also metrics.read_rows)
 
 # clu's writers and periodic actions import TensorFlow. Without it (data.on_device=True needs
 # none) the small equivalents below log the same things and write metrics.jsonl, and
@@ -71,7 +72,7 @@ class JsonlWriter(_WriterBase):
         self._write()
 
     def _write(self):
-        workdirs.write_text(self.path, "".join(json.dumps(row) + "\n" for row in self.rows))
+        paths.write_text(self.path, "".join(json.dumps(row) + "\n" for row in self.rows))
 
     def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
         # JSON has no NaN: a mean over no example (all steps of a window skipped) is left out.

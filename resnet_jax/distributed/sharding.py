@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from resnet_jax.clusters import CLUSTERS, detect_cluster
+from resnet_jax.distributed.clusters import CLUSTERS, detect_cluster
 
 DATA_AXIS = "data"
 REPLICA_AXIS = "replica"

@@ -15,7 +15,7 @@ import re
 
 import ml_collections
 
-from resnet_jax import workdir as workdirs
+from resnet_jax.run import paths
 
 NOT_CONFIGS = ("__init__", "arguments")  # modules of the package that are not configs
 
@@ -77,7 +77,7 @@ def of_run(workdir: str) -> ml_collections.ConfigDict:
                 config[key] = tuple(value) if isinstance(value, list) else value
 
     config = default.get_config()
-    merge(config, json.loads((workdirs.resolve(str(workdir)) / "config.json").read_text()))
+    merge(config, json.loads((paths.resolve(str(workdir)) / "config.json").read_text()))
     return config
 
 

@@ -31,9 +31,11 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from resnet_jax import (checkpoint, console, data, device_data, device_inputs, fine_tune, flops,
-                        interrupt, lock, metrics, models, optim, preprocess, running_stats,
-                        sharding, validate, workdir as workdirs)
+from resnet_jax import flops, models
+from resnet_jax.data import device_inputs, on_device, pipeline, preprocess
+from resnet_jax.distributed import sharding
+from resnet_jax.run import checkpoint, console, lock, paths, validate
+from resnet_jax.training import fine_tune, interrupt, metrics, optim, running_stats
 
 
 @flax.struct.dataclass
@@ -222,7 +224,7 @@ def restore_target(state: TrainState, mesh) -> Callable[[dict], dict]:
     return target
 
 
-def on_device(config: Any) -> bool:
+def in_device_memory(config: Any) -> bool:
     """data.on_device: the train split in device memory, batches made inside the step."""
     return bool(config.data.get("on_device", False))
 
@@ -241,9 +243,9 @@ def load_pixel_mean(config: Any, workdir: epath.Path | None) -> None:
     every multi-scale view. The paper's Caffe models subtract the matching region of a mean image
     of 256 x 256 images instead, which differs from it by the images' borders' share of it.
     """
-    if not config.data.get("subtract_pixel_mean", False) or on_device(config):
+    if not config.data.get("subtract_pixel_mean", False) or in_device_memory(config):
         return  # data.on_device makes its own (device_data.pixel_mean)
-    path = workdir / data.pixel_mean_file(config.data) if workdir else None
+    path = workdir / pipeline.pixel_mean_file(config.data) if workdir else None
     size = preprocess.settings(config.data).image_size
     first = jax.process_index() == 0 and path is not None
     stored = first and path.exists()
@@ -254,7 +256,7 @@ def load_pixel_mean(config: Any, workdir: epath.Path | None) -> None:
     if stored:
         logging.info("Per-pixel mean image read from %s", path)
     else:
-        total, count = data.pixel_mean_sums(config.data, jax.process_index(), jax.process_count())
+        total, count = pipeline.pixel_mean_sums(config.data, jax.process_index(), jax.process_count())
         part = np.concatenate([(total / max(count, 1)).ravel(), [count]]).astype(np.float32)
         parts = np.asarray(multihost_utils.process_allgather(part)) if several else part[None]
         counts = parts[:, -1].astype(np.float64)
@@ -263,10 +265,10 @@ def load_pixel_mean(config: Any, workdir: epath.Path | None) -> None:
         if first:
             buffer = io.BytesIO()
             np.save(buffer, mean)
-            workdirs.write_bytes(path, buffer.getvalue())
+            paths.write_bytes(path, buffer.getvalue())
         logging.info("Per-pixel mean image made from %d training images%s", int(counts.sum()),
                      f" (process 0 writes {path})" if path else "")
-    data.use_pixel_mean(config.data, mean)
+    pipeline.use_pixel_mean(config.data, mean)
 
 
 def multi_scale(config: Any) -> bool:
@@ -314,8 +316,8 @@ def eval_function(graphdef: nnx.GraphDef, config: Any, mesh) -> Callable:
     """The jitted eval step for `config`'s data: `eval_step` over the mesh, or for multi_scale
     `multi_scale_step` over this process's devices (`local_mesh`)."""
     data_config = config.data
-    if on_device(config) or not multi_scale(config):
-        normalise = (device_data.eval_normaliser(data_config) if on_device(config)
+    if in_device_memory(config) or not multi_scale(config):
+        normalise = (on_device.eval_normaliser(data_config) if in_device_memory(config)
                      else device_inputs.normaliser(data_config))
         return jax.jit(lambda state, batch: eval_step(graphdef, state, normalise(batch)),
                        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
@@ -345,7 +347,7 @@ def _evaluate_multi_scale(eval_fn, state: TrainState, config: Any) -> dict[str, 
         lambda x: jax.device_put(x.addressable_data(0), sharding.replicated(local)),
         (state.params, state.batch_stats))
     outputs = []
-    batches = _EvalPass(data.multi_scale_iterator(config.data, batch_sizes=eval_batch_size(config),
+    batches = _EvalPass(pipeline.multi_scale_iterator(config.data, batch_sizes=eval_batch_size(config),
                                                   process_index=jax.process_index(),
                                                   process_count=jax.process_count()))
     for batch in batches:
@@ -368,7 +370,7 @@ def _evaluate_multi_scale(eval_fn, state: TrainState, config: Any) -> dict[str, 
 def evaluate(eval_fn, state: TrainState, config: Any, mesh) -> dict[str, float]:
     if multi_scale(config):
         return _evaluate_multi_scale(eval_fn, state, config)
-    source = device_data if on_device(config) else data
+    source = on_device if in_device_memory(config) else pipeline
     batches = source.eval_iterator(
         config.data, batch_size=eval_batch_size(config),
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -401,7 +403,7 @@ class _EvalPass:
                 if (now := time.perf_counter()) > due:
                     due = now + self.EVERY
                     logging.info("Evaluating: %d batches in %.0f s", done + 1, now - began)
-        except data.BadImageError as error:
+        except pipeline.BadImageError as error:
             self._error = error
 
     def agree(self) -> None:
@@ -409,7 +411,7 @@ class _EvalPass:
         if jax.process_count() > 1:
             failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
             if error is None and failed.any():
-                error = data.BadImageError(f"the eval images of process {int(failed.argmax())} "
+                error = pipeline.BadImageError(f"the eval images of process {int(failed.argmax())} "
                                            f"include some that do not decode (its own line "
                                            f"names them)")
         if error is not None:
@@ -550,7 +552,7 @@ class Setup:
     workdir: epath.Path
     mesh: Any
     batch_size: int          # per process
-    info: data.DataInfo
+    info: pipeline.DataInfo
     steps_per_epoch: int
     num_steps: int
     schedule: optax.Schedule
@@ -562,7 +564,7 @@ def _start_from(model: nnx.Module, path: str) -> None:
     """Fine-tuning: the weights of a torchvision `.pth`, a `.safetensors` file or another run's
     workdir in `model` (fine_tune.py); a checkpoint of this run restored later replaces them."""
     try:
-        changes = fine_tune.start_from(model, workdirs.resolve(path))
+        changes = fine_tune.start_from(model, paths.resolve(path))
     except (ValueError, OSError) as error:  # WorkdirError is a ValueError
         raise validate.SetupError(f"model.init_from: {validate.one_line(error)}") from error
     logging.info("Starting from the weights of %s%s", path, "".join(f"; {c}" for c in changes))
@@ -584,15 +586,15 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
             model = create_model(config, config.data.num_classes)
         except (ValueError, TypeError) as error:  # its messages name the field inside `model`
             raise validate.SetupError(f"model: {validate.one_line(error)}") from error
-        if on_device(config):
-            info = device_data.info(config.data)
-        elif data.tf is None or data.tfds is None:
+        if in_device_memory(config):
+            info = on_device.info(config.data)
+        elif pipeline.tf is None or pipeline.tfds is None:
             raise validate.SetupError(
                 "data.on_device=False reads data through tf.data, which needs tensorflow and "
                 "tensorflow-datasets (not installed): install them, or set data.on_device=True "
-                f"({device_data.SUPPORTED})")
+                f"({on_device.SUPPORTED})")
         else:
-            info = data.info(config.data)
+            info = pipeline.info(config.data)
         steps_per_epoch = info.num_train // config.train.batch_size
         if steps_per_epoch < 1:
             raise validate.SetupError(f"train.batch_size must be at most the {info.num_train} training "
@@ -606,7 +608,7 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
         if config.model.get("init_from"):
             _start_from(model, config.model.init_from)
         validate.check_image_size(info.image_shape[0], model.total_stride, config.model.name)
-        path = workdirs.resolve(workdir)
+        path = paths.resolve(workdir)
         validate.check_workdir(path, config.to_json_best_effort(), allow_config_change)
     except (ValueError, FileNotFoundError) as error:  # not TypeError etc.: a bug is no bad input
         raise validate.SetupError(validate.one_line(error)) from error
@@ -683,17 +685,17 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
                  config.model.name, f"{flops.count_params(model):,}", f"{macs:,}",
                  config.train.batch_size, run.steps_per_epoch, num_steps)
     if jax.process_index() == 0:
-        workdirs.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+        paths.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
 
     load_pixel_mean(config, workdir)
     batch_spec = sharding.batch_sharding(mesh)
     step_fn = functools.partial(train_step, graphdef, tx, schedule, config.train.label_smoothing,
                                 config.train.skip_nonfinite,
                                 warmup_lr=config.schedule.warmup_lr if until_error else None)
-    if on_device(config):
+    if in_device_memory(config):
         # The train split in device memory; the step gathers and augments its own batch, a
         # function of (seed, step) alone (device_data.py).
-        resident = device_data.place(config.data, mesh)
+        resident = on_device.place(config.data, mesh)
         make_batch = resident.batch_fn(config.data, config.train.batch_size, config.seed)
         train_fn = jax.jit(lambda state, arrays: step_fn(state, make_batch(arrays, state.step)),
                            in_shardings=(state_shardings, resident.shardings),
@@ -703,7 +705,7 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
         train_fn = jax.jit(with_inputs(step_fn, config.data),
                            in_shardings=(state_shardings, batch_spec),
                            out_shardings=(state_shardings, replicated), donate_argnums=0)
-        batches = sharding.prefetch(data.train_iterator(
+        batches = sharding.prefetch(pipeline.train_iterator(
             config.data, batch_size=run.batch_size, seed=config.seed, start_step=start,
             process_index=jax.process_index(), process_count=jax.process_count()), mesh)
     eval_fn = eval_function(eval_graphdef, config, mesh)
@@ -754,7 +756,7 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> TrainState:
                 with window.paused():  # the speed counts training time only
                     try:
                         scalars.update(evaluate(eval_fn, settled, config, mesh))
-                    except data.BadImageError as error:  # no eval leaves an example out
+                    except pipeline.BadImageError as error:  # no eval leaves an example out
                         raise TrainingError(f"step {step}: {error}; stopped, "
                                             f"{checkpoint.last_complete(manager)}") from error
             if scalars:

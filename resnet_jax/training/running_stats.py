@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from resnet_jax import sharding
+from resnet_jax.distributed import sharding
 
 
 def _is_variable(x) -> bool:

@@ -13,8 +13,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from resnet_jax import rows as jsonl
-from resnet_jax.checkpoint import DIRECTORY as CHECKPOINTS
+from resnet_jax.run import jsonl
+from resnet_jax.run.checkpoint import DIRECTORY as CHECKPOINTS
 
 
 class SetupError(ValueError):

@@ -6,7 +6,7 @@ defined once; the values are those of the config the command names (the quicksta
 import os
 import re
 
-from resnet_jax import config_files
+from resnet_jax.cli import config_files
 
 HELP = ("--help", "-h", "--helpshort", "--helpfull", "-?")  # what asks a command for its help
 _SECTION = re.compile(r"^\s*config\.(\w+)\s*=\s*ml_collections\.ConfigDict")

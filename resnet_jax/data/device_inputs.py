@@ -12,7 +12,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import preprocess
+from resnet_jax.data import preprocess
 
 
 def normaliser(data_config) -> Callable[[dict], dict]:

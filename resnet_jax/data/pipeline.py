@@ -63,7 +63,7 @@ from typing import NamedTuple
 import numpy as np
 from absl import logging
 
-from resnet_jax import preprocess
+from resnet_jax.data import preprocess
 
 try:
     import tensorflow as tf

@@ -24,8 +24,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from resnet_jax import validate
-from resnet_jax import workdir as workdirs
+from resnet_jax.run import validate
+from resnet_jax.run import paths
 
 NAME = "lock.json"
 REFRESH_SECONDS = 60.0
@@ -100,7 +100,7 @@ def _create(path: epath.Path, text: str) -> bool:
     """`workdirs.create_new`; where it fails (a full disk), what it wrote of `text` is removed,
     lest it keep the next run out: no other run writes this run's text."""
     try:
-        return workdirs.create_new(path, text)
+        return paths.create_new(path, text)
     except OSError:
         with contextlib.suppress(OSError):
             if text.startswith(path.read_text()):
@@ -147,7 +147,7 @@ def held(workdir: epath.Path, stale_seconds: float = STALE_SECONDS, refresh_seco
         while not stop.wait(refresh_seconds):
             mine["refreshed"] = time.time()
             try:
-                workdirs.write_text(path, json.dumps(mine))
+                paths.write_text(path, json.dumps(mine))
             except OSError as error:  # a full disk: the run goes on, the lock may look stale
                 logging.warning("Could not refresh %s: %s", path, error)
 

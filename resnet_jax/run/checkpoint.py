@@ -23,7 +23,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from resnet_jax import checksums, workdir as workdirs
+from resnet_jax.run import checksums, paths
 
 DIRECTORY = "checkpoints"
 
@@ -413,7 +413,7 @@ def read_latest(workdir) -> tuple[int, Any]:
 
     For reading a run from any machine: the topology that saved it does not matter.
     """
-    manager = reader(workdirs.resolve(str(workdir)))
+    manager = reader(paths.resolve(str(workdir)))
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
