@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from benchmarks import cli, train_step as harness  # noqa: E402
 from configs import default  # noqa: E402
 from resnet_jax.distributed import sharding
-from resnet_jax.training import loop, optim  # noqa: E402
+from resnet_jax.training import optim, steps  # noqa: E402
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
           "f32": 4, "s64": 8, "u64": 8, "f64": 8}
@@ -66,9 +66,9 @@ def step(model: str, batch_size: int, image_size: int, dtype: str = "bfloat16",
         **options))
     # Lowering needs no values: the network, its parameters and the optimizer state are shapes,
     # and only the small rest (BN statistics, rng state) is made, for `for_training` to place.
-    network = nnx.eval_shape(lambda: loop.create_model(config, num_classes))
+    network = nnx.eval_shape(lambda: steps.create_model(config, num_classes))
     graphdef, params, _ = nnx.split(network, nnx.Param, ...)  # `...`: VGG's rng state too
-    rest = jax.jit(lambda: nnx.split(loop.create_model(config, num_classes), nnx.Param, ...)[2])()
+    rest = jax.jit(lambda: nnx.split(steps.create_model(config, num_classes), nnx.Param, ...)[2])()
     schedule = optax.constant_schedule(0.1)
     tx = optim.create_optimizer(config.optimizer, schedule)
     mesh = sharding.make_mesh()
@@ -77,7 +77,7 @@ def step(model: str, batch_size: int, image_size: int, dtype: str = "bfloat16",
     state = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=(
             leaf.sharding if isinstance(getattr(leaf, "sharding", None), NamedSharding) else replicated)),
-        loop.for_training(initial.replace(batch_stats=rest), mesh, bn_group_size))
+        steps.for_training(initial.replace(batch_stats=rest), mesh, bn_group_size))
     batch = {"image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, network.in_channels),
                                            jnp.float32, sharding=batch_spec),
              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_spec)}

@@ -327,7 +327,7 @@ def cifar_config(args, folder: str):
 
 
 def run_cifar(args, report, seconds_left: float) -> bool:
-    from resnet_jax.training import loop
+    from resnet_jax.training import loop, preemption
     folder = args.cifar_dir
     if folder is None:
         if not args.dry_run:
@@ -354,7 +354,7 @@ def run_cifar(args, report, seconds_left: float) -> bool:
     watcher.start()
     try:
         loop.train_and_evaluate(config, workdir)
-    except loop.Preempted as stopped:
+    except preemption.Preempted as stopped:
         stopped_at = stopped.step
     finally:
         finished.set()

@@ -25,7 +25,7 @@ from benchmarks import train_step as harness
 from configs import default
 from resnet_jax.data import pipeline
 from resnet_jax.distributed import sharding
-from resnet_jax.training import loop, optim
+from resnet_jax.training import optim, steps
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         batch_size = sharding.per_process_batch(args.batch_size, "--batch-size")
         info = pipeline.info(config.data)
-        model = loop.create_model(config, info.num_classes)
+        model = steps.create_model(config, info.num_classes)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tx = optim.create_optimizer(config.optimizer, schedule)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     state = jax.device_put(harness._initial_state(params, batch_stats, tx), replicated)
-    step_fn = jax.jit(loop.with_inputs(harness._bind_train_step({
+    step_fn = jax.jit(steps.with_inputs(harness._bind_train_step({
         "graphdef": graphdef, "tx": tx, "schedule": schedule,
         "label_smoothing": config.train.label_smoothing,
         "skip_nonfinite": config.train.get("skip_nonfinite", False)}), config.data),

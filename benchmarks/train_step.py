@@ -66,7 +66,7 @@ from benchmarks import cli, compile_timer  # noqa: E402
 from configs import default  # noqa: E402
 from resnet_jax import flops, layers
 from resnet_jax.distributed import sharding
-from resnet_jax.training import loop, metrics, optim  # noqa: E402
+from resnet_jax.training import metrics, optim, steps  # noqa: E402
 
 # Bytes per element of the HLO element types that collectives carry.
 _HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
@@ -176,19 +176,19 @@ def memory(compiled) -> dict[str, int]:
 
 def _bind_train_step(values: dict[str, Any]):
     """train.train_step with every argument but (state, batch) bound, by name."""
-    names = [n for n in inspect.signature(loop.train_step).parameters if n not in ("state", "batch")]
+    names = [n for n in inspect.signature(steps.train_step).parameters if n not in ("state", "batch")]
     missing = [n for n in names if n not in values]
     if missing:
         raise SystemExit(f"error: train.train_step takes {missing[0]!r}, which this harness does not know")
     bound = {n: values[n] for n in names}
 
     def step(state, batch):
-        return loop.train_step(**bound, state=state, batch=batch)
+        return steps.train_step(**bound, state=state, batch=batch)
 
     return step
 
 
-def _initial_state(params, batch_stats, tx) -> loop.TrainState:
+def _initial_state(params, batch_stats, tx) -> steps.TrainState:
     """A TrainState at step 0, as train.train_and_evaluate makes it; each field by name."""
     known = {
         "step": lambda: jnp.zeros((), jnp.int32), "params": lambda: params,
@@ -196,11 +196,11 @@ def _initial_state(params, batch_stats, tx) -> loop.TrainState:
         "train_metrics": lambda: metrics.TrainMetrics.empty(),
         "skipped": lambda: jnp.zeros((), jnp.int32), "warmed_up": lambda: jnp.asarray(True),
         "device_stats": lambda: None}
-    fields = [f.name for f in dataclasses.fields(loop.TrainState)]
+    fields = [f.name for f in dataclasses.fields(steps.TrainState)]
     unknown = [name for name in fields if name not in known]
     if unknown:
         raise SystemExit(f"error: train.TrainState has a field {unknown[0]!r} this harness does not know")
-    return loop.TrainState(**{name: known[name]() for name in fields})
+    return steps.TrainState(**{name: known[name]() for name in fields})
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     num_classes = args.num_classes or (10 if args.model.startswith("cifar") else 1000)
     try:
         sharding.per_process_batch(args.batch_size, "--batch-size")
-        model = loop.create_model(config, num_classes)
+        model = steps.create_model(config, num_classes)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     per_device = args.batch_size // jax.device_count()
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     macs = flops.count_macs(model, args.image_size)
     model.eval()
     eval_graphdef = nnx.graphdef(model)
-    state = loop.for_training(jax.device_put(_initial_state(params, batch_stats, tx), replicated),
+    state = steps.for_training(jax.device_put(_initial_state(params, batch_stats, tx), replicated),
                                mesh, args.bn_group_size)
     state_shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
     param_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
@@ -287,9 +287,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_eval:
         eval_batch = jax.device_put({**{"image": images, "label": labels},
                                      "mask": np.ones(args.batch_size, bool)}, batch_spec)
-        eval_fn = jax.jit(lambda state, batch: loop.eval_step(eval_graphdef, state, batch),
+        eval_fn = jax.jit(lambda state, batch: steps.eval_step(eval_graphdef, state, batch),
                           in_shardings=(replicated, batch_spec), out_shardings=replicated)
-        eval_state = loop.for_evaluation(holder[0], mesh, args.bn_group_size)
+        eval_state = steps.for_evaluation(holder[0], mesh, args.bn_group_size)
         eval_compiled, eval_times = compile_timer.timed_compile(eval_fn, eval_state, eval_batch)
         times = compile_timer.time_steps(lambda: eval_compiled(eval_state, eval_batch), args.steps)
         eval_seconds = statistics.median(times)

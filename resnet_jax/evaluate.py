@@ -228,16 +228,16 @@ def evaluate(config: Any, workdir: str | None, which: str = "latest",
 
     from resnet_jax import convert
     from resnet_jax.analysis import layer_responses
-    from resnet_jax.data import on_device, pipeline
+    from resnet_jax.data import on_device, pipeline, pixel_mean
     from resnet_jax.run import checkpoint, paths, validate
-    from resnet_jax.training import loop
+    from resnet_jax.training import evaluation, steps
 
     validate.check_numbers(config)
     mesh = sharding.make_mesh()
     replicated = sharding.replicated(mesh)
-    loop.eval_batch_size(config, log=True)
-    info = (on_device if loop.in_device_memory(config) else pipeline).info(config.data)
-    model = loop.create_model(config, info.num_classes)
+    evaluation.eval_batch_size(config, log=True)
+    info = (on_device if on_device.enabled(config.data) else pipeline).info(config.data)
+    model = steps.create_model(config, info.num_classes)
     step = None
     if weights:
         try:
@@ -250,9 +250,9 @@ def evaluate(config: Any, workdir: str | None, which: str = "latest",
         model = layer_responses.with_weights(model, checkpoint.pure(restored))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     model.eval()
-    loop.load_pixel_mean(config, paths.resolve(workdir) if workdir else None)
-    eval_fn = loop.eval_function(nnx.graphdef(model), config, mesh)
-    return step, loop.evaluate(eval_fn, jax.device_put(Weights(params, rest), replicated), config, mesh)
+    pixel_mean.load(config, paths.resolve(workdir) if workdir else None)
+    eval_fn = evaluation.eval_function(nnx.graphdef(model), config, mesh)
+    return step, evaluation.evaluate(eval_fn, jax.device_put(Weights(params, rest), replicated), config, mesh)
 
 
 # This command's flags beside --config: (name, help); --checkpoint's default is "latest".

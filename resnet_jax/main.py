@@ -137,9 +137,8 @@ def main(argv):
     import jax  # pylint: disable=import-outside-toplevel
 
     supervisor.tell(jax.process_index(), jax.process_count())
-    from resnet_jax.run import checkpoint
+    from resnet_jax.run import checkpoint, paths
     from resnet_jax.training import finished
-    from resnet_jax.run import paths
 
     with contextlib.suppress(paths.WorkdirError):  # else setup says what is wrong with it
         peers.watch(paths.resolve(FLAGS.workdir))
@@ -161,7 +160,7 @@ def main(argv):
             console.close()
         return
     from resnet_jax.run import validate
-    from resnet_jax.training import loop, metrics
+    from resnet_jax.training import loop, metrics, preemption
 
     ending = None  # (the last line, the exit status) of a run that did not finish
     try:
@@ -172,7 +171,7 @@ def main(argv):
         logging.info("%s", _result(FLAGS.workdir))
     except (validate.SetupError, checkpoint.UnrestorableError) as error:
         ending = f"error: {error}", 2
-    except loop.Preempted as stop:
+    except preemption.Preempted as stop:
         ending = str(stop), stop.status
     except KeyboardInterrupt:  # before the loop's own handler, which saves, or after it
         ending = f"stopped by Ctrl-C; {peers.latest_checkpoint()}", interrupt.STATUS

@@ -12,7 +12,7 @@ from configs import (cifar, plain18, plain34, preact_cifar, resnet18, resnet34, 
 from resnet_jax import models
 from resnet_jax.cli import config_files
 from resnet_jax.data import preprocess
-from resnet_jax.training import loop
+from resnet_jax.training import steps
 from runs import REPO
 
 IMAGENET = [resnet18, resnet34, resnet50, resnet101, resnet152, resnet200, plain18, plain34]
@@ -56,7 +56,7 @@ def test_bad_arguments_name_the_field(module, arg, message):
 def test_resnet200_is_the_pre_activation_network():
     """He et al. 2016: full pre-activation bottleneck units, the extra BN-ReLU after the last."""
     config = resnet200.get_config()
-    model = nnx.eval_shape(lambda: loop.create_model(config, 1000))  # shapes only: cheap
+    model = nnx.eval_shape(lambda: steps.create_model(config, 1000))  # shapes only: cheap
     blocks = models.blocks(model)
     assert [len(stage) for stage in model.stages] == [3, 24, 36, 3]
     assert {type(info.block).__name__ for info in blocks} == {"BottleneckBlock"}

@@ -14,7 +14,7 @@ import pytest
 
 import runs
 from resnet_jax import report
-from resnet_jax.training import interrupt, loop
+from resnet_jax.training import interrupt, preemption
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_the_training_loops_handler_does_not_take_over_after_a_ctrl_c(installed)
     with pytest.raises(KeyboardInterrupt):
         with interrupt.raising():
             _in_a_gc_callback()
-            loop._Preemption()
+            preemption.Preemption()
             pytest.fail("the loop's handler was installed")
     assert signal.getsignal(signal.SIGINT) is interrupt._stop
 

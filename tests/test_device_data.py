@@ -16,7 +16,7 @@ from PIL import Image
 
 from resnet_jax.data import on_device, pipeline, preprocess
 from resnet_jax.run import validate
-from resnet_jax.training import loop, metrics
+from resnet_jax.training import loop, metrics, preemption
 from runs import REPO, assert_trees_close, environment, latest_params, rows_without_speed, small_config
 
 ON_DEVICE = {"data.on_device": True}
@@ -160,7 +160,7 @@ def test_a_resumed_run_trains_as_an_uninterrupted_one(tmp_path, monkeypatch):
     hooks = metrics.profile_hooks
     monkeypatch.setattr(metrics, "profile_hooks", lambda *args: hooks(*args) + [
         lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM)])
-    with pytest.raises(loop.Preempted):
+    with pytest.raises(preemption.Preempted):
         loop.train_and_evaluate(config, parts)
     assert latest_params(parts)[0] == 3
     monkeypatch.setattr(metrics, "profile_hooks", hooks)

@@ -28,11 +28,11 @@ config = ml_collections.ConfigDict(dict(
 model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
 model.eval()
 graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-state = loop.TrainState(step=0, params=params, batch_stats=stats, opt_state=(), train_metrics=None,
+state = steps.TrainState(step=0, params=params, batch_stats=stats, opt_state=(), train_metrics=None,
                          skipped=0)
 mesh = sharding.make_mesh()
 spec = sharding.batch_sharding(mesh)
-eval_fn = jax.jit(functools.partial(loop.eval_step, graphdef), in_shardings=(None, spec))
+eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef), in_shardings=(None, spec))
 total = None
 for batch in sharding.prefetch(pipeline.eval_iterator(config.data, batch_size=64), mesh):
     step = eval_fn(state, batch)
@@ -81,7 +81,7 @@ absl_logging.set_verbosity("info")
 def state_of(model):
     model.eval()
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return graphdef, loop.TrainState(step=0, params=params, batch_stats=stats, opt_state=(),
+    return graphdef, steps.TrainState(step=0, params=params, batch_stats=stats, opt_state=(),
                                       train_metrics=None, skipped=0)
 
 def scores(probs, labels):
@@ -97,9 +97,9 @@ config.data.update(name="digits", image_size=8, train_split="train", eval_split=
 run = loop.setup(config, sys.argv[2])  # refused before: 500 is no multiple of 8
 graphdef, state = state_of(run.model)
 mesh = sharding.make_mesh()
-out["batch"] = dict(per_process=loop.eval_batch_size(config),
+out["batch"] = dict(per_process=evaluation.eval_batch_size(config),
                     said=[l for l in lines if l.startswith("Eval steps")],
-                    got=loop.evaluate(loop.eval_function(graphdef, config, mesh), state,
+                    got=evaluation.evaluate(evaluation.eval_function(graphdef, config, mesh), state,
                                        config, mesh))
 (batch,) = pipeline.eval_iterator(config.data, batch_size=300)
 model = nnx.merge(graphdef, state.params, state.batch_stats)
@@ -109,10 +109,10 @@ config.data.update(name=f"imagefolder:{sys.argv[1]}", image_size=8, eval_preproc
                    eval_scales=(8, 12), subtract_pixel_mean=False, mean=(100.0, 110.0, 120.0),
                    std=(60.0, 50.0, 40.0), dtype="uint8", num_classes=3, train_preprocess="none")
 config.eval.batch_size = 40  # 40 inputs: 2 images of 2:1 (2 x (8 x 16 + 12 x 24) / 64 = 13 each)
-graphdef, state = state_of(loop.create_model(config, 3))
-eval_fn = loop.eval_function(graphdef, config, mesh)
-out["multi"] = dict(sizes=loop.eval_batch_size(config),
-                    got=loop.evaluate(eval_fn, state, config, mesh))
+graphdef, state = state_of(steps.create_model(config, 3))
+eval_fn = evaluation.eval_function(graphdef, config, mesh)
+out["multi"] = dict(sizes=evaluation.eval_batch_size(config),
+                    got=evaluation.evaluate(eval_fn, state, config, mesh))
 model = nnx.merge(graphdef, state.params, state.batch_stats)
 probs, labels = [], []
 for line in open(sys.argv[1] + "/labels.txt"):
@@ -130,7 +130,7 @@ for line in open(sys.argv[1] + "/labels.txt"):
                           for v in views], axis=0))
     labels.append(int(label))
 out["multi"]["expected"] = scores(np.array(probs), np.array(labels))
-batch = next(pipeline.multi_scale_iterator(config.data, batch_sizes=loop.eval_batch_size(config)))
+batch = next(pipeline.multi_scale_iterator(config.data, batch_sizes=evaluation.eval_batch_size(config)))
 del batch["mask"], batch["aspect"]
 hlo = eval_fn.lower((state.params, state.batch_stats), batch).compile().as_text()
 out["multi"]["collectives"] = re.findall(

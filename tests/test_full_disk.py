@@ -18,7 +18,7 @@ import time
 import pytest
 from absl import logging
 
-from resnet_jax.run import checkpoint, console
+from resnet_jax.run import checkpoint, console, paths
 from resnet_jax.training import loop, metrics
 from runs import REPO, environment, main_command, small_config
 
@@ -209,7 +209,7 @@ def test_full_tensorboard_events_stop_the_run_in_one_line(tmp_path, monkeypatch,
 
 
 def test_a_full_metrics_file_at_the_start_is_named(tmp_path, monkeypatch):
-    real = loop.paths.write_text
+    real = paths.write_text
 
     def write_text(path, text):
         if path.name == metrics.JSONL:

@@ -263,7 +263,7 @@ def test_the_tpu_run_is_detached_logged_and_stopped_by_sigterm(worker):
     assert f"process {pid} of an earlier launch still runs: stop it first" in again.stderr
     assert alive(pid)
 
-    os.kill(pid, signal.SIGTERM)  # what the README's stop command sends
+    os.kill(pid, signal.SIGTERM)  # what the stop command of docs/running.md sends
     assert worker.file("resnet_jax.status") == "75"
     assert worker.file("resnet_jax.log").endswith("stopped after saving")
 

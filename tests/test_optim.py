@@ -13,7 +13,7 @@ from flax import nnx
 from configs import (cifar, default, plain18, plain34, preact_cifar, resnet18, resnet34, resnet50,
                      resnet101, resnet152, resnet200)
 from resnet_jax import models
-from resnet_jax.training import loop, metrics, optim
+from resnet_jax.training import metrics, optim, steps
 
 
 def test_step_schedule_divides_by_ten_at_epochs_and_scales_with_batch():
@@ -184,13 +184,13 @@ def network_step(optimizer: str):
     config.name = optimizer
     schedule = optax.constant_schedule(0.1)
     tx = optim.create_optimizer(config, schedule)
-    state = loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                              opt_state=tx.init(params), train_metrics=metrics.TrainMetrics.empty(),
                              skipped=jnp.zeros((), jnp.int32))
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((8, 8, 8, 3), np.float32),
              "label": rng.integers(0, 10, 8).astype(np.int32)}
-    after, health = jax.jit(functools.partial(loop.train_step, graphdef, tx, schedule, 0.0, False))(
+    after, health = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, 0.0, False))(
         state, batch)
     assert bool(health["loss"])
     return {jax.tree_util.keystr(path): np.asarray(new) - np.asarray(old) for (path, new), old
@@ -220,15 +220,15 @@ def test_bad_optimizer_choices_are_named():
 
 @pytest.mark.slow
 def test_eval_step_counts_unmasked_examples_and_averages_crops():
-    model = loop.models.create("cifar_resnet8", num_classes=5, rngs=nnx.Rngs(0))
+    model = models.create("cifar_resnet8", num_classes=5, rngs=nnx.Rngs(0))
     model.eval()
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    state = loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=(),
+    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=(),
                              train_metrics=None, skipped=None)
     crops = jax.random.normal(jax.random.key(0), (4, 10, 8, 8, 3))
     labels = jnp.array([0, 1, 2, 3])
     mask = jnp.array([True, True, True, False])
-    result = loop.eval_step(graphdef, state, {"image": crops, "label": labels, "mask": mask}).compute()
+    result = steps.eval_step(graphdef, state, {"image": crops, "label": labels, "mask": mask}).compute()
 
     probs = np.stack([np.asarray(jax.nn.softmax(model(crops[:, i]))) for i in range(10)]).mean(0)
     expected_loss = -np.log(probs[np.arange(3), labels[:3]]).mean()

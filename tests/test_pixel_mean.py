@@ -6,13 +6,16 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
+from flax import nnx
 from PIL import Image
 
 from resnet_jax.data import pipeline
-from resnet_jax.training import loop, metrics
+from resnet_jax.distributed import sharding
+from resnet_jax.training import evaluation, loop, metrics, steps
 from runs import REPO, environment, small_config
 
 pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
@@ -72,16 +75,16 @@ import json, sys, jax
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 import numpy as np
 from etils import epath
-from resnet_jax.data import pipeline
+from resnet_jax.data import pipeline, pixel_mean
 from resnet_jax.distributed import sharding
-from resnet_jax.training import loop
+from resnet_jax.training import evaluation
 sys.path.insert(0, "tests")
 from test_pixel_mean import _config, evaluate
 config = _config(sys.argv[3], 2)
-loop.load_pixel_mean(config, epath.Path(sys.argv[4]))
-steps = len(list(pipeline.multi_scale_iterator(config.data, batch_sizes=loop.eval_batch_size(config),
-                                           process_index=jax.process_index(), process_count=2)))
-print("STEPS", steps)
+pixel_mean.load(config, epath.Path(sys.argv[4]))
+batches = len(list(pipeline.multi_scale_iterator(config.data, batch_sizes=evaluation.eval_batch_size(config),
+                                             process_index=jax.process_index(), process_count=2)))
+print("STEPS", batches)
 print("RESULT", json.dumps(dict(mean=pipeline.pixel_mean(config.data).tolist(),
                                 eval=evaluate(config, sharding.make_mesh()))))
 """
@@ -89,13 +92,13 @@ print("RESULT", json.dumps(dict(mean=pipeline.pixel_mean(config.data).tolist(),
 
 def evaluate(config, mesh):
     """The multi-scale eval of a new network (seed 0) over `mesh`."""
-    model = loop.create_model(config, 3)
+    model = steps.create_model(config, 3)
     model.eval()
-    graphdef, params, stats = loop.nnx.split(model, loop.nnx.Param, loop.nnx.BatchStat)
-    state = loop.jax.device_put(loop.TrainState(step=0, params=params, batch_stats=stats,
-                                                  opt_state=(), train_metrics=None, skipped=0),
-                                 loop.sharding.replicated(mesh))
-    return loop.evaluate(loop.eval_function(graphdef, config, mesh), state, config, mesh)
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    state = jax.device_put(steps.TrainState(step=0, params=params, batch_stats=stats,
+                                             opt_state=(), train_metrics=None, skipped=0),
+                            sharding.replicated(mesh))
+    return evaluation.evaluate(evaluation.eval_function(graphdef, config, mesh), state, config, mesh)
 
 
 def test_two_processes_make_the_same_mean_and_counts_as_one(photos, tmp_path):
@@ -122,6 +125,6 @@ def test_two_processes_make_the_same_mean_and_counts_as_one(photos, tmp_path):
     config = _config(photos, 2)
     pipeline.pixel_mean(config.data)  # this process: the whole split at once
     np.testing.assert_allclose(results[0]["mean"], pipeline.pixel_mean(config.data), atol=1e-4)
-    one = evaluate(config, loop.sharding.make_mesh())
+    one = evaluate(config, sharding.make_mesh())
     assert results[0]["eval"]["eval_accuracy"] * 7 == pytest.approx(one["eval_accuracy"] * 7)
     assert results[0]["eval"]["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)

@@ -23,7 +23,7 @@ from flax import nnx
 from benchmarks import collectives
 from configs import default
 from resnet_jax import layers, models
-from resnet_jax.training import loop, metrics, optim
+from resnet_jax.training import metrics, optim
 from runs import REPO, environment
 
 BATCH = 32
@@ -35,10 +35,10 @@ def _one_step(dtype: str, batch: dict[str, np.ndarray]):
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     schedule = optax.constant_schedule(0.1)
     tx = optim.create_optimizer(default.get_config().optimizer, schedule)
-    state = loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                              opt_state=tx.init(params), train_metrics=metrics.TrainMetrics.empty(),
                              skipped=jnp.zeros((), jnp.int32))
-    step = jax.jit(functools.partial(loop.train_step, graphdef, tx, schedule, 0.0, False))
+    step = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, 0.0, False))
     before = jax.device_get(params)
     after, health = step(state, batch)
     assert bool(health["loss"]) and int(health["gradients"]) == -1, f"{dtype}: non-finite step"

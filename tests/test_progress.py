@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from resnet_jax.data import pipeline
-from resnet_jax.training import loop, metrics
+from resnet_jax.training import evaluation, metrics
 
 
 @pytest.mark.parametrize("seconds, shown", [(0.4, "0 s"), (45, "45 s"), (59.6, "1 min 00 s"),
@@ -25,10 +25,10 @@ def test_the_progress_line_says_where_the_run_is_and_the_time_left():
 
 
 def test_an_eval_that_takes_a_while_says_how_far_it_got(monkeypatch, caplog):
-    monkeypatch.setattr(loop._EvalPass, "FIRST", 0.0)
-    monkeypatch.setattr(loop._EvalPass, "EVERY", 0.0)
+    monkeypatch.setattr(evaluation._EvalPass, "FIRST", 0.0)
+    monkeypatch.setattr(evaluation._EvalPass, "EVERY", 0.0)
     caplog.set_level(logging.INFO)
-    passed = loop._EvalPass(iter(range(3)))
+    passed = evaluation._EvalPass(iter(range(3)))
     assert list(passed) == [0, 1, 2]
     passed.agree()
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Evaluating: ")]
@@ -41,7 +41,7 @@ def test_an_eval_pass_raises_its_bad_images_after_its_last_batch():
         yield "batch"
         raise pipeline.BadImageError("eval data x: 1 image that does not decode: a.jpg")
 
-    passed = loop._EvalPass(batches())
+    passed = evaluation._EvalPass(batches())
     assert list(passed) == ["batch"]
     with pytest.raises(pipeline.BadImageError, match="a.jpg"):
         passed.agree()

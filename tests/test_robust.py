@@ -22,7 +22,7 @@ from benchmarks import train_step as train_step_harness
 from resnet_jax import main
 from resnet_jax.data import pipeline
 from resnet_jax.run import checkpoint, validate
-from resnet_jax.training import loop
+from resnet_jax.training import loop, metrics, steps
 from runs import REPO, assert_trees_close, environment, latest_params, main_command, run_main, small_config
 
 LONG = {"train.num_steps": 40, "checkpoint.every_steps": 5, "eval.every_steps": 20}
@@ -286,14 +286,14 @@ def test_a_full_disk_ends_in_one_line_naming_what_is_left(tmp_path, monkeypatch,
         expected = (r"^saving the checkpoint of step 3 failed \(\[Errno 28\] No space left on device\); "
                     r"no checkpoint is complete: none was written to ")
     else:
-        write = loop.metrics.JsonlWriter.write_scalars
+        write = metrics.JsonlWriter.write_scalars
 
         def write_scalars(self, step, scalars):
             if step == 5:
                 raise OSError(28, "No space left on device")
             write(self, step, scalars)
 
-        monkeypatch.setattr(loop.metrics.JsonlWriter, "write_scalars", write_scalars)
+        monkeypatch.setattr(metrics.JsonlWriter, "write_scalars", write_scalars)
         expected = (r"^writing the metrics of step 5 failed \(OSError: \[Errno 28\] No space left on "
                     r"device\); the latest complete checkpoint, of step 3, is intact in ")
     with pytest.raises((checkpoint.CheckpointError, loop.TrainingError), match=expected) as raised:
@@ -385,7 +385,7 @@ def _sqrt_at_zero_step(zero_in: str):
                                                   ("bk", 3 + 1, "b")])
 def test_the_train_step_reports_the_first_non_finite_gradient_element(zero_in, index, name):
     graphdef, tx, schedule, params, state, batch = _sqrt_at_zero_step(zero_in)
-    _, health = loop.train_step(graphdef, tx, schedule, 0.0, False, state, batch)
+    _, health = steps.train_step(graphdef, tx, schedule, 0.0, False, state, batch)
     assert bool(health["loss"]) and int(health["gradients"]) == index
     names = loop._parameter_names(params)
     with pytest.raises(loop.TrainingError, match=rf"non-finite gradient of {name};"):
@@ -398,7 +398,7 @@ def test_the_gradients_are_checked_in_one_operation_whatever_their_number():
     # loss's. Counted in the step as lowered, before XLA may copy an operation into its users.
     graphdef, tx, schedule, params, state, batch = _sqrt_at_zero_step("b")
     assert len(jax.tree.leaves(params)) == 3
-    step = jax.jit(functools.partial(loop.train_step, graphdef, tx, schedule, 0.0, False))
+    step = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, 0.0, False))
     assert step.lower(state, batch).as_text().count("stablehlo.is_finite") == 2
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from resnet_jax.data import pipeline
 from resnet_jax.run import checkpoint
-from resnet_jax.training import loop, metrics
+from resnet_jax.training import loop, metrics, preemption
 from runs import assert_trees_close, latest_params, rows_without_speed, run_main, small_config
 
 
@@ -45,9 +45,9 @@ def test_preempted_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
             yield batch
 
     monkeypatch.setattr(pipeline, "train_iterator", preempted_iterator)
-    with pytest.raises(loop.Preempted) as stopped:
+    with pytest.raises(preemption.Preempted) as stopped:
         loop.train_and_evaluate(small_config(log_every_steps=4), parts)
-    assert stopped.value.status == loop.PREEMPTED_STATUS == 75
+    assert stopped.value.status == preemption.PREEMPTED_STATUS == 75
     assert 0 < latest_params(parts)[0] == stopped.value.step < 4
     monkeypatch.setattr(pipeline, "train_iterator", real_iterator)
     loop.train_and_evaluate(small_config(log_every_steps=4), parts)
@@ -79,17 +79,17 @@ def test_eight_devices_train_like_one(tmp_path, group):
 
 def test_a_first_ctrl_c_asks_for_a_save_and_a_second_exits_at_once(monkeypatch):
     exits = []
-    monkeypatch.setattr(loop.os, "_exit", exits.append)
+    monkeypatch.setattr(preemption.os, "_exit", exits.append)
     before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN under nohup
-    preemption = loop._Preemption()
+    stop = preemption.Preemption()
     try:
-        assert not preemption.reached(None, 1)
+        assert not stop.reached(None, 1)
         signal.raise_signal(signal.SIGINT)
-        assert preemption.reached(None, 1) and preemption.exit_status() == 130 and exits == []
+        assert stop.reached(None, 1) and stop.exit_status() == 130 and exits == []
         signal.raise_signal(signal.SIGINT)
         assert exits == [130]
     finally:
-        preemption.restore()
+        stop.restore()
     assert signal.getsignal(signal.SIGINT) is before
 
 

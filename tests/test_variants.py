@@ -10,7 +10,7 @@ from flax import nnx
 
 from configs import preact_cifar
 from resnet_jax import convert, flops, models
-from resnet_jax.training import loop
+from resnet_jax.training import steps
 from runs import REPO
 
 
@@ -95,7 +95,7 @@ def test_preact_164_and_1001_parameters_as_he_et_al_2016():
         np.prod(v.shape) for path, v in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
         if any("bn" in str(getattr(k, "key", "")) for k in path))
     config = preact_cifar.get_config("depth=164")
-    model = loop.create_model(config, 10)
+    model = steps.create_model(config, 10)
     count = flops.count_params(model)
     assert count == hand_count((18, 18, 18), "bottleneck", order="pre", shortcut="B") == 1_703_258
     assert round(count / 1e6, 1) == 1.7
@@ -108,7 +108,7 @@ def test_preact_164_and_1001_parameters_as_he_et_al_2016():
     bn_1001 = 2 * ((16 + 16 + 16) + 110 * (64 + 16 + 16) + (64 + 32 + 32) + 110 * (128 + 32 + 32)
                    + (128 + 64 + 64) + 110 * (256 + 64 + 64) + 256)
     assert round((count_1001 - bn_1001) / 1e6, 1) == 10.2
-    model = loop.create_model(preact_cifar.get_config("depth=1001"), 10)
+    model = steps.create_model(preact_cifar.get_config("depth=1001"), 10)
     assert flops.count_params(model) == count_1001
     assert bn_params(model) == bn_1001
 
@@ -149,7 +149,7 @@ def test_sweep_block_order_expands_to_each_order_and_depth(monkeypatch):
     for run in runs[:4]:  # every order builds (abstractly)
         config = sweep.load_config(run.config)
         config.model.block_order = dict(run.overrides)["model.block_order"]
-        nnx.eval_shape(lambda: loop.create_model(config, 10))
+        nnx.eval_shape(lambda: steps.create_model(config, 10))
 
 
 def first_channels_subsampled(maps, factor, channels):

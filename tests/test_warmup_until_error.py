@@ -18,7 +18,7 @@ from flax import nnx
 from configs import cifar, default, preact_cifar
 from resnet_jax import models
 from resnet_jax.run import checkpoint, validate
-from resnet_jax.training import loop, metrics, optim
+from resnet_jax.training import loop, metrics, optim, steps
 from runs import assert_trees_close, latest_params, small_config
 
 WARMUP_LR, BASE_LR = 0.01, 0.1
@@ -122,11 +122,11 @@ def test_the_train_step_takes_warmup_lr_then_the_schedules_rate_through_momentum
 
     def two_steps(schedule, warmup_lr, flags):
         tx = optim.create_optimizer(config, schedule)
-        state = loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+        state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                  batch_stats=batch_stats, opt_state=tx.init(params),
                                  train_metrics=metrics.TrainMetrics.empty(),
                                  skipped=jnp.zeros((), jnp.int32))
-        step = jax.jit(functools.partial(loop.train_step, graphdef, tx, schedule, 0.0, False,
+        step = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, 0.0, False,
                                          warmup_lr=warmup_lr))
         used = []
         for flag in flags:

@@ -26,13 +26,13 @@ from resnet_jax import convert, models
 from resnet_jax.cli import config_files
 from resnet_jax.data import device_inputs, pipeline, preprocess
 from resnet_jax.run import checkpoint
-from resnet_jax.training import loop
+from resnet_jax.training import steps
 
 
 def build_model(config: Any, num_classes: int, **changes: Any) -> models.ResNet:
     """The model a run's config names, freshly initialised, with `changes` to its options."""
     return models.create(config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0),
-                         **{**loop.model_options(config), **changes})
+                         **{**steps.model_options(config), **changes})
 
 
 def load_model(workdir: str) -> tuple[ml_collections.ConfigDict, models.ResNet, int]:

@@ -62,6 +62,11 @@ def _get(config, name, default=None):
     return default if value is None else value
 
 
+def enabled(data_config) -> bool:
+    """data.on_device: the train split in device memory, batches made inside the step."""
+    return bool(_get(data_config, "on_device", False))
+
+
 def resize_bilinear(images: np.ndarray, size: int) -> np.ndarray:
     """(N, h, w, C) -> (N, size, size, C) float32, as `tf.image.resize(method="bilinear",
     antialias=False)` computes it: half-pixel centres, edges clamped, float32 interpolation."""

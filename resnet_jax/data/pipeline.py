@@ -598,7 +598,7 @@ def pixel_mean_file(config) -> str:
 
 def use_pixel_mean(config, mean: np.ndarray) -> None:
     """`pixel_mean(config)` returns `mean` from now on (in this process): the run's mean image,
-    made once and the same on every process (`train.load_pixel_mean`)."""
+    made once and the same on every process (`pixel_mean.load`)."""
     _PIXEL_MEANS[_mean_key(config)] = np.asarray(mean, np.float32)
 
 

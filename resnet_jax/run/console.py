@@ -30,7 +30,7 @@ import tempfile
 from absl import logging
 from etils import epath
 
-_PROJECT = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # resnet_jax/
 # clu's writers log the metrics through absl.
 _ALSO_SHOWN = (os.sep + os.path.join("clu", "metric_writers") + os.sep,)
 
@@ -218,7 +218,7 @@ def keep_log(workdir: epath.Path, process_index: int) -> None:
 
 def failure() -> str | None:
     """Why the log file stopped being written ('writing the log file PATH failed (...)'), or None
-    while it is written (or there is none). The run stops on it: `train._write`."""
+    while it is written (or there is none). The run stops on it: `loop._write`."""
     return _log_file.failure if _log_file is not None else None
 
 

@@ -1,0 +1,208 @@
+"""The train state and the jitted steps: one SGD step, the eval steps (one crop, 10 crops,
+multi-scale), and the state as training, evaluation and checkpoints each take it.
+
+The model is split once into a graph definition and its state; the steps are pure functions of
+(state, batch) under `jax.jit`, with the batch sharded over the mesh, the state replicated and
+donated (docs/design.md)."""
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax import lax
+
+from resnet_jax import models
+from resnet_jax.data import device_inputs
+from resnet_jax.distributed import sharding
+from resnet_jax.run import checkpoint
+from resnet_jax.training import metrics, optim, running_stats
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+    # The train metrics since the last log line and the steps skipped so far: in the state, so
+    # that a resumed run writes the rows an uninterrupted one would.
+    train_metrics: metrics.TrainMetrics
+    skipped: jax.Array
+    # Whether the warm-up of schedule.warmup_until_error is over (Sec. 4.2: lr 0.01 until the
+    # training error is below 80%): in the state, so that a resumed run keeps the rate it had.
+    # True where there is no such warm-up; the default, for states made outside the loop.
+    warmed_up: jax.Array = True
+    # Ghost BN's per-device running statistics (`running_stats.per_device`), in checkpoints only:
+    # a resumed run takes them back and continues bit-exactly (`for_training`). None otherwise.
+    device_stats: Any = None
+
+
+def model_options(config: Any) -> dict[str, Any]:
+    """The `model` section less the name: the overrides `models.create` takes."""
+    return {k: v for k, v in config.model.items() if k not in ("name", "init_from")}
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Softmax cross-entropy per example, in float32; label smoothing (Szegedy et al. 2016) an option."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+# What train_step reports of each step besides the new state.
+HEALTH = ("loss", "gradients", "labels")
+
+
+def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               label_smoothing: float, skip_nonfinite: bool, state: TrainState,
+               batch: dict[str, jax.Array], *, warmup_lr: float | None = None):
+    """One SGD step. Also returns its health: is the loss finite, is each gradient, are the labels
+    in range. With `skip_nonfinite` a step whose loss or gradients are not finite changes nothing
+    but the step counter. `warmup_lr`: the rate until `state.warmed_up`, the warm-up of
+    schedule.warmup_until_error (Sec. 4.2; `optim.rate_in_use`); None where there is none."""
+    def loss_fn(params, batch_stats):
+        # A fresh copy inside the differentiated function, so that BN may update its statistics.
+        model = nnx.merge(graphdef, params, batch_stats, copy=True)
+        logits = model(batch["image"])
+        losses = cross_entropy(logits, batch["label"], label_smoothing)
+        return losses.mean(), (losses, logits, nnx.state(model, nnx.Not(nnx.Param)))
+
+    (loss, (losses, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    rate = schedule(state.step)
+    if warmup_lr is not None:
+        # The SGD chain applies the schedule's rate last, after momentum (as Caffe's SGD does),
+        # so its update scaled by used / rate is the step at the rate used (validate allows no
+        # other optimizer with this warm-up).
+        used = optim.rate_in_use(schedule, state.step, state.warmed_up, warmup_lr)
+        updates = jax.tree.map(lambda u: u * (used / rate).astype(u.dtype), updates)
+        rate = used
+    new_state = state.replace(params=optax.apply_updates(state.params, updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    # The first non-finite gradient element over all leaves, in one reduction (-1 if none); the
+    # host names the leaf. The leaves are joined first and checked once: checked one by one, each
+    # leaf's check was a loop fusion that XLA's CPU backend compiled into a kernel of its own
+    # (benchmarks/README.md counts them).
+    bad = lax.bitwise_not(lax.is_finite(jnp.concatenate(
+        [g.reshape(g.size) for g in jax.tree.leaves(grads)])))
+    first_bad = jnp.argmax(bad)
+    health = {"loss": jnp.isfinite(loss),
+              "gradients": jnp.where(bad[first_bad], first_bad, -1),
+              "labels": ((batch["label"] >= 0) & (batch["label"] < logits.shape[-1])).all()}
+    finite = health["loss"] & (health["gradients"] < 0)
+    if skip_nonfinite:
+        # (optax's schedule count goes back too: a skipped step holds the schedule back by one.)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    # A skipped step counts in no average.
+    step_metrics = metrics.TrainMetrics.single_from_model_output(
+        loss=losses, accuracy=jnp.argmax(logits, -1) == batch["label"],
+        learning_rate=jnp.full(losses.shape, rate),
+        mask=jnp.broadcast_to(finite, losses.shape))
+    return new_state.replace(step=state.step + 1, train_metrics=state.train_metrics.merge(step_metrics),
+                             skipped=state.skipped + (~finite).astype(jnp.int32)), health
+
+
+def _scores(probs: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Per example: the loss of the (averaged) softmax, its top-1 and top-5 hits."""
+    mine = jnp.take_along_axis(probs, labels[:, None], -1)
+    # The label's rank, ties going to the lower class as in lax.top_k: the top-5 hits without a
+    # sort, which XLA partitions by gathering the whole batch onto every device.
+    lower = jnp.arange(probs.shape[-1]) < labels[:, None]
+    rank = ((probs > mine) | ((probs == mine) & lower)).sum(-1)
+    return dict(loss=-jnp.log(mine[:, 0] + 1e-12), accuracy=jnp.argmax(probs, -1) == labels,
+                top5_accuracy=rank < 5)
+
+
+def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: dict[str, jax.Array]):
+    """Loss and top-1/top-5 accuracy of the unmasked examples.
+
+    A batch of crops, (batch, crops, H, W, C), is scored by the mean of the crops' softmax: the
+    paper's 10-crop testing (Sec. 3.4).
+    """
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    images = batch["image"]
+    if images.ndim == 5:
+        logits = model(images.reshape((-1,) + images.shape[2:]))
+        probs = jax.nn.softmax(logits).reshape(images.shape[:2] + logits.shape[-1:]).mean(1)
+    else:
+        probs = jax.nn.softmax(model(images))
+    return metrics.EvalMetrics.single_from_model_output(**_scores(probs, batch["label"]),
+                                                        mask=batch["mask"])
+
+
+def multi_scale_step(graphdef: nnx.GraphDef, variables, batch: dict[str, Any]) -> dict[str, jax.Array]:
+    """Sec. 3.4's multi-scale testing: "we adopt the fully-convolutional form ... and average the
+    scores at multiple scales". `batch["views"]` holds one (batch, h, w, C) array per scale, the
+    whole images resized (`preprocess.multi_scale_fn`); each view and its horizontal flip go
+    through the network, whose global average pooling takes any size, and each image's softmax
+    is averaged over its 2 x scales views. `variables` is (params, batch_stats).
+
+    Returns per-example scores, nothing reduced over the batch: the step has no collective, so
+    that it can run on one process's devices alone (`evaluate`).
+    """
+    model = nnx.merge(graphdef, *variables)
+    probs = 0.0
+    for view in batch["views"]:
+        # (batch, 2, h, w, C) flattened: each image's flip stays on its device.
+        both = jnp.stack([view, jnp.flip(view, 2)], 1).reshape((-1,) + view.shape[1:])
+        probs = probs + jax.nn.softmax(model(both)).reshape(view.shape[0], 2, -1).sum(1)
+    return _scores(probs / (2 * len(batch["views"])), batch["label"])
+
+
+def with_inputs(step: Callable, data_config: Any) -> Callable:
+    """step(state, batch) taking the batch as the host sends it: made into the network's input
+    inside the same jitted program (`device_inputs`)."""
+    normalise = device_inputs.normaliser(data_config)
+    return lambda state, batch: step(state, normalise(batch))
+
+
+def create_model(config: Any, num_classes: int) -> nnx.Module:
+    return models.create(config.model.name, num_classes=num_classes, rngs=nnx.Rngs(config.seed),
+                         **model_options(config))
+
+
+def for_training(state: TrainState, mesh, bn_group_size: int | None) -> TrainState:
+    """The state as the train step takes it: with ghost BN (`bn_group_size`), the running
+    statistics kept per device, so that the step needs no collective for them (`running_stats`);
+    those a checkpoint saved where it was saved on as many devices."""
+    if bn_group_size is None:
+        return state
+    saved = None if state.device_stats is None else checkpoint.pure(state.device_stats)
+    return state.replace(batch_stats=running_stats.resume(state.batch_stats, saved, mesh),
+                         device_stats=None)
+
+
+def for_evaluation(state: TrainState, mesh, bn_group_size: int | None) -> TrainState:
+    """The state as evaluation takes it: `for_training` undone, the per-device running
+    statistics averaged."""
+    if bn_group_size is None:
+        return state
+    return state.replace(batch_stats=running_stats.gather(state.batch_stats, mesh))
+
+
+def for_checkpoint(settled: TrainState, state: TrainState, bn_group_size: int | None) -> TrainState:
+    """What a checkpoint holds: the state as evaluation takes it (`settled`), and with ghost BN
+    also the per-device statistics of the training `state`, for `for_training` to take back."""
+    if bn_group_size is None:
+        return settled
+    return settled.replace(device_stats=running_stats.per_device(state.batch_stats))
+
+
+def restore_target(state: TrainState, mesh) -> Callable[[dict], dict]:
+    """What `checkpoint.restore_latest` restores a step onto, from the step's metadata: `state`'s
+    fields as a dict, with `device_stats` in the shapes the checkpoint holds (saved on any device
+    count, replicated: they are small), or without it where the checkpoint predates the field."""
+    def target(saved: dict) -> dict:
+        fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
+        del fields["device_stats"]
+        if "device_stats" in saved:
+            fields["device_stats"] = jax.tree.map(
+                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                  sharding=sharding.replicated(mesh)),
+                saved["device_stats"])
+        return fields
+    return target
