@@ -75,10 +75,10 @@ import xml.etree.ElementTree as ElementTree  # noqa: E402
 import numpy as np  # noqa: E402
 
 PARTS = ("tests", "jax_step", "torch_step", "cifar")
-GPU_TESTS = ("tests/test_convert.py", "tests/test_models.py", "tests/test_scan.py",
-             "tests/test_precision.py")
-DRY_RUN_TESTS = ("tests/test_models.py::test_option_a_pads_with_exact_zeros",
-                 "tests/test_models.py::test_he_initialisation")
+GPU_TESTS = ("tests/networks/test_convert.py", "tests/networks/test_models.py", "tests/networks/test_scan.py",
+             "tests/training/test_precision.py")
+DRY_RUN_TESTS = ("tests/networks/test_models.py::test_option_a_pads_with_exact_zeros",
+                 "tests/networks/test_models.py::test_he_initialisation")
 SIZES = {  # the check, and its dry run
     False: dict(model="resnet50", batch_size=256, image_size=224, steps=20, warmup=5,
                 cifar_steps=64_000, time_limit=510.0, tests=GPU_TESTS, workers=4),

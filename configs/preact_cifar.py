@@ -21,7 +21,7 @@ Shortcuts: ResNet-110 keeps option A (zero-padding, no parameters), so that it d
 original ResNet-110 of [1] by its block order alone; the bottleneck networks project where the
 shape changes (option B, a 1x1 convolution without BN), as the authors' released code for
 ResNet-164 and -1001 does. The parameter counts above are the paper's rounding; with BN's scale
-and bias, ResNet-1001 has 10.33M (10.18M without them), checked in tests/test_variants.py.
+and bias, ResNet-1001 has 10.33M (10.18M without them), checked in tests/networks/test_variants.py.
 """
 
 from configs import arguments, cifar

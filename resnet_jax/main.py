@@ -16,7 +16,6 @@ checkpoints can be restored (--restart starts it over).
 """
 
 import contextlib
-import runpy
 import sys
 
 from resnet_jax.distributed import supervisor
@@ -32,100 +31,61 @@ from resnet_jax import cpu  # noqa: E402
 cpu.set_cpu_fusion()  # before JAX starts its backends
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from resnet_jax.cli import config_files, config_help
-from resnet_jax.distributed import peers, sharding
+from resnet_jax.cli import config_files, config_help, flags as cli_flags  # noqa: E402
+from resnet_jax.distributed import peers, sharding  # noqa: E402
 from resnet_jax.run import console  # noqa: E402
 
-
-def _fail(message: str, status: int) -> None:
-    print(f"resnet_jax: error: {message}", file=sys.stderr)
-    sys.exit(status)
-
-
-def _config_spec(argv: list[str]) -> str:
-    return next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), _QUICKSTART)
-
-
-def _base_config(argv: list[str]):
-    """The --config file's config without the command line's overrides, and the arguments the
-    file takes (its ARGUMENTS, or none)."""
-    path, _, arg = _config_spec(argv).partition(":")
-    namespace = runpy.run_path(path)
-    get_config = namespace["get_config"]
-    return (get_config(arg) if arg else get_config()), namespace.get("ARGUMENTS", {})
-
-
-def _describe_bad_override(argv: list[str], error: Exception) -> str:
-    """The first --config.FIELD override that names no field of the config, or the error itself."""
-    try:
-        config, _ = _base_config(argv)
-    except Exception as load_error:
-        return f"--config: {' '.join(str(load_error).split())}"
-    return config_files.unknown_field(config, argv) or " ".join(str(error).split())
-
-
-def _resolve_config_names(argv: list[str]) -> None:
-    """--config=NAME[:ARG] (a shipped config) as the path of its file, in place: ml_collections
-    reads files only."""
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            argv[i] = "--config=" + config_files.resolve(arg[len("--config="):])
-        elif arg == "--config" and i + 1 < len(argv):
-            argv[i + 1] = config_files.resolve(argv[i + 1])
-
-
-try:
-    _QUICKSTART = config_files.resolve("quickstart")
-    _resolve_config_names(sys.argv)
-except ValueError as error:
-    _fail(f"--config: {error}", 2)
-try:  # ml_collections reads the --config overrides of sys.argv already here
-    config_flags.DEFINE_config_file("config", _QUICKSTART, "Experiment config file.", lock_config=True)
-except Exception as error:
-    _fail(_describe_bad_override(sys.argv, error), 2)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and metrics.jsonl.")
-flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose run had another config.")
-flags.DEFINE_bool("restart", False, "Start from step 0 when no checkpoint of the workdir can be "
-                  "restored (they are moved to WORKDIR/corrupt_checkpoints).")
-sharding.define_flags()
 FLAGS = flags.FLAGS
+# This command's flags beside --config, in --help's order.
+_OURS = ("workdir", "allow_config_change", "restart", "coordinator_address", "num_processes",
+         "process_id")
 
 
-def _help(argv: list[str]) -> str:
+def _spec(argv: list[str]) -> str:
+    """--config's value as a path (a shipped config's name resolved), :ARG kept; the quickstart's
+    without one."""
+    return config_files.resolve(cli_flags.value(argv, "config") or "quickstart")
+
+
+def define_flags(argv: list[str]) -> list[str]:
+    """Defines the flags, --config's from its file (--help: says them all and exits); returns
+    argv as absl parses it."""
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and "
+                        "metrics.jsonl.")
+    flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose run had another config.")
+    flags.DEFINE_bool("restart", False, "Start from step 0 when no checkpoint of the workdir can "
+                      "be restored (they are moved to WORKDIR/corrupt_checkpoints).")
+    sharding.define_flags()
     try:
-        config, arguments = _base_config(argv)
+        spec = _spec(argv)
+        config, arguments = cli_flags.load(spec)
     except Exception as error:
-        _fail(f"--config: {' '.join(str(error).split())}", 2)
-    ours = ("workdir", "allow_config_change", "restart", "coordinator_address", "num_processes",
-            "process_id")
+        cli_flags.fail(f"--config: {error}")
+    if any(arg in config_help.HELP for arg in argv[1:]):
+        sys.stdout.write(_help(argv, spec, config, arguments))
+        sys.exit(0)
+    return cli_flags.define_config(argv, config, "Experiment config.")
+
+
+def _help(argv: list[str], spec: str, config, arguments: dict[str, str]) -> str:
     flags_help = "\n".join(
         ["--config: a shipped config's name or a config file, :ARG for its arguments (below); "
          "the quickstart's when omitted."]
-        + [f"--{name}: {FLAGS[name].help}" for name in ours]
+        + [f"--{name}: {FLAGS[name].help}" for name in _OURS]
         + ["--verbosity: 1 shows the libraries' log lines (orbax, absl, XLA) on the terminal too; "
            "every line goes to WORKDIR/log.txt."])
-    name = _config_spec(argv).partition(":")[0]
-    if not any(arg.startswith("--config=") for arg in argv):
+    name = spec.partition(":")[0]
+    if cli_flags.value(argv, "config") is None:
         name += " (the quickstart: no --config given)"
     return config_help.text(config, name, flags_help, arguments)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with one-line errors instead of tracebacks."""
-    if any(arg in config_help.HELP for arg in argv[1:]):
-        sys.stdout.write(_help(argv))
-        sys.exit(0)
-    try:
-        rest = FLAGS(argv)
-        FLAGS.config.to_dict()  # a config file that failed to load raises here
-    except Exception as error:
-        _fail(_describe_bad_override(argv, error), 2)
-    if len(rest) > 1:
-        _fail(f"unexpected arguments: {' '.join(rest[1:])}", 2)
+    rest = cli_flags.parse(argv)
     if not FLAGS.workdir:
-        _fail("--workdir is required: the directory for checkpoints, metrics and events", 2)
+        cli_flags.fail("--workdir is required: the directory for checkpoints, metrics and events")
     return rest
 
 
@@ -150,12 +110,12 @@ def main(argv):
                  jax.device_count())
     config = FLAGS.config
     logging.info("Config %s; differs from configs/default.py in %s (all of it: WORKDIR/config.json)",
-                 _config_spec(sys.argv), _differences(config) or "nothing")
+                 _spec(sys.argv), _differences(config) or "nothing")
     if finished.final_step(config, FLAGS.workdir) is not None:
         try:
             logging.info("This run has finished; nothing to do. %s", _result(FLAGS.workdir))
         except ValueError as error:  # a bad line of metrics.jsonl, named
-            _fail(str(error), 2)
+            cli_flags.fail(error)
         finally:
             console.close()
         return
@@ -167,7 +127,7 @@ def main(argv):
         # A multi-process JAX operation issued off the main thread is an error, not a hang.
         with jax.thread_guard(True):
             loop.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change,
-                                     restart=FLAGS.restart)
+                                    restart=FLAGS.restart)
         logging.info("%s", _result(FLAGS.workdir))
     except (validate.SetupError, checkpoint.UnrestorableError) as error:
         ending = f"error: {error}", 2
@@ -241,4 +201,4 @@ def _result(workdir: str) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, argv=define_flags(sys.argv), flags_parser=parse_flags)

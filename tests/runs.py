@@ -1,6 +1,7 @@
 """Helpers for tests that run the main job: a small quickstart, the real command, checkpoints."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,8 @@ def rows_without_speed(workdir):
             for row in metrics.read_rows(workdir)]
 
 
+def free_port() -> int:
+    """A TCP port free on localhost now: a multi-process run's coordinator address."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]

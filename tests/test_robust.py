@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl import flags as absl_flags
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks import train_step as train_step_harness
-from resnet_jax import main
+from resnet_jax.cli import flags as cli_flags
 from resnet_jax.data import pipeline
 from resnet_jax.run import checkpoint, validate
 from resnet_jax.training import loop, metrics, steps
@@ -234,7 +235,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
                              "data.dtype": "float32"})
     # ReLU turns NaN into 0 on this backend, so the loss may stay finite while a gradient does not.
     with pytest.raises(loop.TrainingError, match=r"^step 5: non-finite (loss|gradient of [\w.]+); "
-                                                  r"stopped, the checkpoint of step 4 is kept"):
+                       r"stopped, the checkpoint of step 4 is kept"):
         loop.train_and_evaluate(config, str(tmp_path))
     step, params = latest_params(tmp_path)
     assert step == 4
@@ -314,18 +315,19 @@ VALUES = st.one_of(st.integers(-3, 300), st.floats(allow_nan=True, allow_infinit
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(field=st.one_of(st.sampled_from(FIELDS), st.text("abcdefgh_.", min_size=1, max_size=12)), value=VALUES)
-def test_random_overrides_give_a_clear_error_or_a_valid_setup(tmp_path, field, value):
+def test_random_overrides_give_a_clear_error_or_a_valid_setup(tmp_path, capsys, field, value):
     """The command line's parse and every setup check: never a traceback, one line or a run."""
     argv = ["main", "--config=configs/quickstart.py", f"--config.{field}={value}"]
-    flag_values = main.flags.FlagValues()
+    flag_values = absl_flags.FlagValues()
+    capsys.readouterr()
     try:
-        main.config_flags.DEFINE_config_file("config", main._QUICKSTART, flag_values=flag_values)
-        flag_values(argv)
+        base, _ = cli_flags.load("configs/quickstart.py")
+        cli_flags.parse(cli_flags.define_config(argv, base, "", flag_values), flag_values)
         config = flag_values.config
         config.to_dict()
-    except Exception as error:
-        message = main._describe_bad_override(argv, error)
-        assert message and "\n" not in message
+    except SystemExit as exit_:
+        message = capsys.readouterr().err
+        assert exit_.code == 2 and message.startswith("resnet_jax: error: ") and message.count("\n") == 1
         return
     os.chdir(REPO)
     try:

@@ -46,7 +46,7 @@ def load_model(workdir: str) -> tuple[ml_collections.ConfigDict, models.ResNet, 
     state = checkpoint.pure(state)
     classifier = state["params"]["fc" if "fc" in state["params"] else "fc3"]  # ResNet or VGG
     num_classes = classifier["kernel"].shape[-1]
-    model = with_weights(build_model(config, num_classes), state)
+    model = steps.with_weights(build_model(config, num_classes), state)
     if isinstance(model, models.ResNet) and (model.scan_blocks or model.remat):
         # Each block on its own, computed eagerly: what the analyses here look at and change.
         unrolled = build_model(config, num_classes, scan_blocks=False, remat=False)
@@ -54,15 +54,6 @@ def load_model(workdir: str) -> tuple[ml_collections.ConfigDict, models.ResNet, 
         model = unrolled
     model.eval()
     return config, model, step
-
-
-def with_weights(model: nnx.Module, state: dict[str, Any]) -> nnx.Module:
-    """`model` holding a checkpoint's weights (`checkpoint.pure`'s dicts). Its "batch_stats"
-    hold all the state that is not a parameter (train.py)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    nnx.replace_by_pure_dict(params, state["params"])
-    nnx.replace_by_pure_dict(rest, state["batch_stats"])
-    return nnx.merge(graphdef, params, rest)
 
 
 def eval_images(config: Any, count: int) -> tuple[np.ndarray, np.ndarray]:

@@ -67,7 +67,7 @@ def text(config, config_name: str, flags_help: str,
         lines += [f"{f'  {key}={default}':<40} {about}" for key, (default, about) in arguments.items()]
         lines.append("")
     lines += [f"Config fields, with their values in {config_name}; set any with "
-             "--config.SECTION.FIELD=VALUE:"]
+              "--config.SECTION.FIELD=VALUE:"]
     top = [(key, value) for key, value in config.items() if not hasattr(value, "items")]
     sections = [(key, value) for key, value in config.items() if hasattr(value, "items")]
     for key, value in top:

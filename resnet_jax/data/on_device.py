@@ -253,7 +253,7 @@ class _Source:
         else:
             builder, image_key, label_key = self._tfds
             arrays = pipeline.tfds.as_numpy(builder.as_dataset(split=spec, batch_size=-1,
-                                                           shuffle_files=False))
+                                                               shuffle_files=False))
             images = arrays[image_key]
             if images.shape[-1] == 1:
                 images = np.repeat(images, 3, axis=-1)
@@ -286,8 +286,8 @@ def info(config) -> pipeline.DataInfo:
                          f"images; {source.name!r} at image_size {s.image_size} is {decoded:,} "
                          f"(use data.on_device=False)")
     return pipeline.DataInfo(num_classes=num_classes, num_train=num_train,
-                         num_eval=source.size(source.split(train=False)),
-                         image_shape=(s.image_size, s.image_size, 3))
+                             num_eval=source.size(source.split(train=False)),
+                             image_shape=(s.image_size, s.image_size, 3))
 
 
 _FIELDS = ("name", "data_dir", "train_split", "eval_split", "image_size")

@@ -546,7 +546,7 @@ def check_classes(name: str, class_names, labels: dict[str, np.ndarray],
         return
     names = [class_names[c] for c in missing]
     shown = ", ".join(map(repr, names[:10])) + (f" and {len(names) - 10} more" if len(names) > 10
-                                                 else "")
+                                                else "")
     where = "; ".join(f"{names[k]!r} has {_images_by_split(labels, c)}"
                       for k, c in enumerate(missing[:3]))
     one = len(missing) == 1

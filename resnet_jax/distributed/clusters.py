@@ -8,7 +8,7 @@ import os
 # The launches `jax.distributed.initialize()` joins by itself, by the names JAX's own log gives
 # them (its cluster classes), and as our log describes them.
 CLUSTERS = {"OmpiCluster": "Open MPI", "SlurmCluster": "SLURM", "GceTpuCluster": "Cloud TPU VM",
-             "GkeTpuCluster": "Cloud TPU on GKE", "K8sCluster": "Kubernetes"}
+            "GkeTpuCluster": "Cloud TPU on GKE", "K8sCluster": "Kubernetes"}
 # The environment variables each launcher sets that JAX reads: mpirun/mpiexec of Open MPI; an
 # srun step (the batch script itself, without srun, has no step).
 _OPEN_MPI = ("OMPI_MCA_orte_hnp_uri",)

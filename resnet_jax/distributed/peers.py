@@ -49,7 +49,7 @@ def note_ended(process: int, line: str) -> None:
     if _workdir is not None:
         try:
             paths.write_text(_workdir / _NOTE.format(process),
-                                json.dumps({"line": line, "time": time.time()}))
+                             json.dumps({"line": line, "time": time.time()}))
         except Exception:  # noqa: BLE001  (a full disk, a gone bucket: the line says enough)
             pass
 

@@ -13,8 +13,10 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from resnet_jax.data import device_inputs, on_device, pipeline, preprocess
+from resnet_jax import convert
+from resnet_jax.data import device_inputs, on_device, pipeline, pixel_mean, preprocess
 from resnet_jax.distributed import sharding
+from resnet_jax.run import checkpoint, live, paths, validate
 from resnet_jax.training import metrics, steps
 
 
@@ -95,8 +97,8 @@ def _evaluate_multi_scale(eval_fn, state: steps.TrainState, config: Any) -> dict
         (state.params, state.batch_stats))
     outputs = []
     batches = _EvalPass(pipeline.multi_scale_iterator(config.data, batch_sizes=eval_batch_size(config),
-                                                  process_index=jax.process_index(),
-                                                  process_count=jax.process_count()))
+                                                      process_index=jax.process_index(),
+                                                      process_count=jax.process_count()))
     for batch in batches:
         mask = batch.pop("mask")
         del batch["aspect"]
@@ -159,7 +161,36 @@ class _EvalPass:
             failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
             if error is None and failed.any():
                 error = pipeline.BadImageError(f"the eval images of process {int(failed.argmax())} "
-                                           f"include some that do not decode (its own line "
-                                           f"names them)")
+                                               f"include some that do not decode (its own line "
+                                               f"names them)")
         if error is not None:
             raise error
+
+
+def evaluate_saved(config: Any, workdir: str | None, which: str = "latest",
+                   weights: str | None = None) -> tuple[int | None, dict[str, float]]:
+    """(step, eval metrics) of checkpoint `which` of the run in `workdir`, or of the torchvision
+    or safetensors file `weights` (step None), evaluated as the run evaluates. Raises ValueError
+    (one line) for bad input, `checkpoint.CorruptCheckpoint` for a checkpoint that is not what
+    was saved, StepDeleted and SavingTooFast as `live.read_checkpoint` does."""
+    validate.check_numbers(config)
+    mesh = sharding.make_mesh()
+    replicated = sharding.replicated(mesh)
+    eval_batch_size(config, log=True)
+    info = (on_device if on_device.enabled(config.data) else pipeline).info(config.data)
+    model = steps.create_model(config, info.num_classes)
+    step = None
+    if weights:
+        try:
+            convert.from_torchvision(model, convert.read_weights(weights))
+        except (ValueError, OSError) as error:
+            raise ValueError(f"--weights: {validate.one_line(error)}") from error
+    else:
+        manager = live.reader(paths.resolve(workdir))
+        step, restored = live.read_checkpoint(manager, which, replicated)
+        model = steps.with_weights(model, checkpoint.pure(restored))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    model.eval()
+    pixel_mean.load(config, paths.resolve(workdir) if workdir else None)
+    eval_fn = eval_function(nnx.graphdef(model), config, mesh)
+    return step, evaluate(eval_fn, jax.device_put(steps.Weights(params, rest), replicated), config, mesh)

@@ -6,7 +6,7 @@ The model is split once into a graph definition and its state; the steps are pur
 donated (docs/design.md)."""
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -39,6 +39,21 @@ class TrainState:
     # Ghost BN's per-device running statistics (`running_stats.per_device`), in checkpoints only:
     # a resumed run takes them back and continues bit-exactly (`for_training`). None otherwise.
     device_stats: Any = None
+
+def with_weights(model: nnx.Module, state: dict[str, Any]) -> nnx.Module:
+    """`model` holding a checkpoint's weights (`checkpoint.pure`'s dicts). Its "batch_stats"
+    hold all the state that is not a parameter (train.py)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    nnx.replace_by_pure_dict(params, state["params"])
+    nnx.replace_by_pure_dict(rest, state["batch_stats"])
+    return nnx.merge(graphdef, params, rest)
+
+
+
+class Weights(NamedTuple):
+    """What an eval step takes of a TrainState: a network's weights alone."""
+    params: Any
+    batch_stats: Any
 
 
 def model_options(config: Any) -> dict[str, Any]:

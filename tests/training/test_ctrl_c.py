@@ -14,6 +14,7 @@ import pytest
 
 import runs
 from resnet_jax import report
+from resnet_jax.analysis import figures
 from resnet_jax.training import interrupt, preemption
 
 
@@ -95,7 +96,7 @@ def installed():
 
 
 def test_a_ctrl_c_while_report_writes_a_file_waits_until_it_is_whole(tmp_path, monkeypatch,
-                                                                  installed):
+                                                                     installed):
     monkeypatch.setattr(interrupt.os, "_exit", _exit)  # what the handler does at last, observed
     write_text = report.write_text
 
@@ -119,7 +120,7 @@ def test_a_figure_stopped_while_drawn_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(figure, "savefig", drawing)
     with pytest.raises(KeyboardInterrupt):
-        report.save(figure, tmp_path / "curves.png")
+        figures.save(figure, tmp_path / "curves.png")
     assert os.listdir(tmp_path) == []
 
 

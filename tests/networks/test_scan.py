@@ -17,7 +17,7 @@ def images(shape, seed=0):
     return jax.random.normal(jax.random.key(seed), shape)
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 def create(name, **options):

@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
 def saved_weights(workdir):
     _, state = checkpoint.read_latest(str(workdir))
     return layer_responses.with_weights(models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0)),
-                                 checkpoint.pure(state))
+                                        checkpoint.pure(state))
 
 
 @pytest.mark.slow

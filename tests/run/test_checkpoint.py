@@ -272,7 +272,7 @@ def test_the_checksum_of_a_key_array_is_its_key_data(digest):
     (10, "no checkpoint is complete: none was written to"),
     (20, "the latest complete checkpoint, of step 10, is intact in")])
 def test_a_full_disk_names_what_is_left_and_leaves_no_temporary_directory(tmp_path, monkeypatch,
-                                                                        full_from, left):
+                                                                          full_from, left):
     # The disk fills while a save of step `full_from` completes in the background, its data in
     # its temporary directory. (As root, no small file system can be made here: injected.)
     finalize = checkpoint.ocp.StandardCheckpointHandler.finalize

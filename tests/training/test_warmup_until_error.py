@@ -46,7 +46,7 @@ def forced(monkeypatch, errors):
 def run(monkeypatch, workdir, errors, num_steps):
     forced(monkeypatch, errors)
     loop.train_and_evaluate(small_config(**{**WARM, "train.num_steps": num_steps}), str(workdir),
-                             allow_config_change=True)
+                            allow_config_change=True)
 
 
 def rates(workdir):

@@ -18,7 +18,7 @@ from flax import nnx
 from resnet_jax import models
 from resnet_jax.data import pipeline
 from resnet_jax.distributed import sharding
-from resnet_jax.training import loop, metrics
+from resnet_jax.training import steps
 assert jax.device_count() == 8
 config = ml_collections.ConfigDict(dict(
     data=dict(name="fake", image_size=8, train_preprocess="none", eval_preprocess="none",
@@ -70,7 +70,7 @@ from PIL import Image
 from configs import cifar
 from resnet_jax.data import pipeline
 from resnet_jax.distributed import sharding
-from resnet_jax.training import loop
+from resnet_jax.training import evaluation, loop, steps
 assert jax.device_count() == 8
 lines = []
 handler = logging.Handler()
@@ -150,7 +150,7 @@ def eight_devices(tmp_path_factory):
             path = root / "test" / "abc"[i % 3] / f"{i}.png"
             small = rng.uniform(0, 255, (3, 3, 3))
             pixels = np.asarray(Image.fromarray(small.astype(np.uint8)).resize(shape[::-1],
-                                                                                Image.BILINEAR))
+                                                                               Image.BILINEAR))
             Image.fromarray(pixels).save(path)
             labels.write(f"{path} {i % 3}\n")
     env = environment(devices=8)

@@ -17,7 +17,7 @@ from etils import epath
 
 import runs
 from resnet_jax import evaluate
-from resnet_jax.run import checkpoint
+from resnet_jax.run import checkpoint, live
 
 EVALUATE = [sys.executable, "-m", "resnet_jax.evaluate"]
 DEVICE = jax.sharding.make_single_device_sharding(jax.devices()[0])
@@ -66,10 +66,10 @@ def _arrays(tree):
 @pytest.mark.parametrize("which", ["latest", "best"])
 def test_a_step_deleted_between_listing_and_reading_is_read_again_as_the_newest(workdir, monkeypatch, which):
     manager = checkpoint.reader(epath.Path(workdir))
-    chosen = evaluate.checkpoint_step(manager, which)
+    chosen = live.checkpoint_step(manager, which)
     expected = _arrays(checkpoint.read(manager, chosen, DEVICE))
     asked = _read_with(monkeypatch, lambda step: _saved(workdir, step, 100) if step == chosen else None)
-    step, tree = evaluate.read_checkpoint(manager, which, DEVICE)
+    step, tree = live.read_checkpoint(manager, which, DEVICE)
     assert asked == [chosen, 100] and step == 100
     assert all(np.array_equal(a, b) for a, b in zip(_arrays(tree), expected, strict=True))
 
@@ -87,7 +87,7 @@ def test_a_run_between_deleting_its_one_step_and_committing_the_next_is_waited_f
             threading.Timer(0.5, (tmp_path / "saving").rename, [checkpoints / "7"]).start()
 
     asked = _read_with(monkeypatch, between)
-    step, _ = evaluate.read_checkpoint(manager, "latest", DEVICE, grace=10)
+    step, _ = live.read_checkpoint(manager, "latest", DEVICE, grace=10)
     assert asked == [6, 7] and step == 7
 
 
@@ -95,8 +95,8 @@ def test_a_run_between_deleting_its_one_step_and_committing_the_next_is_waited_f
 def test_a_named_step_deleted_while_read_is_said_so(workdir, monkeypatch):
     manager = checkpoint.reader(epath.Path(workdir))
     _read_with(monkeypatch, lambda step: _saved(workdir, step, 100))
-    with pytest.raises(evaluate.StepDeleted, match="step 3 was deleted .* while it was being read"):
-        evaluate.read_checkpoint(manager, "3", DEVICE)
+    with pytest.raises(live.StepDeleted, match="step 3 was deleted .* while it was being read"):
+        live.read_checkpoint(manager, "3", DEVICE)
 
 
 @pytest.mark.slow
@@ -108,8 +108,8 @@ def test_a_step_whose_deletion_is_under_way_is_not_called_corrupt(workdir, monke
 
     manager = checkpoint.reader(epath.Path(workdir))
     _read_with(monkeypatch, failing)
-    with pytest.raises(evaluate.StepDeleted, match="step 3 was deleted"):
-        evaluate.read_checkpoint(manager, "3", DEVICE, grace=10)
+    with pytest.raises(live.StepDeleted, match="step 3 was deleted"):
+        live.read_checkpoint(manager, "3", DEVICE, grace=10)
 
 
 @pytest.mark.slow
@@ -123,7 +123,7 @@ def test_a_step_that_stays_and_fails_to_read_is_corrupt(workdir, monkeypatch, wh
     start = time.monotonic()
     with pytest.raises(checkpoint.CorruptCheckpoint,
                        match=f"checkpoint of step {step} .* is corrupt or unreadable .*Truncated Zstd"):
-        evaluate.read_checkpoint(manager, which, DEVICE, grace=0.5)
+        live.read_checkpoint(manager, which, DEVICE, grace=0.5)
     assert asked == [step]
     # The newest step is never deleted by the run: no wait before calling it corrupt.
     assert which != "latest" or time.monotonic() - start < 0.5
@@ -133,8 +133,8 @@ def test_a_step_that_stays_and_fails_to_read_is_corrupt(workdir, monkeypatch, wh
 def test_a_run_saving_faster_than_evaluate_reads_is_said_so_in_one_line(workdir, monkeypatch):
     _read_with(monkeypatch, lambda step: _saved(workdir, step, step + 1))
     manager = checkpoint.reader(epath.Path(workdir))
-    with pytest.raises(evaluate.SavingTooFast) as raised:
-        evaluate.read_checkpoint(manager, "latest", DEVICE)
+    with pytest.raises(live.SavingTooFast) as raised:
+        live.read_checkpoint(manager, "latest", DEVICE)
     message = str(raised.value)
     assert "is saving checkpoints faster than they can be read" in message and "checkpoint.keep" in message
     assert "\n" not in message
@@ -176,8 +176,8 @@ def _read_beside(workdir):
     """The step of one `read_checkpoint` of the latest step, as evaluate reads it; None where the
     run saved faster than it could be read."""
     try:
-        return evaluate.read_checkpoint(evaluate.reader(epath.Path(workdir)), "latest", DEVICE)[0]
-    except evaluate.SavingTooFast:
+        return live.read_checkpoint(live.reader(epath.Path(workdir)), "latest", DEVICE)[0]
+    except live.SavingTooFast:
         return None
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from resnet_jax import cpu
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 def test_the_flag_is_added_and_the_users_own_stand():

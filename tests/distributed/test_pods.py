@@ -3,14 +3,13 @@ process inside `jax.thread_guard(True)` (the main job sets it), the real command
 
 import os
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
 
 from resnet_jax.training import metrics
-from runs import REPO, assert_trees_close, environment, latest_params, main_command
+from runs import REPO, assert_trees_close, environment, free_port, latest_params, main_command
 
 pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
 
@@ -20,15 +19,9 @@ RUN = {"train.num_steps": 30, "checkpoint.every_steps": 5, "eval.every_steps": 3
 ENV = environment(devices=4)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def start(workdir, changes=({}, {})):
     """The command on two processes; `changes` are each one's own overrides."""
-    address = f"localhost:{_free_port()}"
+    address = f"localhost:{free_port()}"
     return [subprocess.Popen(
         main_command(workdir, f"--coordinator_address={address}", "--num_processes=2",
                      f"--process_id={i}", **{**RUN, **changes[i]}),

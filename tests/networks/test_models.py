@@ -172,7 +172,7 @@ def test_batch_norm_gradient_equals_differentiating_the_formula(group_size, dtyp
     # BN's backward pass is written by hand (layers.py); here JAX differentiates the textbook
     # forward pass, per group, and the two must agree for input, scale and bias.
     bn = models.BatchNorm(6, momentum=0.9, epsilon=1e-5, group_size=group_size,
-                                 zero_init=False, dtype=dtype, param_dtype="float32")
+                          zero_init=False, dtype=dtype, param_dtype="float32")
     bn.scale[...] = images((6,), seed=1) + 1
     bn.bias[...] = images((6,), seed=2)
     x = (images((4, 5, 3, 6)) * 3 + 2).astype(dtype)

@@ -78,7 +78,7 @@ from etils import epath
 from resnet_jax.data import pipeline, pixel_mean
 from resnet_jax.distributed import sharding
 from resnet_jax.training import evaluation
-sys.path.insert(0, "tests")
+sys.path[:0] = ["tests", "tests/data"]
 from test_pixel_mean import _config, evaluate
 config = _config(sys.argv[3], 2)
 pixel_mean.load(config, epath.Path(sys.argv[4]))
@@ -96,8 +96,8 @@ def evaluate(config, mesh):
     model.eval()
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     state = jax.device_put(steps.TrainState(step=0, params=params, batch_stats=stats,
-                                             opt_state=(), train_metrics=None, skipped=0),
-                            sharding.replicated(mesh))
+                                            opt_state=(), train_metrics=None, skipped=0),
+                           sharding.replicated(mesh))
     return evaluation.evaluate(evaluation.eval_function(graphdef, config, mesh), state, config, mesh)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import test_pods
-from runs import REPO, main_command
+from runs import REPO, free_port, main_command
 
 pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
 
@@ -39,7 +39,7 @@ def _child(pid: int) -> int:
 # 0 hosts JAX's coordination service: there JAX's client aborts the survivor itself.
 @pytest.mark.parametrize("victim, killed", [(1, "run"), (0, "run"), (1, "launched")])
 def test_a_dead_peer_ends_the_survivor_in_one_line(tmp_path, victim, killed):
-    address = f"localhost:{test_pods._free_port()}"
+    address = f"localhost:{free_port()}"
     processes = [subprocess.Popen(
         main_command(tmp_path, f"--coordinator_address={address}", "--num_processes=2",
                      f"--process_id={i}", **RUN),

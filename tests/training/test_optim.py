@@ -50,7 +50,7 @@ def test_step_schedule_warms_up_linearly_then_divides_at_the_same_epochs():
 
 
 # cifar.py's ResNet-110 warms up until a training error (optim.rate_in_use,
-# tests/test_warmup_until_error.py), outside the schedule; preact_cifar's for a fixed 400 steps.
+# tests/training/test_warmup_until_error.py), outside the schedule; preact_cifar's for a fixed 400 steps.
 @pytest.mark.parametrize("get_config, depth, first", [(cifar.get_config, 56, 0.1),
                                                       (cifar.get_config, 110, 0.1),
                                                       (preact_cifar.get_config, 110, 0.01)])
@@ -110,7 +110,7 @@ def test_weight_decay_l2_passes_through_momentum_and_spares_bn():
 
 
 PAPER_CONFIGS = [m.get_config for m in (resnet18, resnet34, resnet50, resnet101, resnet152,
-                                         resnet200, plain18, plain34)] + [
+                                        resnet200, plain18, plain34)] + [
     lambda: cifar.get_config("depth=110"), lambda: cifar.get_config("depth=56,plain=True"),
     lambda: preact_cifar.get_config("depth=164")]
 

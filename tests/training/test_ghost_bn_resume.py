@@ -62,7 +62,7 @@ def test_a_ghost_bn_run_resumes_on_another_device_count(tmp_path, uninterrupted,
     result = run_main(tmp_path, devices=devices, **GHOST)
     assert "Restored the checkpoint of step" in result.stderr
     resumed, whole = final_state(tmp_path), final_state(uninterrupted)
-    # The tolerance of tests/test_train.py's eight devices against one, for ghost BN.
+    # The tolerance of tests/training/test_train.py's eight devices against one, for ghost BN.
     for part in ("params", "batch_stats"):
         assert_trees_close(resumed[part], whole[part], rtol=1e-4, atol=1e-5)
     assert [leaf.shape[-2] for leaf in _leaves(resumed["device_stats"])][0] == devices

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from resnet_jax.data import pipeline
-from runs import REPO, environment, main_command
+from runs import REPO, environment, free_port, main_command
 
 
 def _config(root, **fields):
@@ -188,17 +188,16 @@ def test_data_on_device_refuses_a_class_with_no_training_images(tmp_path):
 def test_an_eval_image_that_does_not_decode_on_one_process_stops_every_process(tmp_path):
     # Process 1's pass raised after its last batch while process 0 went on to the next
     # collective, and waited there for a process that was leaving.
-    import test_pods  # pylint: disable=import-outside-toplevel
 
     root = _folder(tmp_path / "images", {"train": {"ant": 4, "bee": 4}, "test": {"ant": 2, "bee": 2}})
     (root / "test" / "bee" / "broken.jpg").write_bytes(b"")
-    address = f"localhost:{test_pods._free_port()}"
+    address = f"localhost:{free_port()}"
     processes = [subprocess.Popen(
         main_command(tmp_path / "run", f"--coordinator_address={address}", "--num_processes=2",
                      f"--process_id={i}", **{"data.name": f"imagefolder:{root}",
                                              "data.num_classes": 2, "train.batch_size": 8,
                                              "eval.batch_size": 8}),
-        cwd=REPO, env=test_pods.ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, env=environment(devices=4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     try:
         lasts = [p.communicate(timeout=300)[1].strip().splitlines()[-1] for p in processes]

@@ -44,8 +44,8 @@ def test_augmentation_pads_with_zeros_crops_within_the_padding_and_flips():
     np.testing.assert_array_equal(got, _numpy_pad_crop_flip(images, dy, dx, flip, p))
     # The top-left crop unflipped: p rows and columns of zeros.
     np.testing.assert_array_equal(on_device.pad_crop_flip(images[:1], np.zeros(1, int),
-                                                            np.zeros(1, int), np.zeros(1, bool),
-                                                            p)[0, :p], 0)
+                                                          np.zeros(1, int), np.zeros(1, bool),
+                                                          p)[0, :p], 0)
 
     # The whole augmentation: normalised first, so the padding is the mean.
     s = preprocess.settings(dict(on_device=True, train_preprocess="cifar", eval_preprocess="none",
@@ -142,7 +142,7 @@ def test_eval_slices_cover_the_split_once_in_as_many_batches_on_every_process():
     count = []
     for index in range(3):
         batches = list(on_device.eval_iterator(config, batch_size=64, process_index=index,
-                                                 process_count=3))
+                                               process_count=3))
         count.append(len(batches))
         assert all(b["image"].shape == (64, 8, 8, 3) and b["image"].dtype == np.uint8
                    for b in batches)

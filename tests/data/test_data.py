@@ -127,13 +127,13 @@ def _file_shades(data_dir):
 
 def test_info_of_each_source(folder, tiny_tfds):
     assert pipeline.info(_config(name="digits", image_size=16)) == pipeline.DataInfo(10, 1497, 300,
-                                                                              (16, 16, 3))
+                                                                                     (16, 16, 3))
     assert pipeline.info(_config(name="fake", image_size=20, num_classes=7, fake_num_train=50,
-                             fake_num_eval=9)) == pipeline.DataInfo(7, 50, 9, (20, 20, 3))
+                                 fake_num_eval=9)) == pipeline.DataInfo(7, 50, 9, (20, 20, 3))
     assert pipeline.info(_config(name=f"imagefolder:{folder}", image_size=24)) == pipeline.DataInfo(
         3, 21, 9, (24, 24, 3))
     assert pipeline.info(_config(name="tiny_jpeg_images", data_dir=tiny_tfds, image_size=12,
-                             train_split="train[:20]")) == pipeline.DataInfo(3, 20, 10, (12, 12, 3))
+                                 train_split="train[:20]")) == pipeline.DataInfo(3, 20, 10, (12, 12, 3))
     config = _config(name=f"imagefolder:{folder}", eval_split="train[:5]+test")
     assert pipeline.info(config).num_eval == 14
 
@@ -267,7 +267,7 @@ def test_process_slices_are_disjoint_and_cover_the_split(ident, processes):
     seen = []
     for k in range(processes):
         it = pipeline.train_iterator(config, batch_size=sizes[k], seed=0, process_index=k,
-                                 process_count=processes)
+                                     process_count=processes)
         first, second = _ids(next(it)), _ids(next(it))
         assert sorted(first) == sorted(second)  # each process repeats its own slice
         seen.append(set(first))
@@ -325,7 +325,7 @@ def _streamed(data_dir, shuffle_buffer, **fields):
 def _stream(config, start, count, process_index=0, process_count=1):
     """The example numbers at stream positions start .. start + count - 1."""
     it = pipeline.train_iterator(config, batch_size=1, seed=5, start_step=start,
-                             process_index=process_index, process_count=process_count)
+                                 process_index=process_index, process_count=process_count)
     return [_shades(next(it))[0] for _ in range(count)]
 
 
@@ -450,7 +450,7 @@ def test_a_corrupt_tfds_record_is_named_by_its_key(six_files, corrupt_tfds, capl
 def test_cut_keeps_files_whole_where_they_fit():
     pieces = [("a", 2, 3), ("b", 0, 4), ("c", 0, 9), ("d", 0, 1)]
     assert pipeline._cut(pieces, 4) == [[("a", 2, 3)], [("b", 0, 4)], [("c", 0, 4)], [("c", 4, 4)],
-                                    [("c", 8, 1), ("d", 0, 1)]]
+                                        [("c", 8, 1), ("d", 0, 1)]]
     assert pipeline._cut(pieces, 100) == [pieces]
 
 
@@ -467,7 +467,7 @@ def _eval_ids(config, batch_size, processes):
     per_process = []
     for k in range(processes):
         batches = list(pipeline.eval_iterator(config, batch_size=batch_size, process_index=k,
-                                          process_count=processes))
+                                              process_count=processes))
         ids = [b["label"][b["mask"]] for b in batches]
         per_process.append((len(batches), np.concatenate(ids) if ids else np.zeros(0, int)))
     return per_process
@@ -529,7 +529,7 @@ def test_missing_tfds_data_set_says_how_to_prepare_it(tmp_path):
     assert "\n" not in message and info.value.__cause__ is None
     with pytest.raises(pipeline.DatasetNotFoundError) as info:
         pipeline.train_iterator(_config(name="imagenet2012", data_dir=str(tmp_path)), batch_size=2,
-                            seed=0)
+                                seed=0)
     message = str(info.value)
     assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
     assert os.path.join(str(tmp_path), "downloads", "manual") in message
@@ -665,7 +665,7 @@ def test_multi_scale_counts_each_image_once_in_the_class_of_its_shape(shaped, pr
     seen = []
     for k in range(processes):
         for batch in pipeline.multi_scale_iterator(config, batch_sizes=(2,) * 25, process_index=k,
-                                               process_count=processes):
+                                                   process_count=processes):
             ids = batch["views"][0][:, 0, 0, 0][batch["mask"]].astype(int)
             for i, label in zip(ids, batch["label"][batch["mask"]]):
                 h, w = SHAPES[i % len(SHAPES)]

@@ -23,7 +23,7 @@ from flax import nnx
 from benchmarks import collectives
 from configs import default
 from resnet_jax import layers, models
-from resnet_jax.training import metrics, optim
+from resnet_jax.training import metrics, optim, steps
 from runs import REPO, environment
 
 BATCH = 32
@@ -49,7 +49,7 @@ def _one_step(dtype: str, batch: dict[str, np.ndarray]):
 
 
 @pytest.fixture(scope="module")
-def steps():
+def one_step_each():
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((BATCH, 32, 32, 3), np.float32),
              "label": rng.integers(0, 10, BATCH).astype(np.int32)}
@@ -57,8 +57,8 @@ def steps():
 
 
 @pytest.mark.slow
-def test_bfloat16_step_is_close_to_the_float32_step(steps):
-    (low_loss, low, _), (high_loss, high, _) = steps["bfloat16"], steps["float32"]
+def test_bfloat16_step_is_close_to_the_float32_step(one_step_each):
+    (low_loss, low, _), (high_loss, high, _) = one_step_each["bfloat16"], one_step_each["float32"]
     assert np.isfinite(low).all() and np.isfinite(high).all()
     # Measured on the CPU (2026-12-02): losses 3.5014 and 3.5009; the updates' cosine 0.995, their
     # difference 10% of the float32 update's norm (bfloat16's 8-bit mantissa, through 20 layers).
@@ -69,10 +69,10 @@ def test_bfloat16_step_is_close_to_the_float32_step(steps):
 
 
 @pytest.mark.slow
-def test_bfloat16_step_keeps_float32_state(steps):
+def test_bfloat16_step_keeps_float32_state(one_step_each):
     # Only the compute is bfloat16: parameters, optimizer state, BN statistics and the loss window
     # stay float32, so that small updates are not rounded away.
-    *_, state = steps["bfloat16"]
+    *_, state = one_step_each["bfloat16"]
     floats = {leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state,
                                                       state.batch_stats, state.train_metrics))
               if jnp.issubdtype(leaf.dtype, jnp.floating)}

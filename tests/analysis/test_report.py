@@ -17,7 +17,7 @@ from flax import nnx
 
 from configs import cifar, plain34, resnet34
 from resnet_jax import flops, models, report
-from resnet_jax.analysis import layer_responses, paper_results
+from resnet_jax.analysis import figures, layer_responses, paper_results, tables
 from resnet_jax.data import preprocess
 from resnet_jax.training import metrics
 import runs
@@ -106,8 +106,8 @@ def test_table_has_a_row_per_run_with_its_numbers(workdirs, tmp_path):
     lines = md.read_text().splitlines()
     assert "plain-8" in lines[2] and "ResNet-8" in lines[3] and lines[4] == ""
     assert "| 6 of 6 |" in lines[3]
-    assert report.display_name("cifar_plain20") == "plain-20"
-    assert report.display_name("resnet152") == "ResNet-152"
+    assert tables.display_name("cifar_plain20") == "plain-20"
+    assert tables.display_name("resnet152") == "ResNet-152"
 
 
 @pytest.mark.slow
@@ -200,7 +200,7 @@ def test_curves_ticks_labels_and_files(tmp_path, capsys):
     runs_here = {w: metrics.read_rows(w) for w in (
         _written_run(tmp_path / "plain", _digits(**{"model.name": "cifar_plain8"}), 6),
         _written_run(tmp_path / "resnet", _digits(), 6))}
-    fig = report.plot_curves(runs_here)
+    fig = figures.plot_curves(runs_here)
     plain, resnet = fig.axes
     assert (plain.get_title(), resnet.get_title()) == ("plain networks", "ResNets")
     assert "digits" in fig.get_suptitle() and "test split" in fig.get_suptitle()
@@ -210,19 +210,19 @@ def test_curves_ticks_labels_and_files(tmp_path, capsys):
         assert keys[-2:] == ["training error (train)", "eval error (test)"]
     assert plain.get_ylabel() == "top-1 error (%)"
     out = tmp_path / "curves.png"
-    written = report.save(fig, out, pdf=True)
+    written = figures.save(fig, out, pdf=True)
     assert written == [str(out), str(tmp_path / "curves.pdf")]
     height, width = matplotlib.image.imread(str(out)).shape[:2]
-    assert (width, height) == tuple(round(s * report.DPI) for s in fig.get_size_inches())
-    assert report.DPI >= 150 and (tmp_path / "curves.pdf").read_bytes().startswith(b"%PDF")
+    assert (width, height) == tuple(round(s * figures.DPI) for s in fig.get_size_inches())
+    assert figures.DPI >= 150 and (tmp_path / "curves.pdf").read_bytes().startswith(b"%PDF")
     assert _report("curves", *runs_here, "--out", str(out), "--pdf") == 0
     assert capsys.readouterr().out == f"wrote {out}\nwrote {tmp_path / 'curves.pdf'}\n"
 
 
 def test_response_and_lesion_figures_count_in_integers_and_name_blocks():
-    fig = report.plot_responses({"plain-8": [1.0, 0.8, 0.9, 0.7, 0.75, 0.6, 0.5],
+    fig = figures.plot_responses({"plain-8": [1.0, 0.8, 0.9, 0.7, 0.75, 0.6, 0.5],
                                  "ResNet-8": [1.0, 0.5, 0.4, 0.3, 0.35, 0.2, 0.25]},
-                                "digits, test split, first 40 images")
+                                 "digits, test split, first 40 images")
     for ax in fig.axes:
         assert _integers(ax.get_xticks()) and ax.get_xlabel().startswith("3x3 layer")
         assert "std" in ax.get_ylabel() and ax.get_legend() is not None
@@ -231,7 +231,7 @@ def test_response_and_lesion_figures_count_in_integers_and_name_blocks():
         baseline=10.0, names=["stage1.0", "stage2.0", "stage3.0"], downsamples=[False, True, True],
         single=[12.0, 30.0, 25.0], random={1: [12.0, 30.0], 2: [40.0, 35.0], 3: [60.0, 60.0]})
     plain = dataclasses.replace(study, single=[15.0, None, None])
-    blocks, count = report.plot_lesion({"ResNet-8": study, "plain-8": plain}, "digits, test split")
+    blocks, count = figures.plot_lesion({"ResNet-8": study, "plain-8": plain}, "digits, test split")
     (ax,) = blocks.axes
     assert [t.get_text() for t in ax.get_xticklabels()] == ["stage1.0", "stage2.0", "stage3.0"]
     assert ax.get_ylabel() == "top-1 eval error (%)" and "digits, test split" in ax.get_title()
@@ -371,22 +371,22 @@ def test_every_figure_fits_its_texts_and_draws_every_series(tmp_path):
     # right, and a run with one eval point had no eval curve although the legend named it.
     folder = f"imagefolder:{tmp_path / 'a' / 'rather' / 'long' / 'path' / 'to' / 'my images'}"
     one_eval = [{"step": 2, "train_accuracy": 0.5}, {"step": 4, "train_accuracy": 0.6,
-                                                      "eval_accuracy": 0.55}]
+                                                     "eval_accuracy": 0.55}]
     plain = _written_run(tmp_path / "plain", _digits(**{"model.name": "cifar_plain8",
                                                         "data.name": folder}), 4, rows=one_eval)
     resnet = _written_run(tmp_path / "resnet", _digits(**{"data.name": folder}), 8)
-    fig = report.plot_curves({w: metrics.read_rows(w) for w in (plain, resnet)})
+    fig = figures.plot_curves({w: metrics.read_rows(w) for w in (plain, resnet)})
     assert "image folder 'my images'" in fig.get_suptitle() and str(tmp_path) not in fig.get_suptitle()
     assert _inside(fig) == []
     lone = [line for line in fig.axes[0].get_lines() if len(line.get_xdata()) == 1]
     assert lone and all(line.get_marker() == "o" for line in lone)  # the eval point, drawn
     where = f"{folder}, test split, first 40 images"
-    fig = report.plot_responses({"plain-8": [1.0, 0.8, 0.9], "ResNet-8": [1.0, 0.5, 0.4]}, where)
+    fig = figures.plot_responses({"plain-8": [1.0, 0.8, 0.9], "ResNet-8": [1.0, 0.5, 0.4]}, where)
     assert _inside(fig) == []
     study = layer_responses.LesionStudy(baseline=10.0, names=["stage1.0", "stage2.0"],
-                                 downsamples=[False, True], single=[12.0, 30.0],
-                                 random={1: [12.0, 30.0], 2: [40.0, 35.0]})
-    for fig in report.plot_lesion({"ResNet-8": study}, where):
+                                        downsamples=[False, True], single=[12.0, 30.0],
+                                        random={1: [12.0, 30.0], 2: [40.0, 35.0]})
+    for fig in figures.plot_lesion({"ResNet-8": study}, where):
         assert _inside(fig) == []
 
 

@@ -238,7 +238,7 @@ def test_a_failed_save_in_flight_leaves_nothing_when_another_writer_stops_the_ru
 
     monkeypatch.setattr(metrics.JsonlWriter, "write_scalars", write_scalars)
     with pytest.raises(loop.TrainingError, match=rf"^writing the metrics of step 4 failed \(OSError: "
-                                                  rf"\[Errno 28\] {FULL}\); {NONE}"):
+                       rf"\[Errno 28\] {FULL}\); {NONE}"):
         loop.train_and_evaluate(small_config(), str(tmp_path))
     assert not half_written(tmp_path)
 

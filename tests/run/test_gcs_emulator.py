@@ -21,7 +21,7 @@ from etils import epath
 
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_epath_files(gcs_bucket):
@@ -149,12 +149,12 @@ def test_compilation_cache(gcs_bucket, compilation_cache):
 
 # What the main job does, in a fresh process that gets only the environment.
 _SUBPROCESS = textwrap.dedent("""
-    import json, sys, time
+    import json, os, sys, time
     start = time.monotonic()
     import jax, jax.numpy as jnp, numpy as np
     import orbax.checkpoint as ocp
     from etils import epath
-    sys.path.insert(0, sys.argv[2])
+    sys.path[:0] = [sys.argv[2], os.path.dirname(sys.argv[2])]  # this file, and tests/ above it
     from test_gcs_emulator import _checkpoint_manager, _state
     bucket = sys.argv[1]
     jax.config.update("jax_compilation_cache_dir", bucket + "/cache")
