@@ -49,6 +49,18 @@ def xla_compiles():
     jax.monitoring.unregister_event_duration_listener(listen)
 
 
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A finished small run of the real command (runs.SMALL: steps 1-6, an eval and a checkpoint
+    every 3), trained once per test process and shared by the files that need one: a test only
+    reads it, or changes a copy of it."""
+    import runs  # pylint: disable=import-outside-toplevel  (beside this file)
+
+    workdir = tmp_path_factory.mktemp("finished_run")
+    runs.run_main(workdir)
+    return workdir
+
+
 def pytest_sessionfinish(session):
     if _MADE_CACHE and not hasattr(session.config, "workerinput"):  # the process that made it
         shutil.rmtree(_MADE_CACHE, ignore_errors=True)

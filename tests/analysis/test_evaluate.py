@@ -26,11 +26,9 @@ def _evaluate(*flags, expect=0):
     return result
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    runs.run_main(workdir)  # 6 steps, an eval and a checkpoint every 3
-    return workdir
+@pytest.fixture
+def run(finished_run):
+    return finished_run
 
 
 def _evals(workdir):

@@ -23,11 +23,9 @@ EVALUATE = [sys.executable, "-m", "resnet_jax.evaluate"]
 DEVICE = jax.sharding.make_single_device_sharding(jax.devices()[0])
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    runs.run_main(workdir)  # 6 steps, a checkpoint every 3: steps 3 and 6 kept
-    return workdir
+@pytest.fixture
+def finished(finished_run):
+    return finished_run
 
 
 @pytest.fixture

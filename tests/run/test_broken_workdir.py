@@ -11,15 +11,12 @@ import pytest
 from etils import epath
 
 from resnet_jax.run import jsonl, validate
-from runs import REPO, environment, main_command, run_main, small_config
+from runs import REPO, environment, main_command, small_config
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished small run (steps 1-6, checkpoints 3 and 6) that the cases copy."""
-    workdir = tmp_path_factory.mktemp("finished")
-    run_main(workdir)
-    return workdir
+@pytest.fixture
+def finished(finished_run):
+    return finished_run
 
 
 def _killed_copy(finished, destination):

@@ -18,11 +18,9 @@ from resnet_jax.analysis import figures
 from resnet_jax.training import interrupt, preemption
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    runs.run_main(workdir)
-    return workdir
+@pytest.fixture
+def run(finished_run):
+    return finished_run
 
 
 def _interrupted(command, when):

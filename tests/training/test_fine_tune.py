@@ -12,9 +12,8 @@ from flax import nnx
 
 import runs
 from resnet_jax import models
-from resnet_jax.analysis import layer_responses
 from resnet_jax.run import checkpoint
-from resnet_jax.training import fine_tune, loop
+from resnet_jax.training import fine_tune, loop, steps
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def trained(tmp_path_factory):
 
 def saved_weights(workdir):
     _, state = checkpoint.read_latest(str(workdir))
-    return layer_responses.with_weights(models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0)),
+    return steps.with_weights(models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0)),
                                         checkpoint.pure(state))
 
 
