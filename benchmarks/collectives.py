@@ -3,7 +3,7 @@
     python -m benchmarks.collectives [--model resnet50] [--batch-size 256] [--image-size 224] \\
         [--dtype bfloat16] [--devices 8] [--bn-group-size none 32] [--json]
 
-The step is `resnet_jax.train.train_step` on simulated CPU devices with the batch sharded over
+The step is `resnet_jax.training.steps.train_step` on simulated CPU devices with the batch sharded over
 them, as `benchmarks.train_step` builds it, with the GPU/TPU convolutions (conv_weight_grad
 "xla"); nothing runs. Compiled on the CPU, it is read right after XLA's SPMD partitioner, which
 inserts the collectives, and before the CPU backend's own passes (the CPU cannot all-reduce

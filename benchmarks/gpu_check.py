@@ -339,7 +339,7 @@ def run_cifar(args, report, seconds_left: float) -> bool:
     finished = threading.Event()
 
     def guard():
-        # At the deadline, the run's own preemption path: SIGTERM, a save, train.Preempted. Sent
+        # At the deadline, the run's own preemption path: SIGTERM, a save, preemption.Preempted. Sent
         # again every few seconds in case the first came before the run had set its handler.
         # (A signal, not a JAX operation, on this thread.)
         if not finished.wait(max(0.0, seconds_left - STOP_MARGIN)):

@@ -3,9 +3,9 @@
     python -m benchmarks.train_loop --model resnet50 --batch-size 16 --image-size 224 \\
         --data fake [--preprocess paper] [--steps N] [--data-dir DIR] [--json]
 
-Batches come from `data.train_iterator` through `sharding.prefetch` (host batch -> global array,
-two batches made ahead on a thread), as in `train.train_and_evaluate`; the step is the one
-`benchmarks.train_step` builds from `train.train_step`. After one warm-up step (the compile),
+Batches come from `pipeline.train_iterator` through `sharding.prefetch` (host batch -> global array,
+two batches made ahead on a thread), as in `loop.train_and_evaluate`; the step is the one
+`benchmarks.train_step` builds from `steps.train_step`. After one warm-up step (the compile),
 each step is timed in two parts: waiting for `next(batches)`, and the step itself to
 completion. `data_wait_fraction` is the waiting time over the total.
 """

@@ -175,11 +175,11 @@ def memory(compiled) -> dict[str, int]:
 
 
 def _bind_train_step(values: dict[str, Any]):
-    """train.train_step with every argument but (state, batch) bound, by name."""
+    """steps.train_step with every argument but (state, batch) bound, by name."""
     names = [n for n in inspect.signature(steps.train_step).parameters if n not in ("state", "batch")]
     missing = [n for n in names if n not in values]
     if missing:
-        raise SystemExit(f"error: train.train_step takes {missing[0]!r}, which this harness does not know")
+        raise SystemExit(f"error: steps.train_step takes {missing[0]!r}, which this harness does not know")
     bound = {n: values[n] for n in names}
 
     def step(state, batch):
@@ -189,7 +189,7 @@ def _bind_train_step(values: dict[str, Any]):
 
 
 def _initial_state(params, batch_stats, tx) -> steps.TrainState:
-    """A TrainState at step 0, as train.train_and_evaluate makes it; each field by name."""
+    """A TrainState at step 0, as loop.train_and_evaluate makes it; each field by name."""
     known = {
         "step": lambda: jnp.zeros((), jnp.int32), "params": lambda: params,
         "batch_stats": lambda: batch_stats, "opt_state": lambda: tx.init(params),
@@ -199,7 +199,7 @@ def _initial_state(params, batch_stats, tx) -> steps.TrainState:
     fields = [f.name for f in dataclasses.fields(steps.TrainState)]
     unknown = [name for name in fields if name not in known]
     if unknown:
-        raise SystemExit(f"error: train.TrainState has a field {unknown[0]!r} this harness does not know")
+        raise SystemExit(f"error: steps.TrainState has a field {unknown[0]!r} this harness does not know")
     return steps.TrainState(**{name: known[name]() for name in fields})
 
 

@@ -25,7 +25,7 @@ config ((x - mean) / std, the per-pixel mean image when `subtract_pixel_mean`), 
 `"none"` normalises only.
 
 Eval: the eval split is decoded once into host memory; each evaluation sends it, per process a
-contiguous slice in padded batches with a mask (as `data.eval_iterator`), as uint8, normalised
+contiguous slice in padded batches with a mask (as `pipeline.eval_iterator`), as uint8, normalised
 inside the eval step.
 """
 
@@ -114,7 +114,7 @@ def _split_rows(spec: str, sizes: dict[str, int]) -> list[tuple[str, int, int]]:
 
 @functools.lru_cache(maxsize=None)
 def _digits(image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The split of `data._digits_table`, the same 1,497 / 300 rows, resized as it resizes."""
+    """The split of `pipeline._digits_table`, the same 1,497 / 300 rows, resized as it resizes."""
     from sklearn import datasets, model_selection  # pylint: disable=import-outside-toplevel
 
     digits = datasets.load_digits()
@@ -222,7 +222,7 @@ class _Source:
                              f"{', '.join(builder.info.splits)}): {e}") from None
 
     def check_classes(self) -> None:
-        """`data.check_classes` for digits and image folders, from their labels (nothing
+        """`pipeline.check_classes` for digits and image folders, from their labels (nothing
         decoded); TFDS's class count is its builder's."""
         if self.name == "digits":
             splits = _digits(self.image_size)
@@ -265,7 +265,7 @@ class _Source:
 
 
 def info(config) -> pipeline.DataInfo:
-    """`data.info` for data.on_device=True; raises ValueError (one line) for what it cannot hold:
+    """`pipeline.info` for data.on_device=True; raises ValueError (one line) for what it cannot hold:
     another source, a train split of more than MAX_BYTES decoded. Decodes nothing."""
     s = preprocess.settings(config)
     source = _Source(config)
@@ -470,7 +470,7 @@ def eval_normaliser(config):
 def eval_iterator(config, *, batch_size: int, process_index: int = 0,
                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """One pass over this process's contiguous slice of the decoded eval split, uint8, in padded
-    batches with a mask; every process yields as many batches (`data.eval_iterator`'s contract)."""
+    batches with a mask; every process yields as many batches (`pipeline.eval_iterator`'s contract)."""
     images, labels = split_arrays(config, train=False)
     starts, ends = pipeline._bounds(len(labels), process_count)  # pylint: disable=protected-access
     num_batches = -(-max(e - s for s, e in zip(starts, ends)) // batch_size)

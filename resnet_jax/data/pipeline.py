@@ -69,7 +69,7 @@ try:
     import tensorflow as tf
     import tensorflow_datasets as tfds
 except ModuleNotFoundError as error:
-    # data.on_device=True reads digits and image folders without them (device_data.py), and
+    # data.on_device=True reads digits and image folders without them (on_device.py), and
     # takes `DataInfo` and `_bounds` from here; everything else here needs them.
     if error.name not in ("tensorflow", "tensorflow_datasets"):
         raise
@@ -954,7 +954,7 @@ def multi_scale_iterator(config, *, batch_sizes, process_index: int = 0,
     "views": one (batch, h, w, 3) array per scale, "label", "mask"}, each class's last batch
     padded (mask False). Batches come by class, not in the split's order; every image of the
     slice is in exactly one batch. Processes yield different numbers of batches (their classes
-    fill differently), so the steps run on each process's own devices (`train.evaluate`).
+    fill differently), so the steps run on each process's own devices (`evaluation.evaluate`).
 
     Memory: tf.data holds up to one batch less one image of each of the 25 shape classes while
     the class fills, beside the batches in flight.

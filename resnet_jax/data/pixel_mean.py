@@ -17,10 +17,10 @@ from resnet_jax.run import paths
 def load(config: Any, workdir: epath.Path | None) -> None:
     """The per-pixel mean image of Sec. 3.4 ("the per-pixel mean subtracted", from AlexNet) and
     4.2, made once per workdir and the same on every process, for `data` to subtract
-    (`data.use_pixel_mean`). Process 0 looks for WORKDIR/pixel_mean_<digest>.npy and broadcasts
+    (`pipeline.use_pixel_mean`). Process 0 looks for WORKDIR/pixel_mean_<digest>.npy and broadcasts
     what it finds, so every process takes the same branch and holds the same image; where there
     is none, each process sums its own slice of the training split, the sums are all-gathered and
-    combined alike on every process, and process 0 writes the file (whole: `workdir.write_bytes`).
+    combined alike on every process, and process 0 writes the file (whole: `paths.write_bytes`).
     workdir=None: made, and kept nowhere.
 
     The mean is of the whole training images each resized to image_size x image_size, and is
@@ -29,7 +29,7 @@ def load(config: Any, workdir: epath.Path | None) -> None:
     of 256 x 256 images instead, which differs from it by the images' borders' share of it.
     """
     if not config.data.get("subtract_pixel_mean", False) or on_device.enabled(config.data):
-        return  # data.on_device makes its own (device_data.pixel_mean)
+        return  # data.on_device makes its own (on_device.pixel_mean)
     path = workdir / pipeline.pixel_mean_file(config.data) if workdir else None
     size = preprocess.settings(config.data).image_size
     first = jax.process_index() == 0 and path is not None

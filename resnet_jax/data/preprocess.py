@@ -1,7 +1,7 @@
-"""Image preprocessing for the tf.data pipelines of `data.py`.
+"""Image preprocessing for the tf.data pipelines of `pipeline.py`.
 
 Every function here works on one example inside `tf.data.Dataset.map` and is deterministic given
-its key: random choices use stateless ops keyed by an int64 pair that `data.py` derives from
+its key: random choices use stateless ops keyed by an int64 pair that `pipeline.py` derives from
 (seed, process, position in the stream), so crops and flips do not depend on tf.data's parallelism
 and a restarted run redraws exactly what an uninterrupted run drew.
 
@@ -31,7 +31,7 @@ import numpy as np
 
 try:
     import tensorflow as tf
-except ModuleNotFoundError as error:  # data.on_device=True needs only `settings` (device_data.py)
+except ModuleNotFoundError as error:  # data.on_device=True needs only `settings` (on_device.py)
     if error.name != "tensorflow":
         raise
     tf = None
@@ -42,7 +42,7 @@ MANY_VIEWS = ("ten_crop", "multi_scale")  # several views of each eval image, no
 # "uint8": pixels, normalised on the devices (`device_inputs.normaliser`).
 DTYPES = ({"float32": tf.float32, "bfloat16": tf.bfloat16, "uint8": tf.uint8} if tf is not None
           else dict.fromkeys(("float32", "bfloat16", "uint8")))
-# data.on_device=True: what the train step can do to the images it gathers (device_data.py).
+# data.on_device=True: what the train step can do to the images it gathers (on_device.py).
 ON_DEVICE_TRAIN_PREPROCESS = ("cifar", "none")
 RESIZE_METHODS = ("bilinear", "bicubic", "area", "nearest")
 
@@ -106,7 +106,7 @@ class Settings:
     antialias: bool
     eval_scales: tuple[int, ...] = EVAL_SCALES  # multi_scale: the shorter sides tested
     # data.on_device: the train split decoded once into device memory, each step's batch
-    # gathered and augmented inside the jitted step (device_data.py). Not `on_device` below.
+    # gathered and augmented inside the jitted step (on_device.py). Not `on_device` below.
     in_device_memory: bool = False
 
     @property

@@ -10,8 +10,10 @@ Each checkpoint carries a checksum of every array it holds (checksums.py), in it
 and a restore compares them.
 """
 
+import errno
 import json
 import os
+import time
 import traceback
 from typing import Any, Callable
 
@@ -152,6 +154,22 @@ def _cause(error: BaseException) -> BaseException:
     return error
 
 
+REMOVE_ATTEMPTS = 5
+
+
+def remove_tree(path: epath.Path, attempts: int = REMOVE_ATTEMPTS) -> None:
+    """`path.rmtree()`, tried again while it finds files it did not list: a failed save's other
+    writer threads may still be adding files after orbax has reported the failure."""
+    for attempt in range(attempts):
+        try:
+            path.rmtree()
+            return
+        except OSError as error:
+            if error.errno != errno.ENOTEMPTY or attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * 2**attempt)
+
+
 def _remove_temporary(manager: ocp.CheckpointManager) -> list[int]:
     """Removes what failed saves left (process 0) and returns their steps: a step's temporary
     directory on a local disk, an uncommitted step in a bucket (orbax's test of either), so that a
@@ -165,7 +183,7 @@ def _remove_temporary(manager: ocp.CheckpointManager) -> list[int]:
             if name.isdigit() and ocp.step.is_path_temporary(path):
                 steps.append(int(name))
                 if jax.process_index() == 0:
-                    path.rmtree()
+                    remove_tree(path)
                     logging.info("Removed %s, left by the failed save.", path)
     except Exception as error:  # a disk that fails even this: the save's error is the one to see
         logging.warning("Could not remove the temporary directories in %s (%s)", manager.directory, error)

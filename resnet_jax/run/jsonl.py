@@ -11,7 +11,7 @@ JSONL = "metrics.jsonl"
 
 def parse(lines: list[str], path: epath.Path) -> list[dict[str, float]]:
     """The rows of `lines`, each a JSON object with a step. The file is always written whole
-    (`workdir.write_text`), so any other line, the last one too, is corruption: ValueError
+    (`paths.write_text`), so any other line, the last one too, is corruption: ValueError
     naming the path and the line."""
     rows = []
     for number, line in enumerate(lines, start=1):

@@ -1,7 +1,7 @@
 """One run per workdir: process 0 holds WORKDIR/lock.json for the whole run.
 
 Two runs on one workdir (a relaunch while the old job still runs, a copied command) would both
-write its checkpoints and metrics.jsonl. The lock is created atomically (`workdir.create_new`:
+write its checkpoints and metrics.jsonl. The lock is created atomically (`paths.create_new`:
 O_EXCL on a local disk, a create-only put in a bucket) and names its holder's host, pid and
 start time. A thread refreshes its time every `REFRESH_SECONDS` (file writes only, no JAX
 operation). A second run refuses in one line naming the holder. A lock is taken over, said in
@@ -97,7 +97,7 @@ def _judge_unreadable(path: epath.Path, stale_seconds: float) -> tuple[str, str]
 
 
 def _create(path: epath.Path, text: str) -> bool:
-    """`workdirs.create_new`; where it fails (a full disk), what it wrote of `text` is removed,
+    """`paths.create_new`; where it fails (a full disk), what it wrote of `text` is removed,
     lest it keep the next run out: no other run writes this run's text."""
     try:
         return paths.create_new(path, text)

@@ -42,7 +42,7 @@ class TrainState:
 
 def with_weights(model: nnx.Module, state: dict[str, Any]) -> nnx.Module:
     """`model` holding a checkpoint's weights (`checkpoint.pure`'s dicts). Its "batch_stats"
-    hold all the state that is not a parameter (train.py)."""
+    hold all the state that is not a parameter, as TrainState's do."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     nnx.replace_by_pure_dict(params, state["params"])
     nnx.replace_by_pure_dict(rest, state["batch_stats"])

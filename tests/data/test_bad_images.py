@@ -1,8 +1,8 @@
 """Image folders with files that do not decode, and with classes that have no training images.
 
 Each image that does not decode is named in the log (once); an eval image that does not decode
-stops the evaluation naming it (`data.BadImageError`), so that no eval counts fewer examples than
-its split holds; a class with no training images is refused by `data.info`, and so by the command
+stops the evaluation naming it (`pipeline.BadImageError`), so that no eval counts fewer examples than
+its split holds; a class with no training images is refused by `pipeline.info`, and so by the command
 (exit 2, nothing written).
 """
 

@@ -1,5 +1,5 @@
 """data.on_device=True: the train split in device memory, batches gathered and augmented inside
-the step (device_data.py); the run without TensorFlow."""
+the step (on_device.py); the run without TensorFlow."""
 
 import os
 import signal

@@ -292,3 +292,30 @@ def test_a_full_disk_names_what_is_left_and_leaves_no_temporary_directory(tmp_pa
                                         f"No space left on device); {left}")
     assert "\n" not in str(raised.value)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == [str(s) for s in (10, 20) if s < full_from]
+
+
+class _StillWritten:
+    """A failed save's temporary directory that its late writer threads still add files to: the
+    first `busy` removals find a file they did not list."""
+
+    def __init__(self, busy: int, error: int = errno.ENOTEMPTY):
+        self.busy, self.error, self.calls = busy, error, 0
+
+    def rmtree(self):
+        self.calls += 1
+        if self.calls <= self.busy:
+            raise OSError(self.error, os.strerror(self.error))
+
+
+def test_a_directory_still_written_is_removed_once_its_writers_stop(monkeypatch):
+    monkeypatch.setattr(checkpoint.time, "sleep", lambda seconds: None)
+    path = _StillWritten(busy=2)
+    checkpoint.remove_tree(path)
+    assert path.calls == 3
+    with pytest.raises(OSError) as raised:  # writers that never stop: the error is not hidden
+        checkpoint.remove_tree(_StillWritten(busy=checkpoint.REMOVE_ATTEMPTS))
+    assert raised.value.errno == errno.ENOTEMPTY
+    denied = _StillWritten(busy=1, error=errno.EACCES)
+    with pytest.raises(PermissionError):  # any other failure at once
+        checkpoint.remove_tree(denied)
+    assert denied.calls == 1
