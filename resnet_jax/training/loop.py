@@ -201,13 +201,14 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> steps.TrainSt
     their data, then each step trained and, when due, the log window closed, the network
     evaluated, the row written and the state saved."""
     mesh, group, num_steps = run.mesh, config.model.bn_group_size, run.num_steps
+    replicated = sharding.replicated(mesh)
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", _in_workdir(config.compilation_cache_dir, run.workdir))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     manager = checkpoint.create_manager(run.workdir, config.checkpoint)
     # The metrics window starts (and restarts after each log line) inside jit, so that its
     # arrays are global ones on every process, as orbax needs them.
-    empty_window = jax.jit(metrics.TrainMetrics.empty, out_shardings=sharding.replicated(mesh))
+    empty_window = jax.jit(metrics.TrainMetrics.empty, out_shardings=replicated)
     graphdef, state, start = _initial_state(run, config, manager, restart, empty_window)
     eval_fn = evaluation.eval_function(nnx.graphdef(run.model), config, mesh)  # run.model: eval mode
     # The rows of metrics.jsonl after `start` were written by a run that stopped before saving
@@ -241,7 +242,7 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> steps.TrainSt
             if due.log:
                 scalars = _close_window(state, step, window)
                 state = warm_up.after_window(state.replace(train_metrics=empty_window()), step,
-                                             scalars["train_accuracy"], sharding.replicated(mesh))
+                                             scalars["train_accuracy"], replicated)
             # The per-device BN statistics averaged once for the evaluation and the save alike.
             settled = steps.for_evaluation(state, mesh, group) if due.evaluate or due.save else None
             if due.evaluate:
