@@ -23,7 +23,7 @@ from flax import nnx
 
 from benchmarks import train_step as harness
 from configs import default
-from resnet_jax.data import pipeline
+from resnet_jax.data import pipeline, sources
 from resnet_jax.distributed import sharding
 from resnet_jax.training import optim, steps
 
@@ -35,7 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--data", default="fake", help=pipeline.NAMES)
+    parser.add_argument("--data", default="fake", help=sources.NAMES)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--preprocess", default=None, help="train preprocessing; default: the config's")
     parser.add_argument("--scan-blocks", action="store_true")

@@ -120,7 +120,7 @@ def main(argv):
             console.close()
         return
     from resnet_jax.run import validate
-    from resnet_jax.training import loop, metrics, preemption
+    from resnet_jax.training import loop, preemption, writers
 
     ending = None  # (the last line, the exit status) of a run that did not finish
     try:
@@ -148,7 +148,7 @@ def main(argv):
         # The traceback (a library's, a full disk's) for the log file; the terminal gets one line.
         logging.info("The run stopped on this error:", exc_info=True, extra=console.LOG_FILE_ONLY)
         if isinstance(error, OSError):  # a write outside the loop's steps (config.json, ...)
-            named = isinstance(error, metrics.WriterError)  # says what it wrote
+            named = isinstance(error, writers.WriterError)  # says what it wrote
             error = (f"{'' if named else type(error).__name__ + ': '}{validate.one_line(error)}; "
                      f"{_left(FLAGS.workdir)}")
         ending = f"error: {error}", 1

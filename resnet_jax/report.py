@@ -41,8 +41,9 @@ from absl import logging as absl_logging  # noqa: E402
 from etils import epath  # noqa: E402
 
 from resnet_jax.analysis import figures, layer_responses, tables  # noqa: E402
+from resnet_jax.run import jsonl  # noqa: E402
 from resnet_jax.run.paths import write_text  # noqa: E402
-from resnet_jax.training import metrics  # noqa: E402
+
 
 
 def _warn(message: str) -> None:
@@ -60,9 +61,9 @@ def runs_with_metrics(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
     so that one unstarted or broken run does not stop a report of many."""
     found = {}
     for workdir in workdirs:
-        path = epath.Path(workdir) / metrics.JSONL
+        path = epath.Path(workdir) / jsonl.JSONL
         try:
-            rows = metrics.read_rows(workdir) if path.exists() else None
+            rows = jsonl.read_rows(workdir) if path.exists() else None
         except ValueError as error:
             _warn(f"skipping {workdir}: {error}")
             continue

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from configs import quickstart
-from resnet_jax.run import checkpoint
+from resnet_jax.run import checkpoint, jsonl
 from resnet_jax.training import metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def _flatten(tree, prefix=""):
 
 def rows_without_speed(workdir):
     return [{k: v for k, v in row.items() if k not in metrics.SPEED}
-            for row in metrics.read_rows(workdir)]
+            for row in jsonl.read_rows(workdir)]
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ from benchmarks import train_step as train_step_harness
 from resnet_jax.cli import flags as cli_flags
 from resnet_jax.data import pipeline
 from resnet_jax.run import checkpoint, validate
-from resnet_jax.training import loop, metrics, steps
+from resnet_jax.training import loop, steps, writers
 from runs import REPO, assert_trees_close, environment, latest_params, main_command, run_main, small_config
 
 LONG = {"train.num_steps": 40, "checkpoint.every_steps": 5, "eval.every_steps": 20}
@@ -287,14 +287,14 @@ def test_a_full_disk_ends_in_one_line_naming_what_is_left(tmp_path, monkeypatch,
         expected = (r"^saving the checkpoint of step 3 failed \(\[Errno 28\] No space left on device\); "
                     r"no checkpoint is complete: none was written to ")
     else:
-        write = metrics.JsonlWriter.write_scalars
+        write = writers.JsonlWriter.write_scalars
 
         def write_scalars(self, step, scalars):
             if step == 5:
                 raise OSError(28, "No space left on device")
             write(self, step, scalars)
 
-        monkeypatch.setattr(metrics.JsonlWriter, "write_scalars", write_scalars)
+        monkeypatch.setattr(writers.JsonlWriter, "write_scalars", write_scalars)
         expected = (r"^writing the metrics of step 5 failed \(OSError: \[Errno 28\] No space left on "
                     r"device\); the latest complete checkpoint, of step 3, is intact in ")
     with pytest.raises((checkpoint.CheckpointError, loop.TrainingError), match=expected) as raised:

@@ -36,7 +36,6 @@ import dataclasses
 import functools
 import io
 import os
-import re
 from collections.abc import Iterator
 
 import jax
@@ -46,107 +45,21 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax.data import pipeline, preprocess
+from resnet_jax.data import preprocess, sources
 
 REPLICATE_BYTES = 2**28  # 256 MiB: CIFAR-10's train split (153.6 MB) is on every device
 MAX_BYTES = 2**32  # 4 GiB of decoded uint8 pixels, over all devices
 SUPPORTED = ("digits, imagefolder:PATH, or a TFDS data set of fixed-size images (cifar10, "
              "cifar100)")
-_IMAGE_FILES = (".jpg", ".jpeg", ".png")
 _SHUFFLE, _AUGMENT = 0, 1  # what a key folded from the seed is for
-_SPLIT = re.compile(r"^(\w+)(?:\[(-?\d*):(-?\d*)\])?$")
-
-
-def _get(config, name, default=None):
-    value = config.get(name, None)
-    return default if value is None else value
 
 
 def enabled(data_config) -> bool:
     """data.on_device: the train split in device memory, batches made inside the step."""
-    return bool(_get(data_config, "on_device", False))
-
-
-def resize_bilinear(images: np.ndarray, size: int) -> np.ndarray:
-    """(N, h, w, C) -> (N, size, size, C) float32, as `tf.image.resize(method="bilinear",
-    antialias=False)` computes it: half-pixel centres, edges clamped, float32 interpolation."""
-    def axis(n_in):
-        x = (np.arange(size, dtype=np.float32) + np.float32(0.5)) * np.float32(n_in / size) \
-            - np.float32(0.5)
-        low = np.floor(x)
-        lerp = (x - low).astype(np.float32)
-        return (np.clip(low, 0, n_in - 1).astype(np.int64),
-                np.clip(np.ceil(x), 0, n_in - 1).astype(np.int64), lerp)
-
-    images = images.astype(np.float32)
-    y0, y1, ly = axis(images.shape[1])
-    x0, x1, lx = axis(images.shape[2])
-    lx = lx[None, None, :, None]
-    top = images[:, y0][:, :, x0] + (images[:, y0][:, :, x1] - images[:, y0][:, :, x0]) * lx
-    bottom = images[:, y1][:, :, x0] + (images[:, y1][:, :, x1] - images[:, y1][:, :, x0]) * lx
-    return top + (bottom - top) * ly[None, :, None, None]
-
-
-def _to_uint8(images: np.ndarray, size: int) -> np.ndarray:
-    if images.shape[1:3] == (size, size):
-        return images.astype(np.uint8)
-    return np.clip(np.round(resize_bilinear(images, size)), 0, 255).astype(np.uint8)
-
-
-def _split_rows(spec: str, sizes: dict[str, int]) -> list[tuple[str, int, int]]:
-    """A split spec of `digits` or an image folder: NAME or NAME[START:END] (integers, as a
-    Python slice), several joined by '+'; as (name, start, end)."""
-    rows = []
-    for part in spec.split("+"):
-        match = _SPLIT.match(part.strip())
-        if not match or match.group(1) not in sizes:
-            raise ValueError(f"split {spec!r}: with data.on_device=True a split is NAME or "
-                             f"NAME[START:END] (integers), joined by '+', NAME one of "
-                             f"{', '.join(sorted(sizes))}")
-        name, start, end = match.groups()
-        r = range(sizes[name])[slice(int(start) if start else None, int(end) if end else None)]
-        rows.append((name, r.start, max(r.stop, r.start)))
-    return rows
+    return bool(sources.get(data_config, "on_device", False))
 
 
 # ---- sources: images as uint8 (N, S, S, 3) and int32 labels, in a fixed order ---------------
-
-
-@functools.lru_cache(maxsize=None)
-def _digits(image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The split of `pipeline._digits_table`, the same 1,497 / 300 rows, resized as it resizes."""
-    from sklearn import datasets, model_selection  # pylint: disable=import-outside-toplevel
-
-    digits = datasets.load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.float32)[..., None]
-    if image_size != images.shape[1]:
-        images = np.clip(np.round(resize_bilinear(images, image_size)), 0, 255)
-    images = np.repeat(images.astype(np.uint8), 3, axis=-1)
-    labels = digits.target.astype(np.int32)
-    train, test = model_selection.train_test_split(
-        np.arange(len(labels)), test_size=pipeline.DIGITS_NUM_TEST,
-        random_state=pipeline.DIGITS_SPLIT_SEED, stratify=labels)
-    return {name: (images[np.sort(rows)], labels[np.sort(rows)])
-            for name, rows in (("train", train), ("test", test))}
-
-
-@functools.lru_cache(maxsize=None)
-def _folder_files(root: str) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """(class names, split -> [(path, label)]): the classes sorted over all splits, as TFDS's
-    ImageFolder names them; the files sorted."""
-    path = epath.Path(root)
-    if not path.is_dir():
-        raise ValueError(f"data.name='imagefolder:{root}': no such directory")
-    listing = {split.name: {c.name: sorted(str(f) for f in c.iterdir()
-                                           if f.name.lower().endswith(_IMAGE_FILES))
-                            for c in split.iterdir() if c.is_dir()}
-               for split in path.iterdir() if split.is_dir()}
-    names = sorted({c for classes in listing.values() for c in classes})
-    files = {split: [(f, names.index(c)) for c in sorted(classes) for f in classes[c]]
-             for split, classes in sorted(listing.items())}
-    if not any(files.values()):
-        raise ValueError(f"data.name='imagefolder:{root}': no SPLIT/CLASS/*.jpg|jpeg|png files")
-    return names, files
 
 
 def _decode(path: str, image_size: int) -> np.ndarray:
@@ -154,140 +67,78 @@ def _decode(path: str, image_size: int) -> np.ndarray:
 
     with Image.open(io.BytesIO(epath.Path(path).read_bytes())) as image:
         pixels = np.asarray(image.convert("RGB"))
-    return _to_uint8(pixels[None], image_size)[0]
+    return sources.to_uint8(pixels[None], image_size)[0]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Source:
-    """What `data.name` names, for data.on_device=True: classes, split sizes, decoded splits."""
-
-    config: object
+class _Source(sources.Source):
+    """`sources.Source` for data.on_device=True: its splits decoded."""
 
     @functools.cached_property
     def name(self) -> str:
-        name = _get(self.config, "name")
+        name = sources.get(self.config, "name")
         if not isinstance(name, str) or name in ("", "fake"):  # anything else may be TFDS's
             raise ValueError(f"data.on_device=True takes {SUPPORTED}; got data.name={name!r}")
         return name
 
     @property
-    def image_size(self) -> int:
-        return preprocess.settings(self.config).image_size
+    def num_classes(self) -> int:
+        if self.is_tfds:
+            self._check_shape()
+        return super().num_classes
 
-    @functools.cached_property
-    def _tfds(self):
-        if pipeline.tfds is None:
-            raise ValueError(f"data.name={self.name!r} with data.on_device=True reads the TFDS "
-                             f"data set once, which needs TensorFlow and tensorflow-datasets "
-                             f"(not installed); digits and imagefolder:PATH need neither")
-        builder = pipeline._tfds_builder(self.name, _get(self.config, "data_dir"))  # pylint: disable=protected-access
-        image_key, label_key = pipeline._tfds_keys(builder)  # pylint: disable=protected-access
-        shape = tuple(builder.info.features[image_key].shape)
+    def _check_shape(self) -> None:
+        shape = tuple(self.builder.info.features[self.tfds_keys[0]].shape)
         if None in shape or len(shape) != 3:
             raise ValueError(f"data.on_device=True takes {SUPPORTED}; data.name={self.name!r} "
                              f"has images of shape {shape} (use data.on_device=False)")
-        return builder, image_key, label_key
-
-    @property
-    def num_classes(self) -> int:
-        if self.name == "digits":
-            return 10
-        if self.name.startswith("imagefolder:"):
-            return len(_folder_files(self._root)[0])
-        builder, _, label_key = self._tfds
-        return builder.info.features[label_key].num_classes
-
-    @property
-    def _root(self) -> str:
-        return os.path.expanduser(self.name.split(":", 1)[1])
-
-    def split(self, train: bool) -> str:
-        if train:
-            return _get(self.config, "train_split", "train")
-        return _get(self.config, "eval_split", "test")
-
-    def _sizes(self) -> dict[str, int]:
-        if self.name == "digits":
-            return {k: len(v[1]) for k, v in _digits(self.image_size).items()}
-        return {k: len(v) for k, v in _folder_files(self._root)[1].items()}
-
-    def size(self, spec: str) -> int:
-        if self.name == "digits" or self.name.startswith("imagefolder:"):
-            return sum(end - start for _, start, end in _split_rows(spec, self._sizes()))
-        builder = self._tfds[0]
-        try:
-            return builder.info.splits[spec].num_examples
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"split {spec!r} is not a split of {self.name!r} (splits: "
-                             f"{', '.join(builder.info.splits)}): {e}") from None
-
-    def check_classes(self) -> None:
-        """`pipeline.check_classes` for digits and image folders, from their labels (nothing
-        decoded); TFDS's class count is its builder's."""
-        if self.name == "digits":
-            splits = _digits(self.image_size)
-            names, labels = [str(c) for c in range(10)], {k: v[1] for k, v in splits.items()}
-        elif self.name.startswith("imagefolder:"):
-            names, files = _folder_files(self._root)
-            labels = {k: np.array([label for _, label in v], np.int64) for k, v in files.items()}
-        else:
-            return
-        spec = self.split(train=True)
-        pipeline.check_classes(self.name, names, labels, _split_rows(spec, self._sizes()), spec)
 
     def load(self, spec: str) -> tuple[np.ndarray, np.ndarray]:
         """The split decoded: uint8 (N, S, S, 3) and int32 (N,), in a fixed order."""
         size = self.image_size
         if self.name == "digits":
-            splits = _digits(size)
-            parts = [(splits[n][0][a:b], splits[n][1][a:b])
-                     for n, a, b in _split_rows(spec, self._sizes())]
-        elif self.name.startswith("imagefolder:"):
-            files = _folder_files(self._root)[1]
-            chosen = [f for n, a, b in _split_rows(spec, self._sizes()) for f in files[n][a:b]]
+            splits = sources.digits(size)
+            parts = [(splits[n][0][a:b], splits[n][1][a:b].astype(np.int32))
+                     for n, a, b in self.rows(spec)]
+        elif self.is_folder:
+            files = sources.folder(self.root)[1]
+            chosen = [f for n, a, b in self.rows(spec) for f in files[n][a:b]]
             # Threads only read and decode files; no JAX operation runs on them.
             with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
                 images = list(pool.map(lambda f: _decode(f[0], size), chosen))
             parts = [(np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
                       np.array([label for _, label in chosen], np.int32))]
         else:
-            builder, image_key, label_key = self._tfds
-            arrays = pipeline.tfds.as_numpy(builder.as_dataset(split=spec, batch_size=-1,
-                                                               shuffle_files=False))
+            self._check_shape()
+            image_key, label_key = self.tfds_keys
+            arrays = sources.tfds.as_numpy(self.builder.as_dataset(split=spec, batch_size=-1,
+                                                                   shuffle_files=False))
             images = arrays[image_key]
             if images.shape[-1] == 1:
                 images = np.repeat(images, 3, axis=-1)
-            parts = [(_to_uint8(images, size), arrays[label_key].astype(np.int32))]
+            parts = [(sources.to_uint8(images, size), arrays[label_key].astype(np.int32))]
         return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
 # ---- checks, and the decoded splits ----------------------------------------------------------
 
 
-def info(config) -> pipeline.DataInfo:
+def info(config) -> sources.DataInfo:
     """`pipeline.info` for data.on_device=True; raises ValueError (one line) for what it cannot hold:
     another source, a train split of more than MAX_BYTES decoded. Decodes nothing."""
     s = preprocess.settings(config)
-    source = _Source(config)
-    num_classes = source.num_classes
-    wanted = _get(config, "num_classes")
-    if wanted is not None and int(wanted) != num_classes:
-        raise ValueError(f"data.num_classes={wanted} but data set {source.name!r} has "
-                         f"{num_classes} classes")
     if s.eval_preprocess in preprocess.MANY_VIEWS:
         raise ValueError(f"data.eval_preprocess={s.eval_preprocess!r} needs data.on_device=False: "
                          f"on the devices each eval image is taken whole at data.image_size "
                          f"(data.eval_preprocess 'none' or 'center')")
-    source.check_classes()
-    num_train = source.size(source.split(train=True))
-    decoded = num_train * s.image_size**2 * 3
+    source = _Source(config)
+    result = source.info()
+    decoded = result.num_train * s.image_size**2 * 3
     if decoded > MAX_BYTES:
         raise ValueError(f"data.on_device=True holds at most {MAX_BYTES:,} bytes of decoded train "
                          f"images; {source.name!r} at image_size {s.image_size} is {decoded:,} "
                          f"(use data.on_device=False)")
-    return pipeline.DataInfo(num_classes=num_classes, num_train=num_train,
-                             num_eval=source.size(source.split(train=False)),
-                             image_shape=(s.image_size, s.image_size, 3))
+    return result
 
 
 _FIELDS = ("name", "data_dir", "train_split", "eval_split", "image_size")
@@ -311,13 +162,13 @@ class _Fields(dict):
 
 def split_arrays(config, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """The train or eval split decoded (uint8 images, int32 labels), once per process."""
-    return _split(tuple((f, _get(config, f)) for f in _FIELDS), train)
+    return _split(tuple((f, sources.get(config, f)) for f in _FIELDS), train)
 
 
 def pixel_mean(config) -> np.ndarray | None:
     """The per-pixel mean of the decoded train images (Sec. 4.2), float32; None unless
     `data.subtract_pixel_mean`."""
-    if not _get(config, "subtract_pixel_mean", False):
+    if not sources.get(config, "subtract_pixel_mean", False):
         return None
     images, _ = split_arrays(config, train=True)
     return (images.sum(axis=0, dtype=np.float64) / max(len(images), 1)).astype(np.float32)
@@ -472,7 +323,7 @@ def eval_iterator(config, *, batch_size: int, process_index: int = 0,
     """One pass over this process's contiguous slice of the decoded eval split, uint8, in padded
     batches with a mask; every process yields as many batches (`pipeline.eval_iterator`'s contract)."""
     images, labels = split_arrays(config, train=False)
-    starts, ends = pipeline._bounds(len(labels), process_count)  # pylint: disable=protected-access
+    starts, ends = sources.process_slices(len(labels), process_count)
     num_batches = -(-max(e - s for s, e in zip(starts, ends)) // batch_size)
     lo, hi = starts[process_index], ends[process_index]
     for b in range(num_batches):

@@ -1,9 +1,5 @@
-"""tf.data input pipelines, one per process: sources, process slices, batches.
-
-Sources (`data.name`): a TFDS image-classification data set by name (`imagenet2012`, `cifar10`,
-...; `data.data_dir`), `imagefolder:PATH` (a `SPLIT/CLASS/*.jpg|png` tree read with TFDS's
-`ImageFolder`), `digits` (scikit-learn's 1,797 8x8 digits) and `fake` (synthetic, no I/O).
-Preprocessing lives in `preprocess.py`.
+"""tf.data input pipelines, one per process: process slices, batches (the sources, what
+`data.name` names, are `sources.py`'s; the preprocessing `preprocess.py`'s).
 
     info(config)                    -> DataInfo(num_classes, num_train, num_eval, image_shape)
     train_iterator(config, batch_size=..., seed=..., start_step=0, process_index=0, process_count=1)
@@ -39,15 +35,6 @@ decode is an error, not a drop: the pass yields all its batches, then raises `Ba
 naming every such image of the process's slice (one line), because an eval that counted fewer
 examples than its split holds would report on another split. (The eval images are not read at
 set-up: that would be a whole eval pass at every start.)
-
-Classes. `info` refuses a source whose train split leaves a class without images (an empty class
-directory, a class present only in the eval split, or outside the train part of a sliced split):
-a ValueError naming the classes and the split. Checked where the labels are held in memory (image
-folders, digits); a TFDS data set's classes are its builder's, not counted from its records.
-
-Digits are scaled from 0-16 to 0-255, resized (bilinear) from 8x8 to image_size x image_size and
-given 3 equal channels, so the CIFAR networks take them unchanged; the split is a fixed seeded,
-class-stratified 1,497 train / 300 test.
 """
 
 from __future__ import annotations
@@ -63,14 +50,14 @@ from typing import NamedTuple
 import numpy as np
 from absl import logging
 
-from resnet_jax.data import preprocess
+from resnet_jax.data import preprocess, sources
 
 try:
     import tensorflow as tf
     import tensorflow_datasets as tfds
 except ModuleNotFoundError as error:
-    # data.on_device=True reads digits and image folders without them (on_device.py), and
-    # takes `DataInfo` and `_bounds` from here; everything else here needs them.
+    # Importable without them: data.on_device=True reads digits and image folders through
+    # on_device.py. Everything here needs them.
     if error.name not in ("tensorflow", "tensorflow_datasets"):
         raise
     tf = tfds = None
@@ -81,28 +68,10 @@ if tf is not None:
     except RuntimeError:  # TensorFlow already initialised its devices; nothing to take back.
         pass
 
-FAKE_NUM_TRAIN = 10_000
-FAKE_NUM_EVAL = 1_000
-FAKE_NUM_CLASSES = 1000
-DIGITS_NUM_TEST = 300
-DIGITS_SPLIT_SEED = 0
 SHUFFLE_BUFFER = 16_384
 IN_MEMORY_BYTES = 2**30
 READ_FILES = 16  # TFRecord files a streamed chunk reads at once (TFDS's default)
 READ_BUFFER_BYTES = 8 << 20  # read buffer per TFRecord file (TFDS's)
-NAMES = "a TFDS data set name, 'imagefolder:PATH', 'digits' or 'fake'"
-
-
-@dataclasses.dataclass(frozen=True)
-class DataInfo:
-    num_classes: int
-    num_train: int  # examples in the train split (all processes together)
-    num_eval: int  # examples in the eval split
-    image_shape: tuple[int, int, int]  # (height, width, channels); for ten_crop of one crop
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A TFDS data set that is not prepared in the data_dir: the message says how to prepare it."""
 
 
 class BadImageError(ValueError):
@@ -110,48 +79,22 @@ class BadImageError(ValueError):
     the pass has yielded all its batches (see the module's docstring)."""
 
 
-def _get(config, name, default=None):
-    value = config.get(name, None)
-    return default if value is None else value
-
-
 # ---- sources: records in a fixed order, undecoded ----------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class _Table:
-    """A split held as an index: row i's record and label come from `lookup(i)` in the graph.
+    """The splits of a source held as an index (digits, image folders, fake): row i of split S
+    is `lookup[S](i)` in the graph.
 
     kind: what lookup returns: "bytes" (an encoded image), "path" (an image file's path, read in
     the parallel map) or "pixels" (uint8 HxWx3).
     """
 
     kind: str
-    num_classes: int
-    splits: dict[str, int]  # split name -> rows
     lookup: dict  # split name -> fn(int64 row) -> (record, int64 label)
     # What log lines call a row: fn(split name, row) -> its file's path, say.
     name: Callable[[str, int], str] = lambda split, row: f"row {row} of split {split!r}"
-    # Each split's labels and the classes' names, for `_check_classes`; None: not checked.
-    labels: dict[str, np.ndarray] | None = None
-    class_names: tuple[str, ...] = ()
-
-
-def _rows(spec: str, splits: dict[str, int]) -> list[tuple[str, int, int]]:
-    """A TFDS split spec ("train", "train[:45000]", "train[10%:]+test") as (name, start, end)."""
-    infos = {name: _SplitSize(n) for name, n in splits.items()}
-    try:
-        instructions = tfds.core.ReadInstruction.from_spec(spec).to_absolute(infos)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise ValueError(f"split {spec!r} is not a split of this data set (splits: "
-                         f"{', '.join(sorted(splits))}): {e}") from None
-    return [(i.splitname, i.from_ or 0, splits[i.splitname] if i.to is None else i.to)
-            for i in instructions]
-
-
-@dataclasses.dataclass(frozen=True)
-class _SplitSize:
-    num_examples: int
 
 
 class _Slice(NamedTuple):
@@ -164,31 +107,17 @@ class _Slice(NamedTuple):
     names: Callable[[list[int]], list[str]]  # what log lines call records i of the slice
 
 
+def _indexed(records, labels) -> Callable:
+    records_t, labels_t = tf.constant(records), tf.constant(labels, tf.int64)
+    return lambda i: (tf.gather(records_t, i), tf.gather(labels_t, i))
+
+
 @functools.lru_cache(maxsize=None)
 def _digits_table(image_size: int) -> _Table:
-    from sklearn import datasets, model_selection
-
-    digits = datasets.load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.float32)[..., None]
-    images = tf.image.resize(images, (image_size, image_size), method="bilinear").numpy()
-    images = np.repeat(np.clip(np.round(images), 0, 255).astype(np.uint8), 3, axis=-1)
-    labels = digits.target.astype(np.int64)
-    train, test = model_selection.train_test_split(
-        np.arange(len(labels)), test_size=DIGITS_NUM_TEST, random_state=DIGITS_SPLIT_SEED,
-        stratify=labels)
-    parts = {"train": np.sort(train), "test": np.sort(test)}
-
-    def lookup(rows):
-        images_t, labels_t = tf.constant(images[rows]), tf.constant(labels[rows])
-        return lambda i: (tf.gather(images_t, i), tf.gather(labels_t, i))
-
-    return _Table("pixels", 10, {k: len(v) for k, v in parts.items()},
-                  {k: lookup(v) for k, v in parts.items()},
-                  labels={k: labels[v] for k, v in parts.items()},
-                  class_names=tuple(map(str, range(10))))
+    return _Table("pixels", {k: _indexed(*v) for k, v in sources.digits(image_size).items()})
 
 
-def _fake_table(image_size: int, num_classes: int, num_train: int, num_eval: int) -> _Table:
+def _fake_table(image_size: int, num_classes: int) -> _Table:
     """Random uint8 images made in the graph from the row number; label = row % num_classes."""
 
     def lookup(split_id):
@@ -199,120 +128,36 @@ def _fake_table(image_size: int, num_classes: int, num_train: int, num_eval: int
             return tf.cast(image, tf.uint8), tf.cast(i, tf.int64) % num_classes
         return fn
 
-    splits = {"train": num_train, "validation": num_eval, "test": num_eval}
-    return _Table("pixels", num_classes, splits,
-                  {"train": lookup(0), "validation": lookup(1), "test": lookup(1)})
+    return _Table("pixels", {"train": lookup(0), "validation": lookup(1), "test": lookup(1)})
 
 
 @functools.lru_cache(maxsize=None)
 def _folder_table(root: str) -> _Table:
-    if not tf.io.gfile.isdir(root):
-        raise ValueError(f"data.name='imagefolder:{root}': no such directory")
-    builder = tfds.ImageFolder(root)
-    names = builder.info.features["label"].names
-    # ImageFolder keeps the file list it made (sorted, then shuffled per split with a fixed seed)
-    # but has no public accessor for it; it is read here so that records are paths and nothing
-    # is read before a record is used.
-    examples = builder._split_examples  # pylint: disable=protected-access
-    if not examples:
-        raise ValueError(f"data.name='imagefolder:{root}': no SPLIT/CLASS/*.jpg|jpeg|png files")
-
-    paths = {k: [e.image_path for e in v] for k, v in examples.items()}
-    labels = {k: np.array([names.index(e.label) for e in v], np.int64) for k, v in examples.items()}
-
-    def lookup(split):
-        paths_t, labels_t = tf.constant(paths[split]), tf.constant(labels[split])
-        return lambda i: (tf.gather(paths_t, i), tf.gather(labels_t, i))
-
-    return _Table("path", len(names), {k: len(v) for k, v in examples.items()},
-                  {k: lookup(k) for k in examples}, name=lambda split, row: paths[split][row],
-                  labels=labels, class_names=tuple(names))
-
-
-def _prepare_help(name: str, builder) -> str:
-    data_dir = os.path.dirname(os.path.dirname(builder.data_dir))  # <data_dir>/<name>/<version>
-    if name == "imagenet2012":
-        manual = os.path.join(data_dir, "downloads", "manual")
-        return (f"put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in "
-                f"{manual}/ and run: tfds build imagenet2012 --data_dir={data_dir}")
-    return f"run: tfds build {name} --data_dir={data_dir} (downloads and prepares it)"
-
-
-@functools.lru_cache(maxsize=None)
-def _tfds_builder(name: str, data_dir: str | None):
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(f"data.name={name!r} is not {NAMES}") from None
-    if not builder.is_prepared():
-        raise DatasetNotFoundError(
-            f"data set {name!r} is not prepared in data_dir {data_dir or '(TFDS default)'} "
-            f"(searched {builder.data_dir}); to prepare it, {_prepare_help(name, builder)}")
-    return builder
-
-
-def _tfds_keys(builder) -> tuple[str, str]:
-    keys = builder.info.supervised_keys
-    return tuple(keys) if keys and len(keys) == 2 else ("image", "label")
+    files = sources.folder(root)[1]
+    paths = {k: [path for path, _ in v] for k, v in files.items()}
+    return _Table("path", {k: _indexed(paths[k], [label for _, label in v])
+                           for k, v in files.items()},
+                  name=lambda split, row: paths[split][row])
 
 
 @dataclasses.dataclass(frozen=True)
-class _Source:
-    """What `data.name` names: its class count and split sizes, and one process's slice."""
-
-    config: object
-
-    @functools.cached_property
-    def name(self) -> str:
-        name = _get(self.config, "name")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"data.name={name!r} is not {NAMES}")
-        return name
+class _Source(sources.Source):
+    """`sources.Source` with the records of one process's slice, for tf.data."""
 
     @functools.cached_property
     def table(self) -> _Table | None:
-        s = preprocess.settings(self.config)
         if self.name == "fake":
-            return _fake_table(s.image_size,
-                               int(_get(self.config, "num_classes", FAKE_NUM_CLASSES)),
-                               int(_get(self.config, "fake_num_train", FAKE_NUM_TRAIN)),
-                               int(_get(self.config, "fake_num_eval", FAKE_NUM_EVAL)))
+            return _fake_table(self.image_size, self.num_classes)
         if self.name == "digits":
-            return _digits_table(s.image_size)
-        if self.name.startswith("imagefolder:"):
-            return _folder_table(os.path.expanduser(self.name.split(":", 1)[1]))
+            return _digits_table(self.image_size)
+        if self.is_folder:
+            return _folder_table(self.root)
         return None
-
-    @functools.cached_property
-    def builder(self):
-        return _tfds_builder(self.name, _get(self.config, "data_dir"))
-
-    @property
-    def num_classes(self) -> int:
-        if self.table is not None:
-            return self.table.num_classes
-        label = self.builder.info.features[_tfds_keys(self.builder)[1]]
-        return label.num_classes
-
-    def split(self, train: bool) -> str:
-        if train:
-            return _get(self.config, "train_split", "train")
-        default = "validation" if self.name == "imagenet2012" else "test"
-        return _get(self.config, "eval_split", default)
-
-    def size(self, split: str) -> int:
-        if self.table is not None:
-            return sum(end - start for _, start, end in _rows(split, self.table.splits))
-        try:
-            return self.builder.info.splits[split].num_examples
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"split {split!r} is not a split of {self.name!r} (splits: "
-                             f"{', '.join(self.builder.info.splits)}): {e}") from None
 
     def slice_sizes(self, split: str, process_count: int) -> list[int]:
         if self.table is not None:
             n = self.size(split)
-            return [b - a for a, b in zip(*_bounds(n, process_count))]
+            return [b - a for a, b in zip(*sources.process_slices(n, process_count))]
         return [self.builder.info.splits[s].num_examples
                 for s in tfds.even_splits(split, n=process_count)]
 
@@ -326,7 +171,7 @@ class _Source:
         subsplit = tfds.even_splits(split, n=process_count)[process_index]
         info = self.builder.info.splits[subsplit]
         kind, n = self._tfds_kind, info.num_examples
-        limit = int(_get(self.config, "in_memory_bytes", IN_MEMORY_BYTES))
+        limit = int(sources.get(self.config, "in_memory_bytes", IN_MEMORY_BYTES))
         if index and info.num_bytes and info.num_bytes <= limit:
             # Small enough to hold undecoded: index it, for exact shuffles and free restarts.
             records, labels, keys = [], [], []
@@ -353,19 +198,19 @@ class _Source:
 
     @functools.cached_property
     def _tfds_kind(self) -> str:
-        image_key = _tfds_keys(self.builder)[0]
+        image_key = self.tfds_keys[0]
         encoded = isinstance(self.builder.info.features[image_key], tfds.features.Image)
         return "bytes" if encoded else "pixels"
 
     def _tfds_decoders(self):
         # Encoded images stay bytes here: the parallel map decodes them (and skips bad ones).
-        image_key = _tfds_keys(self.builder)[0]
+        image_key = self.tfds_keys[0]
         return {image_key: tfds.decode.SkipDecoding()} if self._tfds_kind == "bytes" else None
 
     def in_order(self, subsplit, keys: bool = False) -> tf.data.Dataset:
         """(record, int64 label) of a TFDS sub-split, in the order TFDS reads it; keys=True adds
         each record's key (TFDS's `tfds_id`, FILE__INDEX) third."""
-        image_key, label_key = _tfds_keys(self.builder)
+        image_key, label_key = self.tfds_keys
         ds = self.builder.as_dataset(split=subsplit, shuffle_files=False,
                                      decoders=self._tfds_decoders(),
                                      read_config=tfds.ReadConfig(add_tfds_id=keys))
@@ -374,7 +219,7 @@ class _Source:
 
     def parse(self, serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(record, int64 label) of one serialized TFDS example, as `in_order` gives it."""
-        image_key, label_key = _tfds_keys(self.builder)
+        image_key, label_key = self.tfds_keys
         ex = self.builder.info.features.deserialize_example(serialized,
                                                             decoders=self._tfds_decoders())
         return ex[image_key], tf.cast(ex[label_key], tf.int64)
@@ -405,9 +250,9 @@ class _Source:
 
     def _table_records(self, split, process_index, process_count):
         table = self.table
-        ranges = _rows(split, table.splits)
+        ranges = self.rows(split)
         total = sum(end - start for _, start, end in ranges)
-        starts, ends = _bounds(total, process_count)
+        starts, ends = sources.process_slices(total, process_count)
         lo, hi = starts[process_index], ends[process_index]
         # Rows lo..hi of the concatenated ranges, as (split name, row) pieces.
         pieces, offset = [], 0
@@ -483,22 +328,13 @@ def _cut(pieces: list[tuple[str, int, int]], size: int) -> list[list[tuple[str, 
     return chunks
 
 
-def _bounds(n: int, parts: int) -> tuple[list[int], list[int]]:
-    """Contiguous slices of range(n), sizes differing by at most one, that cover it."""
-    starts = [n * k // parts for k in range(parts)]
-    return starts, starts[1:] + [n]
-
-
 # ---- checks shared by the entry points --------------------------------------------------------
 
 
 def _open(config) -> tuple[_Source, preprocess.Settings]:
     s = preprocess.settings(config)
     source = _Source(config)
-    wanted = _get(config, "num_classes")
-    if wanted is not None and source.name != "fake" and int(wanted) != source.num_classes:
-        raise ValueError(f"data.num_classes={wanted} but data set {source.name!r} has "
-                         f"{source.num_classes} classes")
+    source.check_num_classes()
     return source, s
 
 
@@ -509,56 +345,10 @@ def _check_processes(batch_size, process_index, process_count):
         raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
 
 
-def info(config) -> DataInfo:
-    """The data's sizes, with every check that needs no image read; ValueError (one line) for a
-    bad split, class count, or a class without training images (`_check_classes`)."""
-    source, s = _open(config)
-    result = DataInfo(
-        num_classes=source.num_classes,
-        num_train=source.size(source.split(train=True)),
-        num_eval=source.size(source.split(train=False)),
-        image_shape=(s.image_size, s.image_size, 3),
-    )
-    _check_classes(source, source.split(train=True))
-    return result
-
-
-def _check_classes(source: _Source, split: str) -> None:
-    """`check_classes` where the labels are held (image folders, digits); a TFDS data set's
-    classes are its builder's, and counting them would read the split (ImageNet's: minutes)."""
-    table = source.table
-    if table is not None and table.labels is not None:
-        check_classes(source.name, table.class_names, table.labels, _rows(split, table.splits),
-                      split)
-
-
-def check_classes(name: str, class_names, labels: dict[str, np.ndarray],
-                  rows: list[tuple[str, int, int]], split: str) -> None:
-    """Raises ValueError (one line) unless every class has images in the train split `split`,
-    rows `rows` ((split name, start, end), as `_rows` gives) of the splits' `labels`: a class
-    the model never sees it can never predict, and its eval images would lower the accuracy
-    unnoticed. The line names the classes and where their images are."""
-    present = np.zeros(len(class_names), bool)
-    for part, start, end in rows:
-        present[labels[part][start:end]] = True
-    missing = np.flatnonzero(~present).tolist()
-    if not missing:
-        return
-    names = [class_names[c] for c in missing]
-    shown = ", ".join(map(repr, names[:10])) + (f" and {len(names) - 10} more" if len(names) > 10
-                                                else "")
-    where = "; ".join(f"{names[k]!r} has {_images_by_split(labels, c)}"
-                      for k, c in enumerate(missing[:3]))
-    one = len(missing) == 1
-    raise ValueError(f"data.name={name!r}: {'class' if one else 'classes'} {shown} "
-                     f"{'has' if one else 'have'} no images in data.train_split={split!r} "
-                     f"({where}); every class needs training images")
-
-
-def _images_by_split(labels: dict[str, np.ndarray], label: int) -> str:
-    counts = {part: int((values == label).sum()) for part, values in sorted(labels.items())}
-    found = [f"{count} in split {part!r}" for part, count in counts.items() if count]
-    return ", ".join(found) if found else "none in any split"
+def info(config) -> sources.DataInfo:
+    """The data's sizes, with every check that needs no image read (`sources.Source.info`)."""
+    preprocess.settings(config)
+    return _Source(config).info()
 
 
 # What the mean image depends on: its file name in the workdir is made from them (`pixel_mean_file`).
@@ -568,7 +358,7 @@ _PIXEL_MEANS: dict[tuple, np.ndarray] = {}  # per process: the mean images made 
 
 
 def _mean_key(config) -> tuple:
-    return tuple((f, _hashable(_get(config, f))) for f in PIXEL_MEAN_FIELDS)
+    return tuple((f, _hashable(sources.get(config, f))) for f in PIXEL_MEAN_FIELDS)
 
 
 def pixel_mean_sums(config, process_index: int = 0, process_count: int = 1) -> tuple[np.ndarray, int]:
@@ -612,13 +402,13 @@ def pixel_mean(config) -> np.ndarray | None:
     """The per-pixel mean image of the training split (Sec. 3.4, 4.2), image_size square, float32;
     None unless `data.subtract_pixel_mean`. The one `use_pixel_mean` gave, else computed here from
     the whole split once per process (the CIFAR recipe's 50k small images take seconds)."""
-    if not _get(config, "subtract_pixel_mean", False):
+    if not sources.get(config, "subtract_pixel_mean", False):
         return None
     key = _mean_key(config)
     if key not in _PIXEL_MEANS:
         total, count = pixel_mean_sums(config)
         logging.info("Per-pixel mean image of %s computed from %d training images",
-                     _get(config, "name"), count)
+                     sources.get(config, "name"), count)
         _PIXEL_MEANS[key] = (total / max(count, 1)).astype(np.float32)
     return _PIXEL_MEANS[key]
 
@@ -835,7 +625,7 @@ def _train_records(config, seed: int, first: int, process_index: int, process_co
             return names([int(row(tf.constant(p, tf.int64))) for p in positions])
 
         return tf.data.Dataset.counter(start=first).map(_plain(fetch)), kind, stream_names
-    buffer = _get(config, "shuffle_buffer", SHUFFLE_BUFFER)
+    buffer = sources.get(config, "shuffle_buffer", SHUFFLE_BUFFER)
     if isinstance(buffer, bool) or not isinstance(buffer, (int, np.integer)) or buffer < 1:
         raise ValueError(f"data.shuffle_buffer={buffer!r} must be a positive number of records")
     # Chunks of half the buffer: the one served and the one read ahead hold at most it.
@@ -891,7 +681,7 @@ def train_iterator(config, *, batch_size: int, seed: int, start_step: int = 0,
     ds, names = _train_pipeline(config, batch_size, seed, start_step, process_index,
                                 process_count)
     return Batches(ds, names, start=start_step * batch_size, batch_size=batch_size,
-                   what=f"train data {_get(config, 'name')}")
+                   what=f"train data {sources.get(config, 'name')}")
 
 
 def _eval_records(source: _Source, process_index: int, process_count: int):
@@ -941,7 +731,7 @@ def eval_iterator(config, *, batch_size: int, process_index: int = 0,
     ds, names = _eval_pipeline(config, batch_size, process_index, process_count)
     return Batches(ds, names, start=0, end=sizes[process_index], batch_size=batch_size,
                    num_batches=num_batches,
-                   what=f"eval data {_get(config, 'name')} (data.eval_split={split!r})",
+                   what=f"eval data {sources.get(config, 'name')} (data.eval_split={split!r})",
                    image_shape=preprocess.output_shape(s, train=False),
                    dtype=s.tf_dtype.as_numpy_dtype)
 
@@ -994,7 +784,7 @@ def multi_scale_iterator(config, *, batch_sizes, process_index: int = 0,
                               for v in batch["views"]),
                "label": np.concatenate([batch["label"], np.zeros((pad,), np.int32)]),
                "mask": np.arange(batch_size) < real}
-    what = f"eval data {_get(config, 'name')} (data.eval_split={source.split(train=False)!r})"
+    what = f"eval data {sources.get(config, 'name')} (data.eval_split={source.split(train=False)!r})"
     bad = _BadImages(what, part.names, evaluating=True)
     bad.skip(np.flatnonzero(~seen).tolist())
     bad.check_pass()

@@ -29,6 +29,8 @@ from typing import Callable
 
 import numpy as np
 
+from resnet_jax.data import sources
+
 try:
     import tensorflow as tf
 except ModuleNotFoundError as error:  # data.on_device=True needs only `settings` (on_device.py)
@@ -76,11 +78,6 @@ INCEPTION_ASPECT = (3 / 4, 4 / 3)
 INCEPTION_ATTEMPTS = 10
 
 
-def _get(config, name, default):
-    value = config.get(name, None) if hasattr(config, "get") else getattr(config, name, None)
-    return default if value is None else value
-
-
 def _choice(field, value, allowed):
     if value not in allowed:
         raise ValueError(f"data.{field}={value!r} is not one of {', '.join(map(repr, allowed))}")
@@ -126,36 +123,36 @@ class Settings:
 
 def settings(config) -> Settings:
     """Reads and checks the preprocessing fields of `config` (a run config's `data` section)."""
-    image_size = int(_get(config, "image_size", 224))
+    image_size = int(sources.get(config, "image_size", 224))
     if image_size < 1:
         raise ValueError(f"data.image_size={image_size} must be a positive int")
-    train = _choice("train_preprocess", _get(config, "train_preprocess", "inception"),
+    train = _choice("train_preprocess", sources.get(config, "train_preprocess", "inception"),
                     TRAIN_PREPROCESS)
-    evaluation = _choice("eval_preprocess", _get(config, "eval_preprocess", "center"),
+    evaluation = _choice("eval_preprocess", sources.get(config, "eval_preprocess", "center"),
                          EVAL_PREPROCESS)
-    resize_size = int(_get(config, "resize_size", round(image_size / 0.875)))
+    resize_size = int(sources.get(config, "resize_size", round(image_size / 0.875)))
     if resize_size < image_size:
         raise ValueError(f"data.resize_size={resize_size} must be >= data.image_size={image_size}")
-    scale_range = tuple(int(s) for s in _get(config, "scale_range", (256, 480)))
+    scale_range = tuple(int(s) for s in sources.get(config, "scale_range", (256, 480)))
     if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
         raise ValueError(f"data.scale_range={scale_range} must be (low, high) with 0 < low <= high")
-    mean = tuple(float(m) for m in _get(config, "mean", IMAGENET_MEAN))
-    std = tuple(float(s) for s in _get(config, "std", IMAGENET_STD))
+    mean = tuple(float(m) for m in sources.get(config, "mean", IMAGENET_MEAN))
+    std = tuple(float(s) for s in sources.get(config, "std", IMAGENET_STD))
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ValueError(f"data.mean={mean} and data.std={std} must be 3 values each, std > 0")
-    subtract_pixel_mean = bool(_get(config, "subtract_pixel_mean", False))
-    eval_scales = _get(config, "eval_scales", EVAL_SCALES)
+    subtract_pixel_mean = bool(sources.get(config, "subtract_pixel_mean", False))
+    eval_scales = sources.get(config, "eval_scales", EVAL_SCALES)
     if (not isinstance(eval_scales, (tuple, list)) or not eval_scales
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                        for v in eval_scales)):
         raise ValueError(f"data.eval_scales={eval_scales!r} must be a tuple of positive ints "
                          f"(shorter sides in pixels, e.g. {EVAL_SCALES})")
-    dtype = _choice("dtype", _get(config, "dtype", "float32"), tuple(DTYPES))
-    in_device_memory = bool(_get(config, "on_device", False))
-    resize_method = _choice("resize_method", _get(config, "resize_method", "bilinear"),
+    dtype = _choice("dtype", sources.get(config, "dtype", "float32"), tuple(DTYPES))
+    in_device_memory = bool(sources.get(config, "on_device", False))
+    resize_method = _choice("resize_method", sources.get(config, "resize_method", "bilinear"),
                             RESIZE_METHODS)
-    antialias = bool(_get(config, "antialias", False))
-    pca_lighting = float(_get(config, "pca_lighting", 0.0))
+    antialias = bool(sources.get(config, "antialias", False))
+    pca_lighting = float(sources.get(config, "pca_lighting", 0.0))
     if in_device_memory:
         if (train not in ON_DEVICE_TRAIN_PREPROCESS or evaluation != "none"
                 or resize_method != "bilinear" or antialias or (pca_lighting and train != "none")):
@@ -180,7 +177,7 @@ def settings(config) -> Settings:
         std=std,
         subtract_pixel_mean=subtract_pixel_mean,
         dtype=dtype,
-        cifar_padding=int(_get(config, "cifar_padding", 4)),
+        cifar_padding=int(sources.get(config, "cifar_padding", 4)),
         resize_method=resize_method,
         antialias=antialias,
         eval_scales=tuple(eval_scales),

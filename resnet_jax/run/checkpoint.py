@@ -15,6 +15,7 @@ import json
 import os
 import time
 import traceback
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -96,6 +97,11 @@ class CheckpointError(RuntimeError):
 
     what = "in flight"  # which save: "of step S"
     waited_only = False  # failed only at a barrier of orbax's that another process missed
+
+
+# Each manager's asynchronous save in flight, by step: a failure found later (in `wait`, or by the
+# next save) is that save's, whether or not its directory was already made or removed.
+_IN_FLIGHT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _settle(manager: ocp.CheckpointManager) -> None:
@@ -209,6 +215,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
     try:
         manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force,
                      custom_metadata={CHECKSUMS: sums, FINAL: final})
+        _IN_FLIGHT[manager] = step
     except Exception as error:
         failure = _failed(manager, error, step)
     _agree(manager, failure, f"of step {step}")
@@ -216,13 +223,14 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
 
 def wait(manager: ocp.CheckpointManager) -> None:
     """Waits for the saves in flight; raises CheckpointError if one failed, on any process."""
-    failure = None
+    failure, step = None, _IN_FLIGHT.pop(manager, None)
     try:
         manager.wait_until_finished()
         manager.check_for_errors()
     except Exception as error:
-        failure = _failed(manager, error)
-    _agree(manager, failure, failure.what if failure else "in flight")
+        failure = _failed(manager, error, step)
+    _agree(manager, failure, failure.what if failure else "in flight" if step is None
+           else f"of step {step}")
 
 
 def _agree(manager: ocp.CheckpointManager, failure: CheckpointError | None, what: str) -> None:

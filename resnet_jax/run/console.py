@@ -31,8 +31,6 @@ from absl import logging
 from etils import epath
 
 _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # resnet_jax/
-# clu's writers log the metrics through absl.
-_ALSO_SHOWN = (os.sep + os.path.join("clu", "metric_writers") + os.sep,)
 
 
 # extra= for a record that goes to the log file alone (the traceback behind a one-line error).
@@ -40,7 +38,7 @@ LOG_FILE_ONLY = {"log_file_only": True}
 
 
 def _ours(record: pylogging.LogRecord) -> bool:
-    return record.pathname.startswith(_PROJECT) or any(part in record.pathname for part in _ALSO_SHOWN)
+    return record.pathname.startswith(_PROJECT)
 
 
 class _Terminal(pylogging.Filter):

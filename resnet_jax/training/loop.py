@@ -23,11 +23,11 @@ from etils import epath
 from flax import nnx
 
 from resnet_jax import flops
-from resnet_jax.data import on_device, pipeline, pixel_mean
+from resnet_jax.data import on_device, pipeline, pixel_mean, sources
 from resnet_jax.distributed import sharding
 from resnet_jax.run import checkpoint, console, lock, paths, validate
 from resnet_jax.training import (evaluation, fine_tune, interrupt, metrics, optim, preemption, steps,
-                                 warmup)
+                                 warmup, writers)
 
 
 def total_steps(config: Any, steps_per_epoch: int) -> int:
@@ -106,7 +106,7 @@ class Setup:
     workdir: epath.Path
     mesh: Any
     batch_size: int          # per process
-    info: pipeline.DataInfo
+    info: sources.DataInfo
     steps_per_epoch: int
     num_steps: int
     schedule: optax.Schedule
@@ -213,7 +213,7 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> steps.TrainSt
     eval_fn = evaluation.eval_function(nnx.graphdef(run.model), config, mesh)  # run.model: eval mode
     # The rows of metrics.jsonl after `start` were written by a run that stopped before saving
     # them; this run writes them again.
-    writer = metrics.create_writer(run.workdir, _in_workdir(config.tensorboard_dir, run.workdir), start)
+    writer = writers.create(run.workdir, _in_workdir(config.tensorboard_dir, run.workdir), start)
     macs = _say_what_runs(run, config)
     pixel_mean.load(config, run.workdir)
     train_fn, batches = _train_function(run, config, graphdef, state, start)
@@ -266,7 +266,7 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> steps.TrainSt
     finally:
         stop.restore()
         with contextlib.suppress(Exception):  # after an error: the first error is the one to see
-            writer.flush()
+            writer.close()
         with contextlib.suppress(Exception):  # after an error: let the saves in flight finish
             manager.wait_until_finished()
     return steps.for_evaluation(state, mesh, group)

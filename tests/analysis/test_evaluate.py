@@ -12,7 +12,7 @@ import torchvision
 import runs
 from configs import quickstart
 from resnet_jax.analysis import layer_responses
-from resnet_jax.training import metrics
+from resnet_jax.run import jsonl
 
 pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
 
@@ -33,7 +33,7 @@ def run(finished_run):
 
 def _evals(workdir):
     return {row["step"]: {k: v for k, v in row.items() if k.startswith("eval_")}
-            for row in metrics.read_rows(workdir) if "eval_accuracy" in row}
+            for row in jsonl.read_rows(workdir) if "eval_accuracy" in row}
 
 
 def _files(workdir):

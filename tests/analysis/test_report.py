@@ -19,7 +19,7 @@ from configs import cifar, plain34, resnet34
 from resnet_jax import flops, models, report
 from resnet_jax.analysis import figures, layer_responses, paper_results, tables
 from resnet_jax.data import preprocess
-from resnet_jax.training import metrics
+from resnet_jax.run import jsonl
 import runs
 
 
@@ -93,7 +93,7 @@ def test_table_has_a_row_per_run_with_its_numbers(workdirs, tmp_path):
     rows = list(csv.DictReader(io.StringIO(table.read_text())))
     assert [r["model"] for r in rows] == ["plain-8", "ResNet-8"]
     for row, workdir, name in zip(rows, workdirs, ("cifar_plain8", "cifar_resnet8")):
-        evals = [r for r in metrics.read_rows(workdir) if "eval_accuracy" in r]
+        evals = [r for r in jsonl.read_rows(workdir) if "eval_accuracy" in r]
         assert float(row["final_error"]) == pytest.approx(100 * (1 - evals[-1]["eval_accuracy"]))
         assert float(row["final_top5_error"]) == pytest.approx(100 * (1 - evals[-1]["eval_top5_accuracy"]))
         assert float(row["best_error"]) == pytest.approx(min(100 * (1 - r["eval_accuracy"]) for r in evals))
@@ -197,7 +197,7 @@ def _integers(ticks):
 
 
 def test_curves_ticks_labels_and_files(tmp_path, capsys):
-    runs_here = {w: metrics.read_rows(w) for w in (
+    runs_here = {w: jsonl.read_rows(w) for w in (
         _written_run(tmp_path / "plain", _digits(**{"model.name": "cifar_plain8"}), 6),
         _written_run(tmp_path / "resnet", _digits(), 6))}
     fig = figures.plot_curves(runs_here)
@@ -375,7 +375,7 @@ def test_every_figure_fits_its_texts_and_draws_every_series(tmp_path):
     plain = _written_run(tmp_path / "plain", _digits(**{"model.name": "cifar_plain8",
                                                         "data.name": folder}), 4, rows=one_eval)
     resnet = _written_run(tmp_path / "resnet", _digits(**{"data.name": folder}), 8)
-    fig = figures.plot_curves({w: metrics.read_rows(w) for w in (plain, resnet)})
+    fig = figures.plot_curves({w: jsonl.read_rows(w) for w in (plain, resnet)})
     assert "image folder 'my images'" in fig.get_suptitle() and str(tmp_path) not in fig.get_suptitle()
     assert _inside(fig) == []
     lone = [line for line in fig.axes[0].get_lines() if len(line.get_xdata()) == 1]

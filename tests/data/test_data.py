@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from resnet_jax.data import pipeline, preprocess
+from resnet_jax.data import pipeline, preprocess, sources
 
 CLASSES = ("ant", "bee", "cat")
 
@@ -126,14 +126,14 @@ def _file_shades(data_dir):
 
 
 def test_info_of_each_source(folder, tiny_tfds):
-    assert pipeline.info(_config(name="digits", image_size=16)) == pipeline.DataInfo(10, 1497, 300,
+    assert pipeline.info(_config(name="digits", image_size=16)) == sources.DataInfo(10, 1497, 300,
                                                                                      (16, 16, 3))
     assert pipeline.info(_config(name="fake", image_size=20, num_classes=7, fake_num_train=50,
-                                 fake_num_eval=9)) == pipeline.DataInfo(7, 50, 9, (20, 20, 3))
-    assert pipeline.info(_config(name=f"imagefolder:{folder}", image_size=24)) == pipeline.DataInfo(
+                                 fake_num_eval=9)) == sources.DataInfo(7, 50, 9, (20, 20, 3))
+    assert pipeline.info(_config(name=f"imagefolder:{folder}", image_size=24)) == sources.DataInfo(
         3, 21, 9, (24, 24, 3))
     assert pipeline.info(_config(name="tiny_jpeg_images", data_dir=tiny_tfds, image_size=12,
-                                 train_split="train[:20]")) == pipeline.DataInfo(3, 20, 10, (12, 12, 3))
+                                 train_split="train[:20]")) == sources.DataInfo(3, 20, 10, (12, 12, 3))
     config = _config(name=f"imagefolder:{folder}", eval_split="train[:5]+test")
     assert pipeline.info(config).num_eval == 14
 
@@ -522,12 +522,12 @@ def test_exact_eval_of_files_across_processes(ident, tiny_tfds):
 
 
 def test_missing_tfds_data_set_says_how_to_prepare_it(tmp_path):
-    with pytest.raises(pipeline.DatasetNotFoundError) as info:
+    with pytest.raises(sources.DatasetNotFoundError) as info:
         pipeline.info(_config(name="cifar10", data_dir=str(tmp_path)))
     message = str(info.value)
     assert "'cifar10'" in message and str(tmp_path) in message and "tfds build cifar10" in message
     assert "\n" not in message and info.value.__cause__ is None
-    with pytest.raises(pipeline.DatasetNotFoundError) as info:
+    with pytest.raises(sources.DatasetNotFoundError) as info:
         pipeline.train_iterator(_config(name="imagenet2012", data_dir=str(tmp_path)), batch_size=2,
                                 seed=0)
     message = str(info.value)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax.data import on_device, pipeline, preprocess
-from resnet_jax.run import validate
+from resnet_jax.data import on_device, pipeline, preprocess, sources
+from resnet_jax.run import jsonl, validate
 from resnet_jax.training import loop, metrics, preemption
 from runs import REPO, assert_trees_close, environment, latest_params, rows_without_speed, small_config
 
@@ -86,20 +86,25 @@ def test_unsupported_data_are_refused_in_one_line(monkeypatch):
     assert "at most 1,000 bytes" in _setup_error()
 
 
-def test_digits_decoded_and_images_resized_without_tensorflow_equal_the_host_ones():
+def test_digits_and_images_resized_without_tensorflow_equal_tensorflow_s():
     tf = pytest.importorskip("tensorflow")
+    from sklearn import datasets, model_selection  # pylint: disable=import-outside-toplevel
+    loaded = datasets.load_digits()
+    raw = np.round(loaded.images * (255.0 / 16.0)).astype(np.float32)[..., None]
+    train, test = model_selection.train_test_split(  # the 1,497 / 300 split of the docstring
+        np.arange(len(raw)), test_size=300, random_state=0, stratify=loaded.target)
     for size in (8, 16, 32, 20):
-        table = pipeline._digits_table(size)
-        for split, (images, labels) in on_device._digits(size).items():
-            rows = tf.range(table.splits[split])
-            want_images, want_labels = table.lookup[split](rows)
-            np.testing.assert_array_equal(images, want_images.numpy(), err_msg=f"{size} {split}")
-            np.testing.assert_array_equal(labels, want_labels.numpy())
+        want = tf.image.resize(raw, (size, size), method="bilinear").numpy()
+        want = np.repeat(np.clip(np.round(want), 0, 255).astype(np.uint8), 3, axis=-1)
+        for split, rows in (("train", np.sort(train)), ("test", np.sort(test))):
+            images, labels = sources.digits(size)[split]
+            np.testing.assert_array_equal(images, want[rows], err_msg=f"{size} {split}")
+            np.testing.assert_array_equal(labels, loaded.target[rows])
     # Down and up, as image folders of other sizes are resized.
     images = np.random.default_rng(0).integers(0, 256, (4, 37, 23, 3)).astype(np.float32)
     for size in (8, 32, 50):
         want = tf.image.resize(images, (size, size), method="bilinear", antialias=False).numpy()
-        np.testing.assert_allclose(on_device.resize_bilinear(images, size), want, rtol=0,
+        np.testing.assert_allclose(sources.resize_bilinear(images, size), want, rtol=0,
                                    atol=1e-4)
 
 
@@ -124,9 +129,8 @@ def folder(tmp_path_factory):
 
 def test_an_image_folder_is_labelled_as_tfds_labels_it(folder):
     pytest.importorskip("tensorflow_datasets")
-    names, files = on_device._folder_files(str(folder))
-    builder_table = pipeline._folder_table(str(folder))
-    assert len(names) == builder_table.num_classes == 3
+    names, files = sources.folder(str(folder))
+    assert len(names) == 3
     tfds_examples = pipeline.tfds.ImageFolder(str(folder))._split_examples
     tfds_names = pipeline.tfds.ImageFolder(str(folder)).info.features["label"].names
     for split in ("train", "test"):
@@ -239,9 +243,9 @@ def test_runs_without_tensorflow(tmp_path, folder):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "finished without tensorflow" in result.stdout
-    rows = metrics.read_rows(quickstart)
+    rows = jsonl.read_rows(quickstart)
     assert [row["step"] for row in rows] == [2, 4] and "eval_accuracy" in rows[-1]
     assert "step 4/4 (100.0%), " in result.stderr  # the progress line
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(quickstart))
-    rows = metrics.read_rows(cifar_run)
+    rows = jsonl.read_rows(cifar_run)
     assert [row["step"] for row in rows] == [1, 2] and "eval_accuracy" in rows[-1]

@@ -15,7 +15,8 @@ from PIL import Image
 
 from resnet_jax.data import pipeline
 from resnet_jax.distributed import sharding
-from resnet_jax.training import evaluation, loop, metrics, steps
+from resnet_jax.run import jsonl
+from resnet_jax.training import evaluation, loop, steps
 from runs import REPO, environment, small_config
 
 pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
@@ -63,7 +64,7 @@ def test_a_run_stores_the_pixel_mean_and_the_next_run_reuses_it(photos, tmp_path
     monkeypatch.setattr(pipeline, "pixel_mean_sums", unexpected)
     loop.train_and_evaluate(_config(photos, 3), str(tmp_path), allow_config_change=True)
     np.testing.assert_array_equal(pipeline.pixel_mean(_config(photos, 3).data), np.load(stored))
-    evals = [row for row in metrics.read_rows(tmp_path) if "eval_accuracy" in row]
+    evals = [row for row in jsonl.read_rows(tmp_path) if "eval_accuracy" in row]
     assert [row["step"] for row in evals] == [2, 3]
     assert all(0 <= row["eval_accuracy"] <= 1 and np.isfinite(row["eval_loss"]) for row in evals)
 

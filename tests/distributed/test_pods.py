@@ -1,14 +1,13 @@
 """The main job as a pod runs it: two processes on localhost, four simulated devices each, every
 process inside `jax.thread_guard(True)` (the main job sets it), the real command."""
 
-import os
 import signal
 import subprocess
 import time
 
 import pytest
 
-from resnet_jax.training import metrics
+from resnet_jax.run import jsonl
 from runs import REPO, assert_trees_close, environment, free_port, latest_params, main_command
 
 pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
@@ -62,7 +61,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_two_processes_run_in_the_thread_guard_and_log_each_host(uninterrupted):
     assert latest_params(uninterrupted)[0] == RUN["train.num_steps"]
-    rows = [row for row in metrics.read_rows(uninterrupted) if "train_loss" in row]
+    rows = [row for row in jsonl.read_rows(uninterrupted) if "train_loss" in row]
     assert [row["step"] for row in rows] == [10, 20, 30]
     # Each host's speed gathered: the slowest step time, the host that waited longest.
     assert all(row["step_seconds"] > 0 and row["data_wait_host"] in (0, 1) for row in rows)
@@ -86,7 +85,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_exact(t
         assert f"resnet_jax: stopped at step {stopped} and saved it; the same command resumes" in out
 
     run(tmp_path)  # the same command resumes
-    steps = [row["step"] for row in metrics.read_rows(tmp_path) if "train_loss" in row]
+    steps = [row["step"] for row in jsonl.read_rows(tmp_path) if "train_loss" in row]
     assert steps == [10, 20, 30]  # no row lost or written twice
     assert_trees_close(latest_params(tmp_path)[1], latest_params(uninterrupted)[1], rtol=0, atol=0)
 

@@ -10,8 +10,8 @@ from flax import nnx
 
 from configs import quickstart, vgg as vgg_config
 from resnet_jax import convert, flops, models, vgg
-from resnet_jax.run import validate
-from resnet_jax.training import loop, metrics
+from resnet_jax.run import jsonl, validate
+from resnet_jax.training import loop
 from test_convert import torchvision_net
 
 
@@ -158,7 +158,7 @@ def tiny_vgg_config(**changes):
 @pytest.mark.slow
 def test_vgg_trains_in_the_training_loop(tmp_path):
     state = loop.train_and_evaluate(tiny_vgg_config(), str(tmp_path))
-    rows = metrics.read_rows(str(tmp_path))
+    rows = jsonl.read_rows(str(tmp_path))
     assert [row["step"] for row in rows if "train_loss" in row] == [1, 2]
     assert np.isfinite(rows[-1]["eval_loss"]) and "eval_accuracy" in rows[-1]
     # The dropout streams are carried in the state: each step drew new masks.

@@ -294,6 +294,26 @@ def test_a_full_disk_names_what_is_left_and_leaves_no_temporary_directory(tmp_pa
     assert sorted(os.listdir(tmp_path / "checkpoints")) == [str(s) for s in (10, 20) if s < full_from]
 
 
+def test_a_failed_save_is_named_by_its_step_when_its_directory_is_already_gone(tmp_path, monkeypatch):
+    # Which half-written directory a failure left depends on timing (orbax's threads may remove
+    # or not yet have made it); the save in flight is known whatever the timing.
+    def full(self, directory):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    remove = checkpoint._remove_temporary
+
+    def removed_before_looking(manager):
+        remove(manager)
+        return []
+
+    monkeypatch.setattr(checkpoint.ocp.StandardCheckpointHandler, "finalize", full)
+    monkeypatch.setattr(checkpoint, "_remove_temporary", removed_before_looking)
+    manager = _manager(tmp_path, keep=5)
+    checkpoint.save(manager, 7, {"w": np.zeros(3, np.float32)}, force=True)
+    with pytest.raises(checkpoint.CheckpointError, match=r"^saving the checkpoint of step 7 failed"):
+        checkpoint.wait(manager)
+
+
 class _StillWritten:
     """A failed save's temporary directory that its late writer threads still add files to: the
     first `busy` removals find a file they did not list."""

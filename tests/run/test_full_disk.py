@@ -18,8 +18,8 @@ import time
 import pytest
 from absl import logging
 
-from resnet_jax.run import checkpoint, console, paths
-from resnet_jax.training import loop, metrics
+from resnet_jax.run import checkpoint, console, jsonl, paths
+from resnet_jax.training import loop, writers
 from runs import REPO, environment, main_command, small_config
 
 
@@ -183,24 +183,24 @@ def test_full_tensorboard_events_stop_the_run_in_one_line(tmp_path, monkeypatch,
     # TensorFlow raises its own ResourceExhaustedError, no OSError: at the start it went past
     # every handler, a traceback.
     tf = pytest.importorskip("tensorflow")
-    from clu.metric_writers.tf import summary_writer  # pylint: disable=import-outside-toplevel
+    from tensorboard import summary  # pylint: disable=import-outside-toplevel
     error = tf.errors.ResourceExhaustedError(None, None, f"{tmp_path}/events.out.tfevents; {FULL}")
     if when == "start":
-        def init(self, logdir):
+        def init(self, output):
             raise error
 
-        monkeypatch.setattr(summary_writer.SummaryWriter, "__init__", init)
-        raised = metrics.WriterError
+        monkeypatch.setattr(summary.Writer, "__init__", init)
+        raised = writers.WriterError
         expected = rf"^writing the TensorBoard events in {tmp_path} failed \(ResourceExhaustedError: .*{FULL}\)$"
     else:
-        write = summary_writer.SummaryWriter.write_scalars
+        add_scalar = summary.Writer.add_scalar
 
-        def write_scalars(self, step, scalars):
+        def add_scalar_until_4(self, tag, data, step, **kwargs):
             if step == 4:
                 raise error
-            write(self, step, scalars)
+            add_scalar(self, tag, data, step, **kwargs)
 
-        monkeypatch.setattr(summary_writer.SummaryWriter, "write_scalars", write_scalars)
+        monkeypatch.setattr(summary.Writer, "add_scalar", add_scalar_until_4)
         raised = loop.TrainingError
         expected = rf"^writing the metrics of step 4 failed \(ResourceExhaustedError: .*{FULL}\); {complete(3)}"
     with pytest.raises(raised, match=expected):
@@ -212,13 +212,13 @@ def test_a_full_metrics_file_at_the_start_is_named(tmp_path, monkeypatch):
     real = paths.write_text
 
     def write_text(path, text):
-        if path.name == metrics.JSONL:
+        if path.name == jsonl.JSONL:
             raise enospc()
         real(path, text)
 
-    monkeypatch.setattr(metrics.paths, "write_text", write_text)
-    with pytest.raises(metrics.WriterError,
-                       match=rf"^writing {tmp_path / metrics.JSONL} failed \(OSError: \[Errno 28\] {FULL}\)$"):
+    monkeypatch.setattr(writers.paths, "write_text", write_text)
+    with pytest.raises(writers.WriterError,
+                       match=rf"^writing {tmp_path / jsonl.JSONL} failed \(OSError: \[Errno 28\] {FULL}\)$"):
         loop.train_and_evaluate(small_config(), str(tmp_path))
 
 
@@ -229,14 +229,14 @@ def test_a_failed_save_in_flight_leaves_nothing_when_another_writer_stops_the_ru
         raise enospc()
 
     monkeypatch.setattr(checkpoint.ocp.StandardCheckpointHandler, "finalize", finalize)
-    write = metrics.JsonlWriter.write_scalars
+    write = writers.JsonlWriter.write_scalars
 
     def write_scalars(self, step, scalars):
         if step == 4:
             raise enospc()
         write(self, step, scalars)
 
-    monkeypatch.setattr(metrics.JsonlWriter, "write_scalars", write_scalars)
+    monkeypatch.setattr(writers.JsonlWriter, "write_scalars", write_scalars)
     with pytest.raises(loop.TrainingError, match=rf"^writing the metrics of step 4 failed \(OSError: "
                        rf"\[Errno 28\] {FULL}\); {NONE}"):
         loop.train_and_evaluate(small_config(), str(tmp_path))

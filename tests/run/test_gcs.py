@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from resnet_jax.run import jsonl
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
-from resnet_jax.training import metrics
 from runs import REPO, SMALL
 
 pytestmark = pytest.mark.slow  # every test here takes seconds: none is in the fast tier
@@ -67,7 +67,7 @@ def test_a_run_on_a_bucket_is_killed_and_resumes_from_it_writing_nothing_local(g
     assert {"run/config.json", "run/metrics.jsonl"} <= objects.keys()
     assert any(name.startswith("run/compilation_cache/") for name in objects)
     assert json.loads(gcs_bucket.read("run/config.json"))["train"]["num_steps"] == 40
-    steps = [row["step"] for row in metrics.read_rows(workdir) if "train_loss" in row]
+    steps = [row["step"] for row in jsonl.read_rows(workdir) if "train_loss" in row]
     assert steps == [10, 20, 30, 40]  # the rows the killed run wrote after its checkpoint, once
     assert list(tmp_path.iterdir()) == [] and not (REPO / "gs:").exists()
 

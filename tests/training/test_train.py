@@ -6,8 +6,8 @@ import signal
 import pytest
 
 from resnet_jax.data import pipeline
-from resnet_jax.run import checkpoint
-from resnet_jax.training import loop, metrics, preemption
+from resnet_jax.run import checkpoint, jsonl
+from resnet_jax.training import loop, preemption
 from runs import assert_trees_close, latest_params, rows_without_speed, run_main, small_config
 
 
@@ -17,7 +17,7 @@ def test_quickstart_short_form_learns_the_digits(tmp_path):
                              "eval.every_steps": 150, "checkpoint.every_steps": 150,
                              "log_every_steps": 50})
     loop.train_and_evaluate(config, str(tmp_path))
-    rows = metrics.read_rows(str(tmp_path))
+    rows = jsonl.read_rows(str(tmp_path))
     final = rows[-1]
     assert final["step"] == 150
     assert final["eval_accuracy"] >= 0.9, final

@@ -17,7 +17,7 @@ from flax import nnx
 
 from configs import cifar, default, preact_cifar
 from resnet_jax import models
-from resnet_jax.run import checkpoint, validate
+from resnet_jax.run import checkpoint, jsonl, validate
 from resnet_jax.training import loop, metrics, optim, steps
 from runs import assert_trees_close, latest_params, small_config
 
@@ -50,7 +50,7 @@ def run(monkeypatch, workdir, errors, num_steps):
 
 
 def rates(workdir):
-    return {row["step"]: row["learning_rate"] for row in metrics.read_rows(str(workdir))
+    return {row["step"]: row["learning_rate"] for row in jsonl.read_rows(str(workdir))
             if "learning_rate" in row}
 
 
