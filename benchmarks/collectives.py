@@ -77,7 +77,7 @@ def step(model: str, batch_size: int, image_size: int, dtype: str = "bfloat16",
     state = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=(
             leaf.sharding if isinstance(getattr(leaf, "sharding", None), NamedSharding) else replicated)),
-        steps.for_training(initial.replace(batch_stats=rest), mesh, bn_group_size))
+        steps.for_training(initial.replace(model_state=rest), mesh, bn_group_size))
     batch = {"image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, network.in_channels),
                                            jnp.float32, sharding=batch_spec),
              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_spec)}

@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     replicated, batch_spec = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     schedule = optim.learning_rate_schedule(config.schedule, 1000, args.batch_size, 100_000)
     tx = optim.create_optimizer(config.optimizer, schedule)
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    state = jax.device_put(harness._initial_state(params, batch_stats, tx), replicated)
+    graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
+    state = jax.device_put(harness._initial_state(params, model_state, tx), replicated)
     step_fn = jax.jit(steps.with_inputs(harness._bind_train_step({
         "graphdef": graphdef, "tx": tx, "schedule": schedule,
         "label_smoothing": config.train.label_smoothing,

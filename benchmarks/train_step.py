@@ -188,11 +188,11 @@ def _bind_train_step(values: dict[str, Any]):
     return step
 
 
-def _initial_state(params, batch_stats, tx) -> steps.TrainState:
+def _initial_state(params, model_state, tx) -> steps.TrainState:
     """A TrainState at step 0, as loop.train_and_evaluate makes it; each field by name."""
     known = {
         "step": lambda: jnp.zeros((), jnp.int32), "params": lambda: params,
-        "batch_stats": lambda: batch_stats, "opt_state": lambda: tx.init(params),
+        "model_state": lambda: model_state, "opt_state": lambda: tx.init(params),
         "train_metrics": lambda: metrics.TrainMetrics.empty(),
         "skipped": lambda: jnp.zeros((), jnp.int32), "warmed_up": lambda: jnp.asarray(True),
         "device_stats": lambda: None}
@@ -237,15 +237,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     schedule = optim.learning_rate_schedule(config.schedule, steps_per_epoch, args.batch_size,
                                             steps_per_epoch * 100)
     tx = optim.create_optimizer(config.optimizer, schedule)
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
     macs = flops.count_macs(model, args.image_size)
     model.eval()
     eval_graphdef = nnx.graphdef(model)
-    state = steps.for_training(jax.device_put(_initial_state(params, batch_stats, tx), replicated),
+    state = steps.for_training(jax.device_put(_initial_state(params, model_state, tx), replicated),
                                mesh, args.bn_group_size)
     state_shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
     param_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
-    stat_bytes = sum(s.nbytes for s in jax.tree.leaves(batch_stats))
+    stat_bytes = sum(s.nbytes for s in jax.tree.leaves(model_state))
 
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch_size, args.image_size, args.image_size, model.in_channels),

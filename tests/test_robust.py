@@ -373,10 +373,10 @@ class _SqrtAtZero(nnx.Module):
 def _sqrt_at_zero_step(zero_in: str):
     """The train step's arguments for `_SqrtAtZero(zero_in)` with plain SGD: (graphdef, tx,
     schedule, params, state, batch)."""
-    graphdef, params, batch_stats = nnx.split(_SqrtAtZero(zero_in), nnx.Param, nnx.BatchStat)
+    graphdef, params, model_state = nnx.split(_SqrtAtZero(zero_in), nnx.Param, nnx.BatchStat)
     schedule = optax.constant_schedule(0.1)
     tx = optax.sgd(schedule)
-    state = train_step_harness._initial_state(params, batch_stats, tx)
+    state = train_step_harness._initial_state(params, model_state, tx)
     batch = {"image": jnp.ones((2, 3)), "label": jnp.asarray([0, 1])}
     return graphdef, tx, schedule, params, state, batch
 

@@ -94,7 +94,7 @@ def _evaluate_multi_scale(eval_fn, state: steps.TrainState, config: Any) -> dict
     local = local_mesh()
     variables = jax.tree.map(  # this process's copy of the replicated parameters
         lambda x: jax.device_put(x.addressable_data(0), sharding.replicated(local)),
-        (state.params, state.batch_stats))
+        (state.params, state.model_state))
     outputs = []
     batches = _EvalPass(pipeline.multi_scale_iterator(config.data, batch_sizes=eval_batch_size(config),
                                                       process_index=jax.process_index(),

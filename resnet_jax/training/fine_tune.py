@@ -17,6 +17,7 @@ from flax import nnx
 
 from resnet_jax import convert
 from resnet_jax.run import checkpoint
+from resnet_jax.training import steps
 
 # The last layer of a ResNet and of a VGG: the one a new task replaces.
 CLASSIFIERS = ("fc", "fc3")
@@ -51,11 +52,11 @@ def from_run(model: nnx.Module, workdir: epath.Path) -> list[str]:
     # not yet placed on the mesh, whatever topology saved them.
     device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
     try:
-        saved = checkpoint.pure(checkpoint.read(manager, step, device))
+        saved = steps.current_names(checkpoint.pure(checkpoint.read(manager, step, device)))
     except checkpoint.CorruptCheckpoint as error:
         raise ValueError(f"the checkpoint of step {step} in {manager.directory}: {error}") from None
     _, params, rest = nnx.split(model, nnx.Param, ...)
-    ours = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(rest)}
+    ours = {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(rest)}
     theirs = _flat({part: saved[part] for part in ours})
     wanted = _flat(ours)
     where = f"the checkpoint of step {step}"
@@ -77,7 +78,7 @@ def from_run(model: nnx.Module, workdir: epath.Path) -> list[str]:
         if np.shape(theirs[key]) != np.shape(value):
             raise ValueError(f"{key!r} has shape {np.shape(theirs[key])} in {where}; this model "
                              f"needs {np.shape(value)}")
-    for part, state in (("params", params), ("batch_stats", rest)):
+    for part, state in (("params", params), ("model_state", rest)):
         loaded = {key[len(part) + 1:]: value for key, value in theirs.items() if key.startswith(part + ".")}
         nnx.replace_by_pure_dict(state, _nested(ours[part], loaded))
     nnx.update(model, params, rest)

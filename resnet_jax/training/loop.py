@@ -275,13 +275,13 @@ def _train_and_evaluate(run: Setup, config: Any, restart: bool) -> steps.TrainSt
 def _initial_state(run: Setup, config: Any, manager, restart: bool, empty_window):
     """(graphdef, the state as the train step takes it, its step): step 0's, or the latest
     checkpoint's."""
-    # batch_stats: every variable that is not a parameter. BN's statistics, and in networks with
+    # model_state: every variable that is not a parameter. BN's statistics, and in networks with
     # dropout (VGG) its random stream, whose counter each step moves on and checkpoints.
-    graphdef, params, batch_stats = nnx.split(run.model, nnx.Param, ...)
+    graphdef, params, model_state = nnx.split(run.model, nnx.Param, ...)
     run.model.eval()
     replicated = sharding.replicated(run.mesh)
     state = jax.device_put(steps.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+        step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
         opt_state=run.tx.init(params), train_metrics=empty_window(),
         skipped=jnp.zeros((), jnp.int32),
         warmed_up=jnp.asarray(not config.schedule.warmup_until_error)), replicated)
@@ -289,7 +289,7 @@ def _initial_state(run: Setup, config: Any, manager, restart: bool, empty_window
                                          run.workdir, restart)
     start = 0
     if restored is not None:
-        state = steps.TrainState(**restored)
+        state = steps.TrainState(**steps.current_names(restored))
         start = int(state.step)
         logging.info("Restored the checkpoint of step %d from %s", start, manager.directory)
     return graphdef, steps.for_training(state, run.mesh, config.model.bn_group_size), start

@@ -25,10 +25,10 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _map_stats(fn, batch_stats: nnx.State) -> nnx.State:
+def _map_stats(fn, model_state: nnx.State) -> nnx.State:
     """fn applied to the value of each BN statistic (nnx.BatchStat); the other state as it is."""
     return jax.tree.map(lambda v: v.replace(fn(v[...])) if isinstance(v, nnx.BatchStat) else v,
-                        batch_stats, is_leaf=_is_variable)
+                        model_state, is_leaf=_is_variable)
 
 
 def _per_device_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -36,28 +36,28 @@ def _per_device_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*([None] * (ndim - 2)), mesh.axis_names, None))
 
 
-def spread(batch_stats: nnx.State, mesh: Mesh) -> nnx.State:
+def spread(model_state: nnx.State, mesh: Mesh) -> nnx.State:
     """Each BN statistic, (..., channels), as one copy per device, (..., devices, channels)."""
     devices = mesh.size
     placement = jax.tree.map(
         lambda v: _per_device_sharding(mesh, v.ndim + 1) if isinstance(v, nnx.BatchStat)
-        else sharding.replicated(mesh), batch_stats, is_leaf=_is_variable)
+        else sharding.replicated(mesh), model_state, is_leaf=_is_variable)
     copies = functools.partial(_map_stats, lambda s: jnp.broadcast_to(
         s[..., None, :], s.shape[:-1] + (devices, s.shape[-1])))
-    return jax.jit(copies, out_shardings=placement)(batch_stats)
+    return jax.jit(copies, out_shardings=placement)(model_state)
 
 
-def per_device(batch_stats: nnx.State) -> nnx.State:
+def per_device(model_state: nnx.State) -> nnx.State:
     """The BN statistics of a spread state, (..., devices, channels), as a checkpoint keeps them."""
-    return batch_stats.filter(nnx.BatchStat)
+    return model_state.filter(nnx.BatchStat)
 
 
-def resume(batch_stats: nnx.State, saved: dict | None, mesh: Mesh) -> nnx.State:
+def resume(model_state: nnx.State, saved: dict | None, mesh: Mesh) -> nnx.State:
     """`spread`, with the per-device statistics a checkpoint saved (`per_device`, as the nested
     dicts of `checkpoint.pure`) in place of the copies where they were saved on as many devices
     as `mesh` has: the resumed run continues as if never stopped. Saved on another device count
     (or not saved), the copies of their average, which continue the same running average."""
-    spread_stats = spread(batch_stats, mesh)
+    spread_stats = spread(model_state, mesh)
     stats = per_device(spread_stats)
     mine = stats.to_pure_dict()
     if saved is None or jax.tree.structure(saved) != jax.tree.structure(mine) or any(
@@ -68,9 +68,9 @@ def resume(batch_stats: nnx.State, saved: dict | None, mesh: Mesh) -> nnx.State:
     return jax.jit(lambda tree: tree, out_shardings=placement)(nnx.merge_state(spread_stats, stats))
 
 
-def gather(batch_stats: nnx.State, mesh: Mesh) -> nnx.State:
+def gather(model_state: nnx.State, mesh: Mesh) -> nnx.State:
     """The per-device statistics averaged over the devices: (..., channels), replicated."""
-    return _averager(mesh)(batch_stats)
+    return _averager(mesh)(model_state)
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,7 +26,9 @@ from resnet_jax.training import metrics, optim, running_stats
 class TrainState:
     step: jax.Array
     params: nnx.State
-    batch_stats: nnx.State
+    # Every variable that is not a parameter: BN's running statistics, and in networks with
+    # dropout (VGG) its random stream. Checkpoints written before this name call it "batch_stats".
+    model_state: nnx.State
     opt_state: optax.OptState
     # The train metrics since the last log line and the steps skipped so far: in the state, so
     # that a resumed run writes the rows an uninterrupted one would.
@@ -40,12 +42,21 @@ class TrainState:
     # a resumed run takes them back and continues bit-exactly (`for_training`). None otherwise.
     device_stats: Any = None
 
+_FORMER_NAMES = {"batch_stats": "model_state"}
+
+
+def current_names(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's fields (`checkpoint.pure`'s dicts, or a restored state's) by TrainState's
+    names, those of checkpoints written before a field was renamed included."""
+    return {_FORMER_NAMES.get(name, name): value for name, value in saved.items()}
+
+
 def with_weights(model: nnx.Module, state: dict[str, Any]) -> nnx.Module:
-    """`model` holding a checkpoint's weights (`checkpoint.pure`'s dicts). Its "batch_stats"
-    hold all the state that is not a parameter, as TrainState's do."""
+    """`model` holding a checkpoint's weights (`checkpoint.pure`'s dicts)."""
+    state = current_names(state)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     nnx.replace_by_pure_dict(params, state["params"])
-    nnx.replace_by_pure_dict(rest, state["batch_stats"])
+    nnx.replace_by_pure_dict(rest, state["model_state"])
     return nnx.merge(graphdef, params, rest)
 
 
@@ -53,7 +64,7 @@ def with_weights(model: nnx.Module, state: dict[str, Any]) -> nnx.Module:
 class Weights(NamedTuple):
     """What an eval step takes of a TrainState: a network's weights alone."""
     params: Any
-    batch_stats: Any
+    model_state: Any
 
 
 def model_options(config: Any) -> dict[str, Any]:
@@ -78,15 +89,15 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
     in range. With `skip_nonfinite` a step whose loss or gradients are not finite changes nothing
     but the step counter. `warmup_lr`: the rate until `state.warmed_up`, the warm-up of
     schedule.warmup_until_error (Sec. 4.2; `optim.rate_in_use`); None where there is none."""
-    def loss_fn(params, batch_stats):
+    def loss_fn(params, model_state):
         # A fresh copy inside the differentiated function, so that BN may update its statistics.
-        model = nnx.merge(graphdef, params, batch_stats, copy=True)
+        model = nnx.merge(graphdef, params, model_state, copy=True)
         logits = model(batch["image"])
         losses = cross_entropy(logits, batch["label"], label_smoothing)
         return losses.mean(), (losses, logits, nnx.state(model, nnx.Not(nnx.Param)))
 
-    (loss, (losses, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats)
+    (loss, (losses, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.model_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     rate = schedule(state.step)
     if warmup_lr is not None:
@@ -97,7 +108,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
         updates = jax.tree.map(lambda u: u * (used / rate).astype(u.dtype), updates)
         rate = used
     new_state = state.replace(params=optax.apply_updates(state.params, updates),
-                              batch_stats=batch_stats, opt_state=opt_state)
+                              model_state=model_state, opt_state=opt_state)
     # The first non-finite gradient element over all leaves, in one reduction (-1 if none); the
     # host names the leaf. The leaves are joined first and checked once: checked one by one, each
     # leaf's check was a loop fusion that XLA's CPU backend compiled into a kernel of its own
@@ -138,7 +149,7 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: dict[str, jax.Ar
     A batch of crops, (batch, crops, H, W, C), is scored by the mean of the crops' softmax: the
     paper's 10-crop testing (Sec. 3.4).
     """
-    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    model = nnx.merge(graphdef, state.params, state.model_state)
     images = batch["image"]
     if images.ndim == 5:
         logits = model(images.reshape((-1,) + images.shape[2:]))
@@ -154,7 +165,7 @@ def multi_scale_step(graphdef: nnx.GraphDef, variables, batch: dict[str, Any]) -
     scores at multiple scales". `batch["views"]` holds one (batch, h, w, C) array per scale, the
     whole images resized (`preprocess.multi_scale_fn`); each view and its horizontal flip go
     through the network, whose global average pooling takes any size, and each image's softmax
-    is averaged over its 2 x scales views. `variables` is (params, batch_stats).
+    is averaged over its 2 x scales views. `variables` is (params, model_state).
 
     Returns per-example scores, nothing reduced over the batch: the step has no collective, so
     that it can run on one process's devices alone (`evaluate`).
@@ -187,7 +198,7 @@ def for_training(state: TrainState, mesh, bn_group_size: int | None) -> TrainSta
     if bn_group_size is None:
         return state
     saved = None if state.device_stats is None else checkpoint.pure(state.device_stats)
-    return state.replace(batch_stats=running_stats.resume(state.batch_stats, saved, mesh),
+    return state.replace(model_state=running_stats.resume(state.model_state, saved, mesh),
                          device_stats=None)
 
 
@@ -196,7 +207,7 @@ def for_evaluation(state: TrainState, mesh, bn_group_size: int | None) -> TrainS
     statistics averaged."""
     if bn_group_size is None:
         return state
-    return state.replace(batch_stats=running_stats.gather(state.batch_stats, mesh))
+    return state.replace(model_state=running_stats.gather(state.model_state, mesh))
 
 
 def for_checkpoint(settled: TrainState, state: TrainState, bn_group_size: int | None) -> TrainState:
@@ -204,7 +215,7 @@ def for_checkpoint(settled: TrainState, state: TrainState, bn_group_size: int | 
     also the per-device statistics of the training `state`, for `for_training` to take back."""
     if bn_group_size is None:
         return settled
-    return settled.replace(device_stats=running_stats.per_device(state.batch_stats))
+    return settled.replace(device_stats=running_stats.per_device(state.model_state))
 
 
 def restore_target(state: TrainState, mesh) -> Callable[[dict], dict]:
@@ -214,6 +225,9 @@ def restore_target(state: TrainState, mesh) -> Callable[[dict], dict]:
     def target(saved: dict) -> dict:
         fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
         del fields["device_stats"]
+        for former, name in _FORMER_NAMES.items():
+            if former in saved:  # restored under the checkpoint's name (`current_names`)
+                fields[former] = fields.pop(name)
         if "device_stats" in saved:
             fields["device_stats"] = jax.tree.map(
                 lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,

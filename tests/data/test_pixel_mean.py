@@ -96,7 +96,7 @@ def evaluate(config, mesh):
     model = steps.create_model(config, 3)
     model.eval()
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    state = jax.device_put(steps.TrainState(step=0, params=params, batch_stats=stats,
+    state = jax.device_put(steps.TrainState(step=0, params=params, model_state=stats,
                                             opt_state=(), train_metrics=None, skipped=0),
                            sharding.replicated(mesh))
     return evaluation.evaluate(evaluation.eval_function(graphdef, config, mesh), state, config, mesh)

@@ -162,7 +162,7 @@ def test_vgg_trains_in_the_training_loop(tmp_path):
     assert [row["step"] for row in rows if "train_loss" in row] == [1, 2]
     assert np.isfinite(rows[-1]["eval_loss"]) and "eval_accuracy" in rows[-1]
     # The dropout streams are carried in the state: each step drew new masks.
-    counts = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.batch_stats)
+    counts = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.model_state)
               if "count" in jax.tree_util.keystr(path)]
     assert len(counts) == 2 and all(int(c) == 2 for c in counts)
 

@@ -28,7 +28,7 @@ config = ml_collections.ConfigDict(dict(
 model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
 model.eval()
 graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-state = steps.TrainState(step=0, params=params, batch_stats=stats, opt_state=(), train_metrics=None,
+state = steps.TrainState(step=0, params=params, model_state=stats, opt_state=(), train_metrics=None,
                          skipped=0)
 mesh = sharding.make_mesh()
 spec = sharding.batch_sharding(mesh)
@@ -81,7 +81,7 @@ absl_logging.set_verbosity("info")
 def state_of(model):
     model.eval()
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return graphdef, steps.TrainState(step=0, params=params, batch_stats=stats, opt_state=(),
+    return graphdef, steps.TrainState(step=0, params=params, model_state=stats, opt_state=(),
                                       train_metrics=None, skipped=0)
 
 def scores(probs, labels):
@@ -102,7 +102,7 @@ out["batch"] = dict(per_process=evaluation.eval_batch_size(config),
                     got=evaluation.evaluate(evaluation.eval_function(graphdef, config, mesh), state,
                                        config, mesh))
 (batch,) = pipeline.eval_iterator(config.data, batch_size=300)
-model = nnx.merge(graphdef, state.params, state.batch_stats)
+model = nnx.merge(graphdef, state.params, state.model_state)
 out["batch"]["expected"] = scores(np.asarray(jax.nn.softmax(model(batch["image"]))), batch["label"])
 
 config.data.update(name=f"imagefolder:{sys.argv[1]}", image_size=8, eval_preprocess="multi_scale",
@@ -113,7 +113,7 @@ graphdef, state = state_of(steps.create_model(config, 3))
 eval_fn = evaluation.eval_function(graphdef, config, mesh)
 out["multi"] = dict(sizes=evaluation.eval_batch_size(config),
                     got=evaluation.evaluate(eval_fn, state, config, mesh))
-model = nnx.merge(graphdef, state.params, state.batch_stats)
+model = nnx.merge(graphdef, state.params, state.model_state)
 probs, labels = [], []
 for line in open(sys.argv[1] + "/labels.txt"):
     path, label = line.split()
@@ -132,7 +132,7 @@ for line in open(sys.argv[1] + "/labels.txt"):
 out["multi"]["expected"] = scores(np.array(probs), np.array(labels))
 batch = next(pipeline.multi_scale_iterator(config.data, batch_sizes=evaluation.eval_batch_size(config)))
 del batch["mask"], batch["aspect"]
-hlo = eval_fn.lower((state.params, state.batch_stats), batch).compile().as_text()
+hlo = eval_fn.lower((state.params, state.model_state), batch).compile().as_text()
 out["multi"]["collectives"] = re.findall(
     r"(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(-start)?\(", hlo)
 print("RESULT", json.dumps(out))

@@ -51,7 +51,7 @@ def test_a_stopped_ghost_bn_run_resumes_bit_exactly(tmp_path, uninterrupted):
     stop_after_a_checkpoint(tmp_path)
     run_main(tmp_path, devices=4, **GHOST)
     resumed, whole = final_state(tmp_path), final_state(uninterrupted)
-    for part in ("params", "batch_stats", "device_stats"):
+    for part in ("params", "model_state", "device_stats"):
         assert_trees_close(resumed[part], whole[part], rtol=0, atol=0)
     assert rows_without_speed(tmp_path) == rows_without_speed(uninterrupted)
 
@@ -63,7 +63,7 @@ def test_a_ghost_bn_run_resumes_on_another_device_count(tmp_path, uninterrupted,
     assert "Restored the checkpoint of step" in result.stderr
     resumed, whole = final_state(tmp_path), final_state(uninterrupted)
     # The tolerance of tests/training/test_train.py's eight devices against one, for ghost BN.
-    for part in ("params", "batch_stats"):
+    for part in ("params", "model_state"):
         assert_trees_close(resumed[part], whole[part], rtol=1e-4, atol=1e-5)
     assert [leaf.shape[-2] for leaf in _leaves(resumed["device_stats"])][0] == devices
 

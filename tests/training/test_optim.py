@@ -179,12 +179,12 @@ def test_lars_scales_kernel_steps_by_the_trust_ratio_and_spares_bn():
 def network_step(optimizer: str):
     """The parameter updates of one train step of CIFAR ResNet-8 from He init."""
     model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
     config = default.get_config().optimizer
     config.name = optimizer
     schedule = optax.constant_schedule(0.1)
     tx = optim.create_optimizer(config, schedule)
-    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                              opt_state=tx.init(params), train_metrics=metrics.TrainMetrics.empty(),
                              skipped=jnp.zeros((), jnp.int32))
     rng = np.random.default_rng(0)
@@ -223,7 +223,7 @@ def test_eval_step_counts_unmasked_examples_and_averages_crops():
     model = models.create("cifar_resnet8", num_classes=5, rngs=nnx.Rngs(0))
     model.eval()
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=(),
+    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=stats, opt_state=(),
                              train_metrics=None, skipped=None)
     crops = jax.random.normal(jax.random.key(0), (4, 10, 8, 8, 3))
     labels = jnp.array([0, 1, 2, 3])

@@ -32,10 +32,10 @@ BATCH = 32
 def _one_step(dtype: str, batch: dict[str, np.ndarray]):
     """(loss, parameter update, state after) of one step of CIFAR ResNet-20 from He init."""
     model = models.create("cifar_resnet20", num_classes=10, rngs=nnx.Rngs(0), dtype=dtype)
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
     schedule = optax.constant_schedule(0.1)
     tx = optim.create_optimizer(default.get_config().optimizer, schedule)
-    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                              opt_state=tx.init(params), train_metrics=metrics.TrainMetrics.empty(),
                              skipped=jnp.zeros((), jnp.int32))
     step = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, 0.0, False))
@@ -74,7 +74,7 @@ def test_bfloat16_step_keeps_float32_state(one_step_each):
     # stay float32, so that small updates are not rounded away.
     *_, state = one_step_each["bfloat16"]
     floats = {leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state,
-                                                      state.batch_stats, state.train_metrics))
+                                                      state.model_state, state.train_metrics))
               if jnp.issubdtype(leaf.dtype, jnp.floating)}
     assert floats == {jnp.dtype("float32")}
 

@@ -68,7 +68,7 @@ def test_eight_devices_train_like_one(tmp_path, group):
     # Within float32 rounding of sums taken in another order, grown over 6 steps. With global
     # BN's one-pass statistics (layers.py) two runs differed by up to 1.6e-5 and 7.4e-5 (a
     # stage-3 kernel of 0.024, on 2x2 maps); with two-pass statistics below 1e-5.
-    for part in ("params", "batch_stats"):
+    for part in ("params", "model_state"):
         assert_trees_close(eight[part], one[part], rtol=1e-4, atol=1e-5 if group else 2e-4)
     if group is not None:  # the averaged statistics restore into per-device ones and train on
         result = run_main(tmp_path / "eight", "--allow_config_change", devices=8,

@@ -114,7 +114,7 @@ def test_the_train_step_takes_warmup_lr_then_the_schedules_rate_through_momentum
     # 0.1: the rate is applied after momentum (Caffe), so the momentum buffer carries gradients,
     # not steps, over the switch. The metrics report the rates used.
     model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
     config = default.get_config().optimizer
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((8, 8, 8, 3), np.float32),
@@ -123,7 +123,7 @@ def test_the_train_step_takes_warmup_lr_then_the_schedules_rate_through_momentum
     def two_steps(schedule, warmup_lr, flags):
         tx = optim.create_optimizer(config, schedule)
         state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                 batch_stats=batch_stats, opt_state=tx.init(params),
+                                 model_state=model_state, opt_state=tx.init(params),
                                  train_metrics=metrics.TrainMetrics.empty(),
                                  skipped=jnp.zeros((), jnp.int32))
         step = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, 0.0, False,
