@@ -174,16 +174,10 @@ def _left(workdir: str) -> str:
 def _differences(config) -> str:
     """The fields of `config` whose values differ from configs/default.py's, as FIELD=VALUE."""
     from configs import default  # pylint: disable=import-outside-toplevel
+    from resnet_jax.run import validate  # pylint: disable=import-outside-toplevel
 
-    def flat(tree, prefix=""):
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                yield from flat(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-
-    defaults = dict(flat(default.get_config().to_dict()))
-    return ", ".join(f"{key}={value}" for key, value in flat(config.to_dict())
+    defaults = validate.dotted(default.get_config().to_dict())
+    return ", ".join(f"{key}={value}" for key, value in validate.dotted(config.to_dict()).items()
                      if key not in defaults or defaults[key] != value)
 
 

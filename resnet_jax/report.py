@@ -41,9 +41,9 @@ from absl import logging as absl_logging  # noqa: E402
 from etils import epath  # noqa: E402
 
 from resnet_jax.analysis import figures, layer_responses, tables  # noqa: E402
+from resnet_jax.cli import flags as cli_flags  # noqa: E402
 from resnet_jax.run import jsonl  # noqa: E402
 from resnet_jax.run.paths import write_text  # noqa: E402
-
 
 
 def _warn(message: str) -> None:
@@ -110,7 +110,8 @@ def lesion(workdirs: list[str], images: int, max_deleted: int, draws: int, seed:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m resnet_jax.report", description=__doc__.split("\n")[0])
+    parser = cli_flags.ArgumentParser(prog="python -m resnet_jax.report",
+                                      description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     table = commands.add_parser("table", help="results table of runs")
     table.add_argument("workdirs", nargs="+", help="the runs' workdirs (local or gs://)")
@@ -157,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(message: str) -> int:
-    print(f"resnet_jax.report: error: {message}", file=sys.stderr)
-    return 2
+    cli_flags.say_error(message)
+    return cli_flags.BAD_INPUT
 
 
 def _write(path: epath.PathLike, text: str) -> str:
@@ -194,8 +195,8 @@ def _run(args: argparse.Namespace) -> list[str]:
     written = [_write(out_dir / "lesion.json",
                       json.dumps({k: dataclasses.asdict(v) for k, v in studies.items()}, indent=1)),
                _write(out_dir / "lesion.md", tables.lesion_markdown(studies))]
-    blocks_fig, count_fig = figures.plot_lesion(studies, f"{tables.measured_on(args.workdirs, args.split)}, first "
-                                                f"{images} images")
+    where = f"{tables.measured_on(args.workdirs, args.split)}, first {images} images"
+    blocks_fig, count_fig = figures.plot_lesion(studies, where)
     return (written + figures.save(blocks_fig, out_dir / "lesion_blocks.png", args.pdf)
             + figures.save(count_fig, out_dir / "lesion_count.png", args.pdf))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from configs import quickstart
-from resnet_jax.run import checkpoint, jsonl
+from resnet_jax.run import checkpoint, jsonl, validate
 from resnet_jax.training import metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,18 +74,10 @@ def latest_params(workdir):
 
 
 def assert_trees_close(a, b, **tolerance):
-    flat_a, flat_b = (dict(_flatten(t)) for t in (a, b))
+    flat_a, flat_b = (validate.dotted(t) for t in (a, b))
     assert flat_a.keys() == flat_b.keys()
     for key in flat_a:
         np.testing.assert_allclose(flat_a[key], flat_b[key], err_msg=key, **tolerance)
-
-
-def _flatten(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flatten(v, f"{prefix}/{k}")
-    else:
-        yield prefix, np.asarray(tree)
 
 
 def rows_without_speed(workdir):

@@ -1,8 +1,10 @@
-"""The command line of the main job and evaluate: `--config` by name or path with its
-`--config.FIELD=VALUE` overrides, the command's own flags, and one line on stderr with exit
-status 2 for anything that cannot be read. Nothing here runs at import: a command defines its
-flags when it is run (`python -m`), so that importing it does nothing."""
+"""The command line of every command: for the main job and evaluate, `--config` by name or path
+with its `--config.FIELD=VALUE` overrides and the command's own flags (absl); for report, its
+subcommands (`ArgumentParser`, as absl has none). Anything that cannot be read is one line on
+stderr and exit status 2. Nothing here runs at import: a command defines its flags when it is
+run (`python -m`), so that importing it does nothing."""
 
+import argparse
 import runpy
 import sys
 from typing import Any
@@ -15,10 +17,23 @@ from resnet_jax.cli import config_files
 BAD_INPUT = 2
 
 
+def say_error(message: str) -> None:
+    """The one line on stderr of a command that stops on what the user can fix."""
+    print(f"resnet_jax: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def fail(message: str, status: int = BAD_INPUT) -> None:
     """One line on stderr, then exit: no traceback for what the user can fix."""
-    print(f"resnet_jax: error: {' '.join(str(message).split())}", file=sys.stderr)
+    say_error(message)
     sys.exit(status)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for a command with subcommands, failing as the other commands fail: one line
+    (not argparse's usage and error), exit status 2. Its subcommands' parsers are of this class."""
+
+    def error(self, message: str) -> None:
+        fail(f"{self.prog}: {message} (--help lists the arguments)")
 
 
 def value(argv: list[str], name: str) -> str | None:

@@ -134,9 +134,10 @@ def check_image_size(image_size: int, total_stride: int, model_name: str) -> Non
              f">= {total_stride}, the total stride of {model_name}")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """The leaves of nested dicts (a config's, a checkpoint's) by dotted path: {"a.0.b": leaf}."""
     if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+        return {k: v for key, sub in tree.items() for k, v in dotted(sub, f"{prefix}{key}.").items()}
     return {prefix[:-1]: tree}
 
 
@@ -158,11 +159,11 @@ def check_workdir(workdir: epath.Path, config_json: str, allow_config_change: bo
         raise SetupError(f"workdir {str(workdir)!r} is not writable: {one_line(error)}") from None
     if allow_config_change or before is None:
         return
-    before = _flatten(before)
+    before = dotted(before)
     if "compiled_step_dir" in before:
         logging.info("This workdir's config names compiled_step_dir, no longer used: restarts "
                      "rely on JAX's persistent compilation cache (compilation_cache_dir).")
-    now = _flatten(json.loads(config_json))
+    now = dotted(json.loads(config_json))
     # Fields added to the configs since that run (data.on_device, say) hold this version's
     # defaults, of which the old run knew nothing: not a change.
     added = sorted(now.keys() - before.keys())

@@ -16,7 +16,7 @@ from etils import epath
 from flax import nnx
 
 from resnet_jax import convert
-from resnet_jax.run import checkpoint
+from resnet_jax.run import checkpoint, validate
 from resnet_jax.training import steps
 
 # The last layer of a ResNet and of a VGG: the one a new task replaces.
@@ -34,14 +34,6 @@ def start_from(model: nnx.Module, path: epath.Path) -> list[str]:
     return convert.from_torchvision(model, convert.read_weights(str(path)), fine_tune=True)
 
 
-def _flat(tree: dict[str, Any]) -> dict[str, Any]:
-    """{"a.0.b": leaf} of nested dicts."""
-    if not isinstance(tree, dict):
-        return {"": tree}
-    return {f"{key}.{name}".rstrip("."): leaf
-            for key, value in tree.items() for name, leaf in _flat(value).items()}
-
-
 def from_run(model: nnx.Module, workdir: epath.Path) -> list[str]:
     """The parameters and BN statistics of the latest checkpoint in `workdir` into `model`."""
     manager = checkpoint.reader(workdir)
@@ -57,8 +49,8 @@ def from_run(model: nnx.Module, workdir: epath.Path) -> list[str]:
         raise ValueError(f"the checkpoint of step {step} in {manager.directory}: {error}") from None
     _, params, rest = nnx.split(model, nnx.Param, ...)
     ours = {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(rest)}
-    theirs = _flat({part: saved[part] for part in ours})
-    wanted = _flat(ours)
+    theirs = validate.dotted({part: saved[part] for part in ours})
+    wanted = validate.dotted(ours)
     where = f"the checkpoint of step {step}"
     changes = [where]
     bias = next(f"params.{name}.bias" for name in CLASSIFIERS if f"params.{name}.bias" in wanted)
@@ -86,7 +78,7 @@ def from_run(model: nnx.Module, workdir: epath.Path) -> list[str]:
 
 
 def _nested(like: dict, flat: dict[str, Any], prefix: str = "") -> dict:
-    """`like`'s nested dicts with the leaves of `flat` where it has them (by `_flat`'s keys)."""
+    """`like`'s nested dicts with the leaves of `flat` where it has them (by `validate.dotted`'s keys)."""
     return {key: (_nested(value, flat, f"{prefix}{key}.") if isinstance(value, dict)
                   else flat.get(f"{prefix}{key}", value))
             for key, value in like.items()}

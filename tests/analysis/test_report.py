@@ -333,6 +333,19 @@ def test_not_a_workdir_is_one_line_and_exit_2(tmp_path, capsys):
     assert error.strip().count("\n") == 0 and "not a run's workdir" in error
 
 
+@pytest.mark.parametrize("args, says", [
+    (("curves", "W"), "curves: the following arguments are required: --out"),
+    (("tables", "W"), "invalid choice: 'tables'"),
+    (("responses", "W", "--out", "x.png", "--images", "many"), "invalid int value: 'many'")])
+def test_bad_arguments_are_one_line_and_exit_2(args, says, capsys):
+    with pytest.raises(SystemExit) as raised:
+        _report(*args)
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("resnet_jax: error: python -m resnet_jax.report")
+    assert says in error
+
+
 @pytest.mark.parametrize("protocol", preprocess.MANY_VIEWS)
 def test_runs_tested_on_many_views_are_analysed_on_their_centre_crops(protocol):
     config = runs.small_config(**{"data.image_size": 12, "data.resize_size": 16,

@@ -61,7 +61,7 @@ def test_every_field_of_every_shipped_config_has_a_comment_naming_its_value(name
     namespace = {}
     exec(compile(open(config_files.resolve(name)).read(), name, "exec"), namespace)  # noqa: S102
     comments = _comments()
-    for field, value in validate._flatten(namespace["get_config"]().to_dict()).items():
+    for field, value in validate.dotted(namespace["get_config"]().to_dict()).items():
         assert comments.get(field), f"{field} has no comment in configs/default.py"
         if field in CHOICES and value is not None:
             assert f'"{value}"' in comments[field], (name, field, value, comments[field])
