@@ -27,6 +27,10 @@ config ((x - mean) / std, the per-pixel mean image when `subtract_pixel_mean`), 
 Eval: the eval split is decoded once into host memory; each evaluation sends it, per process a
 contiguous slice in padded batches with a mask (as `pipeline.eval_iterator`), as uint8, normalised
 inside the eval step.
+
+Images that do not decode: left out of a train split, each named in the log, as the host
+pipeline drops them; in an eval split, a `sources.BadImageError` naming them before the first
+batch (an eval counts every example of its split).
 """
 
 from __future__ import annotations
@@ -62,12 +66,30 @@ def enabled(data_config) -> bool:
 # ---- sources: images as uint8 (N, S, S, 3) and int32 labels, in a fixed order ---------------
 
 
-def _decode(path: str, image_size: int) -> np.ndarray:
+def _decoded(path: str, image_size: int) -> np.ndarray | str:
+    """The image at `path` as uint8 (S, S, 3); or, where it does not decode, why."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
 
-    with Image.open(io.BytesIO(epath.Path(path).read_bytes())) as image:
-        pixels = np.asarray(image.convert("RGB"))
+    try:
+        with Image.open(io.BytesIO(epath.Path(path).read_bytes())) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's
+        return f"{type(error).__name__}: {' '.join(str(error).split())}"
     return sources.to_uint8(pixels[None], image_size)[0]
+
+
+def _undecodable(bad: list[tuple[str, str]], where: str, train: bool) -> None:
+    """Logs each image of `bad` ((path, why)); raises BadImageError for an eval split."""
+    for path, why in bad:
+        logging.warning("data.on_device: %s: %s does not decode (%s)%s", where, path, why,
+                        "; left out" if train else "")
+    if not train:
+        k, shown = len(bad), ", ".join(path for path, _ in bad[:5])
+        more = f" and {k - 5} more (the log names them all)" if k > 5 else ""
+        raise sources.BadImageError(
+            f"eval data {where}: {k} image{'s' * (k > 1)} that do{'es' * (k == 1)} not decode: "
+            f"{shown}{more}; an eval counts every example of its split, so replace or remove "
+            f"{'it' if k == 1 else 'them'}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +115,10 @@ class _Source(sources.Source):
             raise ValueError(f"data.on_device=True takes {SUPPORTED}; data.name={self.name!r} "
                              f"has images of shape {shape} (use data.on_device=False)")
 
-    def load(self, spec: str) -> tuple[np.ndarray, np.ndarray]:
-        """The split decoded: uint8 (N, S, S, 3) and int32 (N,), in a fixed order."""
+    def load(self, spec: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The split decoded: uint8 (N, S, S, 3) and int32 (N,), in a fixed order. An image
+        that does not decode is dropped from a train split and named in the log, as the host
+        pipeline drops it; in an eval split it is a `sources.BadImageError` naming it."""
         size = self.image_size
         if self.name == "digits":
             splits = sources.digits(size)
@@ -105,9 +129,15 @@ class _Source(sources.Source):
             chosen = [f for n, a, b in self.rows(spec) for f in files[n][a:b]]
             # Threads only read and decode files; no JAX operation runs on them.
             with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-                images = list(pool.map(lambda f: _decode(f[0], size), chosen))
-            parts = [(np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
-                      np.array([label for _, label in chosen], np.int32))]
+                decoded = list(pool.map(lambda f: _decoded(f[0], size), chosen))
+            bad = [(path, error) for (path, _), error in zip(chosen, decoded) if isinstance(error, str)]
+            if bad:
+                _undecodable(bad, f"data.name={self.name!r}, split {spec!r}", train)
+            kept = [(image, label) for image, (_, label) in zip(decoded, chosen)
+                    if not isinstance(image, str)]
+            parts = [(np.stack([image for image, _ in kept]) if kept
+                      else np.zeros((0, size, size, 3), np.uint8),
+                      np.array([label for _, label in kept], np.int32))]
         else:
             self._check_shape()
             image_key, label_key = self.tfds_keys
@@ -149,7 +179,7 @@ def _split(key: tuple, train: bool) -> tuple[np.ndarray, np.ndarray]:
     config = dict(key)
     source = _Source(_Fields(config))
     spec = source.split(train)
-    images, labels = source.load(spec)
+    images, labels = source.load(spec, train)
     logging.info("data.on_device: %s %s decoded once: %d images of %s, %d bytes",
                  source.name, spec, len(labels), images.shape[1:], images.nbytes)
     return images, labels

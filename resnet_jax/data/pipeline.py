@@ -74,11 +74,6 @@ READ_FILES = 16  # TFRecord files a streamed chunk reads at once (TFDS's default
 READ_BUFFER_BYTES = 8 << 20  # read buffer per TFRecord file (TFDS's)
 
 
-class BadImageError(ValueError):
-    """Eval images that do not decode: the message names them. Raised by the eval iterators once
-    the pass has yielded all its batches (see the module's docstring)."""
-
-
 # ---- sources: records in a fixed order, undecoded ----------------------------------------------
 
 
@@ -454,7 +449,7 @@ class _BadImages:
             return
         k, shown = len(self._in_pass), ", ".join(self._in_pass[:self.SHOWN])
         more = f" and {k - self.SHOWN} more (the log names them all)" if k > self.SHOWN else ""
-        raise BadImageError(
+        raise sources.BadImageError(
             f"{self._what}: {k} image{'s' * (k > 1)} that do{'es' * (k == 1)} not decode: "
             f"{shown}{more}; an eval counts every example of its split, so replace or remove "
             f"{'it' if k == 1 else 'them'}")

@@ -58,6 +58,11 @@ class DataInfo:
     image_shape: tuple[int, int, int]  # (height, width, channels); for ten_crop of one crop
 
 
+class BadImageError(ValueError):
+    """Eval images that do not decode: the message names them. The eval iterators raise it once
+    the pass has yielded all its batches (`pipeline`), or before the first (`on_device`)."""
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """A TFDS data set that is not prepared in the data_dir: the message says how to prepare it."""
 

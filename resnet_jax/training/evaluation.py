@@ -14,7 +14,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from resnet_jax import convert
-from resnet_jax.data import device_inputs, on_device, pipeline, pixel_mean, preprocess
+from resnet_jax.data import device_inputs, on_device, pipeline, pixel_mean, preprocess, sources
 from resnet_jax.distributed import sharding
 from resnet_jax.run import checkpoint, live, paths, validate
 from resnet_jax.training import metrics, steps
@@ -152,7 +152,7 @@ class _EvalPass:
                 if (now := time.perf_counter()) > due:
                     due = now + self.EVERY
                     logging.info("Evaluating: %d batches in %.0f s", done + 1, now - began)
-        except pipeline.BadImageError as error:
+        except sources.BadImageError as error:
             self._error = error
 
     def agree(self) -> None:
@@ -160,7 +160,7 @@ class _EvalPass:
         if jax.process_count() > 1:
             failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
             if error is None and failed.any():
-                error = pipeline.BadImageError(f"the eval images of process {int(failed.argmax())} "
+                error = sources.BadImageError(f"the eval images of process {int(failed.argmax())} "
                                                f"include some that do not decode (its own line "
                                                f"names them)")
         if error is not None:

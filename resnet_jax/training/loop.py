@@ -367,7 +367,7 @@ def _evaluate(eval_fn, settled: steps.TrainState, config: Any, mesh, step: int,
               manager) -> dict[str, float]:
     try:
         return evaluation.evaluate(eval_fn, settled, config, mesh)
-    except pipeline.BadImageError as error:  # no eval leaves an example out
+    except sources.BadImageError as error:  # no eval leaves an example out
         raise TrainingError(f"step {step}: {error}; stopped, "
                             f"{checkpoint.last_complete(manager)}") from error
 

@@ -1,7 +1,7 @@
 """Image folders with files that do not decode, and with classes that have no training images.
 
 Each image that does not decode is named in the log (once); an eval image that does not decode
-stops the evaluation naming it (`pipeline.BadImageError`), so that no eval counts fewer examples than
+stops the evaluation naming it (`sources.BadImageError`), so that no eval counts fewer examples than
 its split holds; a class with no training images is refused by `pipeline.info`, and so by the command
 (exit 2, nothing written).
 """
@@ -90,7 +90,7 @@ def test_an_eval_image_that_does_not_decode_stops_the_eval_naming_it(tmp_path, p
     with pytest.raises(ValueError) as raised:
         for batch in it:
             batches.append(batch)
-    assert isinstance(raised.value, pipeline.BadImageError)
+    assert isinstance(raised.value, sources.BadImageError)
     message = str(raised.value)
     assert "\n" not in message and all(path in message for path in bad), message
     # Every batch came before the error, as many as the whole split makes: multi-host eval steps
@@ -98,11 +98,29 @@ def test_an_eval_image_that_does_not_decode_stops_the_eval_naming_it(tmp_path, p
     assert len(batches) == -(-12 // 4) and sum(int(b["mask"].sum()) for b in batches) == 9
 
 
+def test_on_the_devices_a_train_image_that_does_not_decode_is_left_out_and_an_eval_one_stops_the_eval(
+        tmp_path, caplog):
+    from resnet_jax.data import on_device
+    root = _folder(tmp_path, {"train": {"ant": 2, "bee": 2}, "test": {"ant": 2, "bee": 2}})
+    bad_train, bad_eval = _add_bad_files(root / "train" / "bee"), _add_bad_files(root / "test" / "ant")
+    config = _config(root, on_device=True)
+    with caplog.at_level(logging.WARNING):
+        images, labels = on_device.split_arrays(config, train=True)
+    assert images.shape == (4, 8, 8, 3) and labels.tolist() == [0, 0, 1, 1]
+    for path in bad_train:
+        assert sum(path in message for message in _messages(caplog)) == 1, (path, _messages(caplog))
+    with pytest.raises(sources.BadImageError) as raised:
+        list(on_device.eval_iterator(config, batch_size=4))
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("eval data data.name=")
+    assert "3 images that do not decode" in message and all(path in message for path in bad_eval)
+
+
 def test_a_multi_scale_eval_image_that_does_not_decode_stops_it_naming_it(tmp_path):
     root = _folder(tmp_path, {"train": {"ant": 2, "bee": 2}, "test": {"ant": 3, "bee": 3}})
     bad = _add_bad_files(root / "test" / "bee")
     config = _config(root, eval_preprocess="multi_scale", eval_scales=(8,))
-    with pytest.raises(pipeline.BadImageError) as raised:
+    with pytest.raises(sources.BadImageError) as raised:
         list(pipeline.multi_scale_iterator(config, batch_sizes=(4,) * 25))
     assert all(path in str(raised.value) for path in bad)
 
@@ -143,11 +161,11 @@ def test_digits_with_too_few_training_rows_are_refused():
         pipeline.info(config)
 
 
-def _train_on(root, workdir, num_classes):
+def _train_on(root, workdir, num_classes, **changes):
     """The real command on the image folder `root`: (its result, the last line of its stderr)."""
     command = main_command(workdir, **{"data.name": f"imagefolder:{root}",
                                        "data.num_classes": num_classes,
-                                       "train.batch_size": 4, "eval.batch_size": 4})
+                                       "train.batch_size": 4, "eval.batch_size": 4, **changes})
     result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True,
                             timeout=300)
     return result, result.stderr.strip().splitlines()[-1]
@@ -165,10 +183,11 @@ def test_the_command_refuses_an_empty_class_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_whose_eval_image_does_not_decode_stops_in_one_line_naming_it(tmp_path):
+@pytest.mark.parametrize("on_device", [False, True])
+def test_a_run_whose_eval_image_does_not_decode_stops_in_one_line_naming_it(tmp_path, on_device):
     root = _folder(tmp_path / "images", {"train": {"ant": 4, "bee": 4}, "test": {"ant": 2, "bee": 2}})
     (root / "test" / "bee" / "broken.jpg").write_bytes(b"")
-    result, last = _train_on(root, tmp_path / "run", 2)
+    result, last = _train_on(root, tmp_path / "run", 2, **{"data.on_device": on_device})
     assert result.returncode == 1, result.stderr[-2000:]
     assert last.startswith("resnet_jax: error: step 3: ") and "broken.jpg" in last, last
     assert "checkpoint" in last and "Traceback" not in result.stderr

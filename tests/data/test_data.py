@@ -443,7 +443,7 @@ def test_a_corrupt_tfds_record_is_named_by_its_key(six_files, corrupt_tfds, capl
         _take(it, 12)  # to the middle of epoch 1: past the record in each epoch
     named = [r.getMessage() for r in caplog.records if key in r.getMessage()]
     assert it.num_skipped == 2 and len(named) == 1, [r.getMessage() for r in caplog.records]
-    with pytest.raises(pipeline.BadImageError, match=f"1 image .*: {key};"):
+    with pytest.raises(sources.BadImageError, match=f"1 image .*: {key};"):
         list(pipeline.eval_iterator(config, batch_size=5))
 
 
@@ -576,7 +576,7 @@ def test_corrupt_image_is_named_and_skipped_in_training_an_error_in_eval(corrupt
                      eval_preprocess="none", eval_split="train")
     it = pipeline.eval_iterator(config, batch_size=16)
     batches = []
-    with caplog.at_level(logging.WARNING), pytest.raises(pipeline.BadImageError, match="7.png"):
+    with caplog.at_level(logging.WARNING), pytest.raises(sources.BadImageError, match="7.png"):
         for batch in it:  # every batch, then the error
             batches.append(batch)
     ids = np.concatenate([_ids(b, b["mask"]) for b in batches])

@@ -137,7 +137,7 @@ def test_an_image_folder_is_labelled_as_tfds_labels_it(folder):
         want = sorted((e.image_path, tfds_names.index(e.label)) for e in tfds_examples[split])
         assert sorted(files[split]) == want
     images, labels = on_device._Source(ml_collections.ConfigDict(dict(
-        name=f"imagefolder:{folder}", image_size=8))).load("train[2:]+test")
+        name=f"imagefolder:{folder}", image_size=8))).load("train[2:]+test", train=True)
     assert images.shape == (22, 8, 8, 3) and images.dtype == np.uint8 and labels.shape == (22,)
 
 

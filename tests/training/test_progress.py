@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from resnet_jax.data import pipeline
+from resnet_jax.data import sources
 from resnet_jax.training import evaluation, metrics
 
 
@@ -39,11 +39,11 @@ def test_an_eval_that_takes_a_while_says_how_far_it_got(monkeypatch, caplog):
 def test_an_eval_pass_raises_its_bad_images_after_its_last_batch():
     def batches():
         yield "batch"
-        raise pipeline.BadImageError("eval data x: 1 image that does not decode: a.jpg")
+        raise sources.BadImageError("eval data x: 1 image that does not decode: a.jpg")
 
     passed = evaluation._EvalPass(batches())
     assert list(passed) == ["batch"]
-    with pytest.raises(pipeline.BadImageError, match="a.jpg"):
+    with pytest.raises(sources.BadImageError, match="a.jpg"):
         passed.agree()
 
 
