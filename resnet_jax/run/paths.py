@@ -69,8 +69,12 @@ def write_bytes(path: epath.Path, data: bytes) -> None:
     """`write_text` for bytes."""
     if _scheme(str(path)) is None:
         temporary = path.with_name(path.name + ".tmp")
-        temporary.write_bytes(data)
-        temporary.replace(path)
+        try:
+            temporary.write_bytes(data)
+            temporary.replace(path)
+        except BaseException:  # a full disk, Ctrl-C: no half-written file left beside it
+            temporary.unlink(missing_ok=True)
+            raise
     else:
         path.write_bytes(data)
 

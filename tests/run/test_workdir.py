@@ -1,5 +1,6 @@
 """The workdir's path layer: local paths and URLs alike, one-line errors for what cannot serve."""
 
+import errno
 import subprocess
 
 import pytest
@@ -28,6 +29,21 @@ def test_whole_file_writes_leave_no_temporary_file(tmp_path):
     paths.write_text(path, "one")
     paths.write_text(path, "two")
     assert path.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_a_write_that_fails_leaves_the_file_as_it_was_and_no_temporary_file(tmp_path, monkeypatch):
+    path = paths.resolve(str(tmp_path)) / "config.json"
+    paths.write_text(path, "one")
+    real = type(path).write_bytes
+
+    def full_disk(self, data):  # half written, then the disk is full
+        real(self, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(path), "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        paths.write_text(path, "two, longer")
+    assert path.read_text() == "one" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
 @pytest.mark.slow
