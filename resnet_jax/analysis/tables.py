@@ -43,8 +43,8 @@ def error_percent(accuracy: float) -> float:
 
 
 def scheduled_steps(config: Any) -> int | None:
-    """The steps the run's schedule has, as the training loop counts them (`loop.total_steps`); None where it is set in epochs
-    of a split whose size is not known here."""
+    """The steps the run's schedule has, as the training loop counts them (`loop.total_steps`);
+    None where it is set in epochs of a split whose size is not known here."""
     if config.train.num_steps > 0:
         return config.train.num_steps
     examples = TRAIN_EXAMPLES.get((config.data.name, config.data.train_split))

@@ -1,3 +1,3 @@
-"""The command line: the flags of the main job and evaluate with their one-line errors (`flags`),
+"""The command line: every command's flags and their one-line errors (`flags`),
 config files by name or path (`config_files`) and `--help` with every config field
 (`config_help`)."""

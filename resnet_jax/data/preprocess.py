@@ -123,7 +123,7 @@ class Settings:
 
 def settings(config) -> Settings:
     """Reads and checks the preprocessing fields of `config` (a run config's `data` section)."""
-    image_size = int(sources.get(config, "image_size", 224))
+    image_size = int(sources.get(config, "image_size", sources.IMAGE_SIZE))
     if image_size < 1:
         raise ValueError(f"data.image_size={image_size} must be a positive int")
     train = _choice("train_preprocess", sources.get(config, "train_preprocess", "inception"),

@@ -47,6 +47,7 @@ FAKE_NUM_CLASSES = 1000
 DIGITS_NUM_TEST = 300
 DIGITS_SPLIT_SEED = 0
 IMAGE_FILES = (".jpg", ".jpeg", ".png")
+IMAGE_SIZE = 224  # data.image_size where a config has none
 _PART = re.compile(r"^([\w-]+)(?:\[(-?[\d.]+%?)?:(-?[\d.]+%?)?\])?$")
 
 
@@ -223,7 +224,7 @@ class Source:
 
     @property
     def image_size(self) -> int:
-        return int(get(self.config, "image_size", 224))
+        return int(get(self.config, "image_size", IMAGE_SIZE))
 
     @functools.cached_property
     def builder(self):
@@ -264,8 +265,10 @@ class Source:
         default = "validation" if self.name == "imagenet2012" else "test"
         return get(self.config, "eval_split", default)
 
+    @functools.cached_property
     def labels(self) -> dict[str, np.ndarray] | None:
-        """split -> int64 labels, in the order of its rows, where held (digits, image folders)."""
+        """split -> int64 labels, in the order of its rows, where held (digits, image folders):
+        made once, as each size and check reads them."""
         if self.name == "digits":
             return {k: v[1] for k, v in digits(self.image_size).items()}
         if self.is_folder:
@@ -279,7 +282,7 @@ class Source:
             num_eval = int(get(self.config, "fake_num_eval", FAKE_NUM_EVAL))
             return {"train": int(get(self.config, "fake_num_train", FAKE_NUM_TRAIN)),
                     "validation": num_eval, "test": num_eval}
-        return {k: len(v) for k, v in self.labels().items()}
+        return {k: len(v) for k, v in self.labels.items()}
 
     def rows(self, spec: str) -> list[tuple[str, int, int]]:
         """`split_rows` of a spec of a source whose specs are read here (not TFDS)."""
@@ -305,7 +308,7 @@ class Source:
     def check_classes(self) -> None:
         """`check_classes` of the train split where the labels are held (image folders, digits):
         counting a TFDS data set's would read the split (ImageNet's: minutes)."""
-        labels = self.labels()
+        labels = self.labels
         if labels is not None:
             spec = self.split(train=True)
             check_classes(self.name, self.class_names, labels, self.rows(spec), spec)

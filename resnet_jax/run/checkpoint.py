@@ -229,8 +229,8 @@ def wait(manager: ocp.CheckpointManager) -> None:
         manager.check_for_errors()
     except Exception as error:
         failure = _failed(manager, error, step)
-    _agree(manager, failure, failure.what if failure else "in flight" if step is None
-           else f"of step {step}")
+    what = "in flight" if step is None else f"of step {step}"
+    _agree(manager, failure, failure.what if failure else what)
 
 
 def _agree(manager: ocp.CheckpointManager, failure: CheckpointError | None, what: str) -> None:

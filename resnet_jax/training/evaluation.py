@@ -161,8 +161,8 @@ class _EvalPass:
             failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
             if error is None and failed.any():
                 error = sources.BadImageError(f"the eval images of process {int(failed.argmax())} "
-                                               f"include some that do not decode (its own line "
-                                               f"names them)")
+                                              f"include some that do not decode (its own line "
+                                              f"names them)")
         if error is not None:
             raise error
 

@@ -42,6 +42,7 @@ class TrainState:
     # a resumed run takes them back and continues bit-exactly (`for_training`). None otherwise.
     device_stats: Any = None
 
+
 _FORMER_NAMES = {"batch_stats": "model_state"}
 
 
@@ -58,7 +59,6 @@ def with_weights(model: nnx.Module, state: dict[str, Any]) -> nnx.Module:
     nnx.replace_by_pure_dict(params, state["params"])
     nnx.replace_by_pure_dict(rest, state["model_state"])
     return nnx.merge(graphdef, params, rest)
-
 
 
 class Weights(NamedTuple):
