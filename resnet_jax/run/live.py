@@ -103,6 +103,16 @@ def _until_listed(manager, grace: float) -> None:
         _listing(manager.reload)
 
 
+def _saving(manager) -> bool:
+    """The checkpoints directory holds something though no step is listed: a save under way, or
+    a step committed and an older one deleted between orbax's listing and its look at each."""
+    directory = manager.directory
+    try:
+        return directory.exists() and any(directory.iterdir())
+    except OSError:
+        return False
+
+
 def _unreadable(manager, step: int, error: Exception) -> Exception:
     reason = " ".join(str(error).split())[:300]
     if not isinstance(error, checkpoint.CorruptCheckpoint):
@@ -123,6 +133,8 @@ def read_checkpoint(manager, which: str, sharding, attempts: int = ATTEMPTS,
     Only a step that is still there and fails to read raises `checkpoint.CorruptCheckpoint`.
     """
     lost = []
+    if not manager.all_steps() and _saving(manager):  # listed as a save replaced the only step
+        _until_listed(manager, grace)
     while len(lost) < attempts:
         step = checkpoint_step(manager, which)
         try:

@@ -90,6 +90,29 @@ def test_a_run_between_deleting_its_one_step_and_committing_the_next_is_waited_f
 
 
 @pytest.mark.slow
+def test_a_listing_made_as_the_only_step_was_replaced_waits_for_the_next(workdir, tmp_path):
+    # orbax lists the directory, then looks at each step: a save committed and the older step
+    # deleted between the two leave it listing none.
+    checkpoints = workdir / "checkpoints"
+    shutil.rmtree(checkpoints / "3")
+    (checkpoints / "6").rename(checkpoints / "7.orbax-checkpoint-tmp")
+    manager = checkpoint.reader(epath.Path(workdir))
+    assert manager.all_steps() == []
+    threading.Timer(0.5, (checkpoints / "7.orbax-checkpoint-tmp").rename, [checkpoints / "7"]).start()
+    step, _ = live.read_checkpoint(manager, "latest", DEVICE, grace=10)
+    assert step == 7
+
+
+def test_a_directory_without_checkpoints_is_said_so_at_once(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    manager = checkpoint.reader(epath.Path(tmp_path))
+    began = time.monotonic()
+    with pytest.raises(ValueError, match="there is no checkpoint in"):
+        live.read_checkpoint(manager, "latest", DEVICE, grace=10)
+    assert time.monotonic() - began < 5
+
+
+@pytest.mark.slow
 def test_a_named_step_deleted_while_read_is_said_so(workdir, monkeypatch):
     manager = checkpoint.reader(epath.Path(workdir))
     _read_with(monkeypatch, lambda step: _saved(workdir, step, 100))
