@@ -20,6 +20,7 @@ Python thread's stack to its log file and the run goes on.
 
 import contextlib
 import faulthandler
+import importlib.abc
 import logging as pylogging
 import os
 import shutil
@@ -70,23 +71,40 @@ class _Short(pylogging.Formatter):
 _crash_fd: int | None = None  # where Python's crash dumps go: the log file's own descriptor
 
 
+class _WithoutKeras(importlib.abc.MetaPathFinder):
+    """Refuses Keras's code while TensorFlow loads. TensorFlow imports Keras's optimizers as it
+    loads, to register them for SavedModel, which this project never writes, and goes on where
+    that import fails; Keras stays importable once TensorFlow has loaded (`tf.keras` included).
+    It is a third of TensorFlow's import time (benchmarks/README.md), paid by every command."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[:2] in (["keras", "src"], ["tf_keras", "src"]):
+            raise ImportError(f"{name}: not loaded with TensorFlow (console.import_tensorflow)")
+        return None
+
+
 def import_tensorflow() -> None:
-    """Imports TensorFlow, where it is installed, with what its native libraries write to the
-    terminal as they load (oneDNN's and the CPU features' notices, after absl's "All log messages
-    before absl::InitializeLog() ...", twice; TF_CPP_MIN_LOG_LEVEL does not reach them) sent to
-    the log at debug level. The commands call it before anything imports TensorFlow: their data,
-    and etils.epath, which uses TensorFlow's file systems where it is installed."""
+    """Imports TensorFlow, where it is installed, without Keras (`_WithoutKeras`), with what its
+    native libraries write to the terminal as they load (oneDNN's and the CPU features' notices,
+    after absl's "All log messages before absl::InitializeLog() ...", twice; TF_CPP_MIN_LOG_LEVEL
+    does not reach them) sent to the log at debug level. The commands call it before anything
+    imports TensorFlow: their data, and etils.epath, which uses TensorFlow's file systems where it
+    is installed."""
     if "tensorflow" in sys.modules:
         return
     sys.stderr.flush()
     terminal = os.dup(2)
+    without_keras = _WithoutKeras()
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
+        sys.meta_path.insert(0, without_keras)
         try:
             import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel
             failed = None
         except BaseException as error:  # noqa: BLE001  (raised below, after fd 2 is back)
             failed = error
+        finally:
+            sys.meta_path.remove(without_keras)
         os.dup2(terminal, 2)
         os.close(terminal)
         captured.seek(0)

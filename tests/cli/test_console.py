@@ -2,6 +2,7 @@
 
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -74,3 +75,21 @@ def test_the_same_command_on_the_finished_run_says_so_and_writes_nothing(run):
     assert "eval_accuracy=" in last and str(workdir / "metrics.jsonl") in last
     assert "Restored" not in result.stderr and "Saving" not in result.stderr
     assert _files(workdir) == before
+
+
+KERAS_AFTER_TENSORFLOW = """
+import sys
+from resnet_jax.run import console
+console.import_tensorflow()
+loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("keras", "tf_keras"))
+import tensorflow as tf
+print(loaded, type(tf.keras.layers.Dense(2)).__name__, len(tf.data.Dataset.range(3)))
+"""
+
+
+def test_tensorflow_loads_without_keras_and_keras_loads_after_it():
+    # TensorFlow imports Keras's optimizers as it loads (for SavedModel, never written here).
+    done = subprocess.run([sys.executable, "-c", KERAS_AFTER_TENSORFLOW], cwd=runs.REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["[]", "Dense", "3"], done.stdout

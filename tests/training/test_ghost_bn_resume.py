@@ -2,6 +2,7 @@
 within float32 rounding on another. Each group's statistics are taken about its device's running
 mean (layers.py), so the per-device running statistics must come back as they were."""
 
+import shutil
 import signal
 import subprocess
 import time
@@ -22,6 +23,15 @@ GHOST = {"model.bn_group_size": 4, "train.num_steps": 24, "checkpoint.every_step
 def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("whole")
     run_main(workdir, devices=4, **GHOST)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """A workdir of the run stopped by SIGTERM after its checkpoint of step 8 or later; each test
+    resumes a copy."""
+    workdir = tmp_path_factory.mktemp("stopped")
+    stop_after_a_checkpoint(workdir)
     return workdir
 
 
@@ -47,8 +57,8 @@ def final_state(workdir):
     return state
 
 
-def test_a_stopped_ghost_bn_run_resumes_bit_exactly(tmp_path, uninterrupted):
-    stop_after_a_checkpoint(tmp_path)
+def test_a_stopped_ghost_bn_run_resumes_bit_exactly(tmp_path, uninterrupted, stopped):
+    shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)
     run_main(tmp_path, devices=4, **GHOST)
     resumed, whole = final_state(tmp_path), final_state(uninterrupted)
     for part in ("params", "model_state", "device_stats"):
@@ -57,8 +67,8 @@ def test_a_stopped_ghost_bn_run_resumes_bit_exactly(tmp_path, uninterrupted):
 
 
 @pytest.mark.parametrize("devices", [2, 8])
-def test_a_ghost_bn_run_resumes_on_another_device_count(tmp_path, uninterrupted, devices):
-    stop_after_a_checkpoint(tmp_path)
+def test_a_ghost_bn_run_resumes_on_another_device_count(tmp_path, uninterrupted, stopped, devices):
+    shutil.copytree(stopped, tmp_path, dirs_exist_ok=True)
     result = run_main(tmp_path, devices=devices, **GHOST)
     assert "Restored the checkpoint of step" in result.stderr
     resumed, whole = final_state(tmp_path), final_state(uninterrupted)
