@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from benchmarks import cli, train_step as harness  # noqa: E402
 from configs import default  # noqa: E402
 from resnet_jax.distributed import sharding
-from resnet_jax.training import optim, steps  # noqa: E402
+from resnet_jax.training import losses, optim, steps  # noqa: E402
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
           "f32": 4, "s64": 8, "u64": 8, "f64": 8}
@@ -82,7 +82,7 @@ def step(model: str, batch_size: int, image_size: int, dtype: str = "bfloat16",
                                            jnp.float32, sharding=batch_spec),
              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_spec)}
     function = harness._bind_train_step({
-        "graphdef": graphdef, "tx": tx, "schedule": schedule, "label_smoothing": 0.0,
+        "graphdef": graphdef, "tx": tx, "schedule": schedule, "loss": losses.Loss(),
         "skip_nonfinite": False, "warmup_lr": None})
     shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
     jitted = jax.jit(function, in_shardings=(shardings, batch_spec),

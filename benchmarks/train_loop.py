@@ -25,7 +25,7 @@ from benchmarks import train_step as harness
 from configs import default
 from resnet_jax.data import pipeline, sources
 from resnet_jax.distributed import sharding
-from resnet_jax.training import optim, steps
+from resnet_jax.training import losses, optim, steps
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     state = jax.device_put(harness._initial_state(params, model_state, tx), replicated)
     step_fn = jax.jit(steps.with_inputs(harness._bind_train_step({
         "graphdef": graphdef, "tx": tx, "schedule": schedule,
-        "label_smoothing": config.train.label_smoothing,
+        "loss": losses.from_config(config.train),
         "skip_nonfinite": config.train.get("skip_nonfinite", False)}), config.data),
         in_shardings=(replicated, batch_spec), out_shardings=replicated, donate_argnums=0)
 

@@ -66,7 +66,7 @@ from benchmarks import cli, compile_timer  # noqa: E402
 from configs import default  # noqa: E402
 from resnet_jax import flops, layers
 from resnet_jax.distributed import sharding
-from resnet_jax.training import metrics, optim, steps  # noqa: E402
+from resnet_jax.training import losses, metrics, optim, steps  # noqa: E402
 
 # Bytes per element of the HLO element types that collectives carry.
 _HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     train_fn = jax.jit(_bind_train_step({
         "graphdef": graphdef, "tx": tx, "schedule": schedule,
-        "label_smoothing": config.train.label_smoothing,
+        "loss": losses.from_config(config.train),
         "skip_nonfinite": config.train.get("skip_nonfinite", False),
         "warmup_lr": None}),  # the schedule's rate: the step after any warm-up
         in_shardings=(state_shardings, batch_spec), out_shardings=(state_shardings, replicated),

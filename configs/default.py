@@ -102,12 +102,16 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=256,              # global: across all devices and processes
         num_epochs=120.0,            # about 60e4 iterations at batch 256 (Sec. 3.4)
         num_steps=-1,                # > 0 overrides num_epochs
+        loss="cross_entropy",        # the paper's; "binary_cross_entropy": one sigmoid per class
+                                     # (ResNet strikes back, Wightman et al. 2021)
         label_smoothing=0.0,         # none in the paper; 0.1 is a modern option (Szegedy et al. 2016)
+        bce_target_threshold=ml_collections.config_dict.placeholder(float),  # binary_cross_entropy:
+                                     # targets above it 1, the rest 0 (ResNet strikes back: 0.2)
         skip_nonfinite=False,        # True: a step with a non-finite loss or gradient changes nothing
     ))
     config.optimizer = ml_collections.ConfigDict(dict(
         name="sgd",                  # "sgd", the paper's; "lars" for batches of 8k and more (You
-                                     # et al. 2017)
+                                     # et al. 2017); "lamb" (You et al. 2020; ResNet strikes back)
         momentum=0.9,                # Sec. 3.4
         nesterov=False,              # the paper: plain momentum
         weight_decay=1e-4,           # Sec. 3.4 (0.0001)
@@ -121,6 +125,10 @@ def get_config() -> ml_collections.ConfigDict:
         lars_trust_coefficient=0.001,  # You et al. 2017's eta
         lars_eps=0.0,                # added to that denominator
         lars_adapt_bn_and_bias=False,  # as MLPerf's ResNet-50: BN and biases unscaled
+        # LAMB only (timm's Lamb defaults): Adam's moments, then the trust ratio ||w|| / ||step||.
+        lamb_betas=(0.9, 0.999),     # the moments' decay rates
+        lamb_eps=1e-6,               # added to the second moment's square root
+        lamb_max_grad_norm=1.0,      # gradients clipped to this global norm first; 0: none
     ))
     config.schedule = ml_collections.ConfigDict(dict(
         name="step",                 # "step", "paper_cifar", "cosine" or "constant"
@@ -133,6 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
         warmup_until_error=0.0,      # > 0: warmup_lr until the training error is below it (Sec. 4.2: 0.8)
         warmup_epochs=0.0,           # step and cosine: a linear warm-up; none in the paper,
                                      # 5 for large batches (Goyal et al. 2017)
+        end_lr=0.0,                  # cosine: the rate at the last step (ResNet strikes back: 1e-6)
     ))
     config.eval = ml_collections.ConfigDict(dict(
         batch_size=256,              # global; padded up to a multiple of the devices, masked

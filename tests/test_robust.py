@@ -23,7 +23,7 @@ from benchmarks import train_step as train_step_harness
 from resnet_jax.cli import flags as cli_flags
 from resnet_jax.data import pipeline
 from resnet_jax.run import checkpoint, validate
-from resnet_jax.training import loop, steps, writers
+from resnet_jax.training import loop, losses, steps, writers
 from runs import REPO, assert_trees_close, environment, latest_params, main_command, run_main, small_config
 
 LONG = {"train.num_steps": 40, "checkpoint.every_steps": 5, "eval.every_steps": 20}
@@ -387,7 +387,7 @@ def _sqrt_at_zero_step(zero_in: str):
                                                   ("bk", 3 + 1, "b")])
 def test_the_train_step_reports_the_first_non_finite_gradient_element(zero_in, index, name):
     graphdef, tx, schedule, params, state, batch = _sqrt_at_zero_step(zero_in)
-    _, health = steps.train_step(graphdef, tx, schedule, 0.0, False, state, batch)
+    _, health = steps.train_step(graphdef, tx, schedule, losses.Loss(), False, state, batch)
     assert bool(health["loss"]) and int(health["gradients"]) == index
     names = loop._parameter_names(params)
     with pytest.raises(loop.TrainingError, match=rf"non-finite gradient of {name};"):
@@ -400,7 +400,7 @@ def test_the_gradients_are_checked_in_one_operation_whatever_their_number():
     # loss's. Counted in the step as lowered, before XLA may copy an operation into its users.
     graphdef, tx, schedule, params, state, batch = _sqrt_at_zero_step("b")
     assert len(jax.tree.leaves(params)) == 3
-    step = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, 0.0, False))
+    step = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, losses.Loss(), False))
     assert step.lower(state, batch).as_text().count("stablehlo.is_finite") == 2
 
 

@@ -87,6 +87,7 @@ def check_numbers(config: Any) -> None:
         _check_rate("schedule.warmup_lr", s.warmup_lr)
     _require(_number(s.warmup_epochs) and s.warmup_epochs >= 0, "schedule.warmup_epochs",
              s.warmup_epochs, "a number >= 0")
+    _require(_number(s.end_lr) and s.end_lr >= 0, "schedule.end_lr", s.end_lr, "a number >= 0")
     for field in ("boundaries_epochs", "boundaries_steps"):
         values = tuple(s[field])
         _require(all(_number(v) and v >= 0 for v in values), f"schedule.{field}", values,
@@ -98,11 +99,17 @@ def check_numbers(config: Any) -> None:
     _require(_number(o.lars_trust_coefficient) and o.lars_trust_coefficient > 0,
              "optimizer.lars_trust_coefficient", o.lars_trust_coefficient, "a positive number")
     _require(_number(o.lars_eps) and o.lars_eps >= 0, "optimizer.lars_eps", o.lars_eps, "a number >= 0")
-    # LARS takes one trust ratio per parameter array; a scanned stage stacks its blocks' kernels
-    # in one, which would give them one ratio together.
-    _require(o.name != "lars" or not config.model.get("scan_blocks", False), "model.scan_blocks",
-             config.model.get("scan_blocks"), "False with optimizer.name='lars' (one trust ratio "
-             "per layer)")
+    betas = tuple(o.lamb_betas)
+    _require(len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas), "optimizer.lamb_betas",
+             betas, "two numbers in [0, 1)")
+    _require(_number(o.lamb_eps) and o.lamb_eps >= 0, "optimizer.lamb_eps", o.lamb_eps, "a number >= 0")
+    _require(_number(o.lamb_max_grad_norm) and o.lamb_max_grad_norm >= 0, "optimizer.lamb_max_grad_norm",
+             o.lamb_max_grad_norm, "a number >= 0 (0: no clipping)")
+    # LARS and LAMB take one trust ratio per parameter array; a scanned stage stacks its blocks'
+    # kernels in one, which would give them one ratio together.
+    _require(o.name not in ("lars", "lamb") or not config.model.get("scan_blocks", False),
+             "model.scan_blocks", config.model.get("scan_blocks"),
+             f"False with optimizer.name={o.name!r} (one trust ratio per layer)")
     smoothing = config.train.label_smoothing
     _require(_number(smoothing) and 0 <= smoothing < 1, "train.label_smoothing", smoothing, "in [0, 1)")
 

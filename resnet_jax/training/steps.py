@@ -19,7 +19,7 @@ from resnet_jax import models
 from resnet_jax.data import device_inputs
 from resnet_jax.distributed import sharding
 from resnet_jax.run import checkpoint
-from resnet_jax.training import metrics, optim, running_stats
+from resnet_jax.training import losses, metrics, optim, running_stats
 
 
 @flax.struct.dataclass
@@ -72,20 +72,14 @@ def model_options(config: Any) -> dict[str, Any]:
     return {k: v for k, v in config.model.items() if k not in ("name", "init_from")}
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Softmax cross-entropy per example, in float32; label smoothing (Szegedy et al. 2016) an option."""
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
 # What train_step reports of each step besides the new state.
 HEALTH = ("loss", "gradients", "labels")
 
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               label_smoothing: float, skip_nonfinite: bool, state: TrainState,
+               loss: losses.Loss, skip_nonfinite: bool, state: TrainState,
                batch: dict[str, jax.Array], *, warmup_lr: float | None = None):
-    """One SGD step. Also returns its health: is the loss finite, is each gradient, are the labels
+    """One SGD step of `loss` (per example, averaged). Also returns its health: is the loss finite, is each gradient, are the labels
     in range. With `skip_nonfinite` a step whose loss or gradients are not finite changes nothing
     but the step counter. `warmup_lr`: the rate until `state.warmed_up`, the warm-up of
     schedule.warmup_until_error (Sec. 4.2; `optim.rate_in_use`); None where there is none."""
@@ -93,10 +87,10 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
         # A fresh copy inside the differentiated function, so that BN may update its statistics.
         model = nnx.merge(graphdef, params, model_state, copy=True)
         logits = model(batch["image"])
-        losses = cross_entropy(logits, batch["label"], label_smoothing)
-        return losses.mean(), (losses, logits, nnx.state(model, nnx.Not(nnx.Param)))
+        per_example = loss(logits, batch["label"])
+        return per_example.mean(), (per_example, logits, nnx.state(model, nnx.Not(nnx.Param)))
 
-    (loss, (losses, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (mean, (per_example, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.model_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     rate = schedule(state.step)
@@ -116,7 +110,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
     bad = lax.bitwise_not(lax.is_finite(jnp.concatenate(
         [g.reshape(g.size) for g in jax.tree.leaves(grads)])))
     first_bad = jnp.argmax(bad)
-    health = {"loss": jnp.isfinite(loss),
+    health = {"loss": jnp.isfinite(mean),
               "gradients": jnp.where(bad[first_bad], first_bad, -1),
               "labels": ((batch["label"] >= 0) & (batch["label"] < logits.shape[-1])).all()}
     finite = health["loss"] & (health["gradients"] < 0)
@@ -125,9 +119,9 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     # A skipped step counts in no average.
     step_metrics = metrics.TrainMetrics.single_from_model_output(
-        loss=losses, accuracy=jnp.argmax(logits, -1) == batch["label"],
-        learning_rate=jnp.full(losses.shape, rate),
-        mask=jnp.broadcast_to(finite, losses.shape))
+        loss=per_example, accuracy=jnp.argmax(logits, -1) == batch["label"],
+        learning_rate=jnp.full(per_example.shape, rate),
+        mask=jnp.broadcast_to(finite, per_example.shape))
     return new_state.replace(step=state.step + 1, train_metrics=state.train_metrics.merge(step_metrics),
                              skipped=state.skipped + (~finite).astype(jnp.int32)), health
 

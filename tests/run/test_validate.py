@@ -24,6 +24,11 @@ from resnet_jax.run import validate
     ("optimizer.lars_trust_coefficient", -0.001,
      "optimizer.lars_trust_coefficient must be a positive number; got -0.001"),
     ("optimizer.lars_eps", float("inf"), "optimizer.lars_eps must be a number >= 0; got inf"),
+    ("optimizer.lamb_betas", (0.9, 1.0), "optimizer.lamb_betas must be two numbers in \\[0, 1\\); "
+                                         "got \\(0.9, 1.0\\)"),
+    ("optimizer.lamb_eps", -1e-6, "optimizer.lamb_eps must be a number >= 0; got -1e-06"),
+    ("optimizer.lamb_max_grad_norm", float("nan"), "optimizer.lamb_max_grad_norm must be a number >= 0"),
+    ("schedule.end_lr", -1e-6, "schedule.end_lr must be a number >= 0; got -1e-06"),
     ("checkpoint.keep", 0, "checkpoint.keep must be a positive integer; got 0"),
 ])
 def test_bad_numbers_are_refused_in_one_line(field, value, message):
@@ -56,14 +61,15 @@ def test_bn_groups_that_span_devices_are_refused_saying_what_to_set():
         validate.check_bn_groups(0, 128, 1)
 
 
-def test_lars_refuses_scanned_stages():
+@pytest.mark.parametrize("optimizer", ["lars", "lamb"])
+def test_trust_ratios_refuse_scanned_stages(optimizer):
     config = default.get_config()
-    config.optimizer.name = "lars"
+    config.optimizer.name = optimizer
     validate.check_numbers(config)
     config.model.scan_blocks = True
-    with pytest.raises(validate.SetupError, match=r"^model.scan_blocks must be False with "
-                                                  r"optimizer.name='lars' \(one trust ratio per "
-                                                  r"layer\); got True$"):
+    with pytest.raises(validate.SetupError, match=rf"^model.scan_blocks must be False with "
+                                                  rf"optimizer.name='{optimizer}' \(one trust ratio "
+                                                  rf"per layer\); got True$"):
         validate.check_numbers(config)
 
 

@@ -1,4 +1,4 @@
-"""Schedules, weight decay, LARS and the eval step's exact, masked, 10-crop scoring."""
+"""Schedules, weight decay, LARS, LAMB and the eval step's exact, masked, 10-crop scoring."""
 
 import functools
 
@@ -8,12 +8,14 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+import torch
 from flax import nnx
+from timm import optim as timm_optim
 
 from configs import (cifar, default, plain18, plain34, preact_cifar, resnet18, resnet34, resnet50,
                      resnet101, resnet152, resnet200)
 from resnet_jax import models
-from resnet_jax.training import metrics, optim, steps
+from resnet_jax.training import losses, metrics, optim, steps
 
 
 def test_step_schedule_divides_by_ten_at_epochs_and_scales_with_batch():
@@ -74,6 +76,33 @@ def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
     assert schedule(100) == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.parametrize("end_lr", [0.0, 1e-3])
+def test_cosine_schedule_decays_to_its_floor_as_torchs(end_lr):
+    config = default.get_config().schedule
+    config.update(name="cosine", warmup_epochs=2, end_lr=end_lr)
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, batch_size=256, total_steps=100)
+    # torch's cosine annealing over the 80 steps after the warm-up, to eta_min.
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=80, eta_min=end_lr)
+    theirs = []
+    for _ in range(81):
+        theirs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        annealing.step()
+    np.testing.assert_allclose([schedule(20 + t) for t in range(81)], theirs, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"name": "step", "end_lr": 1e-6}, "schedule.end_lr must be 0 with schedule.name='step'"),
+    ({"name": "cosine", "end_lr": 0.5}, "schedule.end_lr must be in [0, 0.1]")])
+def test_a_bad_floor_is_named(changes, words):
+    config = default.get_config().schedule
+    config.update(changes)
+    with pytest.raises(ValueError) as info:
+        optim.learning_rate_schedule(config, 10, 256, 100)
+    assert words in str(info.value)
+
+
 def test_unknown_schedule_is_named():
     config = default.get_config().schedule
     config.name = "linear"
@@ -85,7 +114,7 @@ def optimizer_config(**changes):
     config = ml_collections.ConfigDict(dict(
         name="sgd", momentum=0.9, nesterov=False, weight_decay=0.1, weight_decay_mode="l2",
         decay_bn_and_bias=False, lars_trust_coefficient=0.001, lars_eps=0.0,
-        lars_adapt_bn_and_bias=False))
+        lars_adapt_bn_and_bias=False, lamb_betas=(0.9, 0.999), lamb_eps=1e-6, lamb_max_grad_norm=1.0))
     config.update(changes)
     return config
 
@@ -176,6 +205,47 @@ def test_lars_scales_kernel_steps_by_the_trust_ratio_and_spares_bn():
     assert not np.allclose(adapted["bn"]["scale"], sgd["bn"]["scale"])
 
 
+@pytest.mark.parametrize("weight_decay, gradient_scale, max_grad_norm", [
+    (0.02, 0.01, 1.0),   # ResNet strikes back A2's decay; gradients under the clipping norm
+    (0.01, 10.0, 1.0),   # A1's; clipped
+    (0.01, 10.0, 0.0),   # not clipped
+    (0.0, 1.0, 1.0)])    # no decay: no array takes the trust ratio
+def test_lamb_is_timms(weight_decay, gradient_scale, max_grad_norm):
+    rng = np.random.default_rng(0)
+    shapes = {"conv": {"kernel": (3, 3, 4, 8)}, "bn": {"scale": (8,), "bias": (8,)},
+              "dense": {"kernel": (8, 10), "bias": (10,)}}
+    params = jax.tree.map(lambda shape: jnp.asarray(rng.normal(size=shape), jnp.float32), shapes,
+                          is_leaf=lambda x: isinstance(x, tuple))
+    config = optimizer_config(name="lamb", weight_decay=weight_decay, weight_decay_mode="decoupled",
+                              lamb_betas=(0.9, 0.99), lamb_eps=1e-6, lamb_max_grad_norm=max_grad_norm)
+    tx = optim.create_optimizer(config, optax.constant_schedule(5e-3))
+    state = tx.init(params)
+    # timm's parameter groups as its create_optimizer makes them: no decay on 1-D arrays.
+    theirs = {path: torch.tensor(np.asarray(leaf), requires_grad=True)
+              for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    groups = [{"params": [t for p, t in theirs.items() if t.ndim > 1], "weight_decay": weight_decay},
+              {"params": [t for p, t in theirs.items() if t.ndim <= 1], "weight_decay": 0.0}]
+    lamb = timm_optim.Lamb(groups, lr=5e-3, betas=(0.9, 0.99), eps=1e-6,
+                           max_grad_norm=max_grad_norm or None)
+    for _ in range(5):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * gradient_scale, jnp.float32),
+                             params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        for (path, grad) in jax.tree_util.tree_leaves_with_path(grads):
+            theirs[path].grad = torch.tensor(np.asarray(grad))
+        lamb.step()
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+            np.testing.assert_allclose(leaf, theirs[path].detach().numpy(), rtol=1e-5, atol=1e-7,
+                                       err_msg=jax.tree_util.keystr(path))
+
+
+def test_lamb_takes_decoupled_decay_only():
+    with pytest.raises(ValueError, match="^optimizer.weight_decay_mode must be 'decoupled' with "
+                                         "optimizer.name='lamb'.*; got 'l2'$"):
+        optim.create_optimizer(optimizer_config(name="lamb"), optax.constant_schedule(0.1))
+
+
 def network_step(optimizer: str):
     """The parameter updates of one train step of CIFAR ResNet-8 from He init."""
     model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
@@ -190,7 +260,7 @@ def network_step(optimizer: str):
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((8, 8, 8, 3), np.float32),
              "label": rng.integers(0, 10, 8).astype(np.int32)}
-    after, health = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, 0.0, False))(
+    after, health = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, losses.Loss(), False))(
         state, batch)
     assert bool(health["loss"])
     return {jax.tree_util.keystr(path): np.asarray(new) - np.asarray(old) for (path, new), old
@@ -210,7 +280,7 @@ def test_lars_in_the_train_step_adapts_kernels_only():
 
 
 def test_bad_optimizer_choices_are_named():
-    with pytest.raises(ValueError, match="^optimizer.name must be one of 'sgd', 'lars'; got 'adam'$"):
+    with pytest.raises(ValueError, match="^optimizer.name must be one of 'sgd', 'lars', 'lamb'; got 'adam'$"):
         optim.create_optimizer(optimizer_config(name="adam"), optax.constant_schedule(0.1))
     with pytest.raises(ValueError, match="^optimizer.weight_decay_mode must be 'l2' with "
                                          "optimizer.name='lars'.*; got 'decoupled'$"):

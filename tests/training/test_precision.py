@@ -23,7 +23,7 @@ from flax import nnx
 from benchmarks import collectives
 from configs import default
 from resnet_jax import layers, models
-from resnet_jax.training import metrics, optim, steps
+from resnet_jax.training import losses, metrics, optim, steps
 from runs import REPO, environment
 
 BATCH = 32
@@ -38,7 +38,7 @@ def _one_step(dtype: str, batch: dict[str, np.ndarray]):
     state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                              opt_state=tx.init(params), train_metrics=metrics.TrainMetrics.empty(),
                              skipped=jnp.zeros((), jnp.int32))
-    step = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, 0.0, False))
+    step = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, losses.Loss(), False))
     before = jax.device_get(params)
     after, health = step(state, batch)
     assert bool(health["loss"]) and int(health["gradients"]) == -1, f"{dtype}: non-finite step"

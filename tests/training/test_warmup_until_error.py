@@ -18,7 +18,7 @@ from flax import nnx
 from configs import cifar, default, preact_cifar
 from resnet_jax import models
 from resnet_jax.run import checkpoint, jsonl, validate
-from resnet_jax.training import loop, metrics, optim, steps
+from resnet_jax.training import loop, losses, metrics, optim, steps
 from runs import assert_trees_close, latest_params, small_config
 
 WARMUP_LR, BASE_LR = 0.01, 0.1
@@ -126,7 +126,7 @@ def test_the_train_step_takes_warmup_lr_then_the_schedules_rate_through_momentum
                                  model_state=model_state, opt_state=tx.init(params),
                                  train_metrics=metrics.TrainMetrics.empty(),
                                  skipped=jnp.zeros((), jnp.int32))
-        step = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, 0.0, False,
+        step = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, losses.Loss(), False,
                                          warmup_lr=warmup_lr))
         used = []
         for flag in flags:
