@@ -141,6 +141,7 @@ def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTra
             raise ValueError(f"optimizer.weight_decay_mode must be 'decoupled' with optimizer.name="
                              f"'lamb' (LAMB adds the decay after Adam's moments); got "
                              f"{config.weight_decay_mode!r}")
+
         def adapted(params):  # the arrays that take the trust ratio: those decayed
             return jax.tree.map(lambda d: d and config.weight_decay > 0, decayed(params))
 

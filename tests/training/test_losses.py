@@ -25,7 +25,8 @@ def test_cross_entropy_is_torchs(smoothing):
     np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("smoothing, threshold", [(0.0, None), (0.1, None), (0.1, 0.2), (0.0, 0.2), (0.0, 0.0)])
+@pytest.mark.parametrize("smoothing, threshold",
+                         [(0.0, None), (0.1, None), (0.1, 0.2), (0.0, 0.2), (0.0, 0.0)])
 def test_binary_cross_entropy_is_timms(smoothing, threshold):
     ours = losses.Loss("binary_cross_entropy", smoothing, threshold)(LOGITS, LABELS)
     theirs = timm_loss.BinaryCrossEntropy(smoothing=smoothing, target_threshold=threshold)(
@@ -53,7 +54,8 @@ def test_the_default_loss_is_the_papers():
 
 @pytest.mark.parametrize("fields, words", [
     ({"loss": "focal"}, "train.loss must be one of 'cross_entropy', 'binary_cross_entropy'; got 'focal'"),
-    ({"bce_target_threshold": 0.2}, "train.bce_target_threshold must be None with train.loss='cross_entropy'"),
+    ({"bce_target_threshold": 0.2},
+     "train.bce_target_threshold must be None with train.loss='cross_entropy'"),
     ({"loss": "binary_cross_entropy", "bce_target_threshold": 1.5}, "must be None or in [0, 1)")])
 def test_bad_loss_fields_are_named(fields, words):
     with pytest.raises(ValueError) as info:

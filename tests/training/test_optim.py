@@ -260,7 +260,8 @@ def network_step(optimizer: str):
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((8, 8, 8, 3), np.float32),
              "label": rng.integers(0, 10, 8).astype(np.int32)}
-    after, health = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, losses.Loss(), False))(
+    after, health = jax.jit(functools.partial(steps.train_step, graphdef, tx, schedule, losses.Loss(),
+                                              False))(
         state, batch)
     assert bool(health["loss"])
     return {jax.tree_util.keystr(path): np.asarray(new) - np.asarray(old) for (path, new), old
