@@ -81,8 +81,9 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
                batch: dict[str, jax.Array], *, warmup_lr: float | None = None):
     """One step of `loss` (per example, averaged). Also returns its health: is the loss finite,
     is each gradient, are the labels in range. With `skip_nonfinite` a step whose loss or
-    gradients are not finite changes nothing but the step counter. `warmup_lr`: the rate until `state.warmed_up`, the warm-up of
-    schedule.warmup_until_error (Sec. 4.2; `optim.rate_in_use`); None where there is none."""
+    gradients are not finite changes nothing but the step counter. `warmup_lr`: the rate until
+    `state.warmed_up`, the warm-up of schedule.warmup_until_error (Sec. 4.2;
+    `optim.rate_in_use`); None where there is none."""
     def loss_fn(params, model_state):
         # A fresh copy inside the differentiated function, so that BN may update its statistics.
         model = nnx.merge(graphdef, params, model_state, copy=True)
