@@ -175,12 +175,14 @@ def memory(compiled) -> dict[str, int]:
 
 
 def _bind_train_step(values: dict[str, Any]):
-    """steps.train_step with every argument but (state, batch) bound, by name."""
-    names = [n for n in inspect.signature(steps.train_step).parameters if n not in ("state", "batch")]
-    missing = [n for n in names if n not in values]
+    """steps.train_step with every argument but (state, batch) bound, by name; those with a
+    default (mixing, ...) at it unless given."""
+    parameters = inspect.signature(steps.train_step).parameters
+    missing = [n for n, p in parameters.items()
+               if n not in ("state", "batch") and n not in values and p.default is p.empty]
     if missing:
         raise SystemExit(f"error: steps.train_step takes {missing[0]!r}, which this harness does not know")
-    bound = {n: values[n] for n in names}
+    bound = {n: values[n] for n in parameters if n in values}
 
     def step(state, batch):
         return steps.train_step(**bound, state=state, batch=batch)

@@ -107,6 +107,10 @@ def get_config() -> ml_collections.ConfigDict:
         label_smoothing=0.0,         # none in the paper; 0.1 is a modern option (Szegedy et al. 2016)
         bce_target_threshold=ml_collections.config_dict.placeholder(float),  # binary_cross_entropy:
                                      # targets above it 1, the rest 0 (ResNet strikes back: 0.2)
+        mixup_alpha=0.0,             # > 0: mixup, lam ~ Beta(alpha, alpha) (Zhang et al. 2018)
+        cutmix_alpha=0.0,            # > 0: CutMix, the box's lam ~ Beta(alpha, alpha) (Yun et al. 2019)
+        mix_prob=1.0,                # the chance that a batch is mixed, where either is on
+        mix_switch_prob=0.5,         # with both on: the chance of CutMix rather than mixup
         skip_nonfinite=False,        # True: a step with a non-finite loss or gradient changes nothing
     ))
     config.optimizer = ml_collections.ConfigDict(dict(

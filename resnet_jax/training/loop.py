@@ -26,8 +26,8 @@ from resnet_jax import flops
 from resnet_jax.data import on_device, pipeline, pixel_mean, sources
 from resnet_jax.distributed import sharding
 from resnet_jax.run import checkpoint, console, lock, paths, validate
-from resnet_jax.training import (evaluation, fine_tune, interrupt, losses, metrics, optim, preemption,
-                                 steps, warmup, writers)
+from resnet_jax.training import (evaluation, fine_tune, interrupt, losses, metrics, mixing, optim,
+                                 preemption, steps, warmup, writers)
 
 
 def total_steps(config: Any, steps_per_epoch: int) -> int:
@@ -180,6 +180,7 @@ def _check_config(config: Any) -> None:
                                             max(config.train.num_steps, 1))
     optim.create_optimizer(config.optimizer, schedule)
     losses.from_config(config.train)
+    mixing.from_config(config.train, config.seed)
 
 
 def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = False,
@@ -314,9 +315,11 @@ def _train_function(run: Setup, config: Any, graphdef, state: steps.TrainState, 
     """(the jitted train step, taking (state, batch), and its batches from step `start` on)."""
     mesh, replicated = run.mesh, sharding.replicated(run.mesh)
     until_error = config.schedule.warmup_until_error
+    mix = mixing.from_config(config.train, config.seed)
     step_fn = functools.partial(steps.train_step, graphdef, run.tx, run.schedule,
                                 losses.from_config(config.train), config.train.skip_nonfinite,
-                                warmup_lr=config.schedule.warmup_lr if until_error else None)
+                                warmup_lr=config.schedule.warmup_lr if until_error else None,
+                                mixing=mix if mix.enabled else None)
     state_shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
     if on_device.enabled(config.data):
         # The train split in device memory; the step gathers and augments its own batch, a

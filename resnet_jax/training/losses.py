@@ -20,14 +20,20 @@ LOSSES = ("cross_entropy", "binary_cross_entropy")
 @dataclasses.dataclass(frozen=True)
 class Loss:
     """The loss of a config's `train` section (`from_config`): called on (logits, labels), it
-    gives each example's loss."""
+    gives each example's loss; `of_targets` on targets made by `targets` (and mixed)."""
 
     name: str = "cross_entropy"
     label_smoothing: float = 0.0
     target_threshold: float | None = None
 
     def __call__(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), self.label_smoothing)
+        return self.of_targets(logits, self.targets(labels, logits.shape[-1]))
+
+    def targets(self, labels: jax.Array, num_classes: int) -> jax.Array:
+        """(B, classes): each label one-hot, smoothed."""
+        return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), self.label_smoothing)
+
+    def of_targets(self, logits: jax.Array, targets: jax.Array) -> jax.Array:
         logits = logits.astype(jnp.float32)
         if self.name == "cross_entropy":
             return optax.softmax_cross_entropy(logits, targets)

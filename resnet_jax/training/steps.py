@@ -20,6 +20,7 @@ from resnet_jax.data import device_inputs
 from resnet_jax.distributed import sharding
 from resnet_jax.run import checkpoint
 from resnet_jax.training import losses, metrics, optim, running_stats
+from resnet_jax.training import mixing as mixing_lib
 
 
 @flax.struct.dataclass
@@ -78,19 +79,24 @@ HEALTH = ("loss", "gradients", "labels")
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                loss: losses.Loss, skip_nonfinite: bool, state: TrainState,
-               batch: dict[str, jax.Array], *, warmup_lr: float | None = None):
-    """One step of `loss` (per example, averaged). Also returns its health: is the loss finite,
-    is each gradient, are the labels in range. With `skip_nonfinite` a step whose loss or
-    gradients are not finite changes nothing but the step counter. `warmup_lr`: the rate until
-    `state.warmed_up`, the warm-up of schedule.warmup_until_error (Sec. 4.2;
-    `optim.rate_in_use`); None where there is none."""
+               batch: dict[str, jax.Array], *, warmup_lr: float | None = None,
+               mixing: mixing_lib.Mixing | None = None):
+    """One step of `loss` (per example, averaged), on the batch mixed by `mixing` (mixup,
+    CutMix) where given. Also returns its health: is the loss finite, is each gradient, are the
+    labels in range. With `skip_nonfinite` a step whose loss or gradients are not finite changes
+    nothing but the step counter. `warmup_lr`: the rate until `state.warmed_up`, the warm-up of
+    schedule.warmup_until_error (Sec. 4.2; `optim.rate_in_use`); None where there is none."""
     def loss_fn(params, model_state):
         # A fresh copy inside the differentiated function, so that BN may update its statistics.
         model = nnx.merge(graphdef, params, model_state, copy=True)
-        logits = model(batch["image"])
-        per_example = loss(logits, batch["label"])
+        logits = model(images)
+        targets = loss.targets(batch["label"], logits.shape[-1])
+        if lam is not None:
+            targets = mixing_lib.targets(targets, lam)
+        per_example = loss.of_targets(logits, targets)
         return per_example.mean(), (per_example, logits, nnx.state(model, nnx.Not(nnx.Param)))
 
+    images, lam = (batch["image"], None) if mixing is None else mixing(batch["image"], state.step)
     (mean, (per_example, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.model_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
