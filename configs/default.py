@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
                                     # MSRA filler); "fan_out": torchvision's
         scan_blocks=False,          # one scanned block per stage: faster compiles on accelerators
         remat=False,                # recompute each block's activations: less memory, more compute
+        drop_path_rate=0.0,         # stochastic depth, not in the paper: the last block's chance
+                                    # to drop its branch, 0 at the first (Huang et al. 2016; ResNet
+                                    # strikes back: 0.05)
         conv_weight_grad="auto",    # "auto": kernel gradients as matrix products on the CPU, where
                                     # XLA's are slow; "matmul"; "xla"
         init_from="",               # fine-tuning: a torchvision .pth, a .safetensors file or a

@@ -21,7 +21,7 @@ FILE = "configs/vgg.py"
 ARGUMENTS = {"depth": ("16", "16 or 19"),
              "bn": ("False", "True: BN after each convolution (torchvision's vgg16_bn)")}
 RESNET_ONLY = ("block", "shortcut", "stride_on", "block_order", "gate", "gate_bias",
-               "zero_init_residual", "scan_blocks", "remat")
+               "zero_init_residual", "scan_blocks", "remat", "drop_path_rate")
 
 
 def get_config(arg: str | None = None):

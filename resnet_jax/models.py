@@ -58,7 +58,7 @@ _VGG_NAME = re.compile(r"vgg(16|19)(_bn)?")
 OPTIONS = (
     "block", "shortcut", "stride_on", "block_order", "gate", "gate_bias", "zero_init_residual",
     "bn_momentum", "bn_epsilon", "bn_group_size", "dtype", "param_dtype", "width", "init_fan",
-    "in_channels", "scan_blocks", "remat", "conv_weight_grad",
+    "in_channels", "scan_blocks", "remat", "conv_weight_grad", "drop_path_rate",
 )
 
 
@@ -133,6 +133,11 @@ class Block(nnx.Module):
     With `gate` (a `HighwayGate`), the addition is T(x) F(x) + (1 - T(x)) shortcut(x), T read
     off the block's input x as it arrives (in "pre", before its BN-ReLU).
 
+    `drop_path` > 0 (stochastic depth, Huang et al. 2016, "Deep Networks with Stochastic Depth"):
+    in training, each example's F(x) is dropped with that probability and kept scaled by
+    1 / (1 - drop_path), so that its expectation is F(x); at evaluation (`model.eval()`) F(x)
+    always. The draws come from the block's own random stream, kept with BN's statistics.
+
     `lesioned` (a plain attribute, not a parameter; Veit, Wilber and Belongie 2016) deletes the
     residual branch: the block computes only what its order applies to the shortcut after the
     addition, e.g. relu(shortcut(x)) in "post"; the gate goes with the branch. A lesioned plain
@@ -144,7 +149,8 @@ class Block(nnx.Module):
     def __init__(self, in_features: int, filters: int, stride: int, *, shortcut: str,
                  residual: bool, zero_init_residual: bool, stride_on: str, layers: Layers,
                  rngs: nnx.Rngs, order: str = "post", gate: str = "none",
-                 gate_bias: float = -2.0, preactivated: bool = False, opens_stage: bool = False):
+                 gate_bias: float = -2.0, preactivated: bool = False, opens_stage: bool = False,
+                 drop_path: float = 0.0, drop_path_rngs: nnx.Rngs | None = None):
         shapes = self.convolutions(in_features, filters, stride, stride_on)
         self.depth = len(shapes)
         for k, (cin, cout, size, conv_stride) in enumerate(shapes, 1):
@@ -167,6 +173,9 @@ class Block(nnx.Module):
                                       normalise=order != "pre") if projects else None)
         self.gate = (HighwayGate(in_features, out_features, stride, gate_bias, layers, rngs)
                      if gate == "highway" else None)
+        # One mask value per example (broadcast over H, W, C).
+        self.drop_path = (nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rng_collection="drop_path",
+                                      rngs=drop_path_rngs) if drop_path > 0 else None)
 
     def convolutions(self, in_features: int, filters: int, stride: int,
                      stride_on: str) -> list[tuple[int, int, int, int]]:
@@ -223,6 +232,8 @@ class Block(nnx.Module):
         y = self.branch(inner)
         if not self.residual:
             return y if pre else nnx.relu(y)
+        if self.drop_path is not None:
+            y = self.drop_path(y)
         carried = self.shortcut(self._shortcut_input(x, inner))
         if self.gate is not None:
             transform = self.gate(x)
@@ -310,9 +321,10 @@ def _rematerialised(forward):
 
 
 def _block_forward(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array):
-    """The block's output and its BN statistics after the call."""
+    """The block's output and its variables other than parameters after the call: BN's
+    statistics, and the random stream of its drop path where it has one."""
     copy = nnx.merge(graphdef, state)
-    return copy(x), nnx.state(copy, nnx.BatchStat)
+    return copy(x), nnx.state(copy, nnx.Not(nnx.Param))
 
 
 _block_forward_jit = jax.jit(_block_forward, static_argnums=0)
@@ -407,6 +419,10 @@ class ResNet(nnx.Module):
         the backward pass instead of kept, which cuts peak training memory for about one more
         forward pass of compute. Outputs and gradients are unchanged; `jax.jvp` of the model is
         not defined with it.
+      drop_path_rate: stochastic depth (Huang et al. 2016; `Block`), not in the paper: block l of
+        the L in the network drops its branch with probability drop_path_rate x l / (L - 1),
+        from 0 at the first block to drop_path_rate at the last, as timm's ResNet (ResNet strikes
+        back: 0.05). Residual networks only; not with `scan_blocks` (the rates differ by block).
       conv_weight_grad: how the kernel gradients of the convolutions are computed: "xla" (XLA's
         own), "matmul" (one matrix product per kernel tap, `resnet_jax.cpu`: several times
         faster on XLA's CPU backend), or "auto", "matmul" when the default backend is the CPU
@@ -420,7 +436,8 @@ class ResNet(nnx.Module):
                  bn_momentum: float = 0.9, bn_epsilon: float = 1e-5,
                  bn_group_size: int | None = None, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, init_fan: str = "fan_in", in_channels: int = 3,
-                 scan_blocks: bool = False, remat: bool = False, conv_weight_grad: str = "auto"):
+                 scan_blocks: bool = False, remat: bool = False, conv_weight_grad: str = "auto",
+                 drop_path_rate: float = 0.0):
         check_choice("block", block, tuple(BLOCKS))
         check_choice("stem", stem, STEMS)
         check_choice("shortcut", shortcut, SHORTCUTS)
@@ -445,6 +462,15 @@ class ResNet(nnx.Module):
         for field, value in [("scan_blocks", scan_blocks), ("remat", remat)]:
             if not isinstance(value, bool):
                 raise ValueError(f"{field} must be True or False; got {value!r}")
+        if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)) \
+                or not 0 <= drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate must be in [0, 1); got {drop_path_rate!r}")
+        if drop_path_rate and not residual:
+            raise ValueError(f"drop_path_rate={drop_path_rate!r} drops residual branches, and a "
+                             f"plain network has none: use 0")
+        if drop_path_rate and scan_blocks:
+            raise ValueError(f"drop_path_rate={drop_path_rate!r} gives each block a rate of its "
+                             f"own, and a scanned stage runs its blocks as one: use scan_blocks=False")
         layers = make_layers(bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
                              bn_group_size=bn_group_size, dtype=dtype, param_dtype=param_dtype,
                              init_fan=init_fan, conv_weight_grad=conv_weight_grad)
@@ -463,6 +489,11 @@ class ResNet(nnx.Module):
         self.bn1 = layers.bn(width)
         block_class = BLOCKS[block]
         features = width
+        # Drop path draws from a stream of its own, so that its rate changes no initial weight.
+        drop_path_rngs = (nnx.Rngs(drop_path=jax.random.fold_in(rngs["drop_path"].key[...], 1))
+                          if drop_path_rate else None)
+        depth = sum(stage_sizes)
+        rates = iter(drop_path_rate * k / max(depth - 1, 1) for k in range(depth))
         self.stages = nnx.List()
         for i, size in enumerate(stage_sizes):
             filters = width * 2**i
@@ -472,7 +503,8 @@ class ResNet(nnx.Module):
                     features, filters, 2 if i > 0 and j == 0 else 1, shortcut=shortcut,
                     residual=residual, zero_init_residual=zero_init_residual,
                     stride_on=stride_on, layers=layers, rngs=rngs, order=block_order, gate=gate,
-                    gate_bias=float(gate_bias), preactivated=pre and i + j == 0, opens_stage=j == 0))
+                    gate_bias=float(gate_bias), preactivated=pre and i + j == 0, opens_stage=j == 0,
+                    drop_path=next(rates), drop_path_rngs=drop_path_rngs))
                 features = filters * block_class.expansion
             if scan_blocks and len(stage) > 2:  # a scan of one block would gain nothing
                 stage = nnx.List([stage[0], ScannedBlocks.stack(list(stage[1:]), remat)])
