@@ -197,7 +197,7 @@ def _initial_state(params, model_state, tx) -> steps.TrainState:
         "model_state": lambda: model_state, "opt_state": lambda: tx.init(params),
         "train_metrics": lambda: metrics.TrainMetrics.empty(),
         "skipped": lambda: jnp.zeros((), jnp.int32), "warmed_up": lambda: jnp.asarray(True),
-        "device_stats": lambda: None}
+        "device_stats": lambda: None, "ema": lambda: None}
     fields = [f.name for f in dataclasses.fields(steps.TrainState)]
     unknown = [name for name in fields if name not in known]
     if unknown:

@@ -114,6 +114,10 @@ def get_config() -> ml_collections.ConfigDict:
         cutmix_alpha=0.0,            # > 0: CutMix, the box's lam ~ Beta(alpha, alpha) (Yun et al. 2019)
         mix_prob=1.0,                # the chance that a batch is mixed, where either is on
         mix_switch_prob=0.5,         # with both on: the chance of CutMix rather than mixup
+        ema_decay=0.0,               # > 0: a moving average of the weights, evaluated beside them
+                                     # (torchvision's recipe: 0.99998)
+        ema_every_steps=32,          # steps between its updates (torchvision: 32)
+        ema_adjust=False,            # True: torchvision's decay, adjusted by batch, steps, epochs
         skip_nonfinite=False,        # True: a step with a non-finite loss or gradient changes nothing
     ))
     config.optimizer = ml_collections.ConfigDict(dict(

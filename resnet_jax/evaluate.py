@@ -49,6 +49,8 @@ _FLAGS = (("workdir", "The run whose checkpoint is evaluated."),
           ("weights", "A torchvision .pth or .safetensors file of weights to evaluate instead of a "
                       "checkpoint (with --config)."),
           ("json", "Also write the metrics to this file, as JSON."))
+_AVERAGE = ("The checkpoint's moving average of the weights (a run with train.ema_decay > 0) "
+            "instead of its weights.")
 
 
 def _base_config(argv: list[str]):
@@ -68,7 +70,7 @@ def define_flags(argv: list[str]) -> list[str]:
     """Defines the flags, --config's from its file or the run's (--help: says them and exits);
     returns argv as absl parses it."""
     if any(arg in config_help.HELP for arg in argv[1:]):
-        flags_help = "\n".join(f"--{name}: {about}" for name, about in _FLAGS)
+        flags_help = "\n".join(f"--{name}: {about}" for name, about in (*_FLAGS, ("average", _AVERAGE)))
         sys.stdout.write(f"{__doc__.strip()}\n\n{flags_help}\n--config=NAME|PATH[:ARG], "
                          f"--config.SECTION.FIELD=VALUE: as the main job's (python -m "
                          f"resnet_jax.main --config=NAME --help lists a config's fields)\n")
@@ -79,6 +81,7 @@ def define_flags(argv: list[str]) -> list[str]:
         cli_flags.fail(error)
     for name, about in _FLAGS:
         flags.DEFINE_string(name, "latest" if name == "checkpoint" else None, about)
+    flags.DEFINE_bool("average", False, _AVERAGE)
     sharding.define_flags()
     return cli_flags.define_config(argv, config, "The config to evaluate with.")
 
@@ -88,6 +91,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     f = flags.FLAGS
     if f.weights and f["checkpoint"].present:
         cli_flags.fail("--weights and --checkpoint name two things to evaluate: give one")
+    if f.weights and f.average:
+        cli_flags.fail("--average is a checkpoint's moving average of the weights: not with --weights")
     if not f.weights and not f.workdir:
         cli_flags.fail("--workdir (a run to evaluate) is required, or --weights with --config")
     return rest
@@ -107,7 +112,8 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     try:
         with jax.thread_guard(True):
-            step, scores = evaluation.evaluate_saved(f.config, f.workdir, f.checkpoint, f.weights)
+            step, scores = evaluation.evaluate_saved(f.config, f.workdir, f.checkpoint, f.weights,
+                                                     average=f.average)
     except ValueError as error:  # CorruptCheckpoint and StepDeleted among them
         cli_flags.fail(error)
     except live.SavingTooFast as error:
@@ -116,7 +122,8 @@ def main(argv: list[str]) -> None:
         console.close()
     interrupt.done()  # evaluated: what is left is the output, written whole
     which = "" if f.checkpoint.isdigit() else f" ({f.checkpoint})"
-    what = f.weights or f"step {step}{which} of {f.workdir}"
+    what = f.weights or (f"{'the moving average of ' if f.average else ''}step {step}{which} of "
+                         f"{f.workdir}")
     line = " ".join(f"{k}={v:.6g}" for k, v in scores.items())
     if jax.process_index() == 0:
         print(f"{line}  [{what}; {f.config.data.name} {f.config.data.eval_split} split, "

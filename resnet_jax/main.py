@@ -187,7 +187,7 @@ def _result(workdir: str) -> str:
     path = paths.resolve(workdir)
     rows = jsonl.read_rows(path) if (path / jsonl.JSONL).exists() else []
     last_eval = next((row for row in reversed(rows) if "eval_accuracy" in row), {})
-    shown = {k: v for k, v in last_eval.items() if k.startswith(("eval_", "train_"))}
+    shown = {k: v for k, v in last_eval.items() if k.startswith(("eval_", "train_", "ema_eval_"))}
     figures = ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
     return (f"Finished step {last_eval.get('step', rows[-1]['step'] if rows else 0)}: "
             f"{figures or 'no eval'}; metrics in {path / jsonl.JSONL}, checkpoints in "

@@ -18,7 +18,8 @@ from resnet_jax.training import loop
 
 
 COLUMNS = ("run", "model", "shortcut", "data", "eval_split", "eval_protocol", "steps",
-           "scheduled_steps", "final_error", "final_top5_error", "best_error", "best_chosen_on",
+           "scheduled_steps", "final_error", "final_top5_error", "final_ema_error", "best_error",
+           "best_chosen_on",
            "paper_error", "paper_top5_error", "paper_mean", "paper_std", "paper_runs",
            "paper_table", "note", "parameters", "multiply_adds", "images_per_second")
 
@@ -67,6 +68,7 @@ def table_row(workdir: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     config = config_files.of_run(workdir)
     evals = [row for row in rows if "eval_accuracy" in row]
     top5 = [row for row in evals if "eval_top5_accuracy" in row]
+    averaged = [row for row in evals if "ema_eval_accuracy" in row]  # train.ema_decay's
     speeds = [row["images_per_second"] for row in rows if "images_per_second" in row]
     steps, scheduled = max((row["step"] for row in rows), default=0), scheduled_steps(config)
     paper, note = paper_results.match(config)
@@ -85,6 +87,7 @@ def table_row(workdir: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "steps": steps, "scheduled_steps": scheduled,
         "final_error": error_percent(evals[-1]["eval_accuracy"]) if evals else None,
         "final_top5_error": error_percent(top5[-1]["eval_top5_accuracy"]) if top5 else None,
+        "final_ema_error": error_percent(averaged[-1]["ema_eval_accuracy"]) if averaged else None,
         "best_error": min(error_percent(row["eval_accuracy"]) for row in evals) if evals else None,
         # The best of many evals on the split it reports is biased low; on a split held out of
         # the training set (CIFAR val=True) it is model selection on a validation split.
@@ -124,7 +127,7 @@ def _markdown_cells(row: dict[str, Any]) -> list[str]:
     best = _cell(row["best_error"])
     return [row["run"], row["model"], row["shortcut"], row["data"], row["eval_split"],
             row["eval_protocol"], f"{row['steps']:,} of {scheduled}", _cell(row["final_error"]),
-            _cell(row["final_top5_error"]),
+            _cell(row["final_top5_error"]), _cell(row["final_ema_error"]),
             f"{best} †" if best and row["best_chosen_on"] == "eval" else best,
             _paper_cell(row), row["note"], _cell(row["parameters"]), _cell(row["multiply_adds"]),
             _cell(row["images_per_second"])]
@@ -132,11 +135,13 @@ def _markdown_cells(row: dict[str, Any]) -> list[str]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     header = ("run", "network", "shortcut", "data set", "eval split", "eval protocol", "steps",
-              "final error (%)", "final top-5 error (%)", "best error (%)", "paper error (%)",
+              "final error (%)", "final top-5 error (%)", "final error, EMA weights (%)",
+              "best error (%)", "paper error (%)",
               "note", "parameters", "multiply-adds", "train images/s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_markdown_cells(row)) + " |" for row in rows]
-    lines += ["", "Final error: the last eval, the result to quote. † Best error: the lowest eval "
+    lines += ["", "Final error: the last eval, the result to quote; of the weights, and of their "
+              "moving average where the run kept one (train.ema_decay). † Best error: the lowest eval "
               "error of the run, chosen on the split it reports, so biased low (unmarked: chosen "
               "on a validation split held out of the training set). The paper's error is shown "
               "for the same network, data set, split and protocol, once the schedule is finished."]

@@ -168,9 +168,10 @@ class _EvalPass:
 
 
 def evaluate_saved(config: Any, workdir: str | None, which: str = "latest",
-                   weights: str | None = None) -> tuple[int | None, dict[str, float]]:
-    """(step, eval metrics) of checkpoint `which` of the run in `workdir`, or of the torchvision
-    or safetensors file `weights` (step None), evaluated as the run evaluates. Raises ValueError
+                   weights: str | None = None, average: bool = False) -> tuple[int | None, dict[str, float]]:
+    """(step, eval metrics) of checkpoint `which` of the run in `workdir` (with `average`, of
+    its moving average of the weights, `ema`), or of the torchvision or safetensors file
+    `weights` (step None), evaluated as the run evaluates. Raises ValueError
     (one line) for bad input, `checkpoint.CorruptCheckpoint` for a checkpoint that is not what
     was saved, StepDeleted and SavingTooFast as `live.read_checkpoint` does."""
     validate.check_numbers(config)
@@ -188,7 +189,13 @@ def evaluate_saved(config: Any, workdir: str | None, which: str = "latest",
     else:
         manager = live.reader(paths.resolve(workdir))
         step, restored = live.read_checkpoint(manager, which, replicated)
-        model = steps.with_weights(model, checkpoint.pure(restored))
+        restored = checkpoint.pure(restored)
+        if average:
+            if not restored.get("ema"):
+                raise ValueError(f"--average: the checkpoint of step {step} holds no moving average "
+                                 f"of the weights (its run had train.ema_decay 0)")
+            restored = restored["ema"]
+        model = steps.with_weights(model, restored)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     model.eval()
     pixel_mean.load(config, paths.resolve(workdir) if workdir else None)

@@ -26,8 +26,8 @@ from resnet_jax import flops
 from resnet_jax.data import on_device, pipeline, pixel_mean, sources
 from resnet_jax.distributed import sharding
 from resnet_jax.run import checkpoint, console, lock, paths, validate
-from resnet_jax.training import (evaluation, fine_tune, interrupt, losses, metrics, mixing, optim,
-                                 preemption, steps, warmup, writers)
+from resnet_jax.training import (ema, evaluation, fine_tune, interrupt, losses, metrics, mixing,
+                                 optim, preemption, steps, warmup, writers)
 
 
 def total_steps(config: Any, steps_per_epoch: int) -> int:
@@ -181,6 +181,9 @@ def _check_config(config: Any) -> None:
     optim.create_optimizer(config.optimizer, schedule)
     losses.from_config(config.train)
     mixing.from_config(config.train, config.seed)
+    if ema.from_config(config.train, 1, 1, 0) and config.model.bn_group_size is not None:
+        raise ValueError(f"train.ema_decay needs BN over the whole batch: model.bn_group_size must "
+                         f"be None (the config's argument bn=global); got {config.model.bn_group_size}")
 
 
 def train_and_evaluate(config: Any, workdir: str, allow_config_change: bool = False,
@@ -282,11 +285,13 @@ def _initial_state(run: Setup, config: Any, manager, restart: bool, empty_window
     graphdef, params, model_state = nnx.split(run.model, nnx.Param, ...)
     run.model.eval()
     replicated = sharding.replicated(run.mesh)
+    average = _ema(run, config)
     state = jax.device_put(steps.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
         opt_state=run.tx.init(params), train_metrics=empty_window(),
         skipped=jnp.zeros((), jnp.int32),
-        warmed_up=jnp.asarray(not config.schedule.warmup_until_error)), replicated)
+        warmed_up=jnp.asarray(not config.schedule.warmup_until_error),
+        ema=average.init(params, model_state) if average else None), replicated)
     restored = checkpoint.restore_latest(manager, steps.restore_target(state, run.mesh),
                                          run.workdir, restart)
     start = 0
@@ -294,7 +299,20 @@ def _initial_state(run: Setup, config: Any, manager, restart: bool, empty_window
         state = steps.TrainState(**steps.current_names(restored))
         start = int(state.step)
         logging.info("Restored the checkpoint of step %d from %s", start, manager.directory)
+        if average and state.ema is None:  # a run that kept none: the average starts here
+            logging.info("The checkpoint holds no average of the weights: it starts from them")
+            state = state.replace(ema=jax.device_put(average.init(state.params, state.model_state),
+                                                     replicated))
+        elif not average:
+            state = state.replace(ema=None)
     return graphdef, steps.for_training(state, run.mesh, config.model.bn_group_size), start
+
+
+def _ema(run: Setup, config: Any) -> ema.EMA | None:
+    """The run's moving average of the weights, None where it keeps none; its updates copy the
+    weights during the schedule's warm-up (`warmup_epochs` or `warmup_steps`)."""
+    warmup_steps = int(config.schedule.warmup_epochs * run.steps_per_epoch) + config.schedule.warmup_steps
+    return ema.from_config(config.train, run.steps_per_epoch, run.num_steps, warmup_steps)
 
 
 def _say_what_runs(run: Setup, config: Any) -> int:
@@ -319,7 +337,7 @@ def _train_function(run: Setup, config: Any, graphdef, state: steps.TrainState, 
     step_fn = functools.partial(steps.train_step, graphdef, run.tx, run.schedule,
                                 losses.from_config(config.train), config.train.skip_nonfinite,
                                 warmup_lr=config.schedule.warmup_lr if until_error else None,
-                                mixing=mix if mix.enabled else None)
+                                mixing=mix if mix.enabled else None, ema=_ema(run, config))
     state_shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
     if on_device.enabled(config.data):
         # The train split in device memory; the step gathers and augments its own batch, a
@@ -369,8 +387,15 @@ def _close_window(state: steps.TrainState, step: int, window: metrics.Window) ->
 
 def _evaluate(eval_fn, settled: steps.TrainState, config: Any, mesh, step: int,
               manager) -> dict[str, float]:
+    """The eval metrics of the weights, and of their moving average (`ema_eval_*`) where the
+    run keeps one."""
     try:
-        return evaluation.evaluate(eval_fn, settled, config, mesh)
+        scalars = evaluation.evaluate(eval_fn, settled, config, mesh)
+        if settled.ema is not None:
+            average = steps.Weights(settled.ema.params, settled.ema.model_state)
+            scalars.update({f"ema_{name}": value for name, value
+                            in evaluation.evaluate(eval_fn, average, config, mesh).items()})
+        return scalars
     except sources.BadImageError as error:  # no eval leaves an example out
         raise TrainingError(f"step {step}: {error}; stopped, "
                             f"{checkpoint.last_complete(manager)}") from error

@@ -20,7 +20,7 @@ from resnet_jax.data import device_inputs
 from resnet_jax.distributed import sharding
 from resnet_jax.run import checkpoint
 from resnet_jax.training import losses, metrics, optim, running_stats
-from resnet_jax.training import mixing as mixing_lib
+from resnet_jax.training import ema as ema_lib, mixing as mixing_lib
 
 
 @flax.struct.dataclass
@@ -42,6 +42,8 @@ class TrainState:
     # Ghost BN's per-device running statistics (`running_stats.per_device`), in checkpoints only:
     # a resumed run takes them back and continues bit-exactly (`for_training`). None otherwise.
     device_stats: Any = None
+    # The moving average of the weights (`ema.Average`) where train.ema_decay asks for one.
+    ema: Any = None
 
 
 _FORMER_NAMES = {"batch_stats": "model_state"}
@@ -80,12 +82,13 @@ HEALTH = ("loss", "gradients", "labels")
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                loss: losses.Loss, skip_nonfinite: bool, state: TrainState,
                batch: dict[str, jax.Array], *, warmup_lr: float | None = None,
-               mixing: mixing_lib.Mixing | None = None):
+               mixing: mixing_lib.Mixing | None = None, ema: ema_lib.EMA | None = None):
     """One step of `loss` (per example, averaged), on the batch mixed by `mixing` (mixup,
-    CutMix) where given. Also returns its health: is the loss finite, is each gradient, are the
-    labels in range. With `skip_nonfinite` a step whose loss or gradients are not finite changes
-    nothing but the step counter. `warmup_lr`: the rate until `state.warmed_up`, the warm-up of
-    schedule.warmup_until_error (Sec. 4.2; `optim.rate_in_use`); None where there is none."""
+    CutMix) where given, `state.ema` moved by `ema` where given. Also returns its health: is the
+    loss finite, is each gradient, are the labels in range. With `skip_nonfinite` a step whose
+    loss or gradients are not finite changes nothing (the average neither) but the step counter.
+    `warmup_lr`: the rate until `state.warmed_up`, the warm-up of schedule.warmup_until_error
+    (Sec. 4.2; `optim.rate_in_use`); None where there is none."""
     def loss_fn(params, model_state):
         # A fresh copy inside the differentiated function, so that BN may update its statistics.
         model = nnx.merge(graphdef, params, model_state, copy=True)
@@ -110,6 +113,9 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedul
         rate = used
     new_state = state.replace(params=optax.apply_updates(state.params, updates),
                               model_state=model_state, opt_state=opt_state)
+    if ema is not None:
+        new_state = new_state.replace(ema=ema.update(state.ema, new_state.params, model_state,
+                                                     state.step + 1))
     # The first non-finite gradient element over all leaves, in one reduction (-1 if none); the
     # host names the leaf. The leaves are joined first and checked once: checked one by one, each
     # leaf's check was a loop fusion that XLA's CPU backend compiled into a kernel of its own
@@ -222,17 +228,23 @@ def for_checkpoint(settled: TrainState, state: TrainState, bn_group_size: int | 
 def restore_target(state: TrainState, mesh) -> Callable[[dict], dict]:
     """What `checkpoint.restore_latest` restores a step onto, from the step's metadata: `state`'s
     fields as a dict, with `device_stats` in the shapes the checkpoint holds (saved on any device
-    count, replicated: they are small), or without it where the checkpoint predates the field."""
+    count, replicated: they are small), or without it where the checkpoint predates the field;
+    `ema` where the checkpoint holds one (in its own shapes where `state` keeps none, for the
+    loop to drop), else without it (the loop starts one from the weights)."""
     def target(saved: dict) -> dict:
         fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
-        del fields["device_stats"]
+        del fields["device_stats"], fields["ema"]
         for former, name in _FORMER_NAMES.items():
             if former in saved:  # restored under the checkpoint's name (`current_names`)
                 fields[former] = fields.pop(name)
+
+        def as_saved(tree):
+            return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+                leaf.shape, leaf.dtype, sharding=sharding.replicated(mesh)), tree)
+
         if "device_stats" in saved:
-            fields["device_stats"] = jax.tree.map(
-                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                  sharding=sharding.replicated(mesh)),
-                saved["device_stats"])
+            fields["device_stats"] = as_saved(saved["device_stats"])
+        if "ema" in saved:  # as `state` keeps it, or as saved where it keeps none (`with_ema`)
+            fields["ema"] = as_saved(saved["ema"]) if state.ema is None else state.ema
         return fields
     return target

@@ -73,6 +73,7 @@ def test_another_protocol_and_split_from_the_command_line(run):
     (["--config.data.eval_preprocess=five_crop"], "data.eval_preprocess='five_crop' is not one of"),
     (["--config.data.evalsplit=test"], "config field 'data.evalsplit' does not exist"),
     (["--weights=x.pth", "--checkpoint=3"], "--weights and --checkpoint"),
+    (["--weights=x.pth", "--average"], "--average is a checkpoint's moving average"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run, flags, message):
     before = _files(run)

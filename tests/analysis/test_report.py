@@ -152,6 +152,18 @@ def test_table_shows_the_paper_only_for_the_same_network_data_split_and_protocol
     assert "| 7.00 † |" in lines["resnet110"] and "| 7.00 |" in lines["resnet110_val"]
     assert "| 32,000 of 64,000 |" in lines["resnet110_half"]
     assert int(best["parameters"]) == 1_727_962  # DESIGN.md's ResNet-110, option A
+    assert all(row["final_ema_error"] == "" for row in rows.values())  # none kept an average
+
+
+def test_a_run_with_a_moving_average_shows_its_error_beside_the_weights(tmp_path):
+    config = _digits(**{"train.ema_decay": 0.999})
+    evals = [{"step": 3, "eval_accuracy": 0.8, "ema_eval_accuracy": 0.85},
+             {"step": 6, "eval_accuracy": 0.9, "ema_eval_accuracy": 0.925}]
+    workdir = _written_run(tmp_path / "averaged", config, 6, rows=evals)
+    row = tables.table_row(workdir, evals)
+    assert row["final_error"] == pytest.approx(10.0) and row["final_ema_error"] == pytest.approx(7.5)
+    line = tables.markdown([row]).splitlines()[2]
+    assert "| 10.00 | | 7.50 |" in line.replace("|  |", "| |")
 
 
 def test_paper_match_needs_the_paper_network_and_input():
