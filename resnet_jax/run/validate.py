@@ -110,8 +110,21 @@ def check_numbers(config: Any) -> None:
     _require(o.name not in ("lars", "lamb") or not config.model.get("scan_blocks", False),
              "model.scan_blocks", config.model.get("scan_blocks"),
              f"False with optimizer.name={o.name!r} (one trust ratio per layer)")
-    smoothing = config.train.label_smoothing
-    _require(_number(smoothing) and 0 <= smoothing < 1, "train.label_smoothing", smoothing, "in [0, 1)")
+    t = config.train
+    _require(_number(t.label_smoothing) and 0 <= t.label_smoothing < 1, "train.label_smoothing",
+             t.label_smoothing, "in [0, 1)")
+    threshold = t.bce_target_threshold
+    _require(threshold is None or (_number(threshold) and 0 <= threshold < 1),
+             "train.bce_target_threshold", threshold, "None or in [0, 1) (ResNet strikes back: 0.2)")
+    for field in ("mixup_alpha", "cutmix_alpha"):
+        _require(_number(t[field]) and t[field] >= 0, f"train.{field}", t[field], "a number >= 0 (0: off)")
+    for field in ("mix_prob", "mix_switch_prob"):
+        _require(_number(t[field]) and 0 <= t[field] <= 1, f"train.{field}", t[field], "in [0, 1]")
+    _require(_number(t.ema_decay) and 0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay,
+             "in [0, 1) (0: no average; torchvision: 0.99998)")
+    _require(_int(t.ema_every_steps) and t.ema_every_steps >= 1, "train.ema_every_steps",
+             t.ema_every_steps, "a positive integer")
+    _require(isinstance(t.ema_adjust, bool), "train.ema_adjust", t.ema_adjust, "True or False")
 
 
 def check_bn_groups(group: Any, batch_size: int, devices: int) -> None:

@@ -58,19 +58,12 @@ class EMA:
 
 
 def from_config(train: Any, steps_per_epoch: int, num_steps: int, warmup_steps: int) -> EMA | None:
-    """The EMA of `train` (a config's section: ema_decay, ema_every_steps, ema_adjust), None
-    where ema_decay is 0; its fields checked."""
-    decay, every, adjust = train.ema_decay, train.ema_every_steps, train.ema_adjust
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-        raise ValueError(f"train.ema_decay must be in [0, 1) (0: no average; torchvision: "
-                         f"0.99998); got {decay!r}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"train.ema_every_steps must be a positive integer; got {every!r}")
-    if not isinstance(adjust, bool):
-        raise ValueError(f"train.ema_adjust must be True or False; got {adjust!r}")
+    """The EMA of `train` (a config's section: ema_decay, ema_every_steps, ema_adjust; checked by
+    `validate.check_numbers`), None where ema_decay is 0."""
+    decay, every = train.ema_decay, train.ema_every_steps
     if not decay:
         return None
-    if adjust:
+    if train.ema_adjust:
         epochs = num_steps / steps_per_epoch
         decay = 1 - min(1.0, (1 - decay) * train.batch_size * every / epochs)
     return EMA(float(decay), every, warmup_steps)

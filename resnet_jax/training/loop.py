@@ -112,6 +112,9 @@ class Setup:
     schedule: optax.Schedule
     tx: optax.GradientTransformation
     model: nnx.Module  # models.ResNet or vgg.VGG
+    loss: losses.Loss
+    mixing: mixing.Mixing | None  # None: no batch is mixed
+    average: ema.EMA | None       # None: no moving average of the weights
 
 
 def _start_from(model: nnx.Module, path: str) -> None:
@@ -136,6 +139,7 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
         mesh = sharding.make_mesh()
         batch_size = sharding.per_process_batch(config.train.batch_size, "train.batch_size")
         _check_config(config)
+        loss, mix = losses.from_config(config.train), mixing.from_config(config.train, config.seed)
         try:  # data.num_classes is checked against the data set's by `info` below
             model = steps.create_model(config, config.data.num_classes)
         except (ValueError, TypeError) as error:  # its messages name the field inside `model`
@@ -159,6 +163,7 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
         schedule = optim.learning_rate_schedule(config.schedule, steps_per_epoch,
                                                 config.train.batch_size, num_steps)
         tx = optim.create_optimizer(config.optimizer, schedule)
+        average = _ema(config, steps_per_epoch, num_steps)
         if config.model.get("init_from"):
             _start_from(model, config.model.init_from)
         validate.check_image_size(info.image_shape[0], model.total_stride, config.model.name)
@@ -166,7 +171,8 @@ def setup(config: Any, workdir: str, allow_config_change: bool = False) -> Setup
         validate.check_workdir(path, config.to_json_best_effort(), allow_config_change)
     except (ValueError, FileNotFoundError) as error:  # not TypeError etc.: a bug is no bad input
         raise validate.SetupError(validate.one_line(error)) from error
-    return Setup(path, mesh, batch_size, info, steps_per_epoch, num_steps, schedule, tx, model)
+    return Setup(path, mesh, batch_size, info, steps_per_epoch, num_steps, schedule, tx, model,
+                 loss, mix if mix.enabled else None, average)
 
 
 def _check_config(config: Any) -> None:
@@ -179,9 +185,7 @@ def _check_config(config: Any) -> None:
     schedule = optim.learning_rate_schedule(config.schedule, 1, config.train.batch_size,
                                             max(config.train.num_steps, 1))
     optim.create_optimizer(config.optimizer, schedule)
-    losses.from_config(config.train)
-    mixing.from_config(config.train, config.seed)
-    if ema.from_config(config.train, 1, 1, 0) and config.model.bn_group_size is not None:
+    if config.train.ema_decay and config.model.bn_group_size is not None:
         raise ValueError(f"train.ema_decay needs BN over the whole batch: model.bn_group_size must "
                          f"be None (the config's argument bn=global); got {config.model.bn_group_size}")
 
@@ -285,13 +289,12 @@ def _initial_state(run: Setup, config: Any, manager, restart: bool, empty_window
     graphdef, params, model_state = nnx.split(run.model, nnx.Param, ...)
     run.model.eval()
     replicated = sharding.replicated(run.mesh)
-    average = _ema(run, config)
     state = jax.device_put(steps.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
         opt_state=run.tx.init(params), train_metrics=empty_window(),
         skipped=jnp.zeros((), jnp.int32),
         warmed_up=jnp.asarray(not config.schedule.warmup_until_error),
-        ema=average.init(params, model_state) if average else None), replicated)
+        ema=run.average.init(params, model_state) if run.average else None), replicated)
     restored = checkpoint.restore_latest(manager, steps.restore_target(state, run.mesh),
                                          run.workdir, restart)
     start = 0
@@ -299,20 +302,20 @@ def _initial_state(run: Setup, config: Any, manager, restart: bool, empty_window
         state = steps.TrainState(**steps.current_names(restored))
         start = int(state.step)
         logging.info("Restored the checkpoint of step %d from %s", start, manager.directory)
-        if average and state.ema is None:  # a run that kept none: the average starts here
+        if run.average and state.ema is None:  # a run that kept none: the average starts here
             logging.info("The checkpoint holds no average of the weights: it starts from them")
-            state = state.replace(ema=jax.device_put(average.init(state.params, state.model_state),
+            state = state.replace(ema=jax.device_put(run.average.init(state.params, state.model_state),
                                                      replicated))
-        elif not average:
+        elif not run.average:
             state = state.replace(ema=None)
     return graphdef, steps.for_training(state, run.mesh, config.model.bn_group_size), start
 
 
-def _ema(run: Setup, config: Any) -> ema.EMA | None:
+def _ema(config: Any, steps_per_epoch: int, num_steps: int) -> ema.EMA | None:
     """The run's moving average of the weights, None where it keeps none; its updates copy the
     weights during the schedule's warm-up (`warmup_epochs` or `warmup_steps`)."""
-    warmup_steps = int(config.schedule.warmup_epochs * run.steps_per_epoch) + config.schedule.warmup_steps
-    return ema.from_config(config.train, run.steps_per_epoch, run.num_steps, warmup_steps)
+    warmup_steps = int(config.schedule.warmup_epochs * steps_per_epoch) + config.schedule.warmup_steps
+    return ema.from_config(config.train, steps_per_epoch, num_steps, warmup_steps)
 
 
 def _say_what_runs(run: Setup, config: Any) -> int:
@@ -333,11 +336,10 @@ def _train_function(run: Setup, config: Any, graphdef, state: steps.TrainState, 
     """(the jitted train step, taking (state, batch), and its batches from step `start` on)."""
     mesh, replicated = run.mesh, sharding.replicated(run.mesh)
     until_error = config.schedule.warmup_until_error
-    mix = mixing.from_config(config.train, config.seed)
-    step_fn = functools.partial(steps.train_step, graphdef, run.tx, run.schedule,
-                                losses.from_config(config.train), config.train.skip_nonfinite,
+    step_fn = functools.partial(steps.train_step, graphdef, run.tx, run.schedule, run.loss,
+                                config.train.skip_nonfinite,
                                 warmup_lr=config.schedule.warmup_lr if until_error else None,
-                                mixing=mix if mix.enabled else None, ema=_ema(run, config))
+                                mixing=run.mixing, ema=run.average)
     state_shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
     if on_device.enabled(config.data):
         # The train split in device memory; the step gathers and augments its own batch, a

@@ -44,16 +44,11 @@ class Loss:
 
 def from_config(train: Any) -> Loss:
     """The `Loss` of `train` (a config's section: loss, label_smoothing, bce_target_threshold),
-    its fields checked."""
+    its choices checked (its numbers: `validate.check_numbers`)."""
     name, threshold = train.loss, train.bce_target_threshold
     if name not in LOSSES:
         raise ValueError(f"train.loss must be one of {', '.join(map(repr, LOSSES))}; got {name!r}")
-    if threshold is not None:
-        if name != "binary_cross_entropy":
-            raise ValueError(f"train.bce_target_threshold must be None with train.loss={name!r} "
-                             f"(it binarises binary_cross_entropy's targets); got {threshold!r}")
-        if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
-                and 0 <= threshold < 1):
-            raise ValueError(f"train.bce_target_threshold must be None or in [0, 1) (ResNet "
-                             f"strikes back: 0.2); got {threshold!r}")
+    if threshold is not None and name != "binary_cross_entropy":
+        raise ValueError(f"train.bce_target_threshold must be None with train.loss={name!r} "
+                         f"(it binarises binary_cross_entropy's targets); got {threshold!r}")
     return Loss(name, train.label_smoothing, threshold)

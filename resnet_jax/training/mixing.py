@@ -76,14 +76,6 @@ def box(shape: tuple[int, int], lam: jax.Array, key: jax.Array) -> jax.Array:
 
 def from_config(train: Any, seed: int) -> Mixing:
     """The `Mixing` of `train` (a config's section: mixup_alpha, cutmix_alpha, mix_prob,
-    mix_switch_prob), its fields checked."""
-    for field in ("mixup_alpha", "cutmix_alpha"):
-        value = train[field]
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
-            raise ValueError(f"train.{field} must be a number >= 0 (0: off); got {value!r}")
-    for field in ("mix_prob", "mix_switch_prob"):
-        value = train[field]
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
-            raise ValueError(f"train.{field} must be in [0, 1]; got {value!r}")
+    mix_switch_prob; checked by `validate.check_numbers`)."""
     return Mixing(float(train.mixup_alpha), float(train.cutmix_alpha), float(train.mix_prob),
                   float(train.mix_switch_prob), int(seed))

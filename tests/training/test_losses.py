@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm import loss as timm_loss
 
 from configs import default
-from resnet_jax.run import jsonl
+from resnet_jax.run import jsonl, validate
 from resnet_jax.training import losses, loop
 from runs import small_config
 
@@ -58,8 +58,11 @@ def test_the_default_loss_is_the_papers():
      "train.bce_target_threshold must be None with train.loss='cross_entropy'"),
     ({"loss": "binary_cross_entropy", "bce_target_threshold": 1.5}, "must be None or in [0, 1)")])
 def test_bad_loss_fields_are_named(fields, words):
-    with pytest.raises(ValueError) as info:
-        losses.from_config(_train(**fields))
+    config = default.get_config()
+    config.train = _train(**fields)
+    with pytest.raises(ValueError) as info:  # its numbers checked with the config's, then its choices
+        validate.check_numbers(config)
+        losses.from_config(config.train)
     assert words in str(info.value)
 
 

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from configs import default
-from resnet_jax.run import jsonl
+from resnet_jax.run import jsonl, validate
 from resnet_jax.training import loop, mixing
 from runs import REPO, environment, small_config
 
@@ -141,10 +141,10 @@ def test_a_batch_sharded_over_eight_devices_mixes_as_on_one():
     ("mix_prob", 1.5, "train.mix_prob must be in [0, 1]; got 1.5"),
     ("mix_switch_prob", -0.1, "train.mix_switch_prob must be in [0, 1]; got -0.1")])
 def test_bad_mixing_fields_are_named(field, value, words):
-    train = default.get_config().train
-    train[field] = value
+    config = default.get_config()
+    config.train[field] = value
     with pytest.raises(ValueError) as info:
-        mixing.from_config(train, 0)
+        validate.check_numbers(config)
     assert words in str(info.value)
 
 
